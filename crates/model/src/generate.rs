@@ -1,0 +1,240 @@
+//! Batched sampling with a KV cache over prompts of different lengths.
+
+use crate::error::{invalid, Result};
+use crate::model::{CausalLM, KvCache, SeqLayout};
+use crate::tokenizer::Tokenizer;
+use candle_core::{DType, Tensor};
+use rand::{RngExt, SeedableRng};
+
+/// Sampling options.
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f64,
+    /// Keep only the `top_k` most likely tokens (0 = no limit).
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// Generation of a sequence ends after one of these tokens.
+    pub stop_token_ids: Vec<u32>,
+    /// Generation of a sequence ends once its decoded text contains one of these.
+    pub stop_strings: Vec<String>,
+    /// Sequence `i` of a batch samples with the seed `seed + i`, so a batch gives the
+    /// same tokens as each prompt run alone with its own seed.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 256,
+            stop_token_ids: vec![],
+            stop_strings: vec![],
+            seed: 0,
+        }
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    StopToken,
+    StopString,
+    Length,
+}
+
+/// One generated continuation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Sampled token ids (including the stop token, if any).
+    pub tokens: Vec<u32>,
+    /// log p(token) under the model's own distribution (temperature 1, no top-k/top-p):
+    /// the quantity RL compares against when re-scoring.
+    pub logprobs: Vec<f32>,
+    pub finish: FinishReason,
+}
+
+/// Picks the next token from `logits` (f32, one row) under the sampling options.
+fn sample(logits: &[f32], p: &SamplingParams, rng: &mut rand::rngs::StdRng) -> u32 {
+    if p.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / p.temperature as f32;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = if p.top_k == 0 {
+        logits.len()
+    } else {
+        p.top_k.min(logits.len())
+    };
+    if k < logits.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
+        idx.truncate(k);
+    }
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    let mx = logits[idx[0] as usize];
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i as usize] - mx) * inv_t) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= total);
+    if p.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, &q) in probs.iter().enumerate() {
+            acc += q;
+            if acc >= p.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let s: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= s);
+    }
+    let u: f64 = rng.random();
+    let mut acc = 0.0;
+    for (i, &q) in probs.iter().enumerate() {
+        acc += q;
+        if u < acc {
+            return idx[i];
+        }
+    }
+    idx[probs.len() - 1]
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_softmax_at(row: &[f32], tok: u32) -> f32 {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = mx
+        + row
+            .iter()
+            .map(|x| ((x - mx) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    row[tok as usize] - lse
+}
+
+impl CausalLM {
+    /// Generates a continuation of every prompt, in one batch with a KV cache. Prompts may
+    /// differ in length (left padding with per-sequence positions). `tokenizer` is needed
+    /// only for stop strings.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Vec<Generation>> {
+        if prompts.iter().any(Vec::is_empty) {
+            invalid!("every prompt needs at least one token");
+        }
+        if !params.stop_strings.is_empty() && tokenizer.is_none() {
+            invalid!("stop strings need a tokenizer");
+        }
+        let b = prompts.len();
+        let mut out: Vec<Generation> = (0..b)
+            .map(|_| Generation {
+                tokens: vec![],
+                logprobs: vec![],
+                finish: FinishReason::Length,
+            })
+            .collect();
+        if b == 0 || params.max_new_tokens == 0 {
+            return Ok(out);
+        }
+        let dev = self.device();
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let p = *lens.iter().max().expect("non-empty");
+        let mut ids = Vec::with_capacity(b * p);
+        for pr in prompts {
+            ids.extend(std::iter::repeat_n(0u32, p - pr.len()));
+            ids.extend(pr);
+        }
+        let layout = SeqLayout::left_padded(&lens, p, dev)?;
+        let mut cache = KvCache::default();
+        let hid = self.forward_cached(&Tensor::from_vec(ids, (b, p), dev)?, &layout, &mut cache)?;
+        let mut last = hid.narrow(1, p - 1, 1)?.squeeze(1)?;
+        let w = self.lm_head_weight(false);
+        let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
+            .map(|i| rand::rngs::StdRng::seed_from_u64(params.seed.wrapping_add(i as u64)))
+            .collect();
+        // Active rows: (sequence index, left padding, next position).
+        let mut active: Vec<(usize, usize, usize)> =
+            (0..b).map(|i| (i, p - lens[i], lens[i])).collect();
+        for step in 0..params.max_new_tokens {
+            let logits: Vec<Vec<f32>> = last.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
+            let mut next = Vec::with_capacity(active.len());
+            let mut keep = Vec::with_capacity(active.len());
+            for (r, &(i, pad, pos)) in active.iter().enumerate() {
+                let tok = sample(&logits[r], params, &mut rngs[i]);
+                let g = &mut out[i];
+                g.tokens.push(tok);
+                g.logprobs.push(log_softmax_at(&logits[r], tok));
+                let mut done = false;
+                if params.stop_token_ids.contains(&tok) {
+                    g.finish = FinishReason::StopToken;
+                    done = true;
+                } else if let (false, Some(t)) = (params.stop_strings.is_empty(), tokenizer) {
+                    let text = t.decode(&g.tokens, false)?;
+                    if params
+                        .stop_strings
+                        .iter()
+                        .any(|s| text.contains(s.as_str()))
+                    {
+                        g.finish = FinishReason::StopString;
+                        done = true;
+                    }
+                }
+                if !done && step + 1 < params.max_new_tokens {
+                    keep.push((r, (i, pad, pos + 1)));
+                    next.push(tok);
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            if keep.len() < active.len() {
+                let rows =
+                    Tensor::new(keep.iter().map(|(r, _)| *r as u32).collect::<Vec<_>>(), dev)?;
+                cache.select_rows(&rows)?;
+            }
+            active = keep.into_iter().map(|(_, a)| a).collect();
+            // One new token per row, attending to all non-padding cached keys.
+            let s = cache.len() + 1;
+            let nb = active.len();
+            let mut mask = vec![0f32; nb * s];
+            let mut pos = Vec::with_capacity(nb);
+            for (r, &(_, pad, ps)) in active.iter().enumerate() {
+                mask[r * s..r * s + pad].fill(f32::NEG_INFINITY);
+                pos.push((ps - 1) as f32);
+            }
+            let layout = SeqLayout {
+                positions: Tensor::from_vec(pos, (nb, 1), dev)?,
+                mask: Tensor::from_vec(mask, (nb, 1, 1, s), dev)?,
+                segments: vec![vec![Some(0)]; nb],
+            };
+            let x = Tensor::from_vec(next, (nb, 1), dev)?;
+            last = self.forward_cached(&x, &layout, &mut cache)?.squeeze(1)?;
+        }
+        Ok(out)
+    }
+}

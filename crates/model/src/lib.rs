@@ -1,0 +1,61 @@
+//! # tooltrain-model
+//!
+//! The shared model crate of tooltrain: decoder LLMs (Llama, Qwen2/2.5, Qwen3) on
+//! candle that are trainable end to end.
+//!
+//! | concept | where |
+//! |---|---|
+//! | architecture hyper-parameters (`config.json`) | [`ModelConfig`] |
+//! | the network, packed batches, KV cache, checkpointed backward | [`CausalLM`], [`SeqLayout`], [`KvCache`] |
+//! | differentiable fused ops (RMSNorm, RoPE, softmax, SwiGLU, cross-entropy) | [`ops`] |
+//! | loading HF directories / GGUF, saving HF format | [`load()`], [`save()`], [`Checkpoint`] |
+//! | tokenizer and chat template | [`Tokenizer`], [`ChatTemplate`] |
+//! | per-token log-probs and entropy, vocabulary-chunked | [`chunked_logprobs`], [`CausalLM::score`] |
+//! | batched sampling | [`CausalLM::generate`], [`SamplingParams`] |
+//! | AdamW, clipping, LR schedules | [`AdamW`], [`clip_grad_norm`], [`LrSchedule`] |
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod load;
+pub mod logprobs;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod tokenizer;
+
+pub use candle_core::{DType, Device, Tensor, Var};
+pub use config::{Arch, ModelConfig};
+pub use error::{Error, Result};
+pub use generate::{FinishReason, Generation, SamplingParams};
+pub use load::{load, save, Checkpoint};
+pub use logprobs::{chunked_logprobs, pack_rows, SequenceScores, DEFAULT_VOCAB_CHUNK};
+pub use model::{CausalLM, KvCache, SeqLayout};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+pub use tokenizer::{ChatTemplate, Tokenizer};
+
+/// The device to run on: CUDA device 0 when built with `cuda` and one is present (unless
+/// `cpu` is asked for), else the CPU.
+pub fn default_device(cpu: bool) -> Result<Device> {
+    if cpu {
+        return Ok(Device::Cpu);
+    }
+    #[cfg(feature = "cuda")]
+    if candle_core::utils::cuda_is_available() {
+        return Ok(Device::new_cuda(0)?);
+    }
+    Ok(Device::Cpu)
+}
+
+/// Parses a dtype name (`f32`, `bf16`, `f16`, `f64`).
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        "f64" | "float64" => Ok(DType::F64),
+        other => Err(Error::Invalid(format!(
+            "unknown dtype `{other}` (f32, bf16, f16, f64)"
+        ))),
+    }
+}

@@ -1,0 +1,595 @@
+//! The decoder LLM (Llama, Qwen2/2.5, Qwen3): trainable forward pass with packed
+//! variable-length batches, KV-cached inference, and optional per-layer activation
+//! recomputation (gradient checkpointing).
+
+use crate::config::{Arch, ModelConfig};
+use crate::error::{invalid, Error, Result};
+use crate::ops;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
+use std::collections::BTreeMap;
+
+/// Where each token of a batch sits: its position id and which keys it may attend to.
+///
+/// Built by [`SeqLayout::packed`] (training: several sequences per row) or
+/// [`SeqLayout::left_padded`] (generation: one sequence per row, padded on the left).
+#[derive(Debug, Clone)]
+pub struct SeqLayout {
+    /// `[b, t]` position of each token inside its own sequence (f32).
+    pub positions: Tensor,
+    /// `[b, 1, t, t]` additive attention mask (0 or -inf), f32.
+    pub mask: Tensor,
+    /// Per row, for each token, `Some(sequence index)` or `None` for padding.
+    pub segments: Vec<Vec<Option<usize>>>,
+}
+
+impl SeqLayout {
+    /// Rows that each pack several sequences back to back (`rows[r]` = the lengths of the
+    /// sequences of row `r`), padded at the end to `t` tokens. Each token attends causally
+    /// within its own sequence only and positions restart at 0 for every sequence.
+    pub fn packed(rows: &[Vec<usize>], t: usize, device: &Device) -> Result<Self> {
+        let mut segments = Vec::with_capacity(rows.len());
+        let mut positions = Vec::with_capacity(rows.len() * t);
+        for (r, lens) in rows.iter().enumerate() {
+            let total: usize = lens.iter().sum();
+            if total > t {
+                invalid!("row {r} packs {total} tokens, more than the row length {t}");
+            }
+            let mut seg = Vec::with_capacity(t);
+            for (s, &len) in lens.iter().enumerate() {
+                for p in 0..len {
+                    seg.push(Some(s));
+                    positions.push(p as f32);
+                }
+            }
+            for p in total..t {
+                seg.push(None);
+                positions.push((p - total) as f32);
+            }
+            segments.push(seg);
+        }
+        let b = rows.len();
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for (r, seg) in segments.iter().enumerate() {
+            for i in 0..t {
+                for j in 0..=i {
+                    // Padding attends to itself only, so no row is fully masked.
+                    let ok = match (seg[i], seg[j]) {
+                        (Some(a), Some(c)) => a == c,
+                        (None, _) => i == j,
+                        _ => false,
+                    };
+                    if ok {
+                        mask[(r * t + i) * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(SeqLayout {
+            positions: Tensor::from_vec(positions, (b, t), device)?,
+            mask: Tensor::from_vec(mask, (b, 1, t, t), device)?,
+            segments,
+        })
+    }
+
+    /// One sequence per row, right-aligned (padding on the left): the layout for prompts
+    /// of different lengths in batched generation.
+    pub fn left_padded(lens: &[usize], t: usize, device: &Device) -> Result<Self> {
+        let mut segments = Vec::new();
+        let mut positions = Vec::new();
+        let mut mask = vec![f32::NEG_INFINITY; lens.len() * t * t];
+        for (r, &len) in lens.iter().enumerate() {
+            if len > t {
+                invalid!("sequence {r} has {len} tokens, more than {t}");
+            }
+            let pad = t - len;
+            let mut seg = vec![None; pad];
+            seg.extend(std::iter::repeat_n(Some(0), len));
+            for i in 0..t {
+                positions.push(i.saturating_sub(pad) as f32);
+                for j in 0..=i {
+                    if (i < pad && i == j) || (i >= pad && j >= pad) {
+                        mask[(r * t + i) * t + j] = 0.0;
+                    }
+                }
+            }
+            segments.push(seg);
+        }
+        Ok(SeqLayout {
+            positions: Tensor::from_vec(positions, (lens.len(), t), device)?,
+            mask: Tensor::from_vec(mask, (lens.len(), 1, t, t), device)?,
+            segments,
+        })
+    }
+}
+
+/// Keys and values of past tokens, per layer: `[b, kv_heads, s, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Keeps only the given batch rows (drops finished sequences).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+struct Attention {
+    q: Var,
+    k: Var,
+    v: Var,
+    o: Var,
+    qb: Option<Var>,
+    kb: Option<Var>,
+    vb: Option<Var>,
+    q_norm: Option<Var>,
+    k_norm: Option<Var>,
+}
+
+struct Layer {
+    input_norm: Var,
+    attn: Attention,
+    post_norm: Var,
+    gate: Var,
+    up: Var,
+    down: Var,
+}
+
+/// Whether a forward pass records the autograd graph.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Track {
+    Yes,
+    No,
+}
+
+fn w(v: &Var, t: Track) -> Tensor {
+    match t {
+        Track::Yes => v.as_tensor().clone(),
+        Track::No => v.as_tensor().detach(),
+    }
+}
+
+/// `x: [.., in]` times `weight: [out, in]` transposed, plus an optional bias.
+fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = dims[dims.len() - 1];
+    let x2 = x.reshape(((), inner))?;
+    let mut y = x2.matmul(&weight.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    let mut out = dims;
+    *out.last_mut().expect("non-empty") = weight.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+/// A decoder-only causal language model whose weights are trainable [`Var`]s named
+/// exactly as in Hugging Face checkpoints.
+pub struct CausalLM {
+    cfg: ModelConfig,
+    dtype: DType,
+    device: Device,
+    params: BTreeMap<String, Var>,
+    embed: Var,
+    layers: Vec<Layer>,
+    norm: Var,
+    lm_head: Option<Var>,
+    inv_freq: Tensor,
+}
+
+impl CausalLM {
+    /// The HF names and shapes of every parameter of `cfg`, in checkpoint order.
+    pub fn param_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![cfg.vocab_size, h],
+        )];
+        for i in 0..cfg.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            out.push((p("input_layernorm.weight"), vec![h]));
+            out.push((p("self_attn.q_proj.weight"), vec![nq, h]));
+            out.push((p("self_attn.k_proj.weight"), vec![nkv, h]));
+            out.push((p("self_attn.v_proj.weight"), vec![nkv, h]));
+            out.push((p("self_attn.o_proj.weight"), vec![h, nq]));
+            if cfg.attention_bias {
+                out.push((p("self_attn.q_proj.bias"), vec![nq]));
+                out.push((p("self_attn.k_proj.bias"), vec![nkv]));
+                out.push((p("self_attn.v_proj.bias"), vec![nkv]));
+            }
+            if cfg.arch == Arch::Qwen3 {
+                out.push((p("self_attn.q_norm.weight"), vec![hd]));
+                out.push((p("self_attn.k_norm.weight"), vec![hd]));
+            }
+            out.push((p("post_attention_layernorm.weight"), vec![h]));
+            out.push((p("mlp.gate_proj.weight"), vec![cfg.intermediate_size, h]));
+            out.push((p("mlp.up_proj.weight"), vec![cfg.intermediate_size, h]));
+            out.push((p("mlp.down_proj.weight"), vec![h, cfg.intermediate_size]));
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        if !cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+        }
+        out
+    }
+
+    /// A freshly initialised model (normal(0, 0.02) matrices, unit norms, zero biases).
+    pub fn new_random(cfg: &ModelConfig, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+        device.set_seed(seed)?;
+        let mut tensors = BTreeMap::new();
+        for (name, shape) in Self::param_shapes(cfg) {
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape, DType::F32, device)?
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape, DType::F32, device)?
+            } else {
+                Tensor::randn(0f32, 0.02, shape, device)?
+            };
+            tensors.insert(name, t);
+        }
+        Self::from_tensors(cfg.clone(), tensors, dtype, device, "random init")
+    }
+
+    /// Builds a model from named tensors (converted to `dtype` on `device`). `source`
+    /// names where they came from in errors.
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        mut tensors: BTreeMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        source: &str,
+    ) -> Result<Self> {
+        check_dtype(dtype, device)?;
+        let mut params = BTreeMap::new();
+        for (name, shape) in Self::param_shapes(&cfg) {
+            let t = tensors.remove(&name).ok_or_else(|| Error::BadFile {
+                path: source.into(),
+                msg: format!("missing tensor `{name}`"),
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::BadFile {
+                    path: source.into(),
+                    msg: format!(
+                        "tensor `{name}` has shape {:?}, config implies {shape:?}",
+                        t.dims()
+                    ),
+                });
+            }
+            let t = t.to_device(device)?.to_dtype(dtype)?;
+            params.insert(name, Var::from_tensor(&t)?);
+        }
+        let get = |n: &str| params[n].clone();
+        let opt = |n: &str| params.get(n).cloned();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = |s: &str| format!("model.layers.{i}.{s}");
+                Layer {
+                    input_norm: get(&p("input_layernorm.weight")),
+                    attn: Attention {
+                        q: get(&p("self_attn.q_proj.weight")),
+                        k: get(&p("self_attn.k_proj.weight")),
+                        v: get(&p("self_attn.v_proj.weight")),
+                        o: get(&p("self_attn.o_proj.weight")),
+                        qb: opt(&p("self_attn.q_proj.bias")),
+                        kb: opt(&p("self_attn.k_proj.bias")),
+                        vb: opt(&p("self_attn.v_proj.bias")),
+                        q_norm: opt(&p("self_attn.q_norm.weight")),
+                        k_norm: opt(&p("self_attn.k_norm.weight")),
+                    },
+                    post_norm: get(&p("post_attention_layernorm.weight")),
+                    gate: get(&p("mlp.gate_proj.weight")),
+                    up: get(&p("mlp.up_proj.weight")),
+                    down: get(&p("mlp.down_proj.weight")),
+                }
+            })
+            .collect();
+        let hd = cfg.head_dim;
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32)
+            .collect();
+        Ok(CausalLM {
+            embed: get("model.embed_tokens.weight"),
+            norm: get("model.norm.weight"),
+            lm_head: opt("lm_head.weight"),
+            inv_freq: Tensor::new(inv, device)?,
+            layers,
+            params,
+            dtype,
+            device: device.clone(),
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    /// The dtype weights and activations use.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// Every trainable parameter by HF name.
+    pub fn params(&self) -> &BTreeMap<String, Var> {
+        &self.params
+    }
+    /// Total number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.params.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// The output projection `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head_weight(&self, track: bool) -> Tensor {
+        let t = if track { Track::Yes } else { Track::No };
+        w(self.lm_head.as_ref().unwrap_or(&self.embed), t)
+    }
+
+    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let dt = self.dtype;
+        Ok((
+            freqs.cos()?.to_dtype(dt)?.contiguous()?,
+            freqs.sin()?.to_dtype(dt)?.contiguous()?,
+        ))
+    }
+
+    fn embed_ids(&self, ids: &Tensor, t: Track) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let max = flat.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
+        if max >= self.cfg.vocab_size {
+            invalid!(
+                "token id {max} is outside the vocabulary of {} tokens",
+                self.cfg.vocab_size
+            );
+        }
+        Ok(w(&self.embed, t)
+            .index_select(&flat, 0)?
+            .reshape((b, s, ()))?)
+    }
+
+    fn layer_forward(
+        &self,
+        li: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        t: Track,
+    ) -> Result<Tensor> {
+        let l = &self.layers[li];
+        let cfg = &self.cfg;
+        let eps = cfg.rms_norm_eps;
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let a = &l.attn;
+        let h = ops::rms_norm(x, &w(&l.input_norm, t), eps)?;
+        let ob = |v: &Option<Var>| v.as_ref().map(|v| w(v, t));
+        let q = linear(&h, &w(&a.q, t), ob(&a.qb).as_ref())?.reshape((b, s, nh, hd))?;
+        let k = linear(&h, &w(&a.k, t), ob(&a.kb).as_ref())?.reshape((b, s, nkv, hd))?;
+        let v = linear(&h, &w(&a.v, t), ob(&a.vb).as_ref())?.reshape((b, s, nkv, hd))?;
+        let (q, k) = match (&a.q_norm, &a.k_norm) {
+            (Some(qn), Some(kn)) => (
+                ops::rms_norm(&q, &w(qn, t), eps)?,
+                ops::rms_norm(&k, &w(kn, t), eps)?,
+            ),
+            _ => (q, k),
+        };
+        let q = ops::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let mut k = ops::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let mut v = v.transpose(1, 2)?.contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let kv_len = k.dim(2)?;
+        let g = nh / nkv;
+        // Group the query heads that share a key/value head: no copy of k and v.
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, g * s, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, g, s, kv_len))?;
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?.unsqueeze(1)?)?;
+        let probs = ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * s, kv_len))?;
+        let ctx = probs
+            .matmul(&v)?
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        let x = (x + linear(&ctx, &w(&a.o, t), None)?)?;
+        let h = ops::rms_norm(&x, &w(&l.post_norm, t), eps)?;
+        let act = ops::swiglu(
+            &linear(&h, &w(&l.gate, t), None)?,
+            &linear(&h, &w(&l.up, t), None)?,
+        )?;
+        Ok((x + linear(&act, &w(&l.down, t), None)?)?)
+    }
+
+    fn check_layout(&self, ids: &Tensor, layout: &SeqLayout, past: usize) -> Result<()> {
+        let (b, s) = ids.dims2()?;
+        if layout.positions.dims() != [b, s] {
+            invalid!(
+                "layout positions {:?} do not match input ids [{b}, {s}]",
+                layout.positions.dims()
+            );
+        }
+        if layout.mask.dims() != [b, 1, s, past + s] {
+            invalid!(
+                "layout mask {:?} does not match [{b}, 1, {s}, {}]",
+                layout.mask.dims(),
+                past + s
+            );
+        }
+        Ok(())
+    }
+
+    /// Final hidden states `[b, t, hidden]` (after the last norm), with autograd graph.
+    pub fn forward_hidden(&self, ids: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
+        self.hidden(ids, layout, None, Track::Yes)
+    }
+
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        layout: &SeqLayout,
+        mut cache: Option<&mut KvCache>,
+        t: Track,
+    ) -> Result<Tensor> {
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        self.check_layout(ids, layout, past)?;
+        let (cos, sin) = self.rope_tables(&layout.positions)?;
+        let mut x = self.embed_ids(ids, t)?;
+        if let Some(c) = cache.as_mut() {
+            c.layers.resize(self.layers.len(), None);
+        }
+        for li in 0..self.layers.len() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[li]);
+            x = self.layer_forward(li, &x, &cos, &sin, &layout.mask, slot, t)?;
+        }
+        Ok(ops::rms_norm(&x, &w(&self.norm, t), self.cfg.rms_norm_eps)?)
+    }
+
+    /// Final hidden states `[b, t, hidden]` without autograd graph (inference).
+    pub fn hidden_states(&self, ids: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
+        self.hidden(ids, layout, None, Track::No)
+    }
+
+    /// Logits `[b, t, vocab]` without autograd graph (inference).
+    pub fn logits(&self, ids: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
+        let hid = self.hidden(ids, layout, None, Track::No)?;
+        linear(&hid, &self.lm_head_weight(false), None)
+    }
+
+    /// Inference step with a KV cache: runs `ids: [b, t]` after the cached positions.
+    /// `layout.mask` must be `[b, 1, t, cached + t]`. Returns hidden states `[b, t, hidden]`.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        layout: &SeqLayout,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.hidden(ids, layout, Some(cache), Track::No)
+    }
+
+    /// Runs the forward pass, applies `head` (final hidden states with graph -> scalar
+    /// loss) and back-propagates. With `checkpoint`, only each layer's input is kept during
+    /// the forward pass and the layer is recomputed during the backward pass (less memory,
+    /// one more forward; gradients are identical). Returns the loss and the gradients.
+    pub fn forward_backward(
+        &self,
+        ids: &Tensor,
+        layout: &SeqLayout,
+        checkpoint: bool,
+        head: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(f64, GradStore)> {
+        if !checkpoint {
+            let hid = self.forward_hidden(ids, layout)?;
+            let loss = head(&hid)?;
+            let grads = loss.backward()?;
+            return Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads));
+        }
+        self.check_layout(ids, layout, 0)?;
+        let (cos, sin) = self.rope_tables(&layout.positions)?;
+        // Forward without graph, keeping each layer's input.
+        let mut inputs = Vec::with_capacity(self.layers.len() + 1);
+        let mut x = self.embed_ids(ids, Track::No)?;
+        for li in 0..self.layers.len() {
+            let next = self.layer_forward(li, &x, &cos, &sin, &layout.mask, None, Track::No)?;
+            inputs.push(x);
+            x = next;
+        }
+        // Head with graph from the last layer's output.
+        let xv = Var::from_tensor(&x)?;
+        let hid = ops::rms_norm(
+            xv.as_tensor(),
+            &w(&self.norm, Track::Yes),
+            self.cfg.rms_norm_eps,
+        )?;
+        let loss = head(&hid)?;
+        let mut grads = loss.backward()?;
+        let mut dx = take_grad(&mut grads, xv.as_tensor())?;
+        for li in (0..self.layers.len()).rev() {
+            let xin = Var::from_tensor(&inputs[li])?;
+            let y = self.layer_forward(
+                li,
+                xin.as_tensor(),
+                &cos,
+                &sin,
+                &layout.mask,
+                None,
+                Track::Yes,
+            )?;
+            let g = (y * dx.detach())?.sum_all()?.backward()?;
+            merge_grads(&mut grads, g, &self.params, Some(xin.as_tensor()))?;
+            dx = take_grad(&mut grads, xin.as_tensor())?;
+        }
+        let emb = self.embed_ids(ids, Track::Yes)?;
+        let g = (emb * dx)?.sum_all()?.backward()?;
+        merge_grads(&mut grads, g, &self.params, None)?;
+        Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+    }
+}
+
+fn take_grad(grads: &mut GradStore, t: &Tensor) -> Result<Tensor> {
+    grads
+        .remove(t)
+        .ok_or_else(|| Error::Invalid("checkpointed backward: activation got no gradient".into()))
+}
+
+/// Adds the parameter gradients of `from` into `into` (and the activation `extra`).
+fn merge_grads(
+    into: &mut GradStore,
+    mut from: GradStore,
+    params: &BTreeMap<String, Var>,
+    extra: Option<&Tensor>,
+) -> Result<()> {
+    let mut ts: Vec<&Tensor> = params.values().map(|v| v.as_tensor()).collect();
+    ts.extend(extra);
+    for t in ts {
+        if let Some(g) = from.remove(t) {
+            let g = match into.remove(t) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            into.insert(t, g);
+        }
+    }
+    Ok(())
+}
+
+/// Rejects dtypes the device cannot run.
+pub(crate) fn check_dtype(dtype: DType, _device: &Device) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F64 | DType::BF16 | DType::F16 => Ok(()),
+        other => Err(Error::Unsupported(format!("weight dtype {other:?}"))),
+    }
+}

@@ -1,0 +1,414 @@
+//! Differentiable fused ops.
+//!
+//! candle-nn's fused `rms_norm`, `rope` and `softmax_last_dim` have fast CPU and CUDA
+//! kernels but no backward pass: gradients through them are silently dropped. Each op
+//! here runs the fused kernel for the forward pass (on any device) and attaches a
+//! hand-written backward pass through a custom op ([`Attach1`] / [`Attach2`]), whose
+//! forward only hands the already computed result through. In f64 the forward uses an
+//! exact composed path (candle's fused RMSNorm accumulates in f32), so the
+//! finite-difference tests in this module check the backward passes to ~1e-7.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+type Bwd1 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+pub(crate) type Bwd2 =
+    Box<dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
+
+fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("attach: the precomputed result must be a fresh contiguous tensor")
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+/// Gives a precomputed `result` of `f(a)` the backward `bwd(a, result, grad) -> grad_a`.
+struct Attach1 {
+    name: &'static str,
+    bwd: Bwd1,
+}
+
+impl CustomOp2 for Attach1 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    fn bwd(
+        &self,
+        _res_in: &Tensor,
+        a: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            None,
+            Some((self.bwd)(&a.detach(), &res.detach(), &grad.detach())?),
+        ))
+    }
+}
+
+/// Gives a precomputed `result` of `f(a, b)` the backward `bwd(a, b, result, grad)`.
+struct Attach2 {
+    name: &'static str,
+    bwd: Bwd2,
+}
+
+impl CustomOp3 for Attach2 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    fn bwd(
+        &self,
+        _res_in: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb) = (self.bwd)(&a.detach(), &b.detach(), &res.detach(), &grad.detach())?;
+        Ok((None, Some(ga), Some(gb)))
+    }
+}
+
+fn tracked(t: &Tensor) -> bool {
+    t.is_variable() || t.track_op()
+}
+
+fn attach1(name: &'static str, fast: Tensor, a: &Tensor, bwd: Bwd1) -> Result<Tensor> {
+    if !tracked(a) {
+        return Ok(fast);
+    }
+    fast.contiguous()?.apply_op2(a, Attach1 { name, bwd })
+}
+
+pub(crate) fn attach2(
+    name: &'static str,
+    fast: Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    bwd: Bwd2,
+) -> Result<Tensor> {
+    if !tracked(a) && !tracked(b) {
+        return Ok(fast);
+    }
+    fast.contiguous()?.apply_op3(a, b, Attach2 { name, bwd })
+}
+
+/// Compute dtype of backward passes: half types are promoted to f32.
+fn upcast(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    }
+}
+
+/// Sums `t` over every dimension but the last: `[.., n] -> [n]`.
+fn sum_leading(t: &Tensor) -> Result<Tensor> {
+    let n = t.dim(D::Minus1)?;
+    t.reshape(((), n))?.sum(0)
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xd, wd) = (x.detach(), weight.detach());
+    let fast = if x.dtype() == DType::F64 {
+        candle_nn::ops::rms_norm_slow(&xd, &wd, eps as f32).and_then(|_| {
+            // rms_norm_slow rounds eps to f32: redo exactly in f64.
+            let r = (xd.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                .sqrt()?
+                .recip()?;
+            xd.broadcast_mul(&r)?.broadcast_mul(&wd)
+        })?
+    } else {
+        candle_nn::ops::rms_norm(&xd.contiguous()?, &wd, eps as f32)?
+    };
+    attach2(
+        "rms-norm-bwd",
+        fast,
+        x,
+        weight,
+        Box::new(move |x, w, _res, g| {
+            let dtype = x.dtype();
+            let (x, w, g) = (upcast(x)?, upcast(w)?, upcast(g)?);
+            let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+            let gw = g.broadcast_mul(&w)?;
+            let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
+            let r3dot = (r.powf(3.0)? * dot)?;
+            let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&r3dot)?)?;
+            let dw = sum_leading(&(g * x.broadcast_mul(&r)?)?)?;
+            Ok((dx.to_dtype(dtype)?, dw.to_dtype(dtype)?))
+        }),
+    )
+}
+
+/// Rotary position embedding (the `rotate_half` convention of HF Llama/Qwen).
+/// `x: [b, heads, t, d]`, `cos`/`sin: [b, t, d/2]` (per-sequence positions) or `[t, d/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let fast = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    // The rotation is orthogonal: its transpose is the rotation by -angle.
+    attach1(
+        "rope-bwd",
+        fast,
+        x,
+        Box::new(move |_x, _res, g| candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)),
+    )
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let fast = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    attach1(
+        "softmax-bwd",
+        fast,
+        x,
+        Box::new(|_x, y, g| {
+            let dtype = y.dtype();
+            let (y, g) = (upcast(y)?, upcast(g)?);
+            let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
+            (y * g.broadcast_sub(&dot)?)?.to_dtype(dtype)
+        }),
+    )
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let fast = candle_nn::ops::log_softmax(&x.detach(), D::Minus1)?;
+    attach1(
+        "log-softmax-bwd",
+        fast,
+        x,
+        Box::new(|_x, y, g| {
+            let dtype = y.dtype();
+            let (y, g) = (upcast(y)?, upcast(g)?);
+            let gsum = g.sum_keepdim(D::Minus1)?;
+            (g - y.exp()?.broadcast_mul(&gsum)?)?.to_dtype(dtype)
+        }),
+    )
+}
+
+/// SwiGLU: `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let fast = (gate.detach().silu()? * up.detach())?;
+    attach2(
+        "swiglu-bwd",
+        fast,
+        gate,
+        up,
+        Box::new(|gate, up, _res, g| {
+            let dtype = gate.dtype();
+            let (gate, up, g) = (upcast(gate)?, upcast(up)?, upcast(g)?);
+            let s = candle_nn::ops::sigmoid(&gate)?;
+            let silu = (&gate * &s)?;
+            // d silu / d x = s * (1 + x * (1 - s))
+            let dsilu = (&s * ((&gate * (1.0 - &s)?)? + 1.0)?)?;
+            let dgate = ((&g * up)? * dsilu)?;
+            let dup = (g * silu)?;
+            Ok((dgate.to_dtype(dtype)?, dup.to_dtype(dtype)?))
+        }),
+    )
+}
+
+/// Mean next-token cross-entropy of `logits: [n, vocab]` against `targets: [n]` (u32),
+/// ignoring targets equal to `ignore` (or none when `ignore` is `None`).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore: Option<u32>) -> Result<Tensor> {
+    let lp = log_softmax_last_dim(logits)?;
+    let picked = lp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    match ignore {
+        None => picked.mean_all()?.neg(),
+        Some(ig) => {
+            let keep = targets.ne(ig)?.to_dtype(picked.dtype())?;
+            let n = keep.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if n == 0.0 {
+                return picked.zeros_like()?.sum_all();
+            }
+            ((picked * keep)?.sum_all()? / n)?.neg()
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Random f64 tensor with a fixed seed (deterministic across runs).
+    pub fn rand64(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks d/d inputs of `sum(f(inputs) * r)` against central finite differences.
+    pub fn check_grads(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts).unwrap();
+        let r = rand64(out.dims(), 99);
+        let loss = |ts: &[Tensor]| -> f64 {
+            (f(ts).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("input {i} got no gradient"));
+            let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+            let base: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+            let n = base.len();
+            for j in (0..n).step_by((n / 17).max(1)) {
+                let h = 1e-6;
+                let eval = |delta: f64| {
+                    let mut b = base.clone();
+                    b[j] += delta;
+                    let mut ts: Vec<Tensor> = inputs.to_vec();
+                    ts[i] = Tensor::from_vec(b, inputs[i].dims(), &Device::Cpu).unwrap();
+                    loss(&ts)
+                };
+                let fd = (eval(h) - eval(-h)) / (2.0 * h);
+                let err = (fd - g[j]).abs() / (1e-6 + fd.abs().max(g[j].abs()));
+                assert!(
+                    err < 1e-5,
+                    "input {i} elem {j}: autograd {} vs finite diff {fd}",
+                    g[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_grad() {
+        check_grads(&[rand64(&[3, 5, 8], 1), rand64(&[8], 2)], &|t| {
+            rms_norm(&t[0], &t[1], 1e-6)
+        });
+    }
+
+    #[test]
+    fn rope_grad() {
+        let cos = rand64(&[2, 5, 4], 3);
+        let sin = rand64(&[2, 5, 4], 4);
+        check_grads(&[rand64(&[2, 3, 5, 8], 5)], &|t| rope(&t[0], &cos, &sin));
+    }
+
+    #[test]
+    fn softmax_and_log_softmax_grad() {
+        check_grads(&[rand64(&[4, 7], 6)], &|t| softmax_last_dim(&t[0]));
+        check_grads(&[rand64(&[2, 3, 7], 7)], &|t| log_softmax_last_dim(&t[0]));
+    }
+
+    #[test]
+    fn swiglu_grad() {
+        check_grads(&[rand64(&[3, 6], 8), rand64(&[3, 6], 9)], &|t| {
+            swiglu(&t[0], &t[1])
+        });
+    }
+
+    #[test]
+    fn cross_entropy_grad_and_value() {
+        let targets = Tensor::new(&[1u32, 0, 3, 2], &Device::Cpu).unwrap();
+        check_grads(&[rand64(&[4, 5], 10)], &|t| {
+            cross_entropy(&t[0], &targets, Some(3))
+        });
+        // Hand-computed: uniform logits over 5 classes give ln 5.
+        let z = Tensor::zeros((4, 5), DType::F64, &Device::Cpu).unwrap();
+        let ce = cross_entropy(&z, &targets, None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((ce - 5f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fused_forward_matches_composed_reference() {
+        // f32 fused kernels against straightforward composed formulas.
+        let x = rand64(&[2, 3, 4, 8], 11).to_dtype(DType::F32).unwrap();
+        let w = rand64(&[8], 12).to_dtype(DType::F32).unwrap();
+        let a = rms_norm(&x, &w, 1e-5).unwrap();
+        let b = candle_nn::ops::rms_norm_slow(&x, &w, 1e-5).unwrap();
+        assert!(
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 1e-5
+        );
+        let cos = rand64(&[4, 4], 13).to_dtype(DType::F32).unwrap();
+        let sin = rand64(&[4, 4], 14).to_dtype(DType::F32).unwrap();
+        let a = rope(&x, &cos, &sin).unwrap();
+        let b = candle_nn::rotary_emb::rope_slow(&x, &cos, &sin).unwrap();
+        assert!(
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 1e-5
+        );
+    }
+}
