@@ -14,7 +14,8 @@ use std::path::Path;
 /// A model with its tokenizer, as loaded from a checkpoint.
 pub struct Checkpoint {
     pub model: CausalLM,
-    pub tokenizer: Tokenizer,
+    /// `None` for a weights-only directory without `tokenizer.json`.
+    pub tokenizer: Option<Tokenizer>,
 }
 
 /// Loads a checkpoint: a HF directory (`config.json`, `model.safetensors` or
@@ -33,7 +34,11 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
     let cfg = ModelConfig::from_file(&path.join("config.json"))?;
     let tensors = read_safetensors_dir(path, device)?;
     let model = CausalLM::from_tensors(cfg, tensors, dtype, device, &path.display().to_string())?;
-    let tokenizer = Tokenizer::from_dir(path)?;
+    let tokenizer = if path.join("tokenizer.json").exists() {
+        Some(Tokenizer::from_dir(path)?)
+    } else {
+        None
+    };
     Ok(Checkpoint { model, tokenizer })
 }
 
@@ -252,7 +257,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoin
         tensors.insert(hf, t);
     }
     let model = CausalLM::from_tensors(cfg, tensors, dtype, device, &path.display().to_string())?;
-    Ok(Checkpoint { model, tokenizer })
+    Ok(Checkpoint { model, tokenizer: Some(tokenizer) })
 }
 
 fn gguf_to_hf_name(name: &str) -> Option<String> {

@@ -1,0 +1,181 @@
+//! Parity with HF transformers on tiny random checkpoints (fixtures made by
+//! scripts/make_fixtures.py): logits, loss, gradients of every parameter, packed
+//! batches, and activation recomputation.
+
+mod common;
+use common::*;
+use tooltrain_model::{load, ops, CausalLM, DType, Device, SeqLayout, Tensor};
+
+const MODELS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"];
+
+fn next_token_loss(model: &CausalLM, ids: &Tensor, checkpoint: bool) -> (f64, candle_core::backprop::GradStore) {
+    let (b, t) = ids.dims2().unwrap();
+    let layout = SeqLayout::packed(&vec![vec![t]; b], t, model.device()).unwrap();
+    let targets = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
+    let w = model.lm_head_weight(true);
+    model
+        .forward_backward(ids, &layout, checkpoint, |hid| {
+            let h = hid.narrow(1, 0, t - 1)?.reshape(((), hid.dim(2)?))?;
+            let logits = h.matmul(&w.t()?)?;
+            Ok(ops::cross_entropy(&logits, &targets, None)?)
+        })
+        .unwrap()
+}
+
+#[test]
+fn logits_match_transformers() {
+    for dev in devices() {
+        for name in MODELS {
+            let r = reference(name);
+            let ck = load(&fixture(name), DType::F32, &dev).unwrap();
+            let ids = r["input_ids"].to_dtype(DType::U32).unwrap().to_device(&dev).unwrap();
+            let (b, t) = ids.dims2().unwrap();
+            let layout = SeqLayout::packed(&vec![vec![t]; b], t, &dev).unwrap();
+            let logits = ck.model.logits(&ids, &layout).unwrap();
+            let e = rel_err(&logits, &r["logits"]);
+            assert!(e <= 1e-4, "{name} on {dev:?}: logits relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn packed_rows_match_separate_sequences() {
+    for name in MODELS {
+        let r = reference(name);
+        let ck = load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let packed = Tensor::cat(&[ids.get(0).unwrap().narrow(0, 0, 7).unwrap(), ids.get(1).unwrap().narrow(0, 0, 5).unwrap()], 0)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let layout = SeqLayout::packed(&[vec![7, 5]], 12, &Device::Cpu).unwrap();
+        let logits = ck.model.logits(&packed, &layout).unwrap();
+        let e = rel_err(&logits, &r["packed_logits"]);
+        assert!(e <= 1e-4, "{name}: packed logits relative error {e}");
+        // Padding at the end of a row changes nothing for the real tokens.
+        let padded = Tensor::cat(&[&packed, &Tensor::zeros((1, 3), DType::U32, &Device::Cpu).unwrap()], 1).unwrap();
+        let layout = SeqLayout::packed(&[vec![7, 5]], 15, &Device::Cpu).unwrap();
+        let lp = ck.model.logits(&padded, &layout).unwrap().narrow(1, 0, 12).unwrap();
+        assert!(rel_err(&lp, &r["packed_logits"]) <= 1e-4);
+    }
+}
+
+#[test]
+fn every_parameter_gets_the_transformers_gradient() {
+    for dev in devices() {
+        for name in MODELS {
+            let r = reference(name);
+            let ck = load(&fixture(name), DType::F32, &dev).unwrap();
+            let ids = r["input_ids"].to_dtype(DType::U32).unwrap().to_device(&dev).unwrap();
+            let (loss, grads) = next_token_loss(&ck.model, &ids, false);
+            let want = r["loss"].to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            assert!((loss - want).abs() / want < 1e-5, "{name}: loss {loss} vs {want}");
+            let mut n = 0;
+            for (pname, var) in ck.model.params() {
+                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: `{pname}` got no gradient"));
+                let e = rel_err(g, &r[&format!("grad.{pname}")]);
+                assert!(e <= 1e-4, "{name}: gradient of `{pname}` relative error {e}");
+                n += 1;
+            }
+            let expected = r.keys().filter(|k| k.starts_with("grad.")).count();
+            assert_eq!(n, expected, "{name}: parameter count differs from transformers");
+        }
+    }
+}
+
+#[test]
+fn gradient_checkpointing_gives_identical_gradients() {
+    for name in MODELS {
+        let r = reference(name);
+        let ck = load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let (l1, g1) = next_token_loss(&ck.model, &ids, false);
+        let (l2, g2) = next_token_loss(&ck.model, &ids, true);
+        assert_eq!(l1, l2);
+        for (pname, var) in ck.model.params() {
+            let a = g1.get(var.as_tensor()).unwrap();
+            let b = g2.get(var.as_tensor()).unwrap_or_else(|| panic!("checkpointed: `{pname}` got no gradient"));
+            let e = rel_err(a, b);
+            assert!(e < 1e-6, "{name}: `{pname}` differs with checkpointing ({e})");
+        }
+    }
+}
+
+#[test]
+fn whole_model_gradient_matches_finite_differences_in_f64() {
+    // f64 end to end: autograd of the loss against central differences for a few
+    // elements of every parameter.
+    let ck = load(&fixture("tiny-qwen3"), DType::F64, &Device::Cpu).unwrap();
+    let ids = reference("tiny-qwen3")["input_ids"].to_dtype(DType::U32).unwrap().narrow(1, 0, 6).unwrap();
+    let (_, grads) = next_token_loss(&ck.model, &ids, false);
+    for (pname, var) in ck.model.params() {
+        let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let orig = var.as_tensor().copy().unwrap();
+        let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
+        let j = (pname.len() * 7919) % flat.len();
+        let h = 1e-5;
+        let eval = |d: f64| {
+            let mut v = flat.clone();
+            v[j] += d;
+            var.set(&Tensor::from_vec(v, orig.dims(), &Device::Cpu).unwrap()).unwrap();
+            next_token_loss(&ck.model, &ids, false).0
+        };
+        let fd = (eval(h) - eval(-h)) / (2.0 * h);
+        var.set(&orig).unwrap();
+        let err = (fd - g[j]).abs() / (1e-7 + fd.abs().max(g[j].abs()));
+        assert!(err < 1e-4, "`{pname}`[{j}]: autograd {} vs finite difference {fd}", g[j]);
+    }
+}
+
+#[test]
+fn save_load_round_trip_is_lossless() {
+    for name in MODELS {
+        let ck = load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tooltrain_model::save(&ck.model, None, dir.path()).unwrap();
+        let back = load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let cfg2 = tooltrain_model::ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+        assert_eq!(&cfg2, ck.model.config());
+        let tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(tensors.len(), back.model.params().len());
+        for (pname, var) in back.model.params() {
+            let saved = &tensors[pname];
+            let d = (saved - var.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0, "`{pname}` changed in the round trip");
+        }
+    }
+}
+
+#[test]
+fn bf16_runs_close_to_f32() {
+    let r = reference("tiny-llama");
+    let ck = load(&fixture("tiny-llama"), DType::BF16, &Device::Cpu).unwrap();
+    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    let layout = SeqLayout::packed(&[vec![12], vec![12]], 12, &Device::Cpu).unwrap();
+    let logits = ck.model.logits(&ids, &layout).unwrap();
+    assert_eq!(logits.dtype(), DType::BF16);
+    let e = rel_err(&logits, &r["logits"]);
+    assert!(e < 5e-2, "bf16 relative error {e}");
+}
+
+#[test]
+fn bad_checkpoints_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("config.json"), "{e}");
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt_neox"}"#).unwrap();
+    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("config.json") && e.contains("gpt_neox"), "{e}");
+    std::fs::copy(fixture("tiny-llama/config.json"), dir.path().join("config.json")).unwrap();
+    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("missing"), "{e}");
+    // A weights file from another architecture: the shape mismatch is named.
+    std::fs::copy(fixture("tiny-qwen2/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("shape") || e.contains("missing tensor"), "{e}");
+    std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
+    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    let e = load(&dir.path().join("nope.gguf"), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("nope.gguf"), "{e}");
+}
