@@ -93,7 +93,8 @@ pub fn clip_grad_norm(grads: &GradStore, params: &[Var], max_norm: f64) -> Resul
 enum Moments {
     /// f32 parameters on the CPU: moments in plain memory, updated by the fused kernel.
     Cpu(Vec<f32>, Vec<f32>),
-    /// Any other device or dtype: f32 moment tensors, updated with tensor ops.
+    /// Any other device or dtype: moment tensors (f32, or f64 for f64 parameters),
+    /// updated with tensor ops.
     Tensor(Tensor, Tensor),
 }
 
@@ -177,7 +178,8 @@ impl AdamW {
                 let moments = if var.device().is_cpu() && var.dtype() == DType::F32 {
                     Moments::Cpu(vec![0.0; n], vec![0.0; n])
                 } else {
-                    let z = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                    let dt = if var.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+                    let z = Tensor::zeros(var.shape(), dt, var.device())?;
                     Moments::Tensor(z.clone(), z)
                 };
                 Ok(Slot {
@@ -235,11 +237,11 @@ impl AdamW {
                     slot.var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
                 }
                 Moments::Tensor(m, v) => {
-                    let g = (g.to_dtype(DType::F32)? * grad_scale)?;
+                    let g = (g.to_dtype(m.dtype())? * grad_scale)?;
                     *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                     *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
                     let upd = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + c.eps)?)?;
-                    let p = slot.var.as_tensor().to_dtype(DType::F32)?;
+                    let p = slot.var.as_tensor().to_dtype(m.dtype())?;
                     let newp = (&p - ((upd + (&p * wd)?)? * lr)?)?;
                     slot.var.set(&newp.to_dtype(slot.var.dtype())?)?;
                 }
@@ -294,7 +296,7 @@ impl AdamW {
                         ),
                     ));
                 }
-                Ok(t.to_dtype(DType::F32)?)
+                Ok(t)
             };
             let (m, v) = (
                 take(format!("m.{}", s.name))?,
