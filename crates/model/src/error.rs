@@ -6,12 +6,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file exists but its content is malformed or inconsistent.
     #[error("{path}: {msg}")]
     BadFile { path: PathBuf, msg: String },
@@ -39,7 +35,7 @@ impl Error {
     pub(crate) fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            err: source,
         }
     }
     pub(crate) fn bad_file(path: impl AsRef<Path>, msg: impl std::fmt::Display) -> Self {

@@ -257,7 +257,10 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoin
         tensors.insert(hf, t);
     }
     let model = CausalLM::from_tensors(cfg, tensors, dtype, device, &path.display().to_string())?;
-    Ok(Checkpoint { model, tokenizer: Some(tokenizer) })
+    Ok(Checkpoint {
+        model,
+        tokenizer: Some(tokenizer),
+    })
 }
 
 fn gguf_to_hf_name(name: &str) -> Option<String> {

@@ -234,15 +234,26 @@ impl CausalLM {
 
     /// A freshly initialised model (normal(0, 0.02) matrices, unit norms, zero biases).
     pub fn new_random(cfg: &ModelConfig, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
-        device.set_seed(seed)?;
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = BTreeMap::new();
         for (name, shape) in Self::param_shapes(cfg) {
+            let cpu = &Device::Cpu;
             let t = if name.ends_with("norm.weight") {
-                Tensor::ones(shape, DType::F32, device)?
+                Tensor::ones(shape, DType::F32, cpu)?
             } else if name.ends_with(".bias") {
-                Tensor::zeros(shape, DType::F32, device)?
+                Tensor::zeros(shape, DType::F32, cpu)?
             } else {
-                Tensor::randn(0f32, 0.02, shape, device)?
+                // Box-Muller normal(0, 0.02) from a seeded generator: same weights on
+                // every device.
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                        (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                    })
+                    .collect();
+                Tensor::from_vec(v, shape, cpu)?
             };
             tensors.insert(name, t);
         }

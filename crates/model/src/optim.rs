@@ -178,7 +178,11 @@ impl AdamW {
                 let moments = if var.device().is_cpu() && var.dtype() == DType::F32 {
                     Moments::Cpu(vec![0.0; n], vec![0.0; n])
                 } else {
-                    let dt = if var.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+                    let dt = if var.dtype() == DType::F64 {
+                        DType::F64
+                    } else {
+                        DType::F32
+                    };
                     let z = Tensor::zeros(var.shape(), dt, var.device())?;
                     Moments::Tensor(z.clone(), z)
                 };

@@ -22,20 +22,37 @@ pub fn asset(rel: &str) -> Option<PathBuf> {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{} is missing: run scripts/fetch-assets.sh", p.display());
     }
-    eprintln!("SKIP: {} missing (run scripts/fetch-assets.sh)", p.display());
+    eprintln!(
+        "SKIP: {} missing (run scripts/fetch-assets.sh)",
+        p.display()
+    );
     None
 }
 
 pub fn reference(name: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu)
+        .unwrap()
 }
 
 /// max |a - b| / (max |b| + tiny): relative error against the reference's scale.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    let d = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let d = (a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let s = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     d / (s + 1e-30)
 }
 

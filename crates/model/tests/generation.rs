@@ -2,14 +2,20 @@
 
 mod common;
 use common::*;
-use tooltrain_model::{chunked_logprobs, load, ops, CausalLM, DType, Device, SamplingParams, SeqLayout, Tensor, Var};
+use tooltrain_model::{
+    chunked_logprobs, load, ops, CausalLM, DType, Device, SamplingParams, SeqLayout, Tensor, Var,
+};
 
 fn model(dev: &Device) -> CausalLM {
     load(&fixture("tiny-qwen2"), DType::F32, dev).unwrap().model
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    vec![vec![5, 17, 99, 3, 42, 7, 8], vec![11, 2], vec![64, 65, 66, 1]]
+    vec![
+        vec![5, 17, 99, 3, 42, 7, 8],
+        vec![11, 2],
+        vec![64, 65, 66, 1],
+    ]
 }
 
 /// Greedy continuation computed without any cache: full recomputation every step.
@@ -17,10 +23,23 @@ fn greedy_by_recompute(m: &CausalLM, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut seq = prompt.to_vec();
     for _ in 0..n {
         let t = seq.len();
-        let x = Tensor::new(seq.as_slice(), m.device()).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(seq.as_slice(), m.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let layout = SeqLayout::packed(&[vec![t]], t, m.device()).unwrap();
-        let logits: Vec<f32> = m.logits(&x, &layout).unwrap().get(0).unwrap().get(t - 1).unwrap().to_vec1().unwrap();
-        let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a))).unwrap();
+        let logits: Vec<f32> = m
+            .logits(&x, &layout)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(t - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let best = (0..logits.len())
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+            .unwrap();
         seq.push(best as u32);
     }
     seq[prompt.len()..].to_vec()
@@ -30,7 +49,11 @@ fn greedy_by_recompute(m: &CausalLM, prompt: &[u32], n: usize) -> Vec<u32> {
 fn kv_cache_decoding_equals_full_recomputation() {
     for dev in devices() {
         let m = model(&dev);
-        let p = SamplingParams { temperature: 0.0, max_new_tokens: 10, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 0.0,
+            max_new_tokens: 10,
+            ..Default::default()
+        };
         let out = m.generate(&prompts(), &p, None).unwrap();
         for (pr, g) in prompts().iter().zip(&out) {
             assert_eq!(g.tokens, greedy_by_recompute(&m, pr, 10), "prompt {pr:?}");
@@ -39,7 +62,10 @@ fn kv_cache_decoding_equals_full_recomputation() {
             let s = &m.score(&[full], 50).unwrap()[0];
             for (k, lp) in g.logprobs.iter().enumerate() {
                 let want = s.logprobs[pr.len() - 1 + k];
-                assert!((lp - want).abs() < 1e-4, "step {k}: {lp} vs rescored {want}");
+                assert!(
+                    (lp - want).abs() < 1e-4,
+                    "step {k}: {lp} vs rescored {want}"
+                );
             }
         }
     }
@@ -48,38 +74,100 @@ fn kv_cache_decoding_equals_full_recomputation() {
 #[test]
 fn batch_equals_each_prompt_alone_and_seeds_reproduce() {
     let m = model(&Device::Cpu);
-    let p = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 20, max_new_tokens: 12, seed: 7, ..Default::default() };
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        top_k: 20,
+        max_new_tokens: 12,
+        seed: 7,
+        ..Default::default()
+    };
     let batch = m.generate(&prompts(), &p, None).unwrap();
     let again = m.generate(&prompts(), &p, None).unwrap();
     for (i, pr) in prompts().iter().enumerate() {
         assert_eq!(batch[i].tokens, again[i].tokens, "same seed, same tokens");
-        let solo = m.generate(std::slice::from_ref(pr), &SamplingParams { seed: 7 + i as u64, ..p.clone() }, None).unwrap();
-        assert_eq!(batch[i].tokens, solo[0].tokens, "prompt {i}: batch differs from running alone");
+        let solo = m
+            .generate(
+                std::slice::from_ref(pr),
+                &SamplingParams {
+                    seed: 7 + i as u64,
+                    ..p.clone()
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            batch[i].tokens, solo[0].tokens,
+            "prompt {i}: batch differs from running alone"
+        );
         for (a, b) in batch[i].logprobs.iter().zip(&solo[0].logprobs) {
             assert!((a - b).abs() < 1e-4);
         }
     }
-    let other = m.generate(&prompts(), &SamplingParams { seed: 8, ..p.clone() }, None).unwrap();
-    assert!(other.iter().zip(&batch).any(|(a, b)| a.tokens != b.tokens), "a different seed should sample differently");
+    let other = m
+        .generate(
+            &prompts(),
+            &SamplingParams {
+                seed: 8,
+                ..p.clone()
+            },
+            None,
+        )
+        .unwrap();
+    assert!(
+        other.iter().zip(&batch).any(|(a, b)| a.tokens != b.tokens),
+        "a different seed should sample differently"
+    );
 }
 
 #[test]
 fn top_k_one_is_greedy_and_stop_tokens_end_sequences() {
     let m = model(&Device::Cpu);
-    let greedy = m.generate(&prompts(), &SamplingParams { temperature: 0.0, max_new_tokens: 8, ..Default::default() }, None).unwrap();
-    let k1 = m.generate(&prompts(), &SamplingParams { temperature: 1.3, top_k: 1, max_new_tokens: 8, ..Default::default() }, None).unwrap();
+    let greedy = m
+        .generate(
+            &prompts(),
+            &SamplingParams {
+                temperature: 0.0,
+                max_new_tokens: 8,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+    let k1 = m
+        .generate(
+            &prompts(),
+            &SamplingParams {
+                temperature: 1.3,
+                top_k: 1,
+                max_new_tokens: 8,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
     for (a, b) in greedy.iter().zip(&k1) {
         assert_eq!(a.tokens, b.tokens);
     }
     // Stop on the 3rd greedy token of prompt 0: that sequence ends there, others go on.
     let stop = greedy[0].tokens[2];
-    let p = SamplingParams { temperature: 0.0, max_new_tokens: 8, stop_token_ids: vec![stop], ..Default::default() };
+    let p = SamplingParams {
+        temperature: 0.0,
+        max_new_tokens: 8,
+        stop_token_ids: vec![stop],
+        ..Default::default()
+    };
     let out = m.generate(&prompts(), &p, None).unwrap();
     let first = greedy[0].tokens.iter().position(|&t| t == stop).unwrap();
     assert_eq!(out[0].tokens, greedy[0].tokens[..=first].to_vec());
     assert_eq!(out[0].finish, tooltrain_model::FinishReason::StopToken);
     for (o, g) in out.iter().zip(&greedy).skip(1) {
-        let cut = g.tokens.iter().position(|&t| t == stop).map(|i| i + 1).unwrap_or(g.tokens.len());
+        let cut = g
+            .tokens
+            .iter()
+            .position(|&t| t == stop)
+            .map(|i| i + 1)
+            .unwrap_or(g.tokens.len());
         assert_eq!(o.tokens, g.tokens[..cut].to_vec());
     }
 }
@@ -90,26 +178,69 @@ fn empirical_sampling_distribution_follows_temperature_and_top_p() {
     // softmax(logits / T) restricted to the nucleus.
     let m = model(&Device::Cpu);
     let pr = vec![5u32, 17, 99];
-    let x = Tensor::new(pr.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits: Vec<f32> = m.logits(&x, &SeqLayout::packed(&[vec![3]], 3, &Device::Cpu).unwrap()).unwrap().get(0).unwrap().get(2).unwrap().to_vec1().unwrap();
+    let x = Tensor::new(pr.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<f32> = m
+        .logits(&x, &SeqLayout::packed(&[vec![3]], 3, &Device::Cpu).unwrap())
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(2)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let t = 2.0f64;
-    let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &z)| (i, (z as f64 / t).exp())).collect();
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &z)| (i, (z as f64 / t).exp()))
+        .collect();
     let s: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= s);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
     let n = 3000;
     let batch = vec![pr.clone(); n];
-    let out = m.generate(&batch, &SamplingParams { temperature: t, max_new_tokens: 1, seed: 1, ..Default::default() }, None).unwrap();
+    let out = m
+        .generate(
+            &batch,
+            &SamplingParams {
+                temperature: t,
+                max_new_tokens: 1,
+                seed: 1,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
     let mut counts = vec![0usize; logits.len()];
     out.iter().for_each(|g| counts[g.tokens[0] as usize] += 1);
     for &(i, p) in probs.iter().take(3) {
         let f = counts[i] as f64 / n as f64;
-        assert!((f - p).abs() < 4.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-3, "token {i}: freq {f} vs p {p}");
+        assert!(
+            (f - p).abs() < 4.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-3,
+            "token {i}: freq {f} vs p {p}"
+        );
     }
     // top_p = the mass of the two most likely tokens: only those two appear.
     let top_p = probs[0].1 + probs[1].1 - 1e-9;
-    let out = m.generate(&batch[..500], &SamplingParams { temperature: t, top_p, max_new_tokens: 1, seed: 2, ..Default::default() }, None).unwrap();
-    assert!(out.iter().all(|g| g.tokens[0] as usize == probs[0].0 || g.tokens[0] as usize == probs[1].0));
+    let out = m
+        .generate(
+            &batch[..500],
+            &SamplingParams {
+                temperature: t,
+                top_p,
+                max_new_tokens: 1,
+                seed: 2,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+    assert!(out
+        .iter()
+        .all(|g| g.tokens[0] as usize == probs[0].0 || g.tokens[0] as usize == probs[1].0));
 }
 
 #[test]
@@ -123,21 +254,40 @@ fn chunked_logprobs_match_full_softmax_values_and_gradients() {
     // Reference: the full softmax.
     let logits = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
     let lsm = ops::log_softmax_last_dim(&logits).unwrap();
-    let lp_ref = lsm.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap();
-    let ent_ref = (lsm.exp().unwrap() * &lsm).unwrap().sum(1).unwrap().neg().unwrap();
-    let loss_ref = ((&lp_ref * &gl).unwrap().sum_all().unwrap() + (&ent_ref * &ge).unwrap().sum_all().unwrap()).unwrap();
+    let lp_ref = lsm
+        .gather(&targets.unsqueeze(1).unwrap(), 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let ent_ref = (lsm.exp().unwrap() * &lsm)
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .neg()
+        .unwrap();
+    let loss_ref = ((&lp_ref * &gl).unwrap().sum_all().unwrap()
+        + (&ent_ref * &ge).unwrap().sum_all().unwrap())
+    .unwrap();
     let g_ref = loss_ref.backward().unwrap();
     for chunk in [1, 5, 23, 100] {
         let out = chunked_logprobs(h.as_tensor(), w.as_tensor(), &targets, chunk).unwrap();
         let lp = out.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
         let ent = out.narrow(1, 1, 1).unwrap().squeeze(1).unwrap();
-        assert!(rel_err(&lp, &lp_ref) < 1e-5 && rel_err(&ent, &ent_ref) < 1e-5, "chunk {chunk}: values");
+        assert!(
+            rel_err(&lp, &lp_ref) < 1e-5 && rel_err(&ent, &ent_ref) < 1e-5,
+            "chunk {chunk}: values"
+        );
         let gl32 = gl.to_dtype(DType::F32).unwrap();
         let ge32 = ge.to_dtype(DType::F32).unwrap();
-        let loss = ((lp * &gl32).unwrap().sum_all().unwrap() + (ent * &ge32).unwrap().sum_all().unwrap()).unwrap();
+        let loss = ((lp * &gl32).unwrap().sum_all().unwrap()
+            + (ent * &ge32).unwrap().sum_all().unwrap())
+        .unwrap();
         let g = loss.backward().unwrap();
         for v in [&h, &w] {
-            let e = rel_err(g.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
+            let e = rel_err(
+                g.get(v.as_tensor()).unwrap(),
+                g_ref.get(v.as_tensor()).unwrap(),
+            );
             assert!(e < 1e-5, "chunk {chunk}: gradient error {e}");
         }
     }
@@ -157,8 +307,17 @@ fn score_packs_sequences_without_changing_results() {
     }
     // Against the transformers logits fixture.
     let r = reference("tiny-qwen2");
-    let ids: Vec<u32> = r["input_ids"].get(0).unwrap().to_dtype(DType::U32).unwrap().to_vec1().unwrap();
-    let lsm: Vec<Vec<f32>> = ops::log_softmax_last_dim(&r["logits"].get(0).unwrap()).unwrap().to_vec2().unwrap();
+    let ids: Vec<u32> = r["input_ids"]
+        .get(0)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let lsm: Vec<Vec<f32>> = ops::log_softmax_last_dim(&r["logits"].get(0).unwrap())
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     let s = &m.score(&[ids.clone()], 16).unwrap()[0];
     for i in 0..ids.len() - 1 {
         assert!((s.logprobs[i] - lsm[i][ids[i + 1] as usize]).abs() < 1e-4);

@@ -8,7 +8,11 @@ use tooltrain_model::{load, ops, CausalLM, DType, Device, SeqLayout, Tensor};
 
 const MODELS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"];
 
-fn next_token_loss(model: &CausalLM, ids: &Tensor, checkpoint: bool) -> (f64, candle_core::backprop::GradStore) {
+fn next_token_loss(
+    model: &CausalLM,
+    ids: &Tensor,
+    checkpoint: bool,
+) -> (f64, candle_core::backprop::GradStore) {
     let (b, t) = ids.dims2().unwrap();
     let layout = SeqLayout::packed(&vec![vec![t]; b], t, model.device()).unwrap();
     let targets = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
@@ -28,7 +32,11 @@ fn logits_match_transformers() {
         for name in MODELS {
             let r = reference(name);
             let ck = load(&fixture(name), DType::F32, &dev).unwrap();
-            let ids = r["input_ids"].to_dtype(DType::U32).unwrap().to_device(&dev).unwrap();
+            let ids = r["input_ids"]
+                .to_dtype(DType::U32)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
             let (b, t) = ids.dims2().unwrap();
             let layout = SeqLayout::packed(&vec![vec![t]; b], t, &dev).unwrap();
             let logits = ck.model.logits(&ids, &layout).unwrap();
@@ -44,18 +52,36 @@ fn packed_rows_match_separate_sequences() {
         let r = reference(name);
         let ck = load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
-        let packed = Tensor::cat(&[ids.get(0).unwrap().narrow(0, 0, 7).unwrap(), ids.get(1).unwrap().narrow(0, 0, 5).unwrap()], 0)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let packed = Tensor::cat(
+            &[
+                ids.get(0).unwrap().narrow(0, 0, 7).unwrap(),
+                ids.get(1).unwrap().narrow(0, 0, 5).unwrap(),
+            ],
+            0,
+        )
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
         let layout = SeqLayout::packed(&[vec![7, 5]], 12, &Device::Cpu).unwrap();
         let logits = ck.model.logits(&packed, &layout).unwrap();
         let e = rel_err(&logits, &r["packed_logits"]);
         assert!(e <= 1e-4, "{name}: packed logits relative error {e}");
         // Padding at the end of a row changes nothing for the real tokens.
-        let padded = Tensor::cat(&[&packed, &Tensor::zeros((1, 3), DType::U32, &Device::Cpu).unwrap()], 1).unwrap();
+        let padded = Tensor::cat(
+            &[
+                &packed,
+                &Tensor::zeros((1, 3), DType::U32, &Device::Cpu).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
         let layout = SeqLayout::packed(&[vec![7, 5]], 15, &Device::Cpu).unwrap();
-        let lp = ck.model.logits(&padded, &layout).unwrap().narrow(1, 0, 12).unwrap();
+        let lp = ck
+            .model
+            .logits(&padded, &layout)
+            .unwrap()
+            .narrow(1, 0, 12)
+            .unwrap();
         assert!(rel_err(&lp, &r["packed_logits"]) <= 1e-4);
     }
 }
@@ -66,19 +92,38 @@ fn every_parameter_gets_the_transformers_gradient() {
         for name in MODELS {
             let r = reference(name);
             let ck = load(&fixture(name), DType::F32, &dev).unwrap();
-            let ids = r["input_ids"].to_dtype(DType::U32).unwrap().to_device(&dev).unwrap();
+            let ids = r["input_ids"]
+                .to_dtype(DType::U32)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
             let (loss, grads) = next_token_loss(&ck.model, &ids, false);
-            let want = r["loss"].to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
-            assert!((loss - want).abs() / want < 1e-5, "{name}: loss {loss} vs {want}");
+            let want = r["loss"]
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                (loss - want).abs() / want < 1e-5,
+                "{name}: loss {loss} vs {want}"
+            );
             let mut n = 0;
             for (pname, var) in ck.model.params() {
-                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: `{pname}` got no gradient"));
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: `{pname}` got no gradient"));
                 let e = rel_err(g, &r[&format!("grad.{pname}")]);
-                assert!(e <= 1e-4, "{name}: gradient of `{pname}` relative error {e}");
+                assert!(
+                    e <= 1e-4,
+                    "{name}: gradient of `{pname}` relative error {e}"
+                );
                 n += 1;
             }
             let expected = r.keys().filter(|k| k.starts_with("grad.")).count();
-            assert_eq!(n, expected, "{name}: parameter count differs from transformers");
+            assert_eq!(
+                n, expected,
+                "{name}: parameter count differs from transformers"
+            );
         }
     }
 }
@@ -94,9 +139,14 @@ fn gradient_checkpointing_gives_identical_gradients() {
         assert_eq!(l1, l2);
         for (pname, var) in ck.model.params() {
             let a = g1.get(var.as_tensor()).unwrap();
-            let b = g2.get(var.as_tensor()).unwrap_or_else(|| panic!("checkpointed: `{pname}` got no gradient"));
+            let b = g2
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("checkpointed: `{pname}` got no gradient"));
             let e = rel_err(a, b);
-            assert!(e < 1e-6, "{name}: `{pname}` differs with checkpointing ({e})");
+            assert!(
+                e < 1e-6,
+                "{name}: `{pname}` differs with checkpointing ({e})"
+            );
         }
     }
 }
@@ -106,10 +156,20 @@ fn whole_model_gradient_matches_finite_differences_in_f64() {
     // f64 end to end: autograd of the loss against central differences for a few
     // elements of every parameter.
     let ck = load(&fixture("tiny-qwen3"), DType::F64, &Device::Cpu).unwrap();
-    let ids = reference("tiny-qwen3")["input_ids"].to_dtype(DType::U32).unwrap().narrow(1, 0, 6).unwrap();
+    let ids = reference("tiny-qwen3")["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .narrow(1, 0, 6)
+        .unwrap();
     let (_, grads) = next_token_loss(&ck.model, &ids, false);
     for (pname, var) in ck.model.params() {
-        let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let orig = var.as_tensor().copy().unwrap();
         let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
         let j = (pname.len() * 7919) % flat.len();
@@ -117,13 +177,18 @@ fn whole_model_gradient_matches_finite_differences_in_f64() {
         let eval = |d: f64| {
             let mut v = flat.clone();
             v[j] += d;
-            var.set(&Tensor::from_vec(v, orig.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(v, orig.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             next_token_loss(&ck.model, &ids, false).0
         };
         let fd = (eval(h) - eval(-h)) / (2.0 * h);
         var.set(&orig).unwrap();
         let err = (fd - g[j]).abs() / (1e-7 + fd.abs().max(g[j].abs()));
-        assert!(err < 1e-4, "`{pname}`[{j}]: autograd {} vs finite difference {fd}", g[j]);
+        assert!(
+            err < 1e-4,
+            "`{pname}`[{j}]: autograd {} vs finite difference {fd}",
+            g[j]
+        );
     }
 }
 
@@ -134,13 +199,23 @@ fn save_load_round_trip_is_lossless() {
         let dir = tempfile::tempdir().unwrap();
         tooltrain_model::save(&ck.model, None, dir.path()).unwrap();
         let back = load(dir.path(), DType::F32, &Device::Cpu).unwrap();
-        let cfg2 = tooltrain_model::ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+        let cfg2 =
+            tooltrain_model::ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
         assert_eq!(&cfg2, ck.model.config());
-        let tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let tensors =
+            candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
         assert_eq!(tensors.len(), back.model.params().len());
         for (pname, var) in back.model.params() {
             let saved = &tensors[pname];
-            let d = (saved - var.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (saved - var.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert_eq!(d, 0.0, "`{pname}` changed in the round trip");
         }
     }
@@ -161,21 +236,54 @@ fn bf16_runs_close_to_f32() {
 #[test]
 fn bad_checkpoints_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let e = load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("config.json"), "{e}");
-    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt_neox"}"#).unwrap();
-    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "gpt_neox"}"#,
+    )
+    .unwrap();
+    let e = load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("config.json") && e.contains("gpt_neox"), "{e}");
-    std::fs::copy(fixture("tiny-llama/config.json"), dir.path().join("config.json")).unwrap();
-    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("model.safetensors") && e.contains("missing"), "{e}");
+    std::fs::copy(
+        fixture("tiny-llama/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let e = load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("missing"),
+        "{e}"
+    );
     // A weights file from another architecture: the shape mismatch is named.
-    std::fs::copy(fixture("tiny-qwen2/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    std::fs::copy(
+        fixture("tiny-qwen2/model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let e = load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("shape") || e.contains("missing tensor"), "{e}");
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
-    let e = load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let e = load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
-    let e = load(&dir.path().join("nope.gguf"), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let e = load(&dir.path().join("nope.gguf"), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("nope.gguf"), "{e}");
 }
