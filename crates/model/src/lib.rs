@@ -17,6 +17,7 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+mod kernels;
 pub mod load;
 pub mod logprobs;
 pub mod model;

@@ -414,8 +414,8 @@ impl CausalLM {
             ),
             _ => (q, k),
         };
-        let q = ops::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let mut k = ops::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let q = ops::rope_bthd(&q, cos, sin)?;
+        let mut k = ops::rope_bthd(&k, cos, sin)?;
         let mut v = v.transpose(1, 2)?.contiguous()?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -427,21 +427,16 @@ impl CausalLM {
         let kv_len = k.dim(2)?;
         let g = nh / nkv;
         // Group the query heads that share a key/value head: no copy of k and v.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, g * s, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, g, s, kv_len))?;
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?.unsqueeze(1)?)?;
-        let probs = ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * s, kv_len))?;
-        let ctx = probs
-            .matmul(&v)?
-            .reshape((b, nh, s, hd))?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
+        let q = q.reshape((b, nkv, g * s, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, kv_len))?;
+        let probs = ops::masked_softmax(&scores, &mask.squeeze(1)?, 1.0 / (hd as f64).sqrt())?;
+        let probs = probs.reshape((b, nkv, g * s, kv_len))?;
+        let ctx = probs.matmul(&v)?.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         let x = (x + linear(&ctx, &w(&a.o, t), None)?)?;
         let h = ops::rms_norm(&x, &w(&l.post_norm, t), eps)?;
-        let act = ops::swiglu(
-            &linear(&h, &w(&l.gate, t), None)?,
-            &linear(&h, &w(&l.up, t), None)?,
-        )?;
+        // One matrix product for the gate and up projections.
+        let gate_up = Tensor::cat(&[w(&l.gate, t), w(&l.up, t)], 0)?;
+        let act = ops::swiglu(&linear(&h, &gate_up, None)?)?;
         Ok((x + linear(&act, &w(&l.down, t), None)?)?)
     }
 

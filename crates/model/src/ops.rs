@@ -9,6 +9,7 @@
 //! finite-difference tests in this module check the backward passes to ~1e-7.
 
 use candle_core::backend::BackendStorage;
+use crate::kernels;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 type Bwd1 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -149,17 +150,26 @@ fn sum_leading(t: &Tensor) -> Result<Tensor> {
     t.reshape(((), n))?.sum(0)
 }
 
+/// True when the fused CPU kernels of [`crate::kernels`] handle this tensor.
+fn cpu_kernel(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu_kernel(x) {
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, kernels::RmsNorm { eps });
+    }
+    rms_norm_generic(x, weight, eps)
+}
+
+/// Any-device RMSNorm: candle-nn's fused forward plus a composed backward.
+pub(crate) fn rms_norm_generic(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let (xd, wd) = (x.detach(), weight.detach());
     let fast = if x.dtype() == DType::F64 {
-        candle_nn::ops::rms_norm_slow(&xd, &wd, eps as f32).and_then(|_| {
-            // rms_norm_slow rounds eps to f32: redo exactly in f64.
-            let r = (xd.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-                .sqrt()?
-                .recip()?;
-            xd.broadcast_mul(&r)?.broadcast_mul(&wd)
-        })?
+        // candle's fused kernel accumulates in f32: compose exactly in f64.
+        let r = (xd.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        xd.broadcast_mul(&r)?.broadcast_mul(&wd)?
     } else {
         candle_nn::ops::rms_norm(&xd.contiguous()?, &wd, eps as f32)?
     };
@@ -182,12 +192,22 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     )
 }
 
-/// Rotary position embedding (the `rotate_half` convention of HF Llama/Qwen).
-/// `x: [b, heads, t, d]`, `cos`/`sin: [b, t, d/2]` (per-sequence positions) or `[t, d/2]`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// Rotary position embedding (the `rotate_half` convention of HF Llama/Qwen) fused with
+/// the head transpose: `x: [b, t, heads, d]` -> `[b, heads, t, d]`, with per-sequence
+/// `cos`/`sin: [b, t, d/2]`.
+pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cpu_kernel(x) && cos.dtype() == x.dtype() {
+        let op = kernels::RopeBthd { cos: cos.contiguous()?.copy()?, sin: sin.contiguous()?.copy()? };
+        return x.contiguous()?.apply_op1(op);
+    }
+    rope_generic(&x.transpose(1, 2)?.contiguous()?, cos, sin)
+}
+
+/// Any-device RoPE on `[b, heads, t, d]`: candle-nn's fused kernel both ways (the
+/// rotation's transpose is the rotation by the opposite angle).
+pub(crate) fn rope_generic(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let fast = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
     let (cos, neg_sin) = (cos.clone(), sin.neg()?);
-    // The rotation is orthogonal: its transpose is the rotation by -angle.
     attach1(
         "rope-bwd",
         fast,
@@ -196,8 +216,27 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// Attention probabilities `softmax(scale * scores + mask)` over the last dimension.
+/// `scores: [b, heads, t, s]`, `mask: [b, t, s]` (additive, shared by all heads).
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if cpu_kernel(scores) {
+        let mask = mask.to_dtype(scores.dtype())?.contiguous()?;
+        return scores.contiguous()?.apply_op2(&mask, kernels::MaskedSoftmax { scale });
+    }
+    let x = (scores * scale)?.broadcast_add(&mask.to_dtype(scores.dtype())?.unsqueeze(1)?)?;
+    softmax_generic(&x)
+}
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if cpu_kernel(x) {
+        return x.contiguous()?.apply_op1(kernels::Softmax);
+    }
+    softmax_generic(x)
+}
+
+/// Any-device softmax: candle-nn's fused forward plus a composed backward.
+pub(crate) fn softmax_generic(x: &Tensor) -> Result<Tensor> {
     let fast = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
     attach1(
         "softmax-bwd",
@@ -228,44 +267,39 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// SwiGLU: `silu(gate) * up`.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let fast = (gate.detach().silu()? * up.detach())?;
-    attach2(
-        "swiglu-bwd",
-        fast,
-        gate,
-        up,
-        Box::new(|gate, up, _res, g| {
-            let dtype = gate.dtype();
-            let (gate, up, g) = (upcast(gate)?, upcast(up)?, upcast(g)?);
-            let s = candle_nn::ops::sigmoid(&gate)?;
-            let silu = (&gate * &s)?;
-            // d silu / d x = s * (1 + x * (1 - s))
-            let dsilu = (&s * ((&gate * (1.0 - &s)?)? + 1.0)?)?;
-            let dgate = ((&g * up)? * dsilu)?;
-            let dup = (g * silu)?;
-            Ok((dgate.to_dtype(dtype)?, dup.to_dtype(dtype)?))
-        }),
-    )
+/// SwiGLU on a fused gate/up projection: `gate_up: [.., 2i]` (gate in the first half of
+/// each row, up in the second) -> `silu(gate) * up: [.., i]`.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    if cpu_kernel(gate_up) {
+        return gate_up.contiguous()?.apply_op1(kernels::SwiGlu);
+    }
+    let i = gate_up.dim(D::Minus1)? / 2;
+    gate_up.narrow(D::Minus1, 0, i)?.silu()? * gate_up.narrow(D::Minus1, i, i)?
 }
 
 /// Mean next-token cross-entropy of `logits: [n, vocab]` against `targets: [n]` (u32),
 /// ignoring targets equal to `ignore` (or none when `ignore` is `None`).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore: Option<u32>) -> Result<Tensor> {
-    let lp = log_softmax_last_dim(logits)?;
-    let picked = lp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    match ignore {
-        None => picked.mean_all()?.neg(),
-        Some(ig) => {
-            let keep = targets.ne(ig)?.to_dtype(picked.dtype())?;
-            let n = keep.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if n == 0.0 {
-                return picked.zeros_like()?.sum_all();
-            }
-            ((picked * keep)?.sum_all()? / n)?.neg()
+    let targets = targets.to_dtype(DType::U32)?;
+    let per_row = if cpu_kernel(logits) {
+        logits.contiguous()?.apply_op2(&targets.contiguous()?, kernels::Nll { ignore })?
+    } else {
+        let lp = log_softmax_last_dim(logits)?;
+        let safe = match ignore {
+            Some(ig) => targets.ne(ig)?.where_cond(&targets, &targets.zeros_like()?)?,
+            None => targets.clone(),
+        };
+        let picked = lp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        match ignore {
+            Some(ig) => (picked * targets.ne(ig)?.to_dtype(lp.dtype())?)?,
+            None => picked,
         }
-    }
+    };
+    let n = match ignore {
+        Some(ig) => targets.ne(ig)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?,
+        None => targets.elem_count() as f64,
+    };
+    per_row.sum_all()? / n.max(1.0)
 }
 
 #[cfg(test)]
@@ -337,43 +371,60 @@ pub(crate) mod tests {
 
     #[test]
     fn rms_norm_grad() {
-        check_grads(&[rand64(&[3, 5, 8], 1), rand64(&[8], 2)], &|t| {
-            rms_norm(&t[0], &t[1], 1e-6)
-        });
+        check_grads(&[rand64(&[3, 5, 8], 1), rand64(&[8], 2)], &|t| rms_norm(&t[0], &t[1], 1e-6));
+        check_grads(&[rand64(&[3, 5, 8], 1), rand64(&[8], 2)], &|t| rms_norm_generic(&t[0], &t[1], 1e-6));
     }
 
     #[test]
     fn rope_grad() {
         let cos = rand64(&[2, 5, 4], 3);
         let sin = rand64(&[2, 5, 4], 4);
-        check_grads(&[rand64(&[2, 3, 5, 8], 5)], &|t| rope(&t[0], &cos, &sin));
+        check_grads(&[rand64(&[2, 5, 3, 8], 5)], &|t| rope_bthd(&t[0], &cos, &sin));
+        check_grads(&[rand64(&[2, 3, 5, 8], 5)], &|t| rope_generic(&t[0], &cos, &sin));
     }
 
     #[test]
     fn softmax_and_log_softmax_grad() {
         check_grads(&[rand64(&[4, 7], 6)], &|t| softmax_last_dim(&t[0]));
+        check_grads(&[rand64(&[4, 7], 6)], &|t| softmax_generic(&t[0]));
         check_grads(&[rand64(&[2, 3, 7], 7)], &|t| log_softmax_last_dim(&t[0]));
+        // Masked and scaled, mask shared by the heads (one entry per row stays open).
+        let mut m = rand64(&[2, 4, 5], 8).to_vec3::<f64>().unwrap();
+        m[0][1][3] = f64::NEG_INFINITY;
+        m[1][2][0] = f64::NEG_INFINITY;
+        let mask = Tensor::new(m, &Device::Cpu).unwrap();
+        check_grads(&[rand64(&[2, 3, 4, 5], 9)], &|t| masked_softmax(&t[0], &mask, 0.7));
+        let a = masked_softmax(&rand64(&[2, 3, 4, 5], 9), &mask, 0.7).unwrap();
+        let x = (rand64(&[2, 3, 4, 5], 9) * 0.7).unwrap().broadcast_add(&mask.unsqueeze(1).unwrap()).unwrap();
+        let b = softmax_generic(&x).unwrap();
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(d < 1e-12, "masked softmax differs from composed reference by {d}");
     }
 
     #[test]
     fn swiglu_grad() {
-        check_grads(&[rand64(&[3, 6], 8), rand64(&[3, 6], 9)], &|t| {
-            swiglu(&t[0], &t[1])
-        });
+        check_grads(&[rand64(&[3, 12], 8)], &|t| swiglu(&t[0]));
+        // Against the composed formula silu(gate) * up.
+        let x = rand64(&[3, 12], 8);
+        let want = (x.narrow(1, 0, 6).unwrap().silu().unwrap() * x.narrow(1, 6, 6).unwrap()).unwrap();
+        let d = (swiglu(&x).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(d < 1e-12);
     }
 
     #[test]
     fn cross_entropy_grad_and_value() {
         let targets = Tensor::new(&[1u32, 0, 3, 2], &Device::Cpu).unwrap();
-        check_grads(&[rand64(&[4, 5], 10)], &|t| {
-            cross_entropy(&t[0], &targets, Some(3))
-        });
+        check_grads(&[rand64(&[4, 5], 10)], &|t| cross_entropy(&t[0], &targets, Some(3)));
+        check_grads(&[rand64(&[4, 5], 10)], &|t| cross_entropy(&t[0], &targets, None));
+        // Fused CPU kernel against the composed path (log-softmax + gather).
+        let x = rand64(&[4, 5], 10);
+        let a = cross_entropy(&x, &targets, Some(3)).unwrap().to_scalar::<f64>().unwrap();
+        let lp = log_softmax_last_dim(&x).unwrap().to_vec2::<f64>().unwrap();
+        let want = -(lp[0][1] + lp[1][0] + lp[3][2]) / 3.0;
+        assert!((a - want).abs() < 1e-12, "{a} vs {want}");
         // Hand-computed: uniform logits over 5 classes give ln 5.
         let z = Tensor::zeros((4, 5), DType::F64, &Device::Cpu).unwrap();
-        let ce = cross_entropy(&z, &targets, None)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let ce = cross_entropy(&z, &targets, None).unwrap().to_scalar::<f64>().unwrap();
         assert!((ce - 5f64.ln()).abs() < 1e-12);
     }
 
@@ -397,7 +448,7 @@ pub(crate) mod tests {
         );
         let cos = rand64(&[4, 4], 13).to_dtype(DType::F32).unwrap();
         let sin = rand64(&[4, 4], 14).to_dtype(DType::F32).unwrap();
-        let a = rope(&x, &cos, &sin).unwrap();
+        let a = rope_bthd(&x.transpose(1, 2).unwrap().contiguous().unwrap(), &cos.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap(), &sin.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap()).unwrap();
         let b = candle_nn::rotary_emb::rope_slow(&x, &cos, &sin).unwrap();
         assert!(
             (a - b)
