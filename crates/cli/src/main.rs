@@ -2,6 +2,7 @@
 //! scoring with the `tooltrain-model` crate).
 
 mod common;
+mod convert;
 mod generate;
 mod score;
 
@@ -26,6 +27,8 @@ enum Command {
     Generate(generate::Args),
     /// Score token sequences from a JSONL file: per-token log-probs and entropies.
     Score(score::Args),
+    /// Write a checkpoint (HF directory or GGUF) as a Hugging Face directory.
+    Convert(convert::Args),
 }
 
 fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
@@ -47,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
 

@@ -3,7 +3,10 @@
 //! candle custom ops, so autograd calls the backward kernels.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    WithDType,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -45,20 +48,31 @@ pub(crate) struct RmsNorm {
     pub eps: f64,
 }
 
-fn rms_fwd<T: Elem>(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, eps: f64) -> Result<(CpuStorage, Shape)> {
-    let (x, w) = (slice::<T>(x, lx, "rms-norm")?, slice::<T>(w, lw, "rms-norm")?);
+fn rms_fwd<T: Elem>(
+    x: &CpuStorage,
+    lx: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    eps: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, w) = (
+        slice::<T>(x, lx, "rms-norm")?,
+        slice::<T>(w, lw, "rms-norm")?,
+    );
     let h = w.len();
     let mut y = vec![T::zero(); x.len()];
     let rpt = rows_per_task(h);
-    y.par_chunks_mut(h * rpt).zip(x.par_chunks(h * rpt)).for_each(|(y, x)| {
-        for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
-            let ms: T = x.iter().map(|&v| v * v).sum::<T>() / cast(h as f64);
-            let r = T::one() / (ms + cast(eps)).sqrt();
-            for i in 0..h {
-                y[i] = x[i] * r * w[i];
+    y.par_chunks_mut(h * rpt)
+        .zip(x.par_chunks(h * rpt))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
+                let ms: T = x.iter().map(|&v| v * v).sum::<T>() / cast(h as f64);
+                let r = T::one() / (ms + cast(eps)).sqrt();
+                for i in 0..h {
+                    y[i] = x[i] * r * w[i];
+                }
             }
-        }
-    });
+        });
     Ok((T::to_cpu_storage_owned(y), lx.shape().clone()))
 }
 
@@ -66,16 +80,36 @@ impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm-cpu"
     }
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         if lx.dims().last() != lw.dims().last() || lw.dims().len() != 1 {
-            bail!("rms-norm: weight {:?} does not match input {:?}", lw.dims(), lx.dims())
+            bail!(
+                "rms-norm: weight {:?} does not match input {:?}",
+                lw.dims(),
+                lx.dims()
+            )
         }
         dispatch!(x.dtype(), rms_fwd(x, lx, w, lw, self.eps))
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let h = w.dim(0)?;
         let rows = x.elem_count() / h;
-        let both = x.detach().apply_op3_no_bwd(&w.detach(), &g.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let both = x.detach().apply_op3_no_bwd(
+            &w.detach(),
+            &g.contiguous()?,
+            &RmsNormBwd { eps: self.eps },
+        )?;
         let dx = both.narrow(0, 0, rows * h)?.reshape(x.shape())?;
         let dw = both.narrow(0, rows * h, h)?;
         Ok((Some(dx), Some(dw)))
@@ -87,8 +121,20 @@ struct RmsNormBwd {
     eps: f64,
 }
 
-fn rms_bwd<T: Elem>(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, g: &CpuStorage, lg: &Layout, eps: f64) -> Result<(CpuStorage, Shape)> {
-    let (x, w, g) = (slice::<T>(x, lx, "rms-norm")?, slice::<T>(w, lw, "rms-norm")?, slice::<T>(g, lg, "rms-norm")?);
+fn rms_bwd<T: Elem>(
+    x: &CpuStorage,
+    lx: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+    eps: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, w, g) = (
+        slice::<T>(x, lx, "rms-norm")?,
+        slice::<T>(w, lw, "rms-norm")?,
+        slice::<T>(g, lg, "rms-norm")?,
+    );
     let h = w.len();
     let mut out = vec![T::zero(); x.len() + h];
     let (dx, dw_out) = out.split_at_mut(x.len());
@@ -124,7 +170,15 @@ impl CustomOp3 for RmsNormBwd {
     fn name(&self) -> &'static str {
         "rms-norm-bwd-cpu"
     }
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         dispatch!(x.dtype(), rms_bwd(x, lx, w, lw, g, lg, self.eps))
     }
 }
@@ -155,24 +209,39 @@ fn softmax_rows<T: Elem>(y: &mut [T], x: &[T], m: Option<&[T]>, scale: T) {
     y.iter_mut().for_each(|v| *v = *v * inv);
 }
 
-fn softmax_fwd<T: Elem>(x: &CpuStorage, lx: &Layout, mask: Option<(&CpuStorage, &Layout)>, scale: f64) -> Result<(CpuStorage, Shape)> {
+fn softmax_fwd<T: Elem>(
+    x: &CpuStorage,
+    lx: &Layout,
+    mask: Option<(&CpuStorage, &Layout)>,
+    scale: f64,
+) -> Result<(CpuStorage, Shape)> {
     let xs = slice::<T>(x, lx, "softmax")?;
     let s = *lx.dims().last().unwrap_or(&1);
     let mut y = vec![T::zero(); xs.len()];
     let scale: T = cast(scale);
     match mask {
-        None => y.par_chunks_mut(s).zip(xs.par_chunks(s)).for_each(|(y, x)| softmax_rows(y, x, None, scale)),
+        None => y
+            .par_chunks_mut(s)
+            .zip(xs.par_chunks(s))
+            .for_each(|(y, x)| softmax_rows(y, x, None, scale)),
         Some((m, lm)) => {
             let ms = slice::<T>(m, lm, "softmax mask")?;
             let (b, h, t, s2) = lx.shape().dims4()?;
             if lm.dims() != [b, t, s2] {
-                bail!("masked softmax: mask {:?} does not match scores {:?}", lm.dims(), lx.dims())
+                bail!(
+                    "masked softmax: mask {:?} does not match scores {:?}",
+                    lm.dims(),
+                    lx.dims()
+                )
             }
-            y.par_chunks_mut(s).zip(xs.par_chunks(s)).enumerate().for_each(|(row, (y, x))| {
-                let (bi, ti) = (row / (h * t), row % t);
-                let mrow = &ms[(bi * t + ti) * s..(bi * t + ti + 1) * s];
-                softmax_rows(y, x, Some(mrow), scale)
-            });
+            y.par_chunks_mut(s)
+                .zip(xs.par_chunks(s))
+                .enumerate()
+                .for_each(|(row, (y, x))| {
+                    let (bi, ti) = (row / (h * t), row % t);
+                    let mrow = &ms[(bi * t + ti) * s..(bi * t + ti + 1) * s];
+                    softmax_rows(y, x, Some(mrow), scale)
+                });
         }
     }
     Ok((T::to_cpu_storage_owned(y), lx.shape().clone()))
@@ -182,11 +251,29 @@ impl CustomOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "masked-softmax-cpu"
     }
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, m: &CpuStorage, lm: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        m: &CpuStorage,
+        lm: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         dispatch!(x.dtype(), softmax_fwd(x, lx, Some((m, lm)), self.scale))
     }
-    fn bwd(&self, _x: &Tensor, _m: &Tensor, y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(y.detach().apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd { scale: self.scale })?), None))
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _m: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(
+                y.detach()
+                    .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd { scale: self.scale })?,
+            ),
+            None,
+        ))
     }
 }
 
@@ -201,7 +288,10 @@ impl CustomOp1 for Softmax {
         dispatch!(x.dtype(), softmax_fwd(x, lx, None, 1.0))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.detach().apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd { scale: 1.0 })?))
+        Ok(Some(y.detach().apply_op2_no_bwd(
+            &g.contiguous()?,
+            &SoftmaxBwd { scale: 1.0 },
+        )?))
     }
 }
 
@@ -210,17 +300,28 @@ struct SoftmaxBwd {
     scale: f64,
 }
 
-fn softmax_bwd<T: Elem>(y: &CpuStorage, ly: &Layout, g: &CpuStorage, lg: &Layout, scale: f64) -> Result<(CpuStorage, Shape)> {
-    let (ys, gs) = (slice::<T>(y, ly, "softmax bwd")?, slice::<T>(g, lg, "softmax bwd")?);
+fn softmax_bwd<T: Elem>(
+    y: &CpuStorage,
+    ly: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+    scale: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let (ys, gs) = (
+        slice::<T>(y, ly, "softmax bwd")?,
+        slice::<T>(g, lg, "softmax bwd")?,
+    );
     let s = *ly.dims().last().unwrap_or(&1);
     let mut dx = vec![T::zero(); ys.len()];
     let scale: T = cast(scale);
-    dx.par_chunks_mut(s).zip(ys.par_chunks(s).zip(gs.par_chunks(s))).for_each(|(dx, (y, g))| {
-        let dot: T = y.iter().zip(g).map(|(&a, &b)| a * b).sum();
-        for i in 0..s {
-            dx[i] = scale * y[i] * (g[i] - dot);
-        }
-    });
+    dx.par_chunks_mut(s)
+        .zip(ys.par_chunks(s).zip(gs.par_chunks(s)))
+        .for_each(|(dx, (y, g))| {
+            let dot: T = y.iter().zip(g).map(|(&a, &b)| a * b).sum();
+            for i in 0..s {
+                dx[i] = scale * y[i] * (g[i] - dot);
+            }
+        });
     Ok((T::to_cpu_storage_owned(dx), ly.shape().clone()))
 }
 
@@ -228,7 +329,13 @@ impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
         "softmax-bwd-cpu"
     }
-    fn cpu_fwd(&self, y: &CpuStorage, ly: &Layout, g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        ly: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         dispatch!(y.dtype(), softmax_bwd(y, ly, g, lg, self.scale))
     }
 }
@@ -251,12 +358,14 @@ fn swiglu_fwd<T: Elem>(gu: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape
     }
     let i = i2 / 2;
     let mut y = vec![T::zero(); x.len() / 2];
-    y.par_chunks_mut(i).zip(x.par_chunks(i2)).for_each(|(y, x)| {
-        let (g, u) = x.split_at(i);
-        for k in 0..i {
-            y[k] = g[k] * sigmoid(g[k]) * u[k];
-        }
-    });
+    y.par_chunks_mut(i)
+        .zip(x.par_chunks(i2))
+        .for_each(|(y, x)| {
+            let (g, u) = x.split_at(i);
+            for k in 0..i {
+                y[k] = g[k] * sigmoid(g[k]) * u[k];
+            }
+        });
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = i;
     Ok((T::to_cpu_storage_owned(y), Shape::from(out)))
@@ -270,27 +379,39 @@ impl CustomOp1 for SwiGlu {
         dispatch!(gu.dtype(), swiglu_fwd(gu, l))
     }
     fn bwd(&self, gu: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(gu.detach().apply_op2_no_bwd(&g.contiguous()?, &SwiGluBwd)?))
+        Ok(Some(
+            gu.detach().apply_op2_no_bwd(&g.contiguous()?, &SwiGluBwd)?,
+        ))
     }
 }
 
 struct SwiGluBwd;
 
-fn swiglu_bwd<T: Elem>(gu: &CpuStorage, l: &Layout, g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
-    let (x, gs) = (slice::<T>(gu, l, "swiglu bwd")?, slice::<T>(g, lg, "swiglu bwd")?);
+fn swiglu_bwd<T: Elem>(
+    gu: &CpuStorage,
+    l: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, gs) = (
+        slice::<T>(gu, l, "swiglu bwd")?,
+        slice::<T>(g, lg, "swiglu bwd")?,
+    );
     let i2 = *l.dims().last().unwrap_or(&0);
     let i = i2 / 2;
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(i2).zip(x.par_chunks(i2).zip(gs.par_chunks(i))).for_each(|(dx, (x, g))| {
-        let (a, u) = x.split_at(i);
-        let (da, du) = dx.split_at_mut(i);
-        for k in 0..i {
-            let s = sigmoid(a[k]);
-            let silu = a[k] * s;
-            da[k] = g[k] * u[k] * s * (T::one() + a[k] * (T::one() - s));
-            du[k] = g[k] * silu;
-        }
-    });
+    dx.par_chunks_mut(i2)
+        .zip(x.par_chunks(i2).zip(gs.par_chunks(i)))
+        .for_each(|(dx, (x, g))| {
+            let (a, u) = x.split_at(i);
+            let (da, du) = dx.split_at_mut(i);
+            for k in 0..i {
+                let s = sigmoid(a[k]);
+                let silu = a[k] * s;
+                da[k] = g[k] * u[k] * s * (T::one() + a[k] * (T::one() - s));
+                du[k] = g[k] * silu;
+            }
+        });
     Ok((T::to_cpu_storage_owned(dx), l.shape().clone()))
 }
 
@@ -298,7 +419,13 @@ impl CustomOp2 for SwiGluBwd {
     fn name(&self) -> &'static str {
         "swiglu-bwd-cpu"
     }
-    fn cpu_fwd(&self, gu: &CpuStorage, l: &Layout, g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        gu: &CpuStorage,
+        l: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         dispatch!(gu.dtype(), swiglu_bwd(gu, l, g, lg))
     }
 }
@@ -313,7 +440,13 @@ pub(crate) struct RopeBthd {
 }
 
 /// `inverse`: read `[b, h, t, d]`, rotate by `-angle`, write `[b, t, h, d]`.
-fn rope_kernel<T: Elem>(x: &[T], cos: &[T], sin: &[T], dims: (usize, usize, usize, usize), inverse: bool) -> Vec<T> {
+fn rope_kernel<T: Elem>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    dims: (usize, usize, usize, usize),
+    inverse: bool,
+) -> Vec<T> {
     let (_, t, h, d) = dims;
     let half = d / 2;
     let mut y = vec![T::zero(); x.len()];
@@ -325,7 +458,11 @@ fn rope_kernel<T: Elem>(x: &[T], cos: &[T], sin: &[T], dims: (usize, usize, usiz
         } else {
             (row / (h * t), row % t, (row / t) % h)
         };
-        let src_row = if inverse { (bi * h + hi) * t + ti } else { (bi * t + ti) * h + hi };
+        let src_row = if inverse {
+            (bi * h + hi) * t + ti
+        } else {
+            (bi * t + ti) * h + hi
+        };
         let src = &x[src_row * d..(src_row + 1) * d];
         let cs = &cos[(bi * t + ti) * half..(bi * t + ti + 1) * half];
         let sn = &sin[(bi * t + ti) * half..(bi * t + ti + 1) * half];
@@ -339,20 +476,41 @@ fn rope_kernel<T: Elem>(x: &[T], cos: &[T], sin: &[T], dims: (usize, usize, usiz
     y
 }
 
-fn rope_apply<T: Elem>(x: &CpuStorage, lx: &Layout, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<(CpuStorage, Shape)> {
+fn rope_apply<T: Elem>(
+    x: &CpuStorage,
+    lx: &Layout,
+    cos: &Tensor,
+    sin: &Tensor,
+    inverse: bool,
+) -> Result<(CpuStorage, Shape)> {
     let xs = slice::<T>(x, lx, "rope")?;
     let (d0, d1, d2, d) = lx.shape().dims4()?;
     // Forward input is [b, t, h, d]; inverse input is [b, h, t, d].
     let (b, t, h) = if inverse { (d0, d2, d1) } else { (d0, d1, d2) };
     let (cs, _) = cos.storage_and_layout();
     let (sn, _) = sin.storage_and_layout();
-    let (candle_core::Storage::Cpu(cs), candle_core::Storage::Cpu(sn)) = (&*cs, &*sn) else { bail!("rope: cos/sin must be on the CPU") };
+    let (candle_core::Storage::Cpu(cs), candle_core::Storage::Cpu(sn)) = (&*cs, &*sn) else {
+        bail!("rope: cos/sin must be on the CPU")
+    };
     let (cs, sn) = (T::cpu_storage_as_slice(cs)?, T::cpu_storage_as_slice(sn)?);
-    if cos.dims() != [b, t, d / 2] || !cos.is_contiguous() || !sin.is_contiguous() || cos.layout().start_offset() != 0 || sin.layout().start_offset() != 0 {
-        bail!("rope: cos {:?} must be a fresh contiguous [{b}, {t}, {}]", cos.dims(), d / 2)
+    if cos.dims() != [b, t, d / 2]
+        || !cos.is_contiguous()
+        || !sin.is_contiguous()
+        || cos.layout().start_offset() != 0
+        || sin.layout().start_offset() != 0
+    {
+        bail!(
+            "rope: cos {:?} must be a fresh contiguous [{b}, {t}, {}]",
+            cos.dims(),
+            d / 2
+        )
     }
     let y = rope_kernel(xs, cs, sn, (b, t, h, d), inverse);
-    let shape = if inverse { Shape::from((b, t, h, d)) } else { Shape::from((b, h, t, d)) };
+    let shape = if inverse {
+        Shape::from((b, t, h, d))
+    } else {
+        Shape::from((b, h, t, d))
+    };
     Ok((T::to_cpu_storage_owned(y), shape))
 }
 
@@ -364,7 +522,10 @@ impl CustomOp1 for RopeBthd {
         dispatch!(x.dtype(), rope_apply(x, lx, &self.cos, &self.sin, false))
     }
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let inv = RopeInverse { cos: self.cos.clone(), sin: self.sin.clone() };
+        let inv = RopeInverse {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+        };
         Ok(Some(g.contiguous()?.apply_op1_no_bwd(&inv)?))
     }
 }
@@ -391,21 +552,29 @@ pub(crate) struct Nll {
     pub ignore: Option<u32>,
 }
 
-fn nll_fwd<T: Elem>(z: &CpuStorage, lz: &Layout, tg: &[u32], ignore: Option<u32>) -> Result<(CpuStorage, Shape)> {
+fn nll_fwd<T: Elem>(
+    z: &CpuStorage,
+    lz: &Layout,
+    tg: &[u32],
+    ignore: Option<u32>,
+) -> Result<(CpuStorage, Shape)> {
     let zs = slice::<T>(z, lz, "cross-entropy")?;
     let (n, v) = lz.shape().dims2()?;
     if let Some(&bad) = tg.iter().find(|&&t| Some(t) != ignore && t as usize >= v) {
         bail!("cross-entropy: target {bad} outside the vocabulary of {v}")
     }
     let mut out = vec![T::zero(); n];
-    out.par_iter_mut().zip(zs.par_chunks(v)).zip(tg.par_iter()).for_each(|((o, z), &t)| {
-        if Some(t) == ignore {
-            return;
-        }
-        let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
-        let s: T = z.iter().map(|&x| (x - mx).exp()).sum();
-        *o = mx + s.ln() - z[t as usize];
-    });
+    out.par_iter_mut()
+        .zip(zs.par_chunks(v))
+        .zip(tg.par_iter())
+        .for_each(|((o, z), &t)| {
+            if Some(t) == ignore {
+                return;
+            }
+            let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
+            let s: T = z.iter().map(|&x| (x - mx).exp()).sum();
+            *o = mx + s.ln() - z[t as usize];
+        });
     Ok((T::to_cpu_storage_owned(out), Shape::from(n)))
 }
 
@@ -417,12 +586,30 @@ impl CustomOp2 for Nll {
     fn name(&self) -> &'static str {
         "nll-cpu"
     }
-    fn cpu_fwd(&self, z: &CpuStorage, lz: &Layout, t: &CpuStorage, lt: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        z: &CpuStorage,
+        lz: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let tg = u32s(t, lt)?;
         dispatch!(z.dtype(), nll_fwd(z, lz, tg, self.ignore))
     }
-    fn bwd(&self, z: &Tensor, t: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dz = z.detach().apply_op3_no_bwd(t, &g.contiguous()?, &NllBwd { ignore: self.ignore })?;
+    fn bwd(
+        &self,
+        z: &Tensor,
+        t: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dz = z.detach().apply_op3_no_bwd(
+            t,
+            &g.contiguous()?,
+            &NllBwd {
+                ignore: self.ignore,
+            },
+        )?;
         Ok((Some(dz), None))
     }
 }
@@ -431,22 +618,35 @@ struct NllBwd {
     ignore: Option<u32>,
 }
 
-fn nll_bwd<T: Elem>(z: &CpuStorage, lz: &Layout, tg: &[u32], g: &CpuStorage, lg: &Layout, ignore: Option<u32>) -> Result<(CpuStorage, Shape)> {
-    let (zs, gs) = (slice::<T>(z, lz, "cross-entropy bwd")?, slice::<T>(g, lg, "cross-entropy bwd")?);
+fn nll_bwd<T: Elem>(
+    z: &CpuStorage,
+    lz: &Layout,
+    tg: &[u32],
+    g: &CpuStorage,
+    lg: &Layout,
+    ignore: Option<u32>,
+) -> Result<(CpuStorage, Shape)> {
+    let (zs, gs) = (
+        slice::<T>(z, lz, "cross-entropy bwd")?,
+        slice::<T>(g, lg, "cross-entropy bwd")?,
+    );
     let (_, v) = lz.shape().dims2()?;
     let mut dz = vec![T::zero(); zs.len()];
-    dz.par_chunks_mut(v).zip(zs.par_chunks(v)).zip(tg.par_iter().zip(gs.par_iter())).for_each(|((dz, z), (&t, &g))| {
-        if Some(t) == ignore {
-            return;
-        }
-        let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
-        let s: T = z.iter().map(|&x| (x - mx).exp()).sum();
-        let k = g / s;
-        for i in 0..v {
-            dz[i] = (z[i] - mx).exp() * k;
-        }
-        dz[t as usize] = dz[t as usize] - g;
-    });
+    dz.par_chunks_mut(v)
+        .zip(zs.par_chunks(v))
+        .zip(tg.par_iter().zip(gs.par_iter()))
+        .for_each(|((dz, z), (&t, &g))| {
+            if Some(t) == ignore {
+                return;
+            }
+            let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
+            let s: T = z.iter().map(|&x| (x - mx).exp()).sum();
+            let k = g / s;
+            for i in 0..v {
+                dz[i] = (z[i] - mx).exp() * k;
+            }
+            dz[t as usize] = dz[t as usize] - g;
+        });
     Ok((T::to_cpu_storage_owned(dz), lz.shape().clone()))
 }
 
@@ -454,7 +654,15 @@ impl CustomOp3 for NllBwd {
     fn name(&self) -> &'static str {
         "nll-bwd-cpu"
     }
-    fn cpu_fwd(&self, z: &CpuStorage, lz: &Layout, t: &CpuStorage, lt: &Layout, g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        z: &CpuStorage,
+        lz: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let tg = u32s(t, lt)?;
         dispatch!(z.dtype(), nll_bwd(z, lz, tg, g, lg, self.ignore))
     }

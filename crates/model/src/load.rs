@@ -99,6 +99,12 @@ pub fn save(model: &CausalLM, tokenizer: Option<&Tokenizer>, dir: &Path) -> Resu
         &tmp,
     )
     .map_err(|e| Error::bad_file(&tmp, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(&tmp, e))?;
+    }
     std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
     let cfg = serde_json::to_string_pretty(&model.config().to_json(dtype_name)).expect("json");
     write_atomic(&dir.join("config.json"), cfg.as_bytes())?;

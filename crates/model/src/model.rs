@@ -431,7 +431,11 @@ impl CausalLM {
         let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, kv_len))?;
         let probs = ops::masked_softmax(&scores, &mask.squeeze(1)?, 1.0 / (hd as f64).sqrt())?;
         let probs = probs.reshape((b, nkv, g * s, kv_len))?;
-        let ctx = probs.matmul(&v)?.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        let ctx = probs
+            .matmul(&v)?
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
         let x = (x + linear(&ctx, &w(&a.o, t), None)?)?;
         let h = ops::rms_norm(&x, &w(&l.post_norm, t), eps)?;
         // One matrix product for the gate and up projections.

@@ -8,8 +8,8 @@
 //! exact composed path (candle's fused RMSNorm accumulates in f32), so the
 //! finite-difference tests in this module check the backward passes to ~1e-7.
 
-use candle_core::backend::BackendStorage;
 use crate::kernels;
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 type Bwd1 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -158,7 +158,9 @@ fn cpu_kernel(t: &Tensor) -> bool {
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if cpu_kernel(x) {
-        return x.contiguous()?.apply_op2(&weight.contiguous()?, kernels::RmsNorm { eps });
+        return x
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?, kernels::RmsNorm { eps });
     }
     rms_norm_generic(x, weight, eps)
 }
@@ -168,7 +170,9 @@ pub(crate) fn rms_norm_generic(x: &Tensor, weight: &Tensor, eps: f64) -> Result<
     let (xd, wd) = (x.detach(), weight.detach());
     let fast = if x.dtype() == DType::F64 {
         // candle's fused kernel accumulates in f32: compose exactly in f64.
-        let r = (xd.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let r = (xd.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+            .sqrt()?
+            .recip()?;
         xd.broadcast_mul(&r)?.broadcast_mul(&wd)?
     } else {
         candle_nn::ops::rms_norm(&xd.contiguous()?, &wd, eps as f32)?
@@ -197,7 +201,10 @@ pub(crate) fn rms_norm_generic(x: &Tensor, weight: &Tensor, eps: f64) -> Result<
 /// `cos`/`sin: [b, t, d/2]`.
 pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if cpu_kernel(x) && cos.dtype() == x.dtype() {
-        let op = kernels::RopeBthd { cos: cos.contiguous()?.copy()?, sin: sin.contiguous()?.copy()? };
+        let op = kernels::RopeBthd {
+            cos: cos.contiguous()?.copy()?,
+            sin: sin.contiguous()?.copy()?,
+        };
         return x.contiguous()?.apply_op1(op);
     }
     rope_generic(&x.transpose(1, 2)?.contiguous()?, cos, sin)
@@ -221,7 +228,9 @@ pub(crate) fn rope_generic(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Ten
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     if cpu_kernel(scores) {
         let mask = mask.to_dtype(scores.dtype())?.contiguous()?;
-        return scores.contiguous()?.apply_op2(&mask, kernels::MaskedSoftmax { scale });
+        return scores
+            .contiguous()?
+            .apply_op2(&mask, kernels::MaskedSoftmax { scale });
     }
     let x = (scores * scale)?.broadcast_add(&mask.to_dtype(scores.dtype())?.unsqueeze(1)?)?;
     softmax_generic(&x)
@@ -282,11 +291,15 @@ pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore: Option<u32>) -> Result<Tensor> {
     let targets = targets.to_dtype(DType::U32)?;
     let per_row = if cpu_kernel(logits) {
-        logits.contiguous()?.apply_op2(&targets.contiguous()?, kernels::Nll { ignore })?
+        logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, kernels::Nll { ignore })?
     } else {
         let lp = log_softmax_last_dim(logits)?;
         let safe = match ignore {
-            Some(ig) => targets.ne(ig)?.where_cond(&targets, &targets.zeros_like()?)?,
+            Some(ig) => targets
+                .ne(ig)?
+                .where_cond(&targets, &targets.zeros_like()?)?,
             None => targets.clone(),
         };
         let picked = lp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
@@ -296,7 +309,11 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore: Option<u32>) -> 
         }
     };
     let n = match ignore {
-        Some(ig) => targets.ne(ig)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?,
+        Some(ig) => targets
+            .ne(ig)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?,
         None => targets.elem_count() as f64,
     };
     per_row.sum_all()? / n.max(1.0)
@@ -371,16 +388,24 @@ pub(crate) mod tests {
 
     #[test]
     fn rms_norm_grad() {
-        check_grads(&[rand64(&[3, 5, 8], 1), rand64(&[8], 2)], &|t| rms_norm(&t[0], &t[1], 1e-6));
-        check_grads(&[rand64(&[3, 5, 8], 1), rand64(&[8], 2)], &|t| rms_norm_generic(&t[0], &t[1], 1e-6));
+        check_grads(&[rand64(&[3, 5, 8], 1), rand64(&[8], 2)], &|t| {
+            rms_norm(&t[0], &t[1], 1e-6)
+        });
+        check_grads(&[rand64(&[3, 5, 8], 1), rand64(&[8], 2)], &|t| {
+            rms_norm_generic(&t[0], &t[1], 1e-6)
+        });
     }
 
     #[test]
     fn rope_grad() {
         let cos = rand64(&[2, 5, 4], 3);
         let sin = rand64(&[2, 5, 4], 4);
-        check_grads(&[rand64(&[2, 5, 3, 8], 5)], &|t| rope_bthd(&t[0], &cos, &sin));
-        check_grads(&[rand64(&[2, 3, 5, 8], 5)], &|t| rope_generic(&t[0], &cos, &sin));
+        check_grads(&[rand64(&[2, 5, 3, 8], 5)], &|t| {
+            rope_bthd(&t[0], &cos, &sin)
+        });
+        check_grads(&[rand64(&[2, 3, 5, 8], 5)], &|t| {
+            rope_generic(&t[0], &cos, &sin)
+        });
     }
 
     #[test]
@@ -393,12 +418,27 @@ pub(crate) mod tests {
         m[0][1][3] = f64::NEG_INFINITY;
         m[1][2][0] = f64::NEG_INFINITY;
         let mask = Tensor::new(m, &Device::Cpu).unwrap();
-        check_grads(&[rand64(&[2, 3, 4, 5], 9)], &|t| masked_softmax(&t[0], &mask, 0.7));
+        check_grads(&[rand64(&[2, 3, 4, 5], 9)], &|t| {
+            masked_softmax(&t[0], &mask, 0.7)
+        });
         let a = masked_softmax(&rand64(&[2, 3, 4, 5], 9), &mask, 0.7).unwrap();
-        let x = (rand64(&[2, 3, 4, 5], 9) * 0.7).unwrap().broadcast_add(&mask.unsqueeze(1).unwrap()).unwrap();
+        let x = (rand64(&[2, 3, 4, 5], 9) * 0.7)
+            .unwrap()
+            .broadcast_add(&mask.unsqueeze(1).unwrap())
+            .unwrap();
         let b = softmax_generic(&x).unwrap();
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!(d < 1e-12, "masked softmax differs from composed reference by {d}");
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            d < 1e-12,
+            "masked softmax differs from composed reference by {d}"
+        );
     }
 
     #[test]
@@ -406,25 +446,43 @@ pub(crate) mod tests {
         check_grads(&[rand64(&[3, 12], 8)], &|t| swiglu(&t[0]));
         // Against the composed formula silu(gate) * up.
         let x = rand64(&[3, 12], 8);
-        let want = (x.narrow(1, 0, 6).unwrap().silu().unwrap() * x.narrow(1, 6, 6).unwrap()).unwrap();
-        let d = (swiglu(&x).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let want =
+            (x.narrow(1, 0, 6).unwrap().silu().unwrap() * x.narrow(1, 6, 6).unwrap()).unwrap();
+        let d = (swiglu(&x).unwrap() - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(d < 1e-12);
     }
 
     #[test]
     fn cross_entropy_grad_and_value() {
         let targets = Tensor::new(&[1u32, 0, 3, 2], &Device::Cpu).unwrap();
-        check_grads(&[rand64(&[4, 5], 10)], &|t| cross_entropy(&t[0], &targets, Some(3)));
-        check_grads(&[rand64(&[4, 5], 10)], &|t| cross_entropy(&t[0], &targets, None));
+        check_grads(&[rand64(&[4, 5], 10)], &|t| {
+            cross_entropy(&t[0], &targets, Some(3))
+        });
+        check_grads(&[rand64(&[4, 5], 10)], &|t| {
+            cross_entropy(&t[0], &targets, None)
+        });
         // Fused CPU kernel against the composed path (log-softmax + gather).
         let x = rand64(&[4, 5], 10);
-        let a = cross_entropy(&x, &targets, Some(3)).unwrap().to_scalar::<f64>().unwrap();
+        let a = cross_entropy(&x, &targets, Some(3))
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let lp = log_softmax_last_dim(&x).unwrap().to_vec2::<f64>().unwrap();
         let want = -(lp[0][1] + lp[1][0] + lp[3][2]) / 3.0;
         assert!((a - want).abs() < 1e-12, "{a} vs {want}");
         // Hand-computed: uniform logits over 5 classes give ln 5.
         let z = Tensor::zeros((4, 5), DType::F64, &Device::Cpu).unwrap();
-        let ce = cross_entropy(&z, &targets, None).unwrap().to_scalar::<f64>().unwrap();
+        let ce = cross_entropy(&z, &targets, None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!((ce - 5f64.ln()).abs() < 1e-12);
     }
 
@@ -448,7 +506,12 @@ pub(crate) mod tests {
         );
         let cos = rand64(&[4, 4], 13).to_dtype(DType::F32).unwrap();
         let sin = rand64(&[4, 4], 14).to_dtype(DType::F32).unwrap();
-        let a = rope_bthd(&x.transpose(1, 2).unwrap().contiguous().unwrap(), &cos.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap(), &sin.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap()).unwrap();
+        let a = rope_bthd(
+            &x.transpose(1, 2).unwrap().contiguous().unwrap(),
+            &cos.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap(),
+            &sin.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap(),
+        )
+        .unwrap();
         let b = candle_nn::rotary_emb::rope_slow(&x, &cos, &sin).unwrap();
         assert!(
             (a - b)

@@ -222,15 +222,71 @@ fn save_load_round_trip_is_lossless() {
 }
 
 #[test]
-fn bf16_runs_close_to_f32() {
+fn half_precision_runs_close_to_f32() {
     let r = reference("tiny-llama");
-    let ck = load(&fixture("tiny-llama"), DType::BF16, &Device::Cpu).unwrap();
-    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
-    let layout = SeqLayout::packed(&[vec![12], vec![12]], 12, &Device::Cpu).unwrap();
-    let logits = ck.model.logits(&ids, &layout).unwrap();
-    assert_eq!(logits.dtype(), DType::BF16);
-    let e = rel_err(&logits, &r["logits"]);
-    assert!(e < 5e-2, "bf16 relative error {e}");
+    for dtype in [DType::BF16, DType::F16] {
+        let ck = load(&fixture("tiny-llama"), dtype, &Device::Cpu).unwrap();
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let layout = SeqLayout::packed(&[vec![12], vec![12]], 12, &Device::Cpu).unwrap();
+        let logits = ck.model.logits(&ids, &layout).unwrap();
+        assert_eq!(logits.dtype(), dtype);
+        let e = rel_err(&logits, &r["logits"]);
+        assert!(e < 5e-2, "{dtype:?} relative error {e}");
+    }
+}
+
+#[test]
+fn sharded_and_other_dtype_checkpoints_load() {
+    // Split the tiny Llama over two shards with an index, stored in bf16: it loads as
+    // f32 with exactly the bf16-rounded weights.
+    let src = candle_core::safetensors::load(fixture("tiny-llama/model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("tiny-llama/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let mut names: Vec<&String> = src.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let ts: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), src[*n].to_dtype(DType::BF16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&ts, dir.path().join(file)).unwrap();
+        for n in part {
+            map.insert((*n).clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let ck = load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    for (name, v) in ck.model.params() {
+        assert_eq!(v.dtype(), DType::F32);
+        let want = src[name]
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(rel_err(v.as_tensor(), &want), 0.0, "{name}");
+    }
+    // A shard named by the index but absent is named in the error.
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
 }
 
 #[test]
