@@ -83,11 +83,7 @@ pub fn save(model: &CausalLM, tokenizer: Option<&Tokenizer>, dir: &Path) -> Resu
         DType::F64 => "float64",
         other => return Err(Error::Unsupported(format!("saving dtype {other:?}"))),
     };
-    let tensors: HashMap<String, Tensor> = model
-        .params()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect();
+    let tensors = model.hf_tensors()?;
     let weights = dir.join("model.safetensors");
     let tmp = dir.join(format!(".model.safetensors.{}.tmp", std::process::id()));
     let mut meta = HashMap::new();

@@ -133,13 +133,10 @@ impl KvCache {
 }
 
 struct Attention {
-    q: Var,
-    k: Var,
-    v: Var,
+    /// q, k and v projections stacked: `[(heads + 2 kv_heads) * head_dim, hidden]`.
+    qkv: Var,
+    qkv_bias: Option<Var>,
     o: Var,
-    qb: Option<Var>,
-    kb: Option<Var>,
-    vb: Option<Var>,
     q_norm: Option<Var>,
     k_norm: Option<Var>,
 }
@@ -148,10 +145,35 @@ struct Layer {
     input_norm: Var,
     attn: Attention,
     post_norm: Var,
-    gate: Var,
-    up: Var,
+    /// gate and up projections stacked: `[2 * intermediate, hidden]`.
+    gate_up: Var,
     down: Var,
 }
+
+/// Parameters stored fused (one matrix product instead of several): the fused name and
+/// the HF parts it stacks along dimension 0.
+const FUSED: [(&str, [&str; 3]); 3] = [
+    (
+        "self_attn.qkv_proj.weight",
+        [
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+        ],
+    ),
+    (
+        "self_attn.qkv_proj.bias",
+        [
+            "self_attn.q_proj.bias",
+            "self_attn.k_proj.bias",
+            "self_attn.v_proj.bias",
+        ],
+    ),
+    (
+        "mlp.gate_up_proj.weight",
+        ["mlp.gate_proj.weight", "mlp.up_proj.weight", ""],
+    ),
+];
 
 /// Whether a forward pass records the autograd graph.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -196,7 +218,8 @@ pub struct CausalLM {
 }
 
 impl CausalLM {
-    /// The HF names and shapes of every parameter of `cfg`, in checkpoint order.
+    /// The HF names and shapes of every tensor of a checkpoint of `cfg`, in checkpoint
+    /// order.
     pub fn param_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
@@ -285,9 +308,29 @@ impl CausalLM {
                     ),
                 });
             }
-            let t = t.to_device(device)?.to_dtype(dtype)?;
-            params.insert(name, Var::from_tensor(&t)?);
+            params.insert(name, t.to_device(device)?.to_dtype(dtype)?);
         }
+        for i in 0..cfg.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            for (fused, parts) in FUSED {
+                let parts: Vec<String> = parts
+                    .iter()
+                    .filter(|n| !n.is_empty())
+                    .map(|n| p(n))
+                    .collect();
+                if parts.iter().all(|n| params.contains_key(n)) {
+                    let ts: Vec<Tensor> = parts
+                        .iter()
+                        .map(|n| params.remove(n).expect("present"))
+                        .collect();
+                    params.insert(p(fused), Tensor::cat(&ts, 0)?);
+                }
+            }
+        }
+        let params: BTreeMap<String, Var> = params
+            .into_iter()
+            .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+            .collect::<Result<_>>()?;
         let get = |n: &str| params[n].clone();
         let opt = |n: &str| params.get(n).cloned();
         let layers = (0..cfg.num_hidden_layers)
@@ -296,19 +339,14 @@ impl CausalLM {
                 Layer {
                     input_norm: get(&p("input_layernorm.weight")),
                     attn: Attention {
-                        q: get(&p("self_attn.q_proj.weight")),
-                        k: get(&p("self_attn.k_proj.weight")),
-                        v: get(&p("self_attn.v_proj.weight")),
+                        qkv: get(&p("self_attn.qkv_proj.weight")),
+                        qkv_bias: opt(&p("self_attn.qkv_proj.bias")),
                         o: get(&p("self_attn.o_proj.weight")),
-                        qb: opt(&p("self_attn.q_proj.bias")),
-                        kb: opt(&p("self_attn.k_proj.bias")),
-                        vb: opt(&p("self_attn.v_proj.bias")),
                         q_norm: opt(&p("self_attn.q_norm.weight")),
                         k_norm: opt(&p("self_attn.k_norm.weight")),
                     },
                     post_norm: get(&p("post_attention_layernorm.weight")),
-                    gate: get(&p("mlp.gate_proj.weight")),
-                    up: get(&p("mlp.up_proj.weight")),
+                    gate_up: get(&p("mlp.gate_up_proj.weight")),
                     down: get(&p("mlp.down_proj.weight")),
                 }
             })
@@ -342,9 +380,66 @@ impl CausalLM {
     pub fn device(&self) -> &Device {
         &self.device
     }
-    /// Every trainable parameter by HF name.
+    /// Every trainable parameter by name. Names are those of HF checkpoints, except that
+    /// q/k/v projections are stored stacked as `self_attn.qkv_proj.{weight,bias}` and the
+    /// gate/up projections as `mlp.gate_up_proj.weight` (one matrix product each); see
+    /// [`CausalLM::hf_tensors`] and [`CausalLM::hf_grads`] for the HF view.
     pub fn params(&self) -> &BTreeMap<String, Var> {
         &self.params
+    }
+
+    /// Splits fused tensors (parameters or their gradients) back into HF-named parts.
+    fn split_fused(
+        &self,
+        named: impl Iterator<Item = (String, Tensor)>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let cfg = &self.cfg;
+        let (nq, nkv) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        let mut out = BTreeMap::new();
+        for (name, t) in named {
+            let fused = FUSED.iter().find(|(f, _)| name.ends_with(&format!(".{f}")));
+            let Some((f, parts)) = fused else {
+                out.insert(name, t);
+                continue;
+            };
+            let prefix = &name[..name.len() - f.len()];
+            let sizes = if f.starts_with("mlp") {
+                vec![cfg.intermediate_size; 2]
+            } else {
+                vec![nq, nkv, nkv]
+            };
+            let mut off = 0;
+            for (part, n) in parts.iter().zip(sizes) {
+                out.insert(
+                    format!("{prefix}{part}"),
+                    t.narrow(0, off, n)?.contiguous()?,
+                );
+                off += n;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The weights under their HF checkpoint names (what [`crate::save`] writes).
+    pub fn hf_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.split_fused(
+            self.params
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().detach())),
+        )
+    }
+
+    /// The gradients in `grads` under HF parameter names (parameters without a gradient
+    /// are absent).
+    pub fn hf_grads(&self, grads: &GradStore) -> Result<BTreeMap<String, Tensor>> {
+        let named = self
+            .params
+            .iter()
+            .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())));
+        self.split_fused(named)
     }
     /// Total number of scalar parameters.
     pub fn num_params(&self) -> usize {
@@ -403,10 +498,16 @@ impl CausalLM {
         );
         let a = &l.attn;
         let h = ops::rms_norm(x, &w(&l.input_norm, t), eps)?;
-        let ob = |v: &Option<Var>| v.as_ref().map(|v| w(v, t));
-        let q = linear(&h, &w(&a.q, t), ob(&a.qb).as_ref())?.reshape((b, s, nh, hd))?;
-        let k = linear(&h, &w(&a.k, t), ob(&a.kb).as_ref())?.reshape((b, s, nkv, hd))?;
-        let v = linear(&h, &w(&a.v, t), ob(&a.vb).as_ref())?.reshape((b, s, nkv, hd))?;
+        let qkv = linear(
+            &h,
+            &w(&a.qkv, t),
+            a.qkv_bias.as_ref().map(|b| w(b, t)).as_ref(),
+        )?;
+        let q = qkv.narrow(2, 0, nh * hd)?.reshape((b, s, nh, hd))?;
+        let k = qkv.narrow(2, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
+        let v = qkv
+            .narrow(2, (nh + nkv) * hd, nkv * hd)?
+            .reshape((b, s, nkv, hd))?;
         let (q, k) = match (&a.q_norm, &a.k_norm) {
             (Some(qn), Some(kn)) => (
                 ops::rms_norm(&q, &w(qn, t), eps)?,
@@ -438,9 +539,7 @@ impl CausalLM {
             .reshape((b, s, nh * hd))?;
         let x = (x + linear(&ctx, &w(&a.o, t), None)?)?;
         let h = ops::rms_norm(&x, &w(&l.post_norm, t), eps)?;
-        // One matrix product for the gate and up projections.
-        let gate_up = Tensor::cat(&[w(&l.gate, t), w(&l.up, t)], 0)?;
-        let act = ops::swiglu(&linear(&h, &gate_up, None)?)?;
+        let act = ops::swiglu(&linear(&h, &w(&l.gate_up, t), None)?)?;
         Ok((x + linear(&act, &w(&l.down, t), None)?)?)
     }
 

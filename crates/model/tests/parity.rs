@@ -107,23 +107,28 @@ fn every_parameter_gets_the_transformers_gradient() {
                 (loss - want).abs() / want < 1e-5,
                 "{name}: loss {loss} vs {want}"
             );
-            let mut n = 0;
+            // Every trainable variable got a gradient ...
             for (pname, var) in ck.model.params() {
-                let g = grads
-                    .get(var.as_tensor())
-                    .unwrap_or_else(|| panic!("{name}: `{pname}` got no gradient"));
+                assert!(
+                    grads.get(var.as_tensor()).is_some(),
+                    "{name}: `{pname}` got no gradient"
+                );
+            }
+            // ... and, split into HF parameters, each equals transformers' gradient.
+            let hf = ck.model.hf_grads(&grads).unwrap();
+            let expected = r.keys().filter(|k| k.starts_with("grad.")).count();
+            assert_eq!(
+                hf.len(),
+                expected,
+                "{name}: parameter count differs from transformers"
+            );
+            for (pname, g) in &hf {
                 let e = rel_err(g, &r[&format!("grad.{pname}")]);
                 assert!(
                     e <= 1e-4,
                     "{name}: gradient of `{pname}` relative error {e}"
                 );
-                n += 1;
             }
-            let expected = r.keys().filter(|k| k.starts_with("grad.")).count();
-            assert_eq!(
-                n, expected,
-                "{name}: parameter count differs from transformers"
-            );
         }
     }
 }
@@ -202,13 +207,16 @@ fn save_load_round_trip_is_lossless() {
         let cfg2 =
             tooltrain_model::ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
         assert_eq!(&cfg2, ck.model.config());
-        let tensors =
+        // The saved file holds exactly the HF tensors of the fixture, bit for bit.
+        let saved =
             candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
                 .unwrap();
-        assert_eq!(tensors.len(), back.model.params().len());
-        for (pname, var) in back.model.params() {
-            let saved = &tensors[pname];
-            let d = (saved - var.as_tensor())
+        let orig =
+            candle_core::safetensors::load(fixture(name).join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        assert_eq!(saved.len(), orig.len());
+        for (pname, t) in &orig {
+            let d = (&saved[pname] - t)
                 .unwrap()
                 .abs()
                 .unwrap()
@@ -217,6 +225,19 @@ fn save_load_round_trip_is_lossless() {
                 .to_scalar::<f32>()
                 .unwrap();
             assert_eq!(d, 0.0, "`{pname}` changed in the round trip");
+        }
+        for (pname, var) in back.model.params() {
+            let d = (ck.model.params()[pname].as_tensor() - var.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(
+                d.to_scalar::<f32>().unwrap(),
+                0.0,
+                "`{pname}` changed in the round trip"
+            );
         }
     }
 }
@@ -271,14 +292,14 @@ fn sharded_and_other_dtype_checkpoints_load() {
     )
     .unwrap();
     let ck = load(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    for (name, v) in ck.model.params() {
-        assert_eq!(v.dtype(), DType::F32);
-        let want = src[name]
+    for (name, t) in ck.model.hf_tensors().unwrap() {
+        assert_eq!(t.dtype(), DType::F32);
+        let want = src[&name]
             .to_dtype(DType::BF16)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        assert_eq!(rel_err(v.as_tensor(), &want), 0.0, "{name}");
+        assert_eq!(rel_err(&t, &want), 0.0, "{name}");
     }
     // A shard named by the index but absent is named in the error.
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
