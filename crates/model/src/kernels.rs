@@ -667,3 +667,424 @@ impl CustomOp3 for NllBwd {
         dispatch!(z.dtype(), nll_bwd(z, lz, tg, g, lg, self.ignore))
     }
 }
+
+// ---------------------------------------------------------------- attention
+
+/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, every operand strided (row stride, column
+/// stride), single-threaded (callers parallelise over heads).
+#[allow(clippy::too_many_arguments)]
+fn mm<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Bounds the raw-pointer product below touches.
+    assert!(dst.len() >= (m - 1) * dst_rs + n);
+    assert!(k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // SAFETY: the asserts above keep every index in bounds; dst does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Causal multi-head attention with RoPE and grouped key/value heads, fused into one
+/// op over the packed projection `qkv: [b, s, (heads + 2 kv_heads) * head_dim]`
+/// (q heads, then k heads, then v heads, as HF `q_proj`/`k_proj`/`v_proj` stack).
+/// `cos`/`sin: [b, s, head_dim/2]`, `mask: [b, s, s]` additive and causal (a key after
+/// its query is always masked). Output `[b, s, heads * head_dim]`. The backward pass
+/// recomputes the attention probabilities block by block, so no `[s x s]` tensor per
+/// head is kept between the passes.
+pub(crate) struct Attention {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f64,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+}
+
+const QBLOCK: usize = 64;
+
+fn cpu_slice<T: WithDType>(
+    t: &Tensor,
+) -> Result<(
+    impl std::ops::Deref<Target = candle_core::Storage> + '_,
+    usize,
+    usize,
+)> {
+    if !t.is_contiguous() {
+        bail!("attention: constant inputs must be contiguous")
+    }
+    let (st, l) = t.storage_and_layout();
+    let off = l.start_offset();
+    Ok((st, off, t.elem_count()))
+}
+
+struct Geometry {
+    b: usize,
+    s: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    d: usize,
+}
+
+impl Attention {
+    fn geometry(&self, l: &Layout) -> Result<Geometry> {
+        let (b, s, d) = l.shape().dims3()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        if d != (nh + 2 * nkv) * hd || nh % nkv != 0 || hd % 2 != 0 {
+            bail!("attention: qkv width {d} does not match {nh} heads + 2 x {nkv} kv heads of {hd}")
+        }
+        if self.cos.dims() != [b, s, hd / 2]
+            || self.sin.dims() != [b, s, hd / 2]
+            || self.mask.dims() != [b, s, s]
+        {
+            bail!(
+                "attention: cos {:?} / sin / mask {:?} do not match qkv {:?}",
+                self.cos.dims(),
+                self.mask.dims(),
+                l.dims()
+            )
+        }
+        Ok(Geometry {
+            b,
+            s,
+            nh,
+            nkv,
+            hd,
+            d,
+        })
+    }
+}
+
+/// Rows of one head of `qkv` (batch `bi`, column offset `col`) with RoPE applied (or
+/// just copied when `cs` is `None`): `[s, hd]`.
+fn head_rows<T: Elem>(
+    qkv: &[T],
+    g: &Geometry,
+    bi: usize,
+    col: usize,
+    cs: Option<(&[T], &[T])>,
+) -> Vec<T> {
+    let (s, hd, half) = (g.s, g.hd, g.hd / 2);
+    let mut out = vec![T::zero(); s * hd];
+    for t in 0..s {
+        let src = &qkv[(bi * s + t) * g.d + col..(bi * s + t) * g.d + col + hd];
+        let dst = &mut out[t * hd..(t + 1) * hd];
+        match cs {
+            None => dst.copy_from_slice(src),
+            Some((cos, sin)) => {
+                let (c, sn) = (
+                    &cos[(bi * s + t) * half..(bi * s + t + 1) * half],
+                    &sin[(bi * s + t) * half..(bi * s + t + 1) * half],
+                );
+                for k in 0..half {
+                    dst[k] = src[k] * c[k] - src[k + half] * sn[k];
+                    dst[k + half] = src[k] * sn[k] + src[k + half] * c[k];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Inverse RoPE of a head's gradient rows, in place.
+fn unrope<T: Elem>(x: &mut [T], g: &Geometry, bi: usize, cos: &[T], sin: &[T]) {
+    let (s, hd, half) = (g.s, g.hd, g.hd / 2);
+    for t in 0..s {
+        let row = &mut x[t * hd..(t + 1) * hd];
+        let (c, sn) = (
+            &cos[(bi * s + t) * half..(bi * s + t + 1) * half],
+            &sin[(bi * s + t) * half..(bi * s + t + 1) * half],
+        );
+        for k in 0..half {
+            let (a, b) = (row[k], row[k + half]);
+            row[k] = a * c[k] + b * sn[k];
+            row[k + half] = -a * sn[k] + b * c[k];
+        }
+    }
+}
+
+/// Probabilities of query rows `r0..r1` against keys `0..r1` (causal), in `p: [rows, r1]`.
+#[allow(clippy::too_many_arguments)]
+fn probs_block<T: Elem>(
+    p: &mut [T],
+    q: &[T],
+    k: &[T],
+    mask: &[T],
+    g: &Geometry,
+    bi: usize,
+    (r0, r1): (usize, usize),
+    scale: T,
+) {
+    let (hd, s, l) = (g.hd, g.s, r1);
+    let rows = r1 - r0;
+    mm(
+        (rows, l, hd),
+        p,
+        l,
+        &q[r0 * hd..],
+        (hd, 1),
+        k,
+        (1, hd),
+        false,
+    );
+    for (i, prow) in p.chunks_mut(l).take(rows).enumerate() {
+        let mrow = &mask[(bi * s + r0 + i) * s..(bi * s + r0 + i) * s + l];
+        let mut mx = T::neg_infinity();
+        for j in 0..l {
+            prow[j] = prow[j] * scale + mrow[j];
+            mx = Float::max(mx, prow[j]);
+        }
+        let mut sum = T::zero();
+        for v in prow.iter_mut() {
+            *v = (*v - mx).exp();
+            sum = sum + *v;
+        }
+        let inv = T::one() / sum;
+        prow.iter_mut().for_each(|v| *v = *v * inv);
+    }
+}
+
+fn attn_fwd<T: Elem>(op: &Attention, qkv: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let g = op.geometry(l)?;
+    let x = slice::<T>(qkv, l, "attention")?;
+    let (cg, co, cn) = cpu_slice::<T>(&op.cos)?;
+    let (sg, so, sn) = cpu_slice::<T>(&op.sin)?;
+    let (mg, mo, mn) = cpu_slice::<T>(&op.mask)?;
+    let (
+        candle_core::Storage::Cpu(cs),
+        candle_core::Storage::Cpu(ss),
+        candle_core::Storage::Cpu(ms),
+    ) = (&*cg, &*sg, &*mg)
+    else {
+        bail!("attention: inputs must be on the CPU")
+    };
+    let cos = &T::cpu_storage_as_slice(cs)?[co..co + cn];
+    let sin = &T::cpu_storage_as_slice(ss)?[so..so + sn];
+    let mask = &T::cpu_storage_as_slice(ms)?[mo..mo + mn];
+    let (s, hd, nh, grp) = (g.s, g.hd, g.nh, g.nh / g.nkv);
+    let scale: T = cast(op.scale);
+    let heads: Vec<Vec<T>> = (0..g.b * nh)
+        .into_par_iter()
+        .map(|task| {
+            let (bi, h) = (task / nh, task % nh);
+            let j = h / grp;
+            let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
+            let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
+            let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
+            let mut o = vec![T::zero(); s * hd];
+            let mut p = vec![T::zero(); QBLOCK * s];
+            for r0 in (0..s).step_by(QBLOCK) {
+                let r1 = (r0 + QBLOCK).min(s);
+                probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                mm(
+                    (r1 - r0, hd, r1),
+                    &mut o[r0 * hd..],
+                    hd,
+                    &p,
+                    (r1, 1),
+                    v,
+                    (g.d, 1),
+                    false,
+                );
+            }
+            o
+        })
+        .collect();
+    let mut out = vec![T::zero(); g.b * s * nh * hd];
+    for (task, o) in heads.iter().enumerate() {
+        let (bi, h) = (task / nh, task % nh);
+        for t in 0..s {
+            let row = (bi * s + t) * nh * hd + h * hd;
+            out[row..row + hd].copy_from_slice(&o[t * hd..(t + 1) * hd]);
+        }
+    }
+    Ok((T::to_cpu_storage_owned(out), Shape::from((g.b, s, nh * hd))))
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "attention-cpu"
+    }
+    fn cpu_fwd(&self, qkv: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(qkv.dtype(), attn_fwd(self, qkv, l))
+    }
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let bwd = AttentionBwd(self);
+        Ok(Some(qkv.detach().apply_op2_no_bwd(&g.contiguous()?, &bwd)?))
+    }
+}
+
+/// Gradient of [`Attention`] with respect to `qkv`, given the output gradient.
+struct AttentionBwd<'a>(&'a Attention);
+
+fn attn_bwd<T: Elem>(
+    op: &Attention,
+    qkv: &CpuStorage,
+    l: &Layout,
+    go: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let g = op.geometry(l)?;
+    let x = slice::<T>(qkv, l, "attention bwd")?;
+    let dout = slice::<T>(go, lg, "attention bwd")?;
+    let (cg, co, cn) = cpu_slice::<T>(&op.cos)?;
+    let (sg, so, sn) = cpu_slice::<T>(&op.sin)?;
+    let (mg, mo, mn) = cpu_slice::<T>(&op.mask)?;
+    let (
+        candle_core::Storage::Cpu(cs),
+        candle_core::Storage::Cpu(ss),
+        candle_core::Storage::Cpu(ms),
+    ) = (&*cg, &*sg, &*mg)
+    else {
+        bail!("attention: inputs must be on the CPU")
+    };
+    let cos = &T::cpu_storage_as_slice(cs)?[co..co + cn];
+    let sin = &T::cpu_storage_as_slice(ss)?[so..so + sn];
+    let mask = &T::cpu_storage_as_slice(ms)?[mo..mo + mn];
+    let (s, hd, nh, nkv, grp) = (g.s, g.hd, g.nh, g.nkv, g.nh / g.nkv);
+    let od = nh * hd;
+    let scale: T = cast(op.scale);
+    // One task per (batch, kv head): it owns dK and dV of that head and dQ of its group.
+    let parts: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..g.b * nkv)
+        .into_par_iter()
+        .map(|task| {
+            let (bi, j) = (task / nkv, task % nkv);
+            let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
+            let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
+            let mut dk = vec![T::zero(); s * hd];
+            let mut dv = vec![T::zero(); s * hd];
+            let mut p = vec![T::zero(); QBLOCK * s];
+            let mut dp = vec![T::zero(); QBLOCK * s];
+            let mut dqs = Vec::with_capacity(grp);
+            for h in j * grp..(j + 1) * grp {
+                let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
+                let mut dq = vec![T::zero(); s * hd];
+                let dob = &dout[(bi * s) * od + h * hd..];
+                for r0 in (0..s).step_by(QBLOCK) {
+                    let r1 = (r0 + QBLOCK).min(s);
+                    let (rows, lk) = (r1 - r0, r1);
+                    probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                    let dob_blk = &dob[r0 * od..];
+                    // dV[0..lk] += P^T dO
+                    mm(
+                        (lk, hd, rows),
+                        &mut dv,
+                        hd,
+                        &p,
+                        (1, lk),
+                        dob_blk,
+                        (od, 1),
+                        true,
+                    );
+                    // dP = dO V^T
+                    mm(
+                        (rows, lk, hd),
+                        &mut dp,
+                        lk,
+                        dob_blk,
+                        (od, 1),
+                        v,
+                        (1, g.d),
+                        false,
+                    );
+                    // dS = P (dP - rowdot(dP, P)) * scale
+                    for (prow, dprow) in p.chunks_mut(lk).zip(dp.chunks(lk)).take(rows) {
+                        let dot: T = prow.iter().zip(dprow).map(|(&a, &b)| a * b).sum();
+                        for c in 0..lk {
+                            prow[c] = prow[c] * (dprow[c] - dot) * scale;
+                        }
+                    }
+                    // dQ[r0..r1] = dS K[0..lk] ; dK[0..lk] += dS^T Q[r0..r1]
+                    mm(
+                        (rows, hd, lk),
+                        &mut dq[r0 * hd..],
+                        hd,
+                        &p,
+                        (lk, 1),
+                        &k,
+                        (hd, 1),
+                        false,
+                    );
+                    mm(
+                        (lk, hd, rows),
+                        &mut dk,
+                        hd,
+                        &p,
+                        (1, lk),
+                        &q[r0 * hd..],
+                        (hd, 1),
+                        true,
+                    );
+                }
+                unrope(&mut dq, &g, bi, cos, sin);
+                dqs.push(dq);
+            }
+            unrope(&mut dk, &g, bi, cos, sin);
+            (dqs, dk, dv)
+        })
+        .collect();
+    let mut dx = vec![T::zero(); x.len()];
+    for (task, (dqs, dk, dv)) in parts.iter().enumerate() {
+        let (bi, j) = (task / nkv, task % nkv);
+        for t in 0..s {
+            let row = (bi * s + t) * g.d;
+            for (i, dq) in dqs.iter().enumerate() {
+                let h = j * grp + i;
+                dx[row + h * hd..row + (h + 1) * hd].copy_from_slice(&dq[t * hd..(t + 1) * hd]);
+            }
+            dx[row + (nh + j) * hd..row + (nh + j + 1) * hd]
+                .copy_from_slice(&dk[t * hd..(t + 1) * hd]);
+            dx[row + (nh + nkv + j) * hd..row + (nh + nkv + j + 1) * hd]
+                .copy_from_slice(&dv[t * hd..(t + 1) * hd]);
+        }
+    }
+    Ok((T::to_cpu_storage_owned(dx), l.shape().clone()))
+}
+
+impl CustomOp2 for AttentionBwd<'_> {
+    fn name(&self) -> &'static str {
+        "attention-bwd-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        qkv: &CpuStorage,
+        l: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(qkv.dtype(), attn_bwd(self.0, qkv, l, g, lg))
+    }
+}

@@ -236,6 +236,41 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
     softmax_generic(&x)
 }
 
+/// Whether [`attention`] has a fused kernel for this tensor (CPU, f32 or f64).
+pub fn has_fused_attention(qkv: &Tensor) -> bool {
+    cpu_kernel(qkv)
+}
+
+/// Causal attention with RoPE and grouped kv heads, fused: `qkv: [b, s, (heads + 2
+/// kv_heads) * head_dim]` (the stacked q/k/v projections), `cos`/`sin: [b, s,
+/// head_dim/2]`, `mask: [b, s, s]` additive and causal. Returns `[b, s, heads *
+/// head_dim]`. Only where [`has_fused_attention`] holds; the model composes the same
+/// computation from the other ops elsewhere.
+pub fn attention(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    if !has_fused_attention(qkv) {
+        candle_core::bail!("fused attention runs on the CPU in f32/f64 only")
+    }
+    let dt = qkv.dtype();
+    let op = kernels::Attention {
+        heads,
+        kv_heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f64).sqrt(),
+        cos: cos.to_dtype(dt)?.contiguous()?,
+        sin: sin.to_dtype(dt)?.contiguous()?,
+        mask: mask.to_dtype(dt)?.contiguous()?,
+    };
+    qkv.contiguous()?.apply_op1(op)
+}
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if cpu_kernel(x) {
@@ -438,6 +473,88 @@ pub(crate) mod tests {
         assert!(
             d < 1e-12,
             "masked softmax differs from composed reference by {d}"
+        );
+    }
+
+    #[test]
+    fn fused_attention_grad_and_value() {
+        // 2 sequences packed in row 0, one sequence plus padding in row 1; 4 heads over
+        // 2 kv heads of size 4; s = 70 crosses a query block boundary.
+        let (b, s, nh, nkv, hd) = (2, 70, 4, 2, 4);
+        let layout = crate::SeqLayout::packed(&[vec![40, 30], vec![50]], s, &Device::Cpu).unwrap();
+        let mask = layout
+            .mask
+            .squeeze(1)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let pos = layout
+            .positions
+            .to_dtype(DType::F64)
+            .unwrap()
+            .unsqueeze(2)
+            .unwrap();
+        let inv = Tensor::new(&[1.0f64, 0.01], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 2))
+            .unwrap();
+        let freqs = pos.broadcast_mul(&inv).unwrap();
+        let (cos, sin) = (freqs.cos().unwrap(), freqs.sin().unwrap());
+        let qkv = rand64(&[b, s, (nh + 2 * nkv) * hd], 21);
+        check_grads(&[qkv.clone()], &|t| {
+            attention(&t[0], &cos, &sin, &mask, nh, nkv, hd)
+        });
+        // Against the composed computation (rope, grouped scores, masked softmax).
+        let got = attention(&qkv, &cos, &sin, &mask, nh, nkv, hd).unwrap();
+        let q = qkv
+            .narrow(2, 0, nh * hd)
+            .unwrap()
+            .reshape((b, s, nh, hd))
+            .unwrap();
+        let k = qkv
+            .narrow(2, nh * hd, nkv * hd)
+            .unwrap()
+            .reshape((b, s, nkv, hd))
+            .unwrap();
+        let v = qkv
+            .narrow(2, (nh + nkv) * hd, nkv * hd)
+            .unwrap()
+            .reshape((b, s, nkv, hd))
+            .unwrap();
+        let q = rope_generic(
+            &q.transpose(1, 2).unwrap().contiguous().unwrap(),
+            &cos,
+            &sin,
+        )
+        .unwrap();
+        let k = rope_generic(
+            &k.transpose(1, 2).unwrap().contiguous().unwrap(),
+            &cos,
+            &sin,
+        )
+        .unwrap();
+        let v = v.transpose(1, 2).unwrap().contiguous().unwrap();
+        let mut outs = vec![];
+        for h in 0..nh {
+            let qh = q.narrow(1, h, 1).unwrap().squeeze(1).unwrap();
+            let kh = k.narrow(1, h / (nh / nkv), 1).unwrap().squeeze(1).unwrap();
+            let vh = v.narrow(1, h / (nh / nkv), 1).unwrap().squeeze(1).unwrap();
+            let sc = (qh.matmul(&kh.t().unwrap()).unwrap() * (1.0 / (hd as f64).sqrt())).unwrap();
+            let p = softmax_generic(&(sc + &mask).unwrap()).unwrap();
+            outs.push(p.matmul(&vh).unwrap());
+        }
+        let want = Tensor::cat(&outs, 2).unwrap();
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            d < 1e-12,
+            "fused attention differs from the composed one by {d}"
         );
     }
 
