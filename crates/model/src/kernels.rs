@@ -717,10 +717,10 @@ fn mm<T: Elem>(
 }
 
 /// Causal multi-head attention with RoPE and grouped key/value heads, fused into one
-/// op over the packed projection `qkv: [b, s, (heads + 2 kv_heads) * head_dim]`
+/// op over the packed projection `qkv: [b * s, (heads + 2 kv_heads) * head_dim]`
 /// (q heads, then k heads, then v heads, as HF `q_proj`/`k_proj`/`v_proj` stack).
 /// `cos`/`sin: [b, s, head_dim/2]`, `mask: [b, s, s]` additive and causal (a key after
-/// its query is always masked). Output `[b, s, heads * head_dim]`. The backward pass
+/// its query is always masked). Output `[b * s, heads * head_dim]`. The backward pass
 /// recomputes the attention probabilities block by block, so no `[s x s]` tensor per
 /// head is kept between the passes.
 pub(crate) struct Attention {
@@ -761,7 +761,11 @@ struct Geometry {
 
 impl Attention {
     fn geometry(&self, l: &Layout) -> Result<Geometry> {
-        let (b, s, d) = l.shape().dims3()?;
+        let (n, d) = l.shape().dims2()?;
+        let (b, s, _) = self.mask.dims3()?;
+        if n != b * s {
+            bail!("attention: {n} qkv rows do not match the mask's {b} x {s} tokens")
+        }
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         if d != (nh + 2 * nkv) * hd || nh % nkv != 0 || hd % 2 != 0 {
             bail!("attention: qkv width {d} does not match {nh} heads + 2 x {nkv} kv heads of {hd}")
@@ -931,7 +935,10 @@ fn attn_fwd<T: Elem>(op: &Attention, qkv: &CpuStorage, l: &Layout) -> Result<(Cp
             out[row..row + hd].copy_from_slice(&o[t * hd..(t + 1) * hd]);
         }
     }
-    Ok((T::to_cpu_storage_owned(out), Shape::from((g.b, s, nh * hd))))
+    Ok((
+        T::to_cpu_storage_owned(out),
+        Shape::from((g.b * s, nh * hd)),
+    ))
 }
 
 impl CustomOp1 for Attention {

@@ -150,29 +150,49 @@ struct Layer {
     down: Var,
 }
 
-/// Parameters stored fused (one matrix product instead of several): the fused name and
-/// the HF parts it stacks along dimension 0.
-const FUSED: [(&str, [&str; 3]); 3] = [
-    (
-        "self_attn.qkv_proj.weight",
-        [
+/// How a layer's matrices are stored: the HF tensors `parts` stacked along their
+/// dimension 0 (one matrix product instead of several) and, for `transposed`, kept as
+/// `[in, out]` so that `x @ w` needs no transpose in the forward or backward pass.
+struct Packed {
+    internal: &'static str,
+    parts: &'static [&'static str],
+    transposed: bool,
+}
+
+const PACKED: [Packed; 5] = [
+    Packed {
+        internal: "self_attn.qkv_proj.weight_t",
+        parts: &[
             "self_attn.q_proj.weight",
             "self_attn.k_proj.weight",
             "self_attn.v_proj.weight",
         ],
-    ),
-    (
-        "self_attn.qkv_proj.bias",
-        [
+        transposed: true,
+    },
+    Packed {
+        internal: "self_attn.qkv_proj.bias",
+        parts: &[
             "self_attn.q_proj.bias",
             "self_attn.k_proj.bias",
             "self_attn.v_proj.bias",
         ],
-    ),
-    (
-        "mlp.gate_up_proj.weight",
-        ["mlp.gate_proj.weight", "mlp.up_proj.weight", ""],
-    ),
+        transposed: false,
+    },
+    Packed {
+        internal: "self_attn.o_proj.weight_t",
+        parts: &["self_attn.o_proj.weight"],
+        transposed: true,
+    },
+    Packed {
+        internal: "mlp.gate_up_proj.weight_t",
+        parts: &["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+        transposed: true,
+    },
+    Packed {
+        internal: "mlp.down_proj.weight_t",
+        parts: &["mlp.down_proj.weight"],
+        transposed: true,
+    },
 ];
 
 /// Whether a forward pass records the autograd graph.
@@ -189,18 +209,13 @@ fn w(v: &Var, t: Track) -> Tensor {
     }
 }
 
-/// `x: [.., in]` times `weight: [out, in]` transposed, plus an optional bias.
-fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let inner = dims[dims.len() - 1];
-    let x2 = x.reshape(((), inner))?;
-    let mut y = x2.matmul(&weight.t()?)?;
-    if let Some(b) = bias {
-        y = y.broadcast_add(b)?;
-    }
-    let mut out = dims;
-    *out.last_mut().expect("non-empty") = weight.dim(0)?;
-    Ok(y.reshape(out)?)
+/// `x: [n, in] @ weight_t: [in, out]`, plus an optional bias.
+fn linear(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(weight_t)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 /// A decoder-only causal language model whose weights are trainable [`Var`]s named
@@ -312,18 +327,20 @@ impl CausalLM {
         }
         for i in 0..cfg.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{i}.{s}");
-            for (fused, parts) in FUSED {
-                let parts: Vec<String> = parts
-                    .iter()
-                    .filter(|n| !n.is_empty())
-                    .map(|n| p(n))
-                    .collect();
+            for pk in &PACKED {
+                let parts: Vec<String> = pk.parts.iter().map(|n| p(n)).collect();
                 if parts.iter().all(|n| params.contains_key(n)) {
                     let ts: Vec<Tensor> = parts
                         .iter()
                         .map(|n| params.remove(n).expect("present"))
                         .collect();
-                    params.insert(p(fused), Tensor::cat(&ts, 0)?);
+                    let t = Tensor::cat(&ts, 0)?;
+                    let t = if pk.transposed {
+                        t.t()?.contiguous()?
+                    } else {
+                        t
+                    };
+                    params.insert(p(pk.internal), t);
                 }
             }
         }
@@ -339,15 +356,15 @@ impl CausalLM {
                 Layer {
                     input_norm: get(&p("input_layernorm.weight")),
                     attn: Attention {
-                        qkv: get(&p("self_attn.qkv_proj.weight")),
+                        qkv: get(&p("self_attn.qkv_proj.weight_t")),
                         qkv_bias: opt(&p("self_attn.qkv_proj.bias")),
-                        o: get(&p("self_attn.o_proj.weight")),
+                        o: get(&p("self_attn.o_proj.weight_t")),
                         q_norm: opt(&p("self_attn.q_norm.weight")),
                         k_norm: opt(&p("self_attn.k_norm.weight")),
                     },
                     post_norm: get(&p("post_attention_layernorm.weight")),
-                    gate_up: get(&p("mlp.gate_up_proj.weight")),
-                    down: get(&p("mlp.down_proj.weight")),
+                    gate_up: get(&p("mlp.gate_up_proj.weight_t")),
+                    down: get(&p("mlp.down_proj.weight_t")),
                 }
             })
             .collect();
@@ -380,43 +397,39 @@ impl CausalLM {
     pub fn device(&self) -> &Device {
         &self.device
     }
-    /// Every trainable parameter by name. Names are those of HF checkpoints, except that
-    /// q/k/v projections are stored stacked as `self_attn.qkv_proj.{weight,bias}` and the
-    /// gate/up projections as `mlp.gate_up_proj.weight` (one matrix product each); see
+    /// Every trainable parameter by name. Names are those of HF checkpoints, except for
+    /// the layer matrices, which are stored packed for speed: q/k/v stacked and
+    /// transposed as `self_attn.qkv_proj.weight_t` (`[hidden, q+k+v]`) with
+    /// `self_attn.qkv_proj.bias`, `self_attn.o_proj.weight_t`, gate/up stacked as
+    /// `mlp.gate_up_proj.weight_t` and `mlp.down_proj.weight_t`, all `[in, out]`. See
     /// [`CausalLM::hf_tensors`] and [`CausalLM::hf_grads`] for the HF view.
     pub fn params(&self) -> &BTreeMap<String, Var> {
         &self.params
     }
 
-    /// Splits fused tensors (parameters or their gradients) back into HF-named parts.
+    /// Splits packed tensors (parameters or their gradients) back into HF-named parts.
     fn split_fused(
         &self,
         named: impl Iterator<Item = (String, Tensor)>,
     ) -> Result<BTreeMap<String, Tensor>> {
-        let cfg = &self.cfg;
-        let (nq, nkv) = (
-            cfg.num_attention_heads * cfg.head_dim,
-            cfg.num_key_value_heads * cfg.head_dim,
-        );
+        let shapes: BTreeMap<String, Vec<usize>> =
+            Self::param_shapes(&self.cfg).into_iter().collect();
         let mut out = BTreeMap::new();
         for (name, t) in named {
-            let fused = FUSED.iter().find(|(f, _)| name.ends_with(&format!(".{f}")));
-            let Some((f, parts)) = fused else {
+            let Some(pk) = PACKED
+                .iter()
+                .find(|pk| name.ends_with(&format!(".{}", pk.internal)))
+            else {
                 out.insert(name, t);
                 continue;
             };
-            let prefix = &name[..name.len() - f.len()];
-            let sizes = if f.starts_with("mlp") {
-                vec![cfg.intermediate_size; 2]
-            } else {
-                vec![nq, nkv, nkv]
-            };
+            let prefix = &name[..name.len() - pk.internal.len()];
+            let t = if pk.transposed { t.t()? } else { t };
             let mut off = 0;
-            for (part, n) in parts.iter().zip(sizes) {
-                out.insert(
-                    format!("{prefix}{part}"),
-                    t.narrow(0, off, n)?.contiguous()?,
-                );
+            for part in pk.parts {
+                let hf = format!("{prefix}{part}");
+                let n = shapes[&hf][0];
+                out.insert(hf, t.narrow(0, off, n)?.contiguous()?);
                 off += n;
             }
         }
@@ -472,9 +485,8 @@ impl CausalLM {
                 self.cfg.vocab_size
             );
         }
-        Ok(w(&self.embed, t)
-            .index_select(&flat, 0)?
-            .reshape((b, s, ()))?)
+        let _ = (b, s);
+        Ok(w(&self.embed, t).index_select(&flat, 0)?)
     }
 
     fn layer_forward(
@@ -490,7 +502,8 @@ impl CausalLM {
         let l = &self.layers[li];
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
-        let (b, s, _) = x.dims3()?;
+        // Activations are 2-D `[b * s, hidden]` inside the layers.
+        let (b, _, s, _) = mask.dims4()?;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -507,10 +520,10 @@ impl CausalLM {
         let ctx = if cache.is_none() && a.q_norm.is_none() && ops::has_fused_attention(&qkv) {
             ops::attention(&qkv, cos, sin, &mask3, nh, nkv, hd)?
         } else {
-            let q = qkv.narrow(2, 0, nh * hd)?.reshape((b, s, nh, hd))?;
-            let k = qkv.narrow(2, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
+            let q = qkv.narrow(1, 0, nh * hd)?.reshape((b, s, nh, hd))?;
+            let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
             let v = qkv
-                .narrow(2, (nh + nkv) * hd, nkv * hd)?
+                .narrow(1, (nh + nkv) * hd, nkv * hd)?
                 .reshape((b, s, nkv, hd))?;
             let (q, k) = match (&a.q_norm, &a.k_norm) {
                 (Some(qn), Some(kn)) => (
@@ -540,7 +553,7 @@ impl CausalLM {
                 .matmul(&v)?
                 .reshape((b, nh, s, hd))?
                 .transpose(1, 2)?
-                .reshape((b, s, nh * hd))?
+                .reshape((b * s, nh * hd))?
         };
         let x = (x + linear(&ctx, &w(&a.o, t), None)?)?;
         let h = ops::rms_norm(&x, &w(&l.post_norm, t), eps)?;
@@ -589,7 +602,8 @@ impl CausalLM {
             let slot = cache.as_mut().map(|c| &mut c.layers[li]);
             x = self.layer_forward(li, &x, &cos, &sin, &layout.mask, slot, t)?;
         }
-        Ok(ops::rms_norm(&x, &w(&self.norm, t), self.cfg.rms_norm_eps)?)
+        let (b, s) = ids.dims2()?;
+        Ok(ops::rms_norm(&x, &w(&self.norm, t), self.cfg.rms_norm_eps)?.reshape((b, s, ()))?)
     }
 
     /// Final hidden states `[b, t, hidden]` without autograd graph (inference).
@@ -600,7 +614,7 @@ impl CausalLM {
     /// Logits `[b, t, vocab]` without autograd graph (inference).
     pub fn logits(&self, ids: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
         let hid = self.hidden(ids, layout, None, Track::No)?;
-        linear(&hid, &self.lm_head_weight(false), None)
+        Ok(hid.broadcast_matmul(&self.lm_head_weight(false).t()?)?)
     }
 
     /// Inference step with a KV cache: runs `ids: [b, t]` after the cached positions.
@@ -643,12 +657,13 @@ impl CausalLM {
         }
         // Head with graph from the last layer's output.
         let xv = Var::from_tensor(&x)?;
+        let (b, s) = ids.dims2()?;
         let hid = ops::rms_norm(
             xv.as_tensor(),
             &w(&self.norm, Track::Yes),
             self.cfg.rms_norm_eps,
         )?;
-        let loss = head(&hid)?;
+        let loss = head(&hid.reshape((b, s, ()))?)?;
         let mut grads = loss.backward()?;
         let mut dx = take_grad(&mut grads, xv.as_tensor())?;
         for li in (0..self.layers.len()).rev() {

@@ -241,9 +241,9 @@ pub fn has_fused_attention(qkv: &Tensor) -> bool {
     cpu_kernel(qkv)
 }
 
-/// Causal attention with RoPE and grouped kv heads, fused: `qkv: [b, s, (heads + 2
-/// kv_heads) * head_dim]` (the stacked q/k/v projections), `cos`/`sin: [b, s,
-/// head_dim/2]`, `mask: [b, s, s]` additive and causal. Returns `[b, s, heads *
+/// Causal attention with RoPE and grouped kv heads, fused: `qkv: [b * s, (heads + 2
+/// kv_heads) * head_dim]` (the stacked q/k/v projections of every token), `cos`/`sin:
+/// [b, s, head_dim/2]`, `mask: [b, s, s]` additive and causal. Returns `[b * s, heads *
 /// head_dim]`. Only where [`has_fused_attention`] holds; the model composes the same
 /// computation from the other ops elsewhere.
 pub fn attention(
@@ -501,11 +501,15 @@ pub(crate) mod tests {
         let freqs = pos.broadcast_mul(&inv).unwrap();
         let (cos, sin) = (freqs.cos().unwrap(), freqs.sin().unwrap());
         let qkv = rand64(&[b, s, (nh + 2 * nkv) * hd], 21);
-        check_grads(&[qkv.clone()], &|t| {
+        let flat = |t: &Tensor| t.reshape((b * s, ())).unwrap();
+        check_grads(&[flat(&qkv)], &|t| {
             attention(&t[0], &cos, &sin, &mask, nh, nkv, hd)
         });
         // Against the composed computation (rope, grouped scores, masked softmax).
-        let got = attention(&qkv, &cos, &sin, &mask, nh, nkv, hd).unwrap();
+        let got = attention(&flat(&qkv), &cos, &sin, &mask, nh, nkv, hd)
+            .unwrap()
+            .reshape((b, s, ()))
+            .unwrap();
         let q = qkv
             .narrow(2, 0, nh * hd)
             .unwrap()
