@@ -14,7 +14,7 @@ fn main() -> tooltrain_model::Result<()> {
         .collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &dev)?;
     let targets = ids.narrow(1, 1, seq - 1)?.flatten_all()?;
-    for it in 0..4 {
+    for it in 0..8 {
         let t0 = Instant::now();
         let hid = model.forward_hidden(&ids, &layout)?;
         let w = model.lm_head_weight(true);

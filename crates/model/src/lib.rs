@@ -14,6 +14,7 @@
 //! | batched sampling | [`CausalLM::generate`], [`SamplingParams`] |
 //! | AdamW, clipping, LR schedules | [`AdamW`], [`clip_grad_norm`], [`LrSchedule`] |
 
+mod alloc;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -25,6 +26,7 @@ pub mod ops;
 pub mod optim;
 pub mod tokenizer;
 
+pub use alloc::tune_allocator;
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};

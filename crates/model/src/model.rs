@@ -308,6 +308,7 @@ impl CausalLM {
         source: &str,
     ) -> Result<Self> {
         check_dtype(dtype, device)?;
+        crate::tune_allocator();
         let mut params = BTreeMap::new();
         for (name, shape) in Self::param_shapes(&cfg) {
             let t = tensors.remove(&name).ok_or_else(|| Error::BadFile {
