@@ -59,7 +59,7 @@ fn main() -> tooltrain_model::Result<()> {
         let w = model.lm_head_weight(true);
         let (loss, grads) = model.forward_backward(&ids, &layout, checkpoint, |hid| {
             let h = hid.narrow(1, 0, seq - 1)?.reshape(((), cfg.hidden_size))?;
-            Ok(ops::cross_entropy(&h.matmul(&w.t()?)?, &targets, None)?)
+            Ok(ops::linear_cross_entropy(&h, &w, &targets, None)?)
         })?;
         opt.step(&grads, 1e-4, 1.0)?;
         Ok(loss)

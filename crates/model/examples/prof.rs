@@ -19,7 +19,7 @@ fn main() -> tooltrain_model::Result<()> {
         let hid = model.forward_hidden(&ids, &layout)?;
         let w = model.lm_head_weight(true);
         let h = hid.narrow(1, 0, seq - 1)?.reshape(((), cfg.hidden_size))?;
-        let loss = ops::cross_entropy(&h.matmul(&w.t()?)?, &targets, None)?;
+        let loss = ops::linear_cross_entropy(&h, &w, &targets, None)?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();

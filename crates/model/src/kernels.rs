@@ -1143,3 +1143,220 @@ mod tests {
         assert_eq!(0f32.fexp(), 1.0);
     }
 }
+
+// ---------------------------------------------------------------- linear + cross-entropy
+
+/// Per-row negative log-likelihood of `targets` under logits `h @ w^T`
+/// (`h: [n, hidden]`, `w: [vocab, hidden]`), fused so that the logits never become a
+/// graph tensor: the forward keeps them privately for the backward, which turns them
+/// into `dZ` in place and returns `dh = dZ w` and `dw = dZ^T h`.
+pub(crate) struct LinearNll {
+    pub ignore: Option<u32>,
+    pub logits: std::sync::Arc<std::sync::Mutex<Option<CpuStorage>>>,
+}
+
+fn matmul_par<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    lhs: &[T],
+    (lrs, lcs): (usize, usize),
+    rhs: &[T],
+    (rrs, rcs): (usize, usize),
+) {
+    assert!(
+        dst.len() >= m * n
+            && lhs.len() > (m - 1) * lrs + (k - 1) * lcs
+            && rhs.len() > (k - 1) * rrs + (n - 1) * rcs
+    );
+    // SAFETY: bounds asserted above; dst does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        )
+    }
+}
+
+fn linear_nll_fwd<T: Elem>(
+    op: &LinearNll,
+    h: &CpuStorage,
+    lh: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    tg: &[u32],
+) -> Result<(CpuStorage, Shape)> {
+    let (hs, ws) = (
+        slice::<T>(h, lh, "linear-nll")?,
+        slice::<T>(w, lw, "linear-nll")?,
+    );
+    let (n, hd) = lh.shape().dims2()?;
+    let (v, hd2) = lw.shape().dims2()?;
+    if hd != hd2 || tg.len() != n {
+        bail!(
+            "linear-nll: hidden {:?}, weight {:?} and {} targets do not match",
+            lh.dims(),
+            lw.dims(),
+            tg.len()
+        )
+    }
+    if let Some(&bad) = tg
+        .iter()
+        .find(|&&t| Some(t) != op.ignore && t as usize >= v)
+    {
+        bail!("cross-entropy: target {bad} outside the vocabulary of {v}")
+    }
+    let mut z = vec![T::zero(); n * v];
+    if n > 0 {
+        matmul_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
+    }
+    let mut out = vec![T::zero(); n];
+    out.par_iter_mut()
+        .zip(z.par_chunks(v))
+        .zip(tg.par_iter())
+        .for_each(|((o, z), &t)| {
+            if Some(t) != op.ignore {
+                let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
+                let s: T = z.iter().map(|&x| (x - mx).fexp()).sum();
+                *o = mx + s.ln() - z[t as usize];
+            }
+        });
+    *op.logits.lock().expect("lock") = Some(T::to_cpu_storage_owned(z));
+    Ok((T::to_cpu_storage_owned(out), Shape::from(n)))
+}
+
+impl CustomOp3 for LinearNll {
+    fn name(&self) -> &'static str {
+        "linear-nll-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        lh: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let tg = u32s(t, lt)?;
+        dispatch!(h.dtype(), linear_nll_fwd(self, h, lh, w, lw, tg))
+    }
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        t: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, hd) = h.dims2()?;
+        let v = w.dim(0)?;
+        // The row gradients travel with the targets: [n] u32 + [n] grad in one op call.
+        let bwd = LinearNllBwd {
+            ignore: self.ignore,
+            logits: self.logits.clone(),
+            targets: t.clone(),
+        };
+        let both = h
+            .detach()
+            .apply_op3_no_bwd(&w.detach(), &g.contiguous()?, &bwd)?;
+        let dh = both.narrow(0, 0, n * hd)?.reshape((n, hd))?;
+        let dw = both.narrow(0, n * hd, v * hd)?.reshape((v, hd))?;
+        Ok((Some(dh), Some(dw), None))
+    }
+}
+
+struct LinearNllBwd {
+    ignore: Option<u32>,
+    logits: std::sync::Arc<std::sync::Mutex<Option<CpuStorage>>>,
+    targets: Tensor,
+}
+
+fn linear_nll_bwd<T: Elem>(
+    op: &LinearNllBwd,
+    h: &CpuStorage,
+    lh: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (hs, ws, gs) = (
+        slice::<T>(h, lh, "linear-nll bwd")?,
+        slice::<T>(w, lw, "linear-nll bwd")?,
+        slice::<T>(g, lg, "linear-nll bwd")?,
+    );
+    let (n, hd) = lh.shape().dims2()?;
+    let (v, _) = lw.shape().dims2()?;
+    let (tst, tl) = op.targets.storage_and_layout();
+    let candle_core::Storage::Cpu(tcpu) = &*tst else {
+        bail!("linear-nll: targets must be on the CPU")
+    };
+    let tg = u32s(tcpu, tl)?;
+    // The forward's logits, or recomputed when this backward runs a second time.
+    let mut z: Vec<T> = match op.logits.lock().expect("lock").take() {
+        Some(st) => T::cpu_storage_as_slice(&st)?.to_vec(),
+        None => {
+            let mut z = vec![T::zero(); n * v];
+            if n > 0 {
+                matmul_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
+            }
+            z
+        }
+    };
+    z.par_chunks_mut(v)
+        .zip(tg.par_iter().zip(gs.par_iter()))
+        .for_each(|(z, (&t, &g))| {
+            if Some(t) == op.ignore {
+                z.iter_mut().for_each(|x| *x = T::zero());
+                return;
+            }
+            let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
+            z.iter_mut().for_each(|x| *x = (*x - mx).fexp());
+            let s: T = z.iter().copied().sum();
+            let k = g / s;
+            z.iter_mut().for_each(|x| *x = *x * k);
+            z[t as usize] = z[t as usize] - g;
+        });
+    let mut out = vec![T::zero(); n * hd + v * hd];
+    if n > 0 {
+        let (dh, dw) = out.split_at_mut(n * hd);
+        matmul_par((n, hd, v), dh, &z, (v, 1), ws, (hd, 1));
+        matmul_par((v, hd, n), dw, &z, (1, v), hs, (hd, 1));
+    }
+    let len = out.len();
+    Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+}
+
+impl CustomOp3 for LinearNllBwd {
+    fn name(&self) -> &'static str {
+        "linear-nll-bwd-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        lh: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(h.dtype(), linear_nll_bwd(self, h, lh, w, lw, g, lg))
+    }
+}

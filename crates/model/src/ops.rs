@@ -354,6 +354,41 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore: Option<u32>) -> 
     per_row.sum_all()? / n.max(1.0)
 }
 
+/// Mean cross-entropy of `targets: [n]` under the logits `hidden @ weight^T`
+/// (`hidden: [n, h]`, `weight: [vocab, h]`), ignoring `ignore` targets. On the CPU the
+/// projection and the loss are one op: the logits are no graph tensor and their gradient
+/// is formed in place (the same memory as the logits, like PyTorch's eager mode). For a
+/// vocabulary or sequence too large for `[n, vocab]` at once, use
+/// [`crate::chunked_logprobs`].
+pub fn linear_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    ignore: Option<u32>,
+) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?;
+    if !(cpu_kernel(hidden) && weight.dtype() == hidden.dtype()) {
+        return cross_entropy(&hidden.matmul(&weight.t()?)?, &targets, ignore);
+    }
+    let op = kernels::LinearNll {
+        ignore,
+        logits: Default::default(),
+    };
+    let per_row =
+        hidden
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &targets.contiguous()?, op)?;
+    let n = match ignore {
+        Some(ig) => targets
+            .ne(ig)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?,
+        None => targets.elem_count() as f64,
+    };
+    per_row.sum_all()? / n.max(1.0)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -605,6 +640,24 @@ pub(crate) mod tests {
             .to_scalar::<f64>()
             .unwrap();
         assert!((ce - 5f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn linear_cross_entropy_grad_and_value() {
+        let targets = Tensor::new(&[1u32, 0, 6, 2, 6], &Device::Cpu).unwrap();
+        check_grads(&[rand64(&[5, 4], 30), rand64(&[7, 4], 31)], &|t| {
+            linear_cross_entropy(&t[0], &t[1], &targets, Some(6))
+        });
+        let (h, w) = (rand64(&[5, 4], 30), rand64(&[7, 4], 31));
+        let a = linear_cross_entropy(&h, &w, &targets, None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let b = cross_entropy(&h.matmul(&w.t().unwrap()).unwrap(), &targets, None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
     }
 
     #[test]
