@@ -14,7 +14,6 @@
 //! | batched sampling | [`CausalLM::generate`], [`SamplingParams`] |
 //! | AdamW, clipping, LR schedules | [`AdamW`], [`clip_grad_norm`], [`LrSchedule`] |
 
-mod alloc;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -24,9 +23,9 @@ pub mod logprobs;
 pub mod model;
 pub mod ops;
 pub mod optim;
+mod runtime;
 pub mod tokenizer;
 
-pub use alloc::tune_allocator;
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
@@ -35,6 +34,7 @@ pub use load::{load, save, Checkpoint};
 pub use logprobs::{chunked_logprobs, pack_rows, SequenceScores, DEFAULT_VOCAB_CHUNK};
 pub use model::{CausalLM, KvCache, SeqLayout};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+pub use runtime::tune_runtime;
 pub use tokenizer::{ChatTemplate, Tokenizer};
 
 /// The device to run on: CUDA device 0 when built with `cuda` and one is present (unless

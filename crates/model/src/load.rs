@@ -22,6 +22,7 @@ pub struct Checkpoint {
 /// `model.safetensors.index.json`, `tokenizer.json`, ...) or a `.gguf` file. Weights of
 /// any stored dtype are converted to `dtype`.
 pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
+    crate::tune_runtime();
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         return load_gguf(path, dtype, device);
     }

@@ -272,6 +272,7 @@ impl CausalLM {
 
     /// A freshly initialised model (normal(0, 0.02) matrices, unit norms, zero biases).
     pub fn new_random(cfg: &ModelConfig, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+        crate::tune_runtime();
         use rand::{RngExt, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = BTreeMap::new();
@@ -308,7 +309,7 @@ impl CausalLM {
         source: &str,
     ) -> Result<Self> {
         check_dtype(dtype, device)?;
-        crate::tune_allocator();
+        crate::tune_runtime();
         let mut params = BTreeMap::new();
         for (name, shape) in Self::param_shapes(&cfg) {
             let t = tensors.remove(&name).ok_or_else(|| Error::BadFile {
