@@ -1,3 +1,5 @@
+//! Forward / backward / optimizer time split of one training step on the benchmark
+//! model (benches/qwen2-12m.json): `cargo run --release -p tooltrain-model --example step_profile`.
 use std::time::Instant;
 use tooltrain_model::{
     ops, AdamW, AdamWConfig, CausalLM, DType, Device, ModelConfig, SeqLayout, Tensor,
