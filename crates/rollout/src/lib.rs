@@ -1,0 +1,30 @@
+//! `tooltrain-rollout`: the model-free pieces of the RepoSearcher environment
+//! (behaviour: `../shared/spec/reposearcher.md`).
+//!
+//! Where each concept lives:
+//! - [`index`]: tree-sitter Python index of a repository (classes, methods, module
+//!   functions, line ranges, imports, text) and the rendered tree (spec section 2).
+//!   Entry points: [`RepoIndex::build`], [`FileIndex::parse`], [`RepoIndex::render_tree`].
+//! - [`tools`]: the four tools, their observations and JSON schemas (spec section 3).
+//!   Entry points: [`ToolCall`], [`tools::execute`], [`tools::tool_schemas`].
+//! - [`toolcall`]: parser of `<tool_call>` blocks in an assistant turn (spec section 4).
+//!   Entry points: [`toolcall::parse_turn`], [`ToolCallError::observation`].
+//! - [`answer`]: locations from the fenced blocks of the final answer (spec section 6).
+//! - [`reward`]: nDCG@k (the paper's reward), recall@k and F1@k behind [`RewardFn`].
+//! - [`metrics`]: the evaluation table (spec section 7), file and function level.
+//! - [`gt`]: ground-truth files (`file.py::name` and Loc-Bench's `file.py:name`).
+
+pub mod answer;
+pub mod gt;
+pub mod index;
+pub mod metrics;
+pub mod reward;
+pub mod toolcall;
+pub mod tools;
+
+pub use answer::{parse_answer, ParsedAnswer};
+pub use gt::{GroundTruth, Location};
+pub use index::{ClassEntry, FileIndex, FunctionEntry, RepoIndex};
+pub use reward::{Reward, RewardFn};
+pub use toolcall::{ParsedTurn, ToolCallError};
+pub use tools::{ToolCall, ToolLimits, ToolOutcome};
