@@ -1,7 +1,7 @@
 //! Optimisation primitives shared by SFT and RL: AdamW with a fused CPU step, global-norm
 //! gradient clipping, learning-rate schedules, and optimizer state save/load.
 
-use crate::error::{write_atomic, Error, Result};
+use crate::error::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor, Var};
 use rayon::prelude::*;
@@ -318,12 +318,4 @@ impl AdamW {
         self.step = step.first().copied().unwrap_or(0.0) as u64;
         Ok(())
     }
-}
-
-/// Writes JSON atomically (used for small training-state files).
-pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    write_atomic(
-        path,
-        serde_json::to_string_pretty(v).expect("json").as_bytes(),
-    )
 }
