@@ -1,9 +1,11 @@
 //! `tooltrain`: command-line front end of tooltrain (text generation and sequence
-//! scoring with the `tooltrain-model` crate).
+//! scoring with the `tooltrain-model` crate; repository indexing with
+//! `tooltrain-rollout`).
 
 mod common;
 mod convert;
 mod generate;
+mod index;
 mod score;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +31,8 @@ enum Command {
     Score(score::Args),
     /// Write a checkpoint (HF directory or GGUF) as a Hugging Face directory.
     Convert(convert::Args),
+    /// Index a Python repository and print classes, methods and functions as JSON.
+    Index(index::Args),
 }
 
 fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
@@ -51,6 +55,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Index(a) => index::run(a),
     }
 }
 

@@ -82,10 +82,16 @@ impl FileIndex {
     /// Index one file from its path and raw bytes (never fails: unparsable parts are
     /// skipped, non-UTF-8 bytes are replaced).
     pub fn parse(path: impl Into<String>, bytes: &[u8]) -> FileIndex {
-        Self::parse_with(&mut new_parser(), path.into(), bytes)
+        Self::parse_with(&mut new_parser(), path.into(), bytes, false)
     }
 
-    fn parse_with(parser: &mut Parser, path: String, bytes: &[u8]) -> FileIndex {
+    /// Like [`FileIndex::parse`] but always parsing the whole text with tree-sitter
+    /// (no skeleton): the reference the skeleton path is tested against.
+    pub fn parse_full(path: impl Into<String>, bytes: &[u8]) -> FileIndex {
+        Self::parse_with(&mut new_parser(), path.into(), bytes, true)
+    }
+
+    fn parse_with(parser: &mut Parser, path: String, bytes: &[u8], full: bool) -> FileIndex {
         let text = String::from_utf8_lossy(bytes).into_owned();
         let mut out = FileIndex {
             path,
@@ -94,10 +100,25 @@ impl FileIndex {
             imports: Vec::new(),
             text,
         };
-        let Some(tree) = parser.parse(out.text.as_bytes(), None) else {
+        // Parse the skeleton (function bodies blanked) when there is one and it parses
+        // cleanly; otherwise the whole text.
+        let skel = if full { None } else { skeleton(&out.text) };
+        let mut tree = None;
+        let mut src = out.text.as_bytes();
+        if let Some(sk) = &skel {
+            if let Some(t) = parser.parse(sk.as_bytes(), None) {
+                if !t.root_node().has_error() {
+                    tree = Some(t);
+                    src = sk.as_bytes();
+                }
+            }
+        }
+        if tree.is_none() {
+            tree = parser.parse(out.text.as_bytes(), None);
+        }
+        let Some(tree) = tree else {
             return out;
         };
-        let src = out.text.as_bytes();
         let mut classes = Vec::new();
         let mut functions = Vec::new();
         let mut imports = Vec::new();
@@ -140,6 +161,188 @@ impl FileIndex {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// One logical line of Python source (physical lines joined by brackets, strings and
+/// backslashes), as found by [`logical_lines`].
+struct Logical<'a> {
+    /// First and last physical row (0-based).
+    start: usize,
+    end: usize,
+    /// Indentation width of the first row (tabs to multiples of 8).
+    indent: usize,
+    /// Leading whitespace of the first row.
+    ws: &'a str,
+    /// First row without its leading whitespace.
+    head: &'a str,
+}
+
+/// Split source rows into logical lines, skipping blank and comment-only rows. `None`
+/// when the text ends inside a string or a bracket, a bracket closes that never opened,
+/// or a one-quote string runs off its row: the caller then parses the whole file.
+fn logical_lines<'a>(rows: &[&'a str]) -> Option<Vec<Logical<'a>>> {
+    let mut out = Vec::new();
+    // (quote byte, triple) while inside a string.
+    let mut string: Option<(u8, bool)> = None;
+    let mut depth = 0usize;
+    let mut cur: Option<Logical> = None;
+    // Last row of the current logical line with code on it (a row after a backslash
+    // may hold only a comment, which does not extend the statement).
+    let mut last_code_row = 0;
+    for (row, raw) in rows.iter().enumerate() {
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        if cur.is_none() {
+            let head = line.trim_start_matches([' ', '\t', '\x0c']);
+            if head.is_empty() || head.starts_with('#') {
+                continue;
+            }
+            let ws = &line[..line.len() - head.len()];
+            let mut indent = 0;
+            for c in ws.bytes() {
+                indent = match c {
+                    b'\t' => (indent / 8 + 1) * 8,
+                    b'\x0c' => 0,
+                    _ => indent + 1,
+                };
+            }
+            cur = Some(Logical {
+                start: row,
+                end: row,
+                indent,
+                ws,
+                head,
+            });
+        }
+        let b = line.as_bytes();
+        let mut i = 0;
+        let mut continued = false;
+        while i < b.len() {
+            let c = b[i];
+            if string.is_some() || !matches!(c, b' ' | b'\t' | b'\x0c' | b'#') {
+                last_code_row = row;
+            }
+            if let Some((q, triple)) = string {
+                if c == b'\\' {
+                    if i + 1 >= b.len() {
+                        continued = true;
+                    }
+                    i += 2;
+                    continue;
+                }
+                if c == q {
+                    if !triple {
+                        string = None;
+                    } else if b[i..].starts_with(&[q, q, q]) {
+                        string = None;
+                        i += 3;
+                        continue;
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            match c {
+                b'#' => break,
+                b'\'' | b'"' => {
+                    if b[i..].starts_with(&[c, c, c]) {
+                        string = Some((c, true));
+                        i += 3;
+                        continue;
+                    }
+                    string = Some((c, false));
+                }
+                b'(' | b'[' | b'{' => depth += 1,
+                b')' | b']' | b'}' => depth = depth.checked_sub(1)?,
+                b'\\' if i + 1 == b.len() => continued = true,
+                _ => {}
+            }
+            i += 1;
+        }
+        if let Some((_, false)) = string {
+            if !continued {
+                return None;
+            }
+        }
+        if string.is_none() && depth == 0 && !continued {
+            let mut l = cur.take().expect("set above");
+            l.end = last_code_row.max(l.start);
+            out.push(l);
+        }
+    }
+    if cur.is_some() || string.is_some() || depth != 0 {
+        return None;
+    }
+    Some(out)
+}
+
+fn starts_with_keyword(head: &str, kw: &str) -> bool {
+    head.strip_prefix(kw)
+        .is_some_and(|r| r.starts_with([' ', '\t', '\\', '(']))
+}
+
+fn is_def(head: &str) -> bool {
+    starts_with_keyword(head, "def")
+        || head.strip_prefix("async").is_some_and(|r| {
+            r.starts_with([' ', '\t']) && starts_with_keyword(r.trim_start(), "def")
+        })
+}
+
+/// The text with the bodies of functions blanked out where that cannot change the
+/// index: a body on its own rows that contains no `class` statement is replaced by
+/// empty rows and a `pass` on its last row, at its indentation, so rows, names and line
+/// ranges stay the same while tree-sitter parses far fewer bytes (bodies are most of a
+/// Python file). `None` when nothing can be blanked or the text does not split into
+/// logical lines cleanly. The caller falls back to the whole text when the skeleton has
+/// a parse error.
+fn skeleton(text: &str) -> Option<String> {
+    let rows: Vec<&str> = text.split('\n').collect();
+    let ll = logical_lines(&rows)?;
+    // Per row: None = keep; Some(ws) = blank, or `ws` + `pass` when ws is Some("..").
+    let mut blank: Vec<Option<Option<&str>>> = vec![None; rows.len()];
+    let mut any = false;
+    let mut i = 0;
+    while i < ll.len() {
+        let l = &ll[i];
+        if is_def(l.head) {
+            let mut j = i + 1;
+            while j < ll.len() && ll[j].indent > l.indent {
+                j += 1;
+            }
+            if j > i + 1 && ll[i + 1].start > l.end {
+                let body = &ll[i + 1..j];
+                if !body.iter().any(|b| starts_with_keyword(b.head, "class")) {
+                    let first = body[0].start;
+                    let last = body[body.len() - 1].end;
+                    for r in blank.iter_mut().take(last + 1).skip(first) {
+                        *r = Some(None);
+                    }
+                    blank[last] = Some(Some(body[0].ws));
+                    any = true;
+                    i = j;
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    if !any {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len() / 2);
+    for (r, row) in rows.iter().enumerate() {
+        if r > 0 {
+            out.push('\n');
+        }
+        match blank[r] {
+            None => out.push_str(row),
+            Some(None) => {}
+            Some(Some(ws)) => {
+                out.push_str(ws);
+                out.push_str("pass");
+            }
+        }
+    }
+    Some(out)
 }
 
 fn is_compound(kind: &str) -> bool {
@@ -356,7 +559,7 @@ impl RepoIndex {
             .par_iter()
             .map_init(new_parser, |parser, (rel, abs)| {
                 let bytes = std::fs::read(abs).unwrap_or_default();
-                FileIndex::parse_with(parser, rel.clone(), &bytes)
+                FileIndex::parse_with(parser, rel.clone(), &bytes, false)
             })
             .collect();
         RepoIndex { files }
@@ -540,6 +743,67 @@ if True:
             b"",
         ] {
             let _ = FileIndex::parse("x.py", src);
+        }
+    }
+
+    #[test]
+    fn skeleton_equals_full_parse() {
+        let tricky = [
+            SRC,
+            // Backslash continuation onto a comment-only row (sympy's test_solvers.py).
+            "def f():\n    assert g(1) \\\n        #== comment\n\n\ndef h():\n    pass\n",
+            // Dedented text inside strings, `def`/`class` inside strings and brackets.
+            "def f():\n    s = '''\nclass Fake:\ndef fake():\n'''\n    t = (1,\n2)\n    return s\n\nclass K:\n    def m(self):\n        x = \"\"\"\n  def no():\n\"\"\"\n        return x  # tail\n    # trailing comment\n\n    def n(self): return 1\n",
+            // Tabs, async, a class inside a function (not blanked), decorators.
+            "class A:\n\tasync def m(self):\n\t\tif x:\n\t\t\treturn 1\n\t\treturn 2\n\ndef f():\n    class L:\n        def lm(self):\n            pass\n    def g():\n        pass\n    return L\n",
+            // Syntax errors and Python 2 (fallback to the full text).
+            "def f(:\n    pass\nclass B:\n    def g(self):\n        print 'x'\n",
+            "def f():\n    s = 'unterminated\n    return 1\n",
+            "def f():\n    return (1,\n",
+            "print 'py2'\ndef f():\n    exec 'x = 1'\n    print >>sys.stderr, 'y'\n",
+            "def f():\r\n    return 1\r\n\r\nclass C:\r\n    def m(self):\r\n        pass\r\n",
+        ];
+        for (i, src) in tricky.iter().enumerate() {
+            let a = FileIndex::parse("x.py", src.as_bytes());
+            let b = FileIndex::parse_full("x.py", src.as_bytes());
+            assert_eq!(a, b, "source {i}");
+        }
+        assert!(skeleton(tricky[1]).is_some());
+        assert_eq!(
+            skeleton("def f():\n    x = 1\n    return x\n").unwrap(),
+            "def f():\n\n    pass\n"
+        );
+        // A class inside the body keeps that function whole.
+        assert!(skeleton("def f():\n    class L:\n        pass\n").is_none());
+        assert!(skeleton("def f():\n    return (1,\n").is_none());
+    }
+
+    #[test]
+    fn fixture_skeleton_equals_full_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo");
+        for (rel, abs) in python_files(&root) {
+            let bytes = std::fs::read(abs).unwrap();
+            assert_eq!(
+                FileIndex::parse(rel.clone(), &bytes),
+                FileIndex::parse_full(rel.clone(), &bytes),
+                "{rel}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Any mix of Python fragments (quotes, brackets, backslashes, tabs, CR) indexes
+        /// without panicking on either path.
+        #[test]
+        fn skeleton_never_panics(parts in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "def f():\n", "    ", "\t", "class C:\n", "'''", "\"", "'", "(", ")", "]",
+                "\\\n", "# c\n", "\n", "\r\n", "return 1\n", "async def g(x):\n", "é",
+                "    def m(self):\n", "pass", "x = [\n", "@dec\n",
+            ]), 0..40)) {
+            let src: String = parts.concat();
+            let _ = skeleton(&src);
+            let _ = FileIndex::parse("p.py", src.as_bytes());
         }
     }
 }

@@ -5,6 +5,7 @@
 //! - [`index`]: tree-sitter Python index of a repository (classes, methods, module
 //!   functions, line ranges, imports, text) and the rendered tree (spec section 2).
 //!   Entry points: [`RepoIndex::build`], [`FileIndex::parse`], [`RepoIndex::render_tree`].
+//! - [`cache`]: the index cached on disk per (repo, commit) key: [`cache::load_or_build`].
 //! - [`tools`]: the four tools, their observations and JSON schemas (spec section 3).
 //!   Entry points: [`ToolCall`], [`tools::execute`], [`tools::tool_schemas`].
 //! - [`toolcall`]: parser of `<tool_call>` blocks in an assistant turn (spec section 4).
@@ -12,12 +13,15 @@
 //! - [`answer`]: locations from the fenced blocks of the final answer (spec section 6).
 //! - [`reward`]: nDCG@k (the paper's reward), recall@k and F1@k behind [`RewardFn`].
 //! - [`metrics`]: the evaluation table (spec section 7), file and function level.
+//! - [`patch`]: unified-diff parser (removed lines, insertion points) for gold patches.
 //! - [`gt`]: ground-truth files (`file.py::name` and Loc-Bench's `file.py:name`).
 
 pub mod answer;
+pub mod cache;
 pub mod gt;
 pub mod index;
 pub mod metrics;
+pub mod patch;
 pub mod reward;
 pub mod toolcall;
 pub mod tools;
