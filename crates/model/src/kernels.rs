@@ -702,9 +702,10 @@ impl CustomOp3 for NllBwd {
 // ---------------------------------------------------------------- attention
 
 /// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, every operand strided (row stride, column
-/// stride), single-threaded (callers parallelise over heads).
+/// stride), single-threaded (callers parallelise over heads) or, with [`mm_par`], on
+/// rayon's threads.
 #[allow(clippy::too_many_arguments)]
-fn mm<T: Elem>(
+fn mm_with<T: Elem>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     dst_rs: usize,
@@ -713,6 +714,7 @@ fn mm<T: Elem>(
     rhs: &[T],
     (rhs_rs, rhs_cs): (usize, usize),
     accumulate: bool,
+    parallelism: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -742,9 +744,55 @@ fn mm<T: Elem>(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mm<T: Elem>(
+    dims: (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: &[T],
+    ls: (usize, usize),
+    rhs: &[T],
+    rs: (usize, usize),
+    accumulate: bool,
+) {
+    mm_with(
+        dims,
+        dst,
+        dst_rs,
+        lhs,
+        ls,
+        rhs,
+        rs,
+        accumulate,
+        gemm::Parallelism::None,
+    )
+}
+
+/// `dst[m x n] = lhs * rhs` (dst row-major, contiguous) on rayon's threads.
+fn mm_par<T: Elem>(
+    dims: (usize, usize, usize),
+    dst: &mut [T],
+    lhs: &[T],
+    ls: (usize, usize),
+    rhs: &[T],
+    rs: (usize, usize),
+) {
+    mm_with(
+        dims,
+        dst,
+        dims.1,
+        lhs,
+        ls,
+        rhs,
+        rs,
+        false,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    )
 }
 
 /// Causal multi-head attention with RoPE and grouped key/value heads, fused into one
@@ -766,19 +814,27 @@ pub(crate) struct Attention {
 
 const QBLOCK: usize = 64;
 
-fn cpu_slice<T: WithDType>(
-    t: &Tensor,
-) -> Result<(
-    impl std::ops::Deref<Target = candle_core::Storage> + '_,
-    usize,
-    usize,
-)> {
-    if !t.is_contiguous() {
-        bail!("attention: constant inputs must be contiguous")
+/// Runs `f` on the CPU slices of three constant tensors (cos, sin, mask).
+fn with_consts<T: WithDType, R>(
+    ts: [&Tensor; 3],
+    f: impl FnOnce([&[T]; 3]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = ts
+        .iter()
+        .map(|t| (t.storage_and_layout(), t.is_contiguous(), t.elem_count()))
+        .collect();
+    let mut slices: Vec<&[T]> = Vec::with_capacity(3);
+    for ((st, l), contiguous, n) in &guards {
+        let candle_core::Storage::Cpu(c) = &**st else {
+            bail!("attention: cos, sin and mask must be on the CPU")
+        };
+        if !contiguous {
+            bail!("attention: cos, sin and mask must be contiguous")
+        }
+        let o = l.start_offset();
+        slices.push(&T::cpu_storage_as_slice(c)?[o..o + n]);
     }
-    let (st, l) = t.storage_and_layout();
-    let off = l.start_offset();
-    Ok((st, off, t.elem_count()))
+    f([slices[0], slices[1], slices[2]])
 }
 
 struct Geometry {
@@ -910,22 +966,21 @@ fn probs_block<T: Elem>(
 }
 
 fn attn_fwd<T: Elem>(op: &Attention, qkv: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    with_consts([&op.cos, &op.sin, &op.mask], |[cos, sin, mask]| {
+        attn_fwd_with::<T>(op, qkv, l, cos, sin, mask)
+    })
+}
+
+fn attn_fwd_with<T: Elem>(
+    op: &Attention,
+    qkv: &CpuStorage,
+    l: &Layout,
+    cos: &[T],
+    sin: &[T],
+    mask: &[T],
+) -> Result<(CpuStorage, Shape)> {
     let g = op.geometry(l)?;
     let x = slice::<T>(qkv, l, "attention")?;
-    let (cg, co, cn) = cpu_slice::<T>(&op.cos)?;
-    let (sg, so, sn) = cpu_slice::<T>(&op.sin)?;
-    let (mg, mo, mn) = cpu_slice::<T>(&op.mask)?;
-    let (
-        candle_core::Storage::Cpu(cs),
-        candle_core::Storage::Cpu(ss),
-        candle_core::Storage::Cpu(ms),
-    ) = (&*cg, &*sg, &*mg)
-    else {
-        bail!("attention: inputs must be on the CPU")
-    };
-    let cos = &T::cpu_storage_as_slice(cs)?[co..co + cn];
-    let sin = &T::cpu_storage_as_slice(ss)?[so..so + sn];
-    let mask = &T::cpu_storage_as_slice(ms)?[mo..mo + mn];
     let (s, hd, nh, grp) = (g.s, g.hd, g.nh, g.nh / g.nkv);
     let scale: T = cast(op.scale);
     let heads: Vec<Vec<T>> = (0..g.b * nh)
@@ -992,23 +1047,25 @@ fn attn_bwd<T: Elem>(
     go: &CpuStorage,
     lg: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
+    with_consts([&op.cos, &op.sin, &op.mask], |[cos, sin, mask]| {
+        attn_bwd_with::<T>(op, qkv, l, go, lg, cos, sin, mask)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attn_bwd_with<T: Elem>(
+    op: &Attention,
+    qkv: &CpuStorage,
+    l: &Layout,
+    go: &CpuStorage,
+    lg: &Layout,
+    cos: &[T],
+    sin: &[T],
+    mask: &[T],
+) -> Result<(CpuStorage, Shape)> {
     let g = op.geometry(l)?;
     let x = slice::<T>(qkv, l, "attention bwd")?;
     let dout = slice::<T>(go, lg, "attention bwd")?;
-    let (cg, co, cn) = cpu_slice::<T>(&op.cos)?;
-    let (sg, so, sn) = cpu_slice::<T>(&op.sin)?;
-    let (mg, mo, mn) = cpu_slice::<T>(&op.mask)?;
-    let (
-        candle_core::Storage::Cpu(cs),
-        candle_core::Storage::Cpu(ss),
-        candle_core::Storage::Cpu(ms),
-    ) = (&*cg, &*sg, &*mg)
-    else {
-        bail!("attention: inputs must be on the CPU")
-    };
-    let cos = &T::cpu_storage_as_slice(cs)?[co..co + cn];
-    let sin = &T::cpu_storage_as_slice(ss)?[so..so + sn];
-    let mask = &T::cpu_storage_as_slice(ms)?[mo..mo + mn];
     let (s, hd, nh, nkv, grp) = (g.s, g.hd, g.nh, g.nkv, g.nh / g.nkv);
     let od = nh * hd;
     let scale: T = cast(op.scale);
@@ -1155,45 +1212,6 @@ pub(crate) struct LinearNll {
     pub logits: std::sync::Arc<std::sync::Mutex<Option<CpuStorage>>>,
 }
 
-fn matmul_par<T: Elem>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    lhs: &[T],
-    (lrs, lcs): (usize, usize),
-    rhs: &[T],
-    (rrs, rcs): (usize, usize),
-) {
-    assert!(
-        dst.len() >= m * n
-            && lhs.len() > (m - 1) * lrs + (k - 1) * lcs
-            && rhs.len() > (k - 1) * rrs + (n - 1) * rcs
-    );
-    // SAFETY: bounds asserted above; dst does not alias the inputs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lcs as isize,
-            lrs as isize,
-            rhs.as_ptr(),
-            rcs as isize,
-            rrs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        )
-    }
-}
-
 fn linear_nll_fwd<T: Elem>(
     op: &LinearNll,
     h: &CpuStorage,
@@ -1224,7 +1242,7 @@ fn linear_nll_fwd<T: Elem>(
     }
     let mut z = vec![T::zero(); n * v];
     if n > 0 {
-        matmul_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
+        mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
     }
     let mut out = vec![T::zero(); n];
     out.par_iter_mut()
@@ -1315,7 +1333,7 @@ fn linear_nll_bwd<T: Elem>(
         None => {
             let mut z = vec![T::zero(); n * v];
             if n > 0 {
-                matmul_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
+                mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
             }
             z
         }
@@ -1337,8 +1355,8 @@ fn linear_nll_bwd<T: Elem>(
     let mut out = vec![T::zero(); n * hd + v * hd];
     if n > 0 {
         let (dh, dw) = out.split_at_mut(n * hd);
-        matmul_par((n, hd, v), dh, &z, (v, 1), ws, (hd, 1));
-        matmul_par((v, hd, n), dw, &z, (1, v), hs, (hd, 1));
+        mm_par((n, hd, v), dh, &z, (v, 1), ws, (hd, 1));
+        mm_par((v, hd, n), dw, &z, (1, v), hs, (hd, 1));
     }
     let len = out.len();
     Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
