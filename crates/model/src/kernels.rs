@@ -15,9 +15,17 @@ pub(crate) trait Elem: WithDType + Float + Send + Sync + std::iter::Sum {
     /// `exp(x)`: a branch-free polynomial for f32 (vectorises; within 2 ulp of `expf`,
     /// exactly 0 below -87.3), the exact `exp` for f64 (the finite-difference checks).
     fn fexp(self) -> Self;
+    /// The storage's elements by value (no copy), if it holds this type.
+    fn into_vec(s: CpuStorage) -> Option<Vec<Self>>;
 }
 
 impl Elem for f32 {
+    fn into_vec(s: CpuStorage) -> Option<Vec<f32>> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn fexp(self) -> f32 {
         // Cephes expf: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial.
@@ -42,6 +50,12 @@ impl Elem for f32 {
 }
 
 impl Elem for f64 {
+    fn into_vec(s: CpuStorage) -> Option<Vec<f64>> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn fexp(self) -> f64 {
         self.exp()
@@ -582,6 +596,29 @@ pub(crate) struct Nll {
     pub ignore: Option<u32>,
 }
 
+/// `lse(z) - z[t]` of one row of logits.
+fn row_nll<T: Elem>(z: &[T], t: usize) -> T {
+    let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
+    let s: T = z.iter().map(|&x| (x - mx).fexp()).sum();
+    mx + s.ln() - z[t]
+}
+
+/// Turns one row of logits into the gradient `g * (softmax(z) - onehot(t))`, in place.
+fn row_nll_grad<T: Elem>(z: &mut [T], t: usize, g: T) {
+    let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
+    z.iter_mut().for_each(|x| *x = (*x - mx).fexp());
+    let k = g / z.iter().copied().sum::<T>();
+    z.iter_mut().for_each(|x| *x = *x * k);
+    z[t] = z[t] - g;
+}
+
+fn check_targets(tg: &[u32], v: usize, ignore: Option<u32>) -> Result<()> {
+    match tg.iter().find(|&&t| Some(t) != ignore && t as usize >= v) {
+        Some(bad) => bail!("cross-entropy: target {bad} outside the vocabulary of {v}"),
+        None => Ok(()),
+    }
+}
+
 fn nll_fwd<T: Elem>(
     z: &CpuStorage,
     lz: &Layout,
@@ -590,20 +627,15 @@ fn nll_fwd<T: Elem>(
 ) -> Result<(CpuStorage, Shape)> {
     let zs = slice::<T>(z, lz, "cross-entropy")?;
     let (n, v) = lz.shape().dims2()?;
-    if let Some(&bad) = tg.iter().find(|&&t| Some(t) != ignore && t as usize >= v) {
-        bail!("cross-entropy: target {bad} outside the vocabulary of {v}")
-    }
+    check_targets(tg, v, ignore)?;
     let mut out = vec![T::zero(); n];
     out.par_iter_mut()
         .zip(zs.par_chunks(v))
         .zip(tg.par_iter())
         .for_each(|((o, z), &t)| {
-            if Some(t) == ignore {
-                return;
+            if Some(t) != ignore {
+                *o = row_nll(z, t as usize);
             }
-            let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
-            let s: T = z.iter().map(|&x| (x - mx).fexp()).sum();
-            *o = mx + s.ln() - z[t as usize];
         });
     Ok((T::to_cpu_storage_owned(out), Shape::from(n)))
 }
@@ -666,17 +698,10 @@ fn nll_bwd<T: Elem>(
         .zip(zs.par_chunks(v))
         .zip(tg.par_iter().zip(gs.par_iter()))
         .for_each(|((dz, z), (&t, &g))| {
-            if Some(t) == ignore {
-                return;
+            if Some(t) != ignore {
+                dz.copy_from_slice(z);
+                row_nll_grad(dz, t as usize, g);
             }
-            let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
-            for i in 0..v {
-                dz[i] = (z[i] - mx).fexp();
-            }
-            let s: T = dz.iter().copied().sum();
-            let k = g / s;
-            dz.iter_mut().for_each(|d| *d = *d * k);
-            dz[t as usize] = dz[t as usize] - g;
         });
     Ok((T::to_cpu_storage_owned(dz), lz.shape().clone()))
 }
@@ -1234,12 +1259,7 @@ fn linear_nll_fwd<T: Elem>(
             tg.len()
         )
     }
-    if let Some(&bad) = tg
-        .iter()
-        .find(|&&t| Some(t) != op.ignore && t as usize >= v)
-    {
-        bail!("cross-entropy: target {bad} outside the vocabulary of {v}")
-    }
+    check_targets(tg, v, op.ignore)?;
     let mut z = vec![T::zero(); n * v];
     if n > 0 {
         mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
@@ -1250,9 +1270,7 @@ fn linear_nll_fwd<T: Elem>(
         .zip(tg.par_iter())
         .for_each(|((o, z), &t)| {
             if Some(t) != op.ignore {
-                let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
-                let s: T = z.iter().map(|&x| (x - mx).fexp()).sum();
-                *o = mx + s.ln() - z[t as usize];
+                *o = row_nll(z, t as usize);
             }
         });
     *op.logits.lock().expect("lock") = Some(T::to_cpu_storage_owned(z));
@@ -1329,7 +1347,10 @@ fn linear_nll_bwd<T: Elem>(
     let tg = u32s(tcpu, tl)?;
     // The forward's logits, or recomputed when this backward runs a second time.
     let mut z: Vec<T> = match op.logits.lock().expect("lock").take() {
-        Some(st) => T::cpu_storage_as_slice(&st)?.to_vec(),
+        Some(st) => match T::into_vec(st) {
+            Some(z) => z,
+            None => bail!("linear-nll: cached logits have another dtype"),
+        },
         None => {
             let mut z = vec![T::zero(); n * v];
             if n > 0 {
@@ -1343,14 +1364,9 @@ fn linear_nll_bwd<T: Elem>(
         .for_each(|(z, (&t, &g))| {
             if Some(t) == op.ignore {
                 z.iter_mut().for_each(|x| *x = T::zero());
-                return;
+            } else {
+                row_nll_grad(z, t as usize, g);
             }
-            let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
-            z.iter_mut().for_each(|x| *x = (*x - mx).fexp());
-            let s: T = z.iter().copied().sum();
-            let k = g / s;
-            z.iter_mut().for_each(|x| *x = *x * k);
-            z[t as usize] = z[t as usize] - g;
         });
     let mut out = vec![T::zero(); n * hd + v * hd];
     if n > 0 {

@@ -308,7 +308,7 @@ impl CausalLM {
         device: &Device,
         source: &str,
     ) -> Result<Self> {
-        check_dtype(dtype, device)?;
+        check_dtype(dtype)?;
         crate::tune_runtime();
         let mut params = BTreeMap::new();
         for (name, shape) in Self::param_shapes(&cfg) {
@@ -718,7 +718,7 @@ fn merge_grads(
 }
 
 /// Rejects dtypes the device cannot run.
-pub(crate) fn check_dtype(dtype: DType, _device: &Device) -> Result<()> {
+pub(crate) fn check_dtype(dtype: DType) -> Result<()> {
     match dtype {
         DType::F32 | DType::F64 | DType::BF16 | DType::F16 => Ok(()),
         other => Err(Error::Unsupported(format!("weight dtype {other:?}"))),

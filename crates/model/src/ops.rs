@@ -343,6 +343,11 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore: Option<u32>) -> 
             None => picked,
         }
     };
+    mean_over_kept(&per_row, &targets, ignore)
+}
+
+/// Sum of per-row losses divided by the number of targets that are not `ignore`.
+fn mean_over_kept(per_row: &Tensor, targets: &Tensor, ignore: Option<u32>) -> Result<Tensor> {
     let n = match ignore {
         Some(ig) => targets
             .ne(ig)?
@@ -378,15 +383,7 @@ pub fn linear_cross_entropy(
         hidden
             .contiguous()?
             .apply_op3(&weight.contiguous()?, &targets.contiguous()?, op)?;
-    let n = match ignore {
-        Some(ig) => targets
-            .ne(ig)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?,
-        None => targets.elem_count() as f64,
-    };
-    per_row.sum_all()? / n.max(1.0)
+    mean_over_kept(&per_row, &targets, ignore)
 }
 
 #[cfg(test)]
@@ -409,6 +406,18 @@ pub(crate) mod tests {
             })
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Largest absolute elementwise difference (f64 tensors).
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Checks d/d inputs of `sum(f(inputs) * r)` against central finite differences.
@@ -497,14 +506,7 @@ pub(crate) mod tests {
             .broadcast_add(&mask.unsqueeze(1).unwrap())
             .unwrap();
         let b = softmax_generic(&x).unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = max_abs_diff(&a, &b);
         assert!(
             d < 1e-12,
             "masked softmax differs from composed reference by {d}"
@@ -583,14 +585,7 @@ pub(crate) mod tests {
             outs.push(p.matmul(&vh).unwrap());
         }
         let want = Tensor::cat(&outs, 2).unwrap();
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = max_abs_diff(&got, &want);
         assert!(
             d < 1e-12,
             "fused attention differs from the composed one by {d}"
