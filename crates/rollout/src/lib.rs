@@ -14,21 +14,29 @@
 //! - [`reward`]: nDCG@k (the paper's reward), recall@k and F1@k behind [`RewardFn`].
 //! - [`metrics`]: the evaluation table (spec section 7), file and function level.
 //! - [`patch`]: unified-diff parser (removed lines, insertion points) for gold patches.
+//! - [`dataset`]: benchmark instances (SWE-bench JSONL), errors with line numbers.
+//! - [`policy`]: the [`Policy`] trait (batched turns) and the [`policy::Oracle`].
 //! - [`gt`]: ground-truth files (`file.py::name` and Loc-Bench's `file.py:name`).
 
 pub mod answer;
 pub mod cache;
+pub mod dataset;
 pub mod gt;
 pub mod index;
 pub mod metrics;
 pub mod patch;
+pub mod policy;
 pub mod reward;
 pub mod toolcall;
 pub mod tools;
 
 pub use answer::{parse_answer, ParsedAnswer};
+pub use dataset::{load_dataset, Instance};
 pub use gt::{GroundTruth, Location};
 pub use index::{ClassEntry, FileIndex, FunctionEntry, RepoIndex};
+pub use policy::{Policy, PolicyError, Stage, TaskView, TurnReply, TurnRequest};
 pub use reward::{Reward, RewardFn};
 pub use toolcall::{ParsedTurn, ToolCallError};
 pub use tools::{ToolCall, ToolLimits, ToolOutcome};
+
+pub(crate) use tooltrain_model::error::write_atomic_io as write_atomic;
