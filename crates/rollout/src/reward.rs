@@ -11,8 +11,9 @@ pub trait RewardFn {
     fn score(&self, predicted: &[String], gt: &[String]) -> f64;
 }
 
-/// The built-in rewards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The built-in rewards. In TOML: `reward = { kind = "ndcg", k = 5 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Reward {
     /// nDCG@k, binary relevance (paper: k = 5).
     Ndcg { k: usize },

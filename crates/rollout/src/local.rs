@@ -1,0 +1,159 @@
+//! The local-model policy: a `tooltrain-model` checkpoint generating every turn of a
+//! batch together (batched KV-cached sampling over prompts of different lengths).
+//!
+//! It continues the episode's exact tokens ([`TurnRequest::prompt_tokens`]), so episodes
+//! must be run with a [`crate::episode::Renderer`] built from the same tokenizer. A turn
+//! stops at the tokenizer's end-of-turn/eos tokens or at its token budget; the sampled
+//! ids and their log-probs (under the raw model, temperature 1) are returned for RL.
+
+use crate::policy::{Policy, PolicyError, TurnReply, TurnRequest};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tooltrain_model::{CausalLM, SamplingParams, Tokenizer};
+
+/// Sampling settings of the local model (the `[policy.model]` table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalSampling {
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    /// Most sequences generated in one batch.
+    pub max_batch: usize,
+}
+
+impl Default for LocalSampling {
+    fn default() -> Self {
+        LocalSampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_batch: 16,
+        }
+    }
+}
+
+/// A checkpoint as a policy.
+pub struct LocalModel {
+    model: Arc<CausalLM>,
+    tokenizer: Arc<Tokenizer>,
+    sampling: LocalSampling,
+    name: String,
+}
+
+impl LocalModel {
+    /// `name` appears in outputs (e.g. the checkpoint path).
+    pub fn new(
+        model: Arc<CausalLM>,
+        tokenizer: Arc<Tokenizer>,
+        sampling: LocalSampling,
+        name: impl Into<String>,
+    ) -> Result<LocalModel, String> {
+        if sampling.max_batch == 0 {
+            return Err("policy.model.max_batch must be at least 1".into());
+        }
+        if !(sampling.temperature >= 0.0) || !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+            return Err(format!(
+                "policy.model: temperature must be >= 0 and top_p in (0, 1] (got {} and {})",
+                sampling.temperature, sampling.top_p
+            ));
+        }
+        if tokenizer.vocab_size() > model.config().vocab_size {
+            return Err(format!(
+                "the tokenizer has {} tokens but the model's vocabulary is {}",
+                tokenizer.vocab_size(),
+                model.config().vocab_size
+            ));
+        }
+        Ok(LocalModel {
+            model,
+            tokenizer,
+            sampling,
+            name: name.into(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn model(&self) -> &Arc<CausalLM> {
+        &self.model
+    }
+}
+
+impl Policy for LocalModel {
+    fn name(&self) -> String {
+        format!("model:{}", self.name)
+    }
+
+    fn respond(&self, requests: &[TurnRequest<'_>]) -> Vec<Result<TurnReply, PolicyError>> {
+        let mut out: Vec<Result<TurnReply, PolicyError>> = Vec::with_capacity(requests.len());
+        let stops = self.tokenizer.eos_ids();
+        for chunk in requests.chunks(self.sampling.max_batch) {
+            let prompts: Result<Vec<Vec<u32>>, PolicyError> = chunk
+                .iter()
+                .map(|r| {
+                    r.prompt_tokens.map(<[u32]>::to_vec).ok_or_else(|| {
+                        PolicyError(
+                            "the local model needs token-level episodes (run with a renderer)"
+                                .into(),
+                        )
+                    })
+                })
+                .collect();
+            let prompts = match prompts {
+                Ok(p) => p,
+                Err(e) => {
+                    out.extend(chunk.iter().map(|_| Err(e.clone())));
+                    continue;
+                }
+            };
+            let max_new = chunk.iter().map(|r| r.max_new_tokens).max().unwrap_or(1);
+            let params = SamplingParams {
+                temperature: self.sampling.temperature,
+                top_p: self.sampling.top_p,
+                top_k: self.sampling.top_k,
+                max_new_tokens: max_new.max(1),
+                stop_token_ids: stops.clone(),
+                stop_strings: vec![],
+                seed: chunk[0].seed,
+            };
+            match self.model.generate(&prompts, &params, None) {
+                Ok(gens) => {
+                    for (g, r) in gens.into_iter().zip(chunk) {
+                        let mut tokens = g.tokens;
+                        let mut logprobs = g.logprobs;
+                        let mut truncated = false;
+                        if tokens.len() > r.max_new_tokens {
+                            tokens.truncate(r.max_new_tokens);
+                            logprobs.truncate(r.max_new_tokens);
+                            truncated = true;
+                        }
+                        let stopped = tokens.last().is_some_and(|t| stops.contains(t));
+                        truncated |= !stopped;
+                        let body = if stopped {
+                            &tokens[..tokens.len() - 1]
+                        } else {
+                            &tokens[..]
+                        };
+                        out.push(
+                            self.tokenizer
+                                .decode(body, false)
+                                .map(|text| TurnReply {
+                                    text,
+                                    tokens: Some(tokens.clone()),
+                                    logprobs: Some(logprobs),
+                                    truncated,
+                                })
+                                .map_err(|e| PolicyError(format!("decode: {e}"))),
+                        );
+                    }
+                }
+                Err(e) => out.extend(chunk.iter().map(|_| Err(PolicyError(format!("generate: {e}"))))),
+            }
+        }
+        out
+    }
+}
