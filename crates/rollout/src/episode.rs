@@ -233,6 +233,9 @@ pub struct Trajectory {
     pub files: Vec<String>,
     /// Reward of the answer (when GT is known).
     pub reward: Option<f64>,
+    /// GT locations among the answer's top 5 (when GT is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gt_hits: Option<usize>,
     /// Why the episode failed (policy or template error); the answer is then empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -709,6 +712,8 @@ fn finish(
     live.traj.files = parsed.files;
     if let Some(gt) = &job.gt {
         live.traj.reward = Some(reward_of(&cfg.reward, &live.traj.locations, &live.traj.files, gt));
+        let named: Vec<String> = gt.iter().filter(|l| l.name.is_some()).map(Location::key).collect();
+        live.traj.gt_hits = Some(crate::reward::hits_at_k(&live.traj.locations, &named, 5));
     }
     if let (Some(r), Some(ts)) = (renderer, live.tokens.as_mut()) {
         let res = r

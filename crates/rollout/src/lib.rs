@@ -15,18 +15,33 @@
 //! - [`metrics`]: the evaluation table (spec section 7), file and function level.
 //! - [`patch`]: unified-diff parser (removed lines, insertion points) for gold patches.
 //! - [`dataset`]: benchmark instances (SWE-bench JSONL), errors with line numbers.
+//! - [`episode`]: episodes run in lock-step batches, token records with loss masks and
+//!   drift, the [`episode::Renderer`] (chat template + tokenizer), [`episode::EpisodeConfig`].
+//! - [`prompts`]: the RepoSearcher system/user/summary prompts.
 //! - [`policy`]: the [`Policy`] trait (batched turns) and the [`policy::Oracle`].
+//! - [`bm25`]: the BM25 lexical baseline policy (no LLM): [`bm25::Bm25`].
+//! - [`openai`]: a policy over any OpenAI-compatible chat-completions endpoint: [`openai::OpenAiPolicy`].
+//! - [`synth`]: seeded synthetic tasks (small Python packages, bug reports, gold patches, GT): [`synth::generate`].
 //! - [`gt`]: ground-truth files (`file.py::name` and Loc-Bench's `file.py:name`).
+//! - [`repos`]: instance source trees at their base commit (git, or the PyPI fallback) and the derived-GT agreement check.
 
 pub mod answer;
+pub mod bm25;
 pub mod cache;
 pub mod dataset;
+pub mod episode;
+pub mod eval;
 pub mod gt;
 pub mod index;
+pub mod local;
 pub mod metrics;
+pub mod openai;
 pub mod patch;
 pub mod policy;
+pub mod prompts;
+pub mod repos;
 pub mod reward;
+pub mod synth;
 pub mod toolcall;
 pub mod tools;
 
