@@ -72,17 +72,13 @@ pub fn run(a: Args) -> Result<()> {
     }
     let pb = episode_bar(0, "episodes");
     let reward_sum = std::sync::Mutex::new((0.0f64, 0usize));
-    let summary = run_eval(
-        &cfg,
-        &|n| pb.set_length(n as u64),
-        &|t| {
-            let mut r = reward_sum.lock().unwrap();
-            r.0 += t.reward.unwrap_or(0.0);
-            r.1 += 1;
-            pb.set_message(format!("mean reward {:.3}", r.0 / r.1 as f64));
-            pb.inc(1);
-        },
-    )
+    let summary = run_eval(&cfg, &|n| pb.set_length(n as u64), &|t| {
+        let mut r = reward_sum.lock().unwrap();
+        r.0 += t.reward.unwrap_or(0.0);
+        r.1 += 1;
+        pb.set_message(format!("mean reward {:.3}", r.0 / r.1 as f64));
+        pb.inc(1);
+    })
     .map_err(|e| anyhow!(e))?;
     pb.finish_and_clear();
     print!("{}", summary.report.table());

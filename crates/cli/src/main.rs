@@ -3,10 +3,17 @@
 //! `tooltrain-rollout`).
 
 mod common;
+mod config;
 mod convert;
+mod eval;
 mod generate;
+mod gtcheck;
 mod index;
+mod plot;
+mod repos;
+mod sample;
 mod score;
+mod synth;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -31,8 +38,20 @@ enum Command {
     Score(score::Args),
     /// Write a checkpoint (HF directory or GGUF) as a Hugging Face directory.
     Convert(convert::Args),
+    /// Run a policy over benchmark instances: trajectories, predictions, the metric table.
+    Eval(eval::Args),
+    /// Rejection sampling: K episodes per instance, keep those that hit the GT, write the SFT dataset.
+    Sample(sample::Args),
     /// Index a Python repository and print classes, methods and functions as JSON.
     Index(index::Args),
+    /// Materialise instance repositories at their base commits (`repos prepare`).
+    Repos(repos::Args),
+    /// Compare ground truth derived from gold patches on prepared trees with a shipped GT file.
+    GtCheck(gtcheck::Args),
+    /// Write seeded synthetic localisation tasks (Python packages, bug reports, patches, GT).
+    Synth(synth::Args),
+    /// Render a run's metric curves (metrics.jsonl) to a PNG grid of charts.
+    Plot(plot::Args),
 }
 
 fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
@@ -56,6 +75,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(a) => score::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Index(a) => index::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Sample(a) => sample::run(a),
+        Command::Repos(a) => repos::run(a),
+        Command::GtCheck(a) => gtcheck::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Plot(a) => plot::run(a),
     }
 }
 

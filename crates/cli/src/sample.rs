@@ -33,7 +33,10 @@ pub fn run(a: Args) -> Result<()> {
         "sampled {} episodes ({} from earlier runs, {} failed) over {} instances; kept {} ({} duplicates dropped) from {} instances; mean reward {:.4}; {:.1}s",
         s.sampled, s.resumed, s.failed, s.instances, s.kept, s.duplicates, s.instances_with_kept, s.mean_reward, s.seconds
     );
-    println!("reward histogram (0.0-0.1 ... 0.9-1.0): {:?}", s.reward_histogram);
+    println!(
+        "reward histogram (0.0-0.1 ... 0.9-1.0): {:?}",
+        s.reward_histogram
+    );
     println!("SFT dataset: {}", cfg.out.join("sft.jsonl").display());
     Ok(())
 }

@@ -51,7 +51,11 @@ fn bench(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::write(a.join("util.py"), "def slugify(s):\n    return s.lower()\n").unwrap();
     let b = repos.join("o__r-2/pkg");
     std::fs::create_dir_all(&b).unwrap();
-    std::fs::write(b.join("parse.py"), "class Parser:\n    def parse(self, s):\n        return s\n").unwrap();
+    std::fs::write(
+        b.join("parse.py"),
+        "class Parser:\n    def parse(self, s):\n        return s\n",
+    )
+    .unwrap();
     let ds = dir.join("d.jsonl");
     let line = |id: &str, text: &str| {
         serde_json::json!({"instance_id": id, "repo": "o/r", "base_commit": "c", "problem_statement": text, "patch": ""}).to_string()
@@ -60,7 +64,10 @@ fn bench(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         &ds,
         format!(
             "{}\n{}\n{}\n",
-            line("o__r-1", "Cart total is wrong: Cart.total returns 0 and price_of is ignored."),
+            line(
+                "o__r-1",
+                "Cart total is wrong: Cart.total returns 0 and price_of is ignored."
+            ),
             line("o__r-2", "Parser.parse does not parse."),
             line("o__r-3", "The tree of this one is missing.")
         ),
@@ -80,19 +87,37 @@ fn oracle_and_bm25_on_a_small_benchmark() {
     let dir = tempfile::tempdir().unwrap();
     let (ds, gt, repos) = bench(dir.path());
     let out = dir.path().join("oracle");
-    let text = run_ok(bin().args(["eval", "--policy", "oracle"]).arg("--dataset").arg(&ds).arg("--gt").arg(&gt).arg("--repos-dir").arg(&repos).arg("--out").arg(&out));
+    let text = run_ok(
+        bin()
+            .args(["eval", "--policy", "oracle"])
+            .arg("--dataset")
+            .arg(&ds)
+            .arg("--gt")
+            .arg(&gt)
+            .arg("--repos-dir")
+            .arg(&repos)
+            .arg("--out")
+            .arg(&out),
+    );
     assert!(text.contains("function_strict"), "{text}");
     let m = metrics(&out);
     // Three instances in the denominator; the missing tree scores 0: 2/3 = 66.67%.
     let r = &m["report"];
     assert_eq!(r["instances"], 3);
     let close = |v: &Value, want: f64| (v.as_f64().unwrap() - want).abs() < 1e-9;
-    assert!(close(&r["function"]["acc"][2], 200.0 / 3.0), "{}", r["function"]);
+    assert!(
+        close(&r["function"]["acc"][2], 200.0 / 3.0),
+        "{}",
+        r["function"]
+    );
     assert!(close(&r["function"]["ndcg5"], 200.0 / 3.0));
     assert!(close(&r["file"]["acc"][0], 200.0 / 3.0));
     // Recall@1 of instance 1 is 1/2: (0.5 + 1 + 0) / 3.
     assert!(close(&r["function"]["recall"][0], 50.0));
-    assert!(m["failures"]["o__r-3"].as_str().unwrap().contains("missing"));
+    assert!(m["failures"]["o__r-3"]
+        .as_str()
+        .unwrap()
+        .contains("missing"));
     let preds = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
     let first: Value = serde_json::from_str(preds.lines().next().unwrap()).unwrap();
     assert_eq!(first["instance_id"], "o__r-1");
@@ -106,11 +131,26 @@ fn oracle_and_bm25_on_a_small_benchmark() {
     assert!(!out.join("trajectories.jsonl.partial").exists());
 
     let out = dir.path().join("bm25");
-    run_ok(bin().args(["eval", "--policy", "bm25", "--limit", "2"]).arg("--dataset").arg(&ds).arg("--gt").arg(&gt).arg("--repos-dir").arg(&repos).arg("--out").arg(&out));
+    run_ok(
+        bin()
+            .args(["eval", "--policy", "bm25", "--limit", "2"])
+            .arg("--dataset")
+            .arg(&ds)
+            .arg("--gt")
+            .arg(&gt)
+            .arg("--repos-dir")
+            .arg(&repos)
+            .arg("--out")
+            .arg(&out),
+    );
     let m = metrics(&out);
     assert_eq!(m["report"]["instances"], 2);
     // Both issues name their culprit: BM25 finds the right file first.
-    assert!(close(&m["report"]["file"]["acc"][0], 100.0), "{}", m["report"]["file"]);
+    assert!(
+        close(&m["report"]["file"]["acc"][0], 100.0),
+        "{}",
+        m["report"]["file"]
+    );
 }
 
 #[test]
@@ -118,21 +158,58 @@ fn bad_input_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let (ds, gt, repos) = bench(dir.path());
     let base = |c: &mut Command| {
-        c.arg("--dataset").arg(&ds).arg("--gt").arg(&gt).arg("--repos-dir").arg(&repos).arg("--out").arg(dir.path().join("o"));
+        c.arg("--dataset")
+            .arg(&ds)
+            .arg("--gt")
+            .arg(&gt)
+            .arg("--repos-dir")
+            .arg(&repos)
+            .arg("--out")
+            .arg(dir.path().join("o"));
     };
     let mut c = bin();
-    c.args(["eval", "--policy", "oracle", "--set", "instances=[\"o__r-1\", \"nope\"]"]);
+    c.args([
+        "eval",
+        "--policy",
+        "oracle",
+        "--set",
+        "instances=[\"o__r-1\", \"nope\"]",
+    ]);
     base(&mut c);
     let e = run_err(&mut c);
-    assert!(e.contains("unknown instance id") && e.contains("nope"), "{e}");
+    assert!(
+        e.contains("unknown instance id") && e.contains("nope"),
+        "{e}"
+    );
     let mut c = bin();
     c.args(["eval", "--set", "episode.max_turnz=3"]);
     base(&mut c);
     let e = run_err(&mut c);
-    assert!(e.contains("episode.max_turnz") || (e.contains("episode") && e.contains("max_turnz")), "{e}");
+    assert!(
+        e.contains("episode.max_turnz") || (e.contains("episode") && e.contains("max_turnz")),
+        "{e}"
+    );
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, format!("{}\n{{oops\n", std::fs::read_to_string(&ds).unwrap().lines().next().unwrap())).unwrap();
-    let e = run_err(bin().args(["eval", "--policy", "oracle"]).arg("--dataset").arg(&bad).arg("--repos-dir").arg(&repos));
+    std::fs::write(
+        &bad,
+        format!(
+            "{}\n{{oops\n",
+            std::fs::read_to_string(&ds)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+        ),
+    )
+    .unwrap();
+    let e = run_err(
+        bin()
+            .args(["eval", "--policy", "oracle"])
+            .arg("--dataset")
+            .arg(&bad)
+            .arg("--repos-dir")
+            .arg(&repos),
+    );
     assert!(e.contains("bad.jsonl:2:"), "{e}");
     let e = run_err(bin().args(["eval", "--policy", "nonsense"]));
     assert!(e.contains("nonsense"), "{e}");
@@ -145,20 +222,36 @@ fn swebench_ci_subset_oracle_scores_100_and_bm25_runs() {
     let repos = root().join("assets/repos-ci");
     if !repos.is_dir() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{} is missing: run scripts/prepare-ci-repos.sh", repos.display());
+            panic!(
+                "{} is missing: run scripts/prepare-ci-repos.sh",
+                repos.display()
+            );
         }
-        eprintln!("SKIP: {} missing (run scripts/prepare-ci-repos.sh)", repos.display());
+        eprintln!(
+            "SKIP: {} missing (run scripts/prepare-ci-repos.sh)",
+            repos.display()
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("oracle");
-    let text = run_ok(bin().args(["eval", "--config", "configs/eval-oracle-ci.toml"]).arg("--out").arg(&out));
+    let text = run_ok(
+        bin()
+            .args(["eval", "--config", "configs/eval-oracle-ci.toml"])
+            .arg("--out")
+            .arg(&out),
+    );
     println!("{text}");
     let m = metrics(&out);
     let r = &m["report"];
     let n = r["instances"].as_u64().unwrap();
     assert!(n >= 5, "{n} instances");
-    assert_eq!(m["failures"].as_object().unwrap().len(), 0, "{}", m["failures"]);
+    assert_eq!(
+        m["failures"].as_object().unwrap().len(),
+        0,
+        "{}",
+        m["failures"]
+    );
     for level in ["file", "function", "function_strict"] {
         for key in ["ndcg5", "map", "mrr"] {
             assert_eq!(r[level][key].as_f64().unwrap(), 100.0, "{level} {key}");
@@ -170,7 +263,18 @@ fn swebench_ci_subset_oracle_scores_100_and_bm25_runs() {
     assert_eq!(m["mean_reward"].as_f64().unwrap(), 1.0);
 
     let out = dir.path().join("bm25");
-    let text = run_ok(bin().args(["eval", "--config", "configs/eval-oracle-ci.toml", "--policy", "bm25"]).arg("--out").arg(&out));
+    let text = run_ok(
+        bin()
+            .args([
+                "eval",
+                "--config",
+                "configs/eval-oracle-ci.toml",
+                "--policy",
+                "bm25",
+            ])
+            .arg("--out")
+            .arg(&out),
+    );
     println!("{text}");
     let m = metrics(&out);
     assert_eq!(m["report"]["instances"].as_u64().unwrap(), n);

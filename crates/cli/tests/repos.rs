@@ -244,11 +244,17 @@ fn gt_check_on_the_ci_set() {
     let o = tooltrain(&[
         "gt-check",
         "--dataset",
-        root().join("../shared/data/swebench/swebench_verified.jsonl").to_str().unwrap(),
+        root()
+            .join("../shared/data/swebench/swebench_verified.jsonl")
+            .to_str()
+            .unwrap(),
         "--repos-dir",
         repos.to_str().unwrap(),
         "--gt",
-        root().join("../shared/data/swebench/gt_verified_repodeepsearch.json").to_str().unwrap(),
+        root()
+            .join("../shared/data/swebench/gt_verified_repodeepsearch.json")
+            .to_str()
+            .unwrap(),
         "--out",
         out.to_str().unwrap(),
     ]);

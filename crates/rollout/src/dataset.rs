@@ -100,7 +100,9 @@ mod tests {
         let text = format!("{ok}\n{ok}\n");
         let e = parse_dataset(&text, "d.jsonl").unwrap_err().to_string();
         assert!(e.contains("d.jsonl:2:") && e.contains("duplicate"), "{e}");
-        let e = parse_dataset(r#"{"instance_id": "x"}"#, "d").unwrap_err().to_string();
+        let e = parse_dataset(r#"{"instance_id": "x"}"#, "d")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("problem_statement"), "{e}");
     }
 
@@ -114,6 +116,8 @@ mod tests {
         }
         let d = load_dataset(&p).unwrap();
         assert_eq!(d.len(), 500);
-        assert!(d.iter().all(|i| i.base_commit.len() == 40 && i.repo.contains('/')));
+        assert!(d
+            .iter()
+            .all(|i| i.base_commit.len() == 40 && i.repo.contains('/')));
     }
 }

@@ -95,7 +95,9 @@ impl EpisodeConfig {
             return Err("episode.num_candidates must be at least 1".into());
         }
         if self.max_new_tokens == 0 || self.max_answer_tokens == 0 {
-            return Err("episode.max_new_tokens and episode.max_answer_tokens must be at least 1".into());
+            return Err(
+                "episode.max_new_tokens and episode.max_answer_tokens must be at least 1".into(),
+            );
         }
         if self.max_context_tokens <= self.max_answer_tokens {
             return Err(format!(
@@ -170,7 +172,9 @@ impl Renderer {
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.tokenizer.encode(text).map_err(|e| format!("tokenizer: {e}"))
+        self.tokenizer
+            .encode(text)
+            .map_err(|e| format!("tokenizer: {e}"))
     }
 }
 
@@ -292,10 +296,15 @@ impl TokenState {
 
     fn push(&mut self, ids: &[u32], mask: u8, logprobs: Option<&[f32]>) {
         self.rec.tokens.extend_from_slice(ids);
-        self.rec.loss_mask.extend(std::iter::repeat_n(mask, ids.len()));
+        self.rec
+            .loss_mask
+            .extend(std::iter::repeat_n(mask, ids.len()));
         match logprobs {
             Some(lp) => self.rec.logprobs.extend_from_slice(lp),
-            None => self.rec.logprobs.extend(std::iter::repeat_n(0.0, ids.len())),
+            None => self
+                .rec
+                .logprobs
+                .extend(std::iter::repeat_n(0.0, ids.len())),
         }
     }
 
@@ -324,9 +333,10 @@ impl TokenState {
         // one after assistant content).
         let content = reply.text.as_str();
         let rendered = r.render(messages_with_reply, tools, false)?;
-        let closes = r.end_of_turn.as_deref().filter(|e| {
-            rendered.contains(&format!("{content}{e}"))
-        });
+        let closes = r
+            .end_of_turn
+            .as_deref()
+            .filter(|e| rendered.contains(&format!("{content}{e}")));
         if !rendered.contains(content) {
             return Err(
                 "the chat template changes assistant content (e.g. trims it); cannot align the reply's tokens"
@@ -413,7 +423,10 @@ pub fn run_episodes(
     cfg: &EpisodeConfig,
     on_done: &(dyn Fn(&Trajectory) + Sync),
 ) -> Vec<Trajectory> {
-    let schemas = tools::tool_schemas().as_array().cloned().unwrap_or_default();
+    let schemas = tools::tool_schemas()
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let limits = ToolLimits {
         max_code_chars: cfg.max_code_chars,
     };
@@ -447,7 +460,8 @@ pub fn run_episodes(
                             gt_plus_random(&job.index, gt, cfg.num_candidates, job.seed)
                     }
                     None => {
-                        live.traj.error = Some("candidates = gt_plus_random needs ground truth".into());
+                        live.traj.error =
+                            Some("candidates = gt_plus_random needs ground truth".into());
                         live.finished = true;
                     }
                 }
@@ -466,7 +480,8 @@ pub fn run_episodes(
             let prompt_tokens: Vec<Option<Vec<u32>>> = file_msgs
                 .iter()
                 .map(|m| {
-                    renderer.and_then(|r| r.render(m, &[], true).ok().and_then(|t| r.encode(&t).ok()))
+                    renderer
+                        .and_then(|r| r.render(m, &[], true).ok().and_then(|t| r.encode(&t).ok()))
                 })
                 .collect();
             let reqs: Vec<TurnRequest> = jobs
@@ -662,7 +677,10 @@ fn prepare_turn(
     cfg: &EpisodeConfig,
 ) -> Result<(Option<Vec<u32>>, usize), String> {
     let summary_asked = |live: &Live| {
-        live.traj.messages.last().and_then(|m| m["content"].as_str())
+        live.traj
+            .messages
+            .last()
+            .and_then(|m| m["content"].as_str())
             == Some(prompts::SUMMARY_REQUEST)
     };
     loop {
@@ -711,8 +729,17 @@ fn finish(
     live.traj.locations = parsed.locations;
     live.traj.files = parsed.files;
     if let Some(gt) = &job.gt {
-        live.traj.reward = Some(reward_of(&cfg.reward, &live.traj.locations, &live.traj.files, gt));
-        let named: Vec<String> = gt.iter().filter(|l| l.name.is_some()).map(Location::key).collect();
+        live.traj.reward = Some(reward_of(
+            &cfg.reward,
+            &live.traj.locations,
+            &live.traj.files,
+            gt,
+        ));
+        let named: Vec<String> = gt
+            .iter()
+            .filter(|l| l.name.is_some())
+            .map(Location::key)
+            .collect();
         live.traj.gt_hits = Some(crate::reward::hits_at_k(&live.traj.locations, &named, 5));
     }
     if let (Some(r), Some(ts)) = (renderer, live.tokens.as_mut()) {
@@ -740,7 +767,11 @@ fn finish(
 /// locations; when the GT names no location (file-only GT), over the answer's files
 /// against the GT files.
 pub fn reward_of(reward: &Reward, locations: &[String], files: &[String], gt: &[Location]) -> f64 {
-    let named: Vec<String> = gt.iter().filter(|l| l.name.is_some()).map(Location::key).collect();
+    let named: Vec<String> = gt
+        .iter()
+        .filter(|l| l.name.is_some())
+        .map(Location::key)
+        .collect();
     if !named.is_empty() {
         return reward.score(locations, &named);
     }

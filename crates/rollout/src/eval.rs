@@ -219,7 +219,11 @@ pub fn select(data: &DataConfig) -> Result<Selection, String> {
                 "instances: {} unknown instance id(s) not in {}: {}",
                 unknown.len(),
                 data.dataset.display(),
-                unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                unknown
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         data.instances
@@ -235,7 +239,10 @@ pub fn select(data: &DataConfig) -> Result<Selection, String> {
             let g = GroundTruth::load(p).map_err(|e| e.to_string())?;
             let gt = chosen
                 .iter()
-                .filter_map(|i| g.get(&i.instance_id).map(|l| (i.instance_id.clone(), l.to_vec())))
+                .filter_map(|i| {
+                    g.get(&i.instance_id)
+                        .map(|l| (i.instance_id.clone(), l.to_vec()))
+                })
                 .collect();
             (gt, false)
         }
@@ -258,7 +265,9 @@ pub fn load_index(data: &DataConfig, inst: &Instance) -> Result<RepoIndex, Strin
             root.display()
         ));
     }
-    let marker = data.repos_dir.join(format!("{}.source.json", inst.instance_id));
+    let marker = data
+        .repos_dir
+        .join(format!("{}.source.json", inst.instance_id));
     if let (Some(dir), Ok(bytes)) = (&data.index_cache, std::fs::read(&marker)) {
         let mut h: u64 = 0xcbf29ce484222325;
         for b in &bytes {
@@ -298,14 +307,20 @@ pub fn build_policy(
         PolicyKind::Model => {
             let m = &cfg.model;
             if m.path.as_os_str().is_empty() {
-                return Err("policy.model.path: missing (a checkpoint directory or .gguf file)".into());
+                return Err(
+                    "policy.model.path: missing (a checkpoint directory or .gguf file)".into(),
+                );
             }
-            let dtype = tooltrain_model::parse_dtype(&m.dtype).map_err(|e| format!("policy.model.dtype: {e}"))?;
+            let dtype = tooltrain_model::parse_dtype(&m.dtype)
+                .map_err(|e| format!("policy.model.dtype: {e}"))?;
             let device = tooltrain_model::default_device(m.cpu).map_err(|e| e.to_string())?;
             let ckpt = tooltrain_model::load(&m.path, dtype, &device)
                 .map_err(|e| format!("policy.model.path {}: {e}", m.path.display()))?;
             let tok = Arc::new(ckpt.tokenizer.ok_or_else(|| {
-                format!("policy.model.path {}: the checkpoint has no tokenizer", m.path.display())
+                format!(
+                    "policy.model.path {}: the checkpoint has no tokenizer",
+                    m.path.display()
+                )
             })?);
             let policy = LocalModel::new(
                 Arc::new(ckpt.model),
@@ -354,7 +369,10 @@ pub fn run_batches(
                 ids.push(i);
             }
         }
-        let built: Vec<(String, Result<(Arc<RepoIndex>, Option<Vec<Location>>), String>)> = ids
+        let built: Vec<(
+            String,
+            Result<(Arc<RepoIndex>, Option<Vec<Location>>), String>,
+        )> = ids
             .par_iter()
             .map(|inst| {
                 let r = load_index(data, inst).and_then(|idx| {
@@ -476,7 +494,11 @@ pub struct EvalSummary {
 /// Runs an eval: all selected instances, `samples` episodes each (sample 0 is scored
 /// in the table; every sample's reward is in the means), writing the outputs under
 /// `cfg.out`. `on_done` is called after each episode (for a progress bar).
-pub fn run_eval(cfg: &EvalConfig, on_start: &dyn Fn(usize), on_done: &dyn Fn(&Trajectory)) -> Result<EvalSummary, String> {
+pub fn run_eval(
+    cfg: &EvalConfig,
+    on_start: &dyn Fn(usize),
+    on_done: &dyn Fn(&Trajectory),
+) -> Result<EvalSummary, String> {
     cfg.validate()?;
     let t0 = std::time::Instant::now();
     let sel = select(&cfg.data)?;
@@ -503,7 +525,8 @@ pub fn run_eval(cfg: &EvalConfig, on_start: &dyn Fn(usize), on_done: &dyn Fn(&Tr
     let mut preds: BTreeMap<String, Prediction> = BTreeMap::new();
     let mut gt_seen: BTreeMap<String, Vec<Location>> = sel.gt.clone();
     let mut failures = BTreeMap::new();
-    let (mut n, mut reward, mut turns, mut calls, mut invalid, mut drift) = (0usize, 0.0, 0usize, 0usize, 0usize, 0usize);
+    let (mut n, mut reward, mut turns, mut calls, mut invalid, mut drift) =
+        (0usize, 0.0, 0usize, 0usize, 0usize, 0usize);
     let mut io_err: Option<String> = None;
     run_batches(
         &sel,
@@ -533,7 +556,8 @@ pub fn run_eval(cfg: &EvalConfig, on_start: &dyn Fn(usize), on_done: &dyn Fn(&Tr
                 preds.insert(
                     t.instance_id.clone(),
                     Prediction {
-                        found_files: serde_json::from_value(p["found_files"].clone()).unwrap_or_default(),
+                        found_files: serde_json::from_value(p["found_files"].clone())
+                            .unwrap_or_default(),
                         found_locations: t.locations.clone(),
                     },
                 );
@@ -557,11 +581,16 @@ pub fn run_eval(cfg: &EvalConfig, on_start: &dyn Fn(usize), on_done: &dyn Fn(&Tr
     if let Some(e) = io_err {
         return Err(format!("writing outputs under {}: {e}", cfg.out.display()));
     }
-    for (w, name) in [(traj_w, "trajectories.jsonl"), (pred_w, "predictions.jsonl")] {
+    for (w, name) in [
+        (traj_w, "trajectories.jsonl"),
+        (pred_w, "predictions.jsonl"),
+    ] {
         w.into_inner()
             .map_err(|e| e.to_string())
             .and_then(|f| f.sync_all().map_err(|e| e.to_string()))
-            .and_then(|()| std::fs::rename(part(name), cfg.out.join(name)).map_err(|e| e.to_string()))
+            .and_then(|()| {
+                std::fs::rename(part(name), cfg.out.join(name)).map_err(|e| e.to_string())
+            })
             .map_err(|e| format!("{}: {e}", cfg.out.join(name).display()))?;
     }
     // Denominator: every selected instance (no GT = empty GT = 0).
@@ -575,7 +604,12 @@ pub fn run_eval(cfg: &EvalConfig, on_start: &dyn Fn(usize), on_done: &dyn Fn(&Tr
         instances: sel
             .instances
             .iter()
-            .map(|i| (i.instance_id.clone(), gt_seen.get(&i.instance_id).cloned().unwrap_or_default()))
+            .map(|i| {
+                (
+                    i.instance_id.clone(),
+                    gt_seen.get(&i.instance_id).cloned().unwrap_or_default(),
+                )
+            })
             .collect(),
     };
     let report = evaluate(&preds, &gt);
@@ -596,9 +630,15 @@ pub fn run_eval(cfg: &EvalConfig, on_start: &dyn Fn(usize), on_done: &dyn Fn(&Tr
     metrics["policy"] = json!(policy.name());
     metrics["config"] = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
     let write = |name: &str, bytes: &[u8]| {
-        crate::write_atomic(&cfg.out.join(name), bytes).map_err(|e| format!("{}: {e}", cfg.out.join(name).display()))
+        crate::write_atomic(&cfg.out.join(name), bytes)
+            .map_err(|e| format!("{}: {e}", cfg.out.join(name).display()))
     };
-    write("metrics.json", serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?.as_bytes())?;
+    write(
+        "metrics.json",
+        serde_json::to_string_pretty(&metrics)
+            .map_err(|e| e.to_string())?
+            .as_bytes(),
+    )?;
     write("table.txt", summary.report.table().as_bytes())?;
     Ok(summary)
 }

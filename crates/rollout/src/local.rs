@@ -151,7 +151,11 @@ impl Policy for LocalModel {
                         );
                     }
                 }
-                Err(e) => out.extend(chunk.iter().map(|_| Err(PolicyError(format!("generate: {e}"))))),
+                Err(e) => out.extend(
+                    chunk
+                        .iter()
+                        .map(|_| Err(PolicyError(format!("generate: {e}")))),
+                ),
             }
         }
         out

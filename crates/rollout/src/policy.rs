@@ -151,7 +151,9 @@ pub fn format_tool_call(call: &ToolCall) -> String {
             file_name,
             class_name,
             func_name,
-        } => serde_json::json!({"file_name": file_name, "class_name": class_name, "func_name": func_name}),
+        } => {
+            serde_json::json!({"file_name": file_name, "class_name": class_name, "func_name": func_name})
+        }
         ToolCall::Exit => serde_json::json!({}),
     };
     let body = serde_json::json!({"name": call.name(), "arguments": args});
@@ -276,7 +278,12 @@ mod tests {
         let p = parse_answer(&text);
         assert_eq!(
             p.locations,
-            ["a/b.py::Foo.bar", "a/b.py::Baz", "c.py::helper", "c.py::_private"]
+            [
+                "a/b.py::Foo.bar",
+                "a/b.py::Baz",
+                "c.py::helper",
+                "c.py::_private"
+            ]
         );
         assert_eq!(p.files, ["a/b.py", "c.py", "d.py"]);
     }

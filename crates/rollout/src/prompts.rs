@@ -114,7 +114,10 @@ mod tests {
         let src = b"class A:\n    def m(self):\n        pass\n    def n(self):\n        pass\n\ndef f():\n    pass\n";
         let idx = RepoIndex::from_files(vec![FileIndex::parse("pkg/a.py", src)]);
         let u = function_user("It breaks.\n", &idx, &["pkg/a.py".into(), "gone.py".into()]);
-        assert!(u.starts_with("<bug_report>\nIt breaks.\n</bug_report>\n"), "{u}");
+        assert!(
+            u.starts_with("<bug_report>\nIt breaks.\n</bug_report>\n"),
+            "{u}"
+        );
         assert!(u.contains(
             "### pkg/a.py\nclass A\n    methods: m, n\nmodule functions: f\n\n### gone.py\n(file not found in the repository)\n"
         ), "{u}");

@@ -24,7 +24,10 @@ fn asset(rel: &str) -> Option<PathBuf> {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{} is missing: run scripts/fetch-assets.sh", p.display());
     }
-    eprintln!("SKIP: {} missing (run scripts/fetch-assets.sh)", p.display());
+    eprintln!(
+        "SKIP: {} missing (run scripts/fetch-assets.sh)",
+        p.display()
+    );
     None
 }
 
@@ -70,7 +73,12 @@ fn cfg() -> EpisodeConfig {
     }
 }
 
-fn run(jobs: &[EpisodeJob], p: &dyn Policy, r: Option<&Renderer>, c: &EpisodeConfig) -> Vec<Trajectory> {
+fn run(
+    jobs: &[EpisodeJob],
+    p: &dyn Policy,
+    r: Option<&Renderer>,
+    c: &EpisodeConfig,
+) -> Vec<Trajectory> {
     run_episodes(jobs, p, r, c, &|_| {})
 }
 
@@ -97,14 +105,21 @@ fn oracle_episode_is_recorded_token_by_token() {
     let Some(tok) = qwen() else { return };
     let r = Renderer::new(tok.clone()).unwrap();
     assert_eq!(r.end_of_turn(), Some("<|im_end|>"));
-    let gt = ["shop/cart.py::Cart.total", "shop/cart.py::helper", "shop/parse.py::Parser"];
+    let gt = [
+        "shop/cart.py::Cart.total",
+        "shop/cart.py::helper",
+        "shop/parse.py::Parser",
+    ];
     let jobs = [job(&gt, 7)];
     let t = &run(&jobs, &Oracle { reasoning: true }, Some(&r), &cfg())[0];
     assert_eq!(t.error, None);
     assert_eq!(t.reward, Some(1.0));
     assert_eq!(t.locations, gt);
     // Three reads, then the exit turn; all reads hit.
-    assert_eq!((t.turns, t.tool_calls, t.tool_hits, t.invalid_turns), (4, 3, 3, 0));
+    assert_eq!(
+        (t.turns, t.tool_calls, t.tool_hits, t.invalid_turns),
+        (4, 3, 3, 0)
+    );
     assert!(t.exited && !t.context_exhausted);
     // Candidates: both GT files plus one non-test file.
     assert_eq!(t.candidate_files.len(), 3);
@@ -122,12 +137,23 @@ fn oracle_episode_is_recorded_token_by_token() {
     let mut history = t.messages.clone();
     history.push(json!({"role": "user", "content": "."}));
     let text = tok
-        .apply_chat_template(&history, Some(tools.as_array().unwrap()), false, &Default::default())
+        .apply_chat_template(
+            &history,
+            Some(tools.as_array().unwrap()),
+            false,
+            &Default::default(),
+        )
         .unwrap();
     let fresh = tok.encode(&text).unwrap();
     assert_eq!(rec.tokens, fresh[..rec.tokens.len()]);
-    assert_eq!(tok.decode(&fresh[rec.tokens.len()..], false).unwrap(), "<|im_start|>user\n.<|im_end|>\n");
-    assert!(text.contains("<tools>"), "the Qwen template renders the tool schemas");
+    assert_eq!(
+        tok.decode(&fresh[rec.tokens.len()..], false).unwrap(),
+        "<|im_start|>user\n.<|im_end|>\n"
+    );
+    assert!(
+        text.contains("<tools>"),
+        "the Qwen template renders the tool schemas"
+    );
     // ... and the loss mask covers exactly each assistant message plus its <|im_end|>.
     let assistant: Vec<String> = t
         .messages
@@ -136,11 +162,19 @@ fn oracle_episode_is_recorded_token_by_token() {
         .map(|m| format!("{}<|im_end|>", m["content"].as_str().unwrap()))
         .collect();
     assert_eq!(assistant.len(), 5, "four search turns and the summary");
-    assert_eq!(generated_spans(&tok, &rec.tokens, &rec.loss_mask), assistant);
+    assert_eq!(
+        generated_spans(&tok, &rec.tokens, &rec.loss_mask),
+        assistant
+    );
     // Tool observations are in the tokens but masked.
     let tool_msgs = t.messages.iter().filter(|m| m["role"] == "tool").count();
     assert_eq!(tool_msgs, 3);
-    assert!(text.contains("<tool_response>\nResult of get_code_of_class_function(file_name=\"shop/cart.py\""), "{text}");
+    assert!(
+        text.contains(
+            "<tool_response>\nResult of get_code_of_class_function(file_name=\"shop/cart.py\""
+        ),
+        "{text}"
+    );
 }
 
 #[test]
@@ -154,7 +188,10 @@ fn file_stage_chooses_candidates() {
     assert_eq!(t.candidate_files, ["shop/parse.py", "shop/cart.py"]);
     let fs = t.file_stage.as_ref().unwrap();
     assert_eq!(fs.files, t.candidate_files);
-    assert!(fs.messages[1]["content"].as_str().unwrap().contains("shop/\n    cart.py\n"));
+    assert!(fs.messages[1]["content"]
+        .as_str()
+        .unwrap()
+        .contains("shop/\n    cart.py\n"));
     assert_eq!(t.reward, Some(1.0));
     assert!(t.tokens.is_none());
 }
@@ -199,7 +236,10 @@ fn budgets_invalid_turns_and_failures() {
     let ts = run(&[job(&gt, 1), job(&gt, 13)], &script, r.as_ref(), &c);
     let t = &ts[0];
     assert_eq!(t.error, None);
-    assert_eq!((t.turns, t.invalid_turns, t.tool_calls, t.tool_hits), (3, 2, 1, 0));
+    assert_eq!(
+        (t.turns, t.invalid_turns, t.tool_calls, t.tool_hits),
+        (3, 2, 1, 0)
+    );
     assert!(!t.exited);
     let obs: Vec<&str> = t
         .messages
@@ -207,8 +247,16 @@ fn budgets_invalid_turns_and_failures() {
         .filter(|m| m["role"] == "tool")
         .map(|m| m["content"].as_str().unwrap())
         .collect();
-    assert!(obs[0].starts_with("Error: no tool call found"), "{}", obs[0]);
-    assert!(obs[1].contains("missing the required argument \"class_name\""), "{}", obs[1]);
+    assert!(
+        obs[0].starts_with("Error: no tool call found"),
+        "{}",
+        obs[0]
+    );
+    assert!(
+        obs[1].contains("missing the required argument \"class_name\""),
+        "{}",
+        obs[1]
+    );
     assert!(obs[2].contains("nope"), "{}", obs[2]);
     // nDCG@5 of [Cart.add, Cart.total] against {Cart.total}: 1/log2(3).
     assert!((t.reward.unwrap() - 1.0 / 3f64.log2()).abs() < 1e-12);
@@ -259,7 +307,10 @@ fn local_model_tokens_and_logprobs_match_rescoring() {
         max_answer_tokens: 6,
         ..cfg()
     };
-    let jobs = [job(&["shop/cart.py::Cart.total"], 3), job(&["shop/cart.py::helper"], 4)];
+    let jobs = [
+        job(&["shop/cart.py::Cart.total"], 3),
+        job(&["shop/cart.py::helper"], 4),
+    ];
     let ts = run(&jobs, &policy, Some(&r), &c);
     for t in &ts {
         assert_eq!(t.error, None);
@@ -268,7 +319,9 @@ fn local_model_tokens_and_logprobs_match_rescoring() {
         // Two search turns and the summary, each at most 6 tokens.
         assert!(generated > 0 && generated <= 18, "{generated}");
         // Recorded log-probs of the sampled tokens equal a fresh scoring of the sequence.
-        let scored = &model.score(std::slice::from_ref(&rec.tokens), 4096).unwrap()[0];
+        let scored = &model
+            .score(std::slice::from_ref(&rec.tokens), 4096)
+            .unwrap()[0];
         for (i, (&m, &lp)) in rec.loss_mask.iter().zip(&rec.logprobs).enumerate() {
             if m == 1 {
                 assert!(i > 0);
@@ -286,4 +339,41 @@ fn local_model_tokens_and_logprobs_match_rescoring() {
         ts.iter().map(|t| &t.tokens).collect::<Vec<_>>()
     );
     let _ = Value::Null;
+}
+
+/// SmolLM2's template renders no `tools`: the schemas go into the system message, and
+/// the token record still has no drift.
+#[test]
+fn template_without_tools_gets_the_schemas_in_the_system_message() {
+    let Some(gguf) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let ckpt = tooltrain_model::load(&gguf, DType::F32, &Device::Cpu).unwrap();
+    let tok = Arc::new(ckpt.tokenizer.unwrap());
+    let r = Renderer::new(tok.clone()).unwrap();
+    assert_eq!(r.end_of_turn(), Some("<|im_end|>"));
+    let t = &run(
+        &[job(&["shop/cart.py::Cart.total"], 5)],
+        &Oracle { reasoning: true },
+        Some(&r),
+        &cfg(),
+    )[0];
+    assert_eq!(t.error, None);
+    let sys = t.messages[0]["content"].as_str().unwrap();
+    assert!(
+        sys.contains("<tools>") && sys.contains("get_code_of_class_function"),
+        "{sys}"
+    );
+    let rec = t.tokens.as_ref().unwrap();
+    assert_eq!(rec.drift, 0);
+    let assistant: Vec<String> = t
+        .messages
+        .iter()
+        .filter(|m| m["role"] == "assistant")
+        .map(|m| format!("{}<|im_end|>", m["content"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        generated_spans(&tok, &rec.tokens, &rec.loss_mask),
+        assistant
+    );
 }

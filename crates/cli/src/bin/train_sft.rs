@@ -1,0 +1,119 @@
+//! `train-sft`: supervised fine-tuning on sampled trajectories (`tooltrain_sft`).
+//!
+//! ```sh
+//! train-sft --config configs/sft-cpu-small.toml [--set lr=2e-4 ...] [--resume] [--print-config]
+//! ```
+//!
+//! Exit status: 0 when the run completed (or stopped at `stop_at_step`, with a
+//! checkpoint); 143 when SIGTERM (or 130 when SIGINT) stopped it: the trainer stops at
+//! the next micro-batch boundary (abandoning a partly done optimizer step) and saves a
+//! checkpoint of the last finished step first, and `--resume` continues the run
+//! exactly. A second signal exits at once (same status, nothing saved). 1 on errors.
+
+#[allow(dead_code)]
+#[path = "../config.rs"]
+mod config;
+
+use clap::Parser;
+use std::process::ExitCode;
+use tooltrain_sft::train::{train_with_stop, SftConfig, StopReason, StopSignals};
+use tracing_subscriber::EnvFilter;
+
+/// Supervised fine-tuning of a tooltrain model on JSONL examples (`input_ids` +
+/// `loss_mask`). Writes checkpoints, metrics.jsonl and the final HF model under
+/// `output_dir`.
+#[derive(Parser)]
+#[command(name = "train-sft", version)]
+struct Args {
+    #[command(flatten)]
+    config: config::ConfigArgs,
+    /// Continue from `output_dir/checkpoints/latest` (a fresh start when there is none).
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar (it is also hidden when CI=true).
+    #[arg(long)]
+    no_progress: bool,
+    /// Log filter (e.g. `info`, `debug`); overrides RUST_LOG. Default: RUST_LOG, else `info`.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = match args.log_level.as_deref() {
+        Some(l) => match EnvFilter::try_new(l) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: invalid --log-level `{l}`: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let cfg: SftConfig = config::load(args.config.config.as_deref(), &args.config.set)?;
+    if args.config.print_config {
+        print!("{}", config::to_toml(&cfg)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    cfg.validate()?;
+    // SIGTERM (a preempted cluster job) and SIGINT set the stop flag; the trainer saves
+    // a checkpoint after the current optimizer step. A second signal exits at once.
+    let signals = StopSignals::install()?;
+    let summary = train_with_stop(&cfg, args.resume, !args.no_progress, signals.flag())?;
+    let resume_hint = format!(
+        "resume with: train-sft --config ... --resume (output_dir {})",
+        cfg.output_dir.display()
+    );
+    let ckpt = summary.checkpoint.as_ref().map_or_else(
+        || "none (no step done)".to_string(),
+        |p| p.display().to_string(),
+    );
+    match summary.stopped {
+        Some(StopReason::Signal) => {
+            let (name, code) = signals.received().unwrap_or(("SIGTERM", 143));
+            eprintln!(
+                "stopped by {name} after step {}/{}: checkpoint: {ckpt}; {resume_hint}",
+                summary.step, summary.total_steps
+            );
+            Ok(ExitCode::from(code))
+        }
+        Some(StopReason::StopAtStep) => {
+            eprintln!(
+                "stopped at step {}/{} (stop_at_step): checkpoint: {ckpt}; {resume_hint}",
+                summary.step, summary.total_steps
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+            eprintln!(
+                "done: {} steps, loss {}, val_loss {}, {:.0} tokens/s; model in {}",
+                summary.step,
+                fmt(summary.loss),
+                fmt(summary.val_loss),
+                summary.tokens_per_s,
+                summary
+                    .final_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

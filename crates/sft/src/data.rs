@@ -1,0 +1,461 @@
+//! Training data: the JSONL examples `tooltrain sample` writes, length limits, the
+//! deterministic shuffle, and packing into token-budget micro-batches.
+//!
+//! One example a line:
+//! `{"instance_id": str, "sample": int, "reward": float, "messages": [...],
+//!   "input_ids": [u32, ...], "loss_mask": [0 | 1, ...]}`.
+//! `input_ids` and `loss_mask` are required and have the same length; the other keys are
+//! optional and `messages` is skipped (examples are trained on as stored, never
+//! re-tokenised). The loss of an example is the next-token loss at every position `i`
+//! whose *target* `i + 1` has mask 1.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::BufRead;
+use std::path::Path;
+use tooltrain_model::{pack_rows, Device, SeqLayout, Tensor};
+
+/// One training sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftExample {
+    /// The benchmark instance it was sampled for (`""` when absent).
+    pub instance_id: String,
+    /// Sample index of the instance (0 when absent).
+    pub sample: i64,
+    /// Reward of the sampled trajectory (0 when absent).
+    pub reward: f64,
+    /// Token ids of the whole conversation.
+    pub input_ids: Vec<u32>,
+    /// 1 on tokens the assistant generated (trained on), 0 elsewhere.
+    pub loss_mask: Vec<u8>,
+    /// `file:line` the example came from, for error messages.
+    pub origin: String,
+}
+
+/// What to do with examples longer than `max_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Truncation {
+    /// Keep the last `max_len` tokens (the paper's choice: the final answer survives).
+    #[default]
+    Left,
+    /// Leave the example out.
+    Drop,
+}
+
+impl SftExample {
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    /// Whether the example has no tokens (never true for loaded examples).
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+
+    /// Number of loss targets: positions `i >= 1` with mask 1 (the first token is
+    /// never a target: nothing precedes it).
+    pub fn num_targets(&self) -> usize {
+        self.loss_mask.iter().skip(1).filter(|&&m| m == 1).count()
+    }
+
+    /// The example cut to `max_len` tokens: its last `max_len` tokens (`Left`), or `None`
+    /// when it is longer and `mode` is `Drop`.
+    pub fn truncated(mut self, max_len: usize, mode: Truncation) -> Option<Self> {
+        let n = self.len();
+        if n <= max_len {
+            return Some(self);
+        }
+        match mode {
+            Truncation::Drop => None,
+            Truncation::Left => {
+                self.input_ids.drain(..n - max_len);
+                self.loss_mask.drain(..n - max_len);
+                Some(self)
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawExample {
+    #[serde(default)]
+    instance_id: Option<String>,
+    #[serde(default)]
+    sample: Option<i64>,
+    #[serde(default)]
+    reward: Option<f64>,
+    input_ids: Vec<u32>,
+    loss_mask: Vec<u8>,
+}
+
+/// Reads a JSONL file of examples (blank lines are skipped). Malformed lines, length
+/// mismatches, empty examples and mask values other than 0/1 are errors naming
+/// `file:line`.
+pub fn load_examples(path: &Path) -> Result<Vec<SftExample>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let origin = format!("{}:{}", path.display(), i + 1);
+        let line = line.with_context(|| format!("{origin}: reading"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let raw: RawExample =
+            serde_json::from_str(&line).with_context(|| format!("{origin}: bad example"))?;
+        if raw.input_ids.len() != raw.loss_mask.len() {
+            bail!(
+                "{origin}: input_ids has {} tokens but loss_mask has {}",
+                raw.input_ids.len(),
+                raw.loss_mask.len()
+            );
+        }
+        if raw.input_ids.is_empty() {
+            bail!("{origin}: empty input_ids");
+        }
+        if let Some(p) = raw.loss_mask.iter().position(|&m| m > 1) {
+            bail!(
+                "{origin}: loss_mask[{p}] = {} (must be 0 or 1)",
+                raw.loss_mask[p]
+            );
+        }
+        out.push(SftExample {
+            instance_id: raw.instance_id.unwrap_or_default(),
+            sample: raw.sample.unwrap_or(0),
+            reward: raw.reward.unwrap_or(0.0),
+            input_ids: raw.input_ids,
+            loss_mask: raw.loss_mask,
+            origin,
+        });
+    }
+    Ok(out)
+}
+
+/// Fails, naming the example's `file:line`, if any token id is outside the vocabulary.
+pub fn check_vocab(examples: &[SftExample], vocab_size: usize) -> Result<()> {
+    for ex in examples {
+        if let Some(p) = ex.input_ids.iter().position(|&t| t as usize >= vocab_size) {
+            bail!(
+                "{}: token id {} (position {p}) is outside the model's vocabulary of {vocab_size}",
+                ex.origin,
+                ex.input_ids[p]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What [`prepare`] did to a set of examples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrepareStats {
+    /// Examples cut to their last `max_len` tokens.
+    pub truncated: usize,
+    /// Examples left out for being longer than `max_len` (`truncation = "drop"`).
+    pub dropped_long: usize,
+    /// Examples left out because no target with mask 1 remained.
+    pub dropped_no_target: usize,
+}
+
+/// Applies the length limit and leaves out examples without any loss target.
+pub fn prepare(
+    examples: Vec<SftExample>,
+    max_len: usize,
+    mode: Truncation,
+) -> (Vec<SftExample>, PrepareStats) {
+    let mut stats = PrepareStats::default();
+    let mut out = Vec::with_capacity(examples.len());
+    for ex in examples {
+        let long = ex.len() > max_len;
+        let Some(ex) = ex.truncated(max_len, mode) else {
+            stats.dropped_long += 1;
+            continue;
+        };
+        if ex.num_targets() == 0 {
+            stats.dropped_no_target += 1;
+            continue;
+        }
+        stats.truncated += long as usize;
+        out.push(ex);
+    }
+    (out, stats)
+}
+
+/// SplitMix64: a tiny generator whose whole state is one `u64` (saved in checkpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator in state `state` (any value, including a seed).
+    pub fn new(state: u64) -> Self {
+        Rng(state)
+    }
+
+    /// The current state: `Rng::new(r.state())` continues exactly where `r` is.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+    }
+
+    /// A Fisher-Yates shuffle of `v`.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// Splits `0..n` into (train, validation) indices, `fraction` of them (rounded, at least
+/// one and at most `n - 1`) held out, chosen by `seed`; both lists ascending.
+pub fn split_indices(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    if fraction <= 0.0 || n < 2 {
+        return ((0..n).collect(), Vec::new());
+    }
+    let mut perm: Vec<usize> = (0..n).collect();
+    Rng::new(seed ^ 0x7661_6c5f_7370_6c74).shuffle(&mut perm);
+    let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+    let mut val = perm[..k].to_vec();
+    let mut train = perm[k..].to_vec();
+    val.sort_unstable();
+    train.sort_unstable();
+    (train, val)
+}
+
+/// One forward/backward pass: rows of packed sequences, all padded to `row_len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MicroBatch {
+    /// Per row, the indices (into the planned batch) of the sequences it packs.
+    pub rows: Vec<Vec<usize>>,
+    /// Tokens per row: the longest row's total.
+    pub row_len: usize,
+}
+
+/// Plans the micro-batches of one batch of sequences of lengths `lens`: with `packing`,
+/// sequences are packed first-fit (longest first) into rows of at most `row_capacity`
+/// tokens, else each sequence is its own row; rows (longest first) are then grouped so
+/// that `rows x row_len <= token_budget`, padding each row only to the longest row of
+/// its micro-batch. Every length must be `<= row_capacity <= token_budget`.
+pub fn plan_micro_batches(
+    lens: &[usize],
+    row_capacity: usize,
+    token_budget: usize,
+    packing: bool,
+) -> Vec<MicroBatch> {
+    let rows: Vec<Vec<usize>> = if packing {
+        pack_rows(lens, row_capacity)
+    } else {
+        (0..lens.len()).map(|i| vec![i]).collect()
+    };
+    let mut rows: Vec<(usize, Vec<usize>)> = rows
+        .into_iter()
+        .map(|r| (r.iter().map(|&i| lens[i]).sum(), r))
+        .collect();
+    rows.sort_by_key(|(total, _)| std::cmp::Reverse(*total));
+    let mut out: Vec<MicroBatch> = Vec::new();
+    for (total, row) in rows {
+        match out.last_mut() {
+            Some(mb) if (mb.rows.len() + 1) * mb.row_len <= token_budget => mb.rows.push(row),
+            _ => out.push(MicroBatch {
+                rows: vec![row],
+                row_len: total,
+            }),
+        }
+    }
+    out
+}
+
+/// Target id of positions that carry no loss (padding, context, a sequence's last token).
+pub const IGNORE: u32 = u32::MAX;
+
+/// The tensors of one micro-batch.
+pub struct MicroBatchTensors {
+    /// `[rows, row_len]` token ids (padding: id 0).
+    pub ids: Tensor,
+    /// Positions and attention mask of the packed rows.
+    pub layout: SeqLayout,
+    /// `[kept]` flat positions (`row * row_len + column`) whose next token is a target.
+    pub positions: Tensor,
+    /// `[kept]` the target token of each kept position.
+    pub targets: Tensor,
+    /// Number of loss targets.
+    pub kept: usize,
+    /// Number of real (non-padding) tokens.
+    pub tokens: usize,
+}
+
+/// Builds the tensors of `mb` over `seqs` (the batch the plan was made for).
+pub fn build_micro_batch(
+    seqs: &[&SftExample],
+    mb: &MicroBatch,
+    device: &Device,
+) -> Result<MicroBatchTensors> {
+    let (b, t) = (mb.rows.len(), mb.row_len);
+    let mut ids = vec![0u32; b * t];
+    let mut positions = Vec::new();
+    let mut targets = Vec::new();
+    let mut row_lens = Vec::with_capacity(b);
+    let mut tokens = 0;
+    for (r, row) in mb.rows.iter().enumerate() {
+        let mut off = r * t;
+        let mut lens = Vec::with_capacity(row.len());
+        for &i in row {
+            let ex = seqs[i];
+            let n = ex.len();
+            ids[off..off + n].copy_from_slice(&ex.input_ids);
+            for j in 0..n - 1 {
+                if ex.loss_mask[j + 1] == 1 {
+                    positions.push((off + j) as u32);
+                    targets.push(ex.input_ids[j + 1]);
+                }
+            }
+            off += n;
+            tokens += n;
+            lens.push(n);
+        }
+        row_lens.push(lens);
+    }
+    let kept = targets.len();
+    Ok(MicroBatchTensors {
+        ids: Tensor::from_vec(ids, (b, t), device)?,
+        layout: SeqLayout::packed(&row_lens, t, device)?,
+        positions: Tensor::from_vec(positions, kept, device)?,
+        targets: Tensor::from_vec(targets, kept, device)?,
+        kept,
+        tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(ids: &[u32], mask: &[u8]) -> SftExample {
+        SftExample {
+            instance_id: String::new(),
+            sample: 0,
+            reward: 0.0,
+            input_ids: ids.to_vec(),
+            loss_mask: mask.to_vec(),
+            origin: "t:1".into(),
+        }
+    }
+
+    #[test]
+    fn left_truncation_keeps_the_last_tokens() {
+        let e = ex(&[1, 2, 3, 4, 5, 6], &[0, 0, 1, 0, 1, 1]);
+        let t = e.clone().truncated(4, Truncation::Left).unwrap();
+        assert_eq!(t.input_ids, vec![3, 4, 5, 6]);
+        assert_eq!(t.loss_mask, vec![1, 0, 1, 1]);
+        // The first kept token is context only.
+        assert_eq!(t.num_targets(), 2);
+        assert!(e.clone().truncated(4, Truncation::Drop).is_none());
+        assert_eq!(e.clone().truncated(6, Truncation::Drop), Some(e));
+    }
+
+    #[test]
+    fn prepare_counts_and_drops() {
+        let v = vec![
+            ex(&[1, 2, 3], &[0, 1, 1]),
+            ex(&[1, 2, 3, 4, 5], &[0, 1, 0, 0, 0]),
+            ex(&[1, 2], &[1, 0]),
+        ];
+        let (kept, st) = prepare(v.clone(), 4, Truncation::Left);
+        // The second loses its targets to truncation, the third has none at all.
+        assert_eq!(kept, vec![v[0].clone()]);
+        assert_eq!(
+            st,
+            PrepareStats {
+                truncated: 0,
+                dropped_long: 0,
+                dropped_no_target: 2
+            }
+        );
+        let (kept, st) = prepare(v.clone(), 4, Truncation::Drop);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(st.dropped_long, 1);
+    }
+
+    #[test]
+    fn loader_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(
+            &p,
+            "{\"input_ids\": [1, 2], \"loss_mask\": [0, 1], \"messages\": [{\"role\": \"user\"}]}\n\n{\"input_ids\": [1], \"loss_mask\": [0, 1]}\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", load_examples(&p).unwrap_err());
+        assert!(e.contains("d.jsonl:3"), "{e}");
+        std::fs::write(&p, "{\"input_ids\": [1, 2], \"loss_mask\": [0, 2]}\n").unwrap();
+        let e = format!("{:#}", load_examples(&p).unwrap_err());
+        assert!(e.contains("d.jsonl:1") && e.contains("loss_mask[1]"), "{e}");
+        std::fs::write(
+            &p,
+            "{\"input_ids\": [1, 2], \"loss_mask\": [0, 1]}\nnot json\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", load_examples(&p).unwrap_err());
+        assert!(e.contains("d.jsonl:2"), "{e}");
+        std::fs::write(&p, "{\"input_ids\": [1, 99], \"loss_mask\": [0, 1]}\n").unwrap();
+        let v = load_examples(&p).unwrap();
+        let e = check_vocab(&v, 64).unwrap_err().to_string();
+        assert!(e.contains("d.jsonl:1") && e.contains("99"), "{e}");
+    }
+
+    #[test]
+    fn rng_state_resumes_and_split_is_deterministic() {
+        let mut a = Rng::new(7);
+        a.next_u64();
+        let mut b = Rng::new(a.state());
+        assert_eq!(a.next_u64(), b.next_u64());
+        let mut v: Vec<usize> = (0..50).collect();
+        Rng::new(1).shuffle(&mut v);
+        let mut s = v.clone();
+        s.sort_unstable();
+        assert_eq!(s, (0..50).collect::<Vec<_>>());
+        assert_ne!(v, s);
+        let (t1, v1) = split_indices(20, 0.1, 3);
+        assert_eq!((t1.len(), v1.len()), (18, 2));
+        assert_eq!(split_indices(20, 0.1, 3), (t1, v1));
+    }
+
+    #[test]
+    fn micro_batches_respect_the_token_budget() {
+        let lens = [5, 3, 8, 2, 7, 1];
+        for packing in [true, false] {
+            let plan = plan_micro_batches(&lens, 8, 16, packing);
+            let mut seen: Vec<usize> = plan.iter().flat_map(|m| m.rows.concat()).collect();
+            seen.sort_unstable();
+            assert_eq!(seen, vec![0, 1, 2, 3, 4, 5]);
+            for mb in &plan {
+                assert!(mb.rows.len() * mb.row_len <= 16);
+                for r in &mb.rows {
+                    assert!(r.iter().map(|&i| lens[i]).sum::<usize>() <= mb.row_len);
+                }
+            }
+        }
+        // Packed: 8 | 7+1 | 5+3 | 2 -> rows of 8 tokens, two per micro-batch.
+        let plan = plan_micro_batches(&lens, 8, 16, true);
+        assert_eq!(plan.len(), 2);
+        let seqs: Vec<SftExample> = lens.iter().map(|&n| ex(&vec![3; n], &vec![1; n])).collect();
+        let refs: Vec<&SftExample> = seqs.iter().collect();
+        let t = build_micro_batch(&refs, &plan[0], &Device::Cpu).unwrap();
+        assert_eq!(t.ids.dims(), &[2, 8]);
+        assert_eq!(t.tokens, 16);
+        // 7 targets in the lone 8, 6 in the other row (7+1 or 5+3: 6+0 or 4+2).
+        assert_eq!(t.kept, 13);
+    }
+}
