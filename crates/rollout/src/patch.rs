@@ -48,7 +48,9 @@ pub struct PatchError {
     pub msg: String,
 }
 
-fn strip_prefix_path(p: &str) -> Option<String> {
+/// A `---`/`+++` header path without quotes, tab suffix and `a/`/`b/` prefix;
+/// `None` for `/dev/null`.
+pub(crate) fn strip_prefix_path(p: &str) -> Option<String> {
     let p = p.split('\t').next().unwrap_or(p).trim_end();
     let p = p
         .strip_prefix('"')
@@ -64,7 +66,8 @@ fn strip_prefix_path(p: &str) -> Option<String> {
     Some(p.to_string())
 }
 
-fn parse_range(s: &str) -> Option<(usize, usize)> {
+/// A hunk range `start[,count]` (count 1 when left out).
+pub(crate) fn parse_range(s: &str) -> Option<(usize, usize)> {
     let (a, b) = match s.split_once(',') {
         Some((a, b)) => (a, Some(b)),
         None => (s, None),

@@ -3,7 +3,7 @@
 //! budgets, invalid turns, failing policies, and the local model's tokens and log-probs
 //! checked against re-scoring the whole sequence.
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tooltrain_model::{CausalLM, DType, Device, ModelConfig, Tokenizer};
@@ -338,7 +338,6 @@ fn local_model_tokens_and_logprobs_match_rescoring() {
         again.iter().map(|t| &t.tokens).collect::<Vec<_>>(),
         ts.iter().map(|t| &t.tokens).collect::<Vec<_>>()
     );
-    let _ = Value::Null;
 }
 
 /// SmolLM2's template renders no `tools`: the schemas go into the system message, and

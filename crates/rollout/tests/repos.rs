@@ -468,7 +468,6 @@ fn pypi_real_instances() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let _ = &root;
     let data = shared_verified();
     let dataset = load_dataset(&data).unwrap();
     let ids = [

@@ -9,6 +9,7 @@
 //! the same way in the file at the new path. Only files that the patch modifies (they
 //! exist before and after) are scored; files it creates or deletes are not.
 
+use crate::patch::{parse_range, strip_prefix_path};
 use serde::{Deserialize, Serialize};
 
 /// One hunk: where it starts and its two sides.
@@ -36,29 +37,6 @@ pub struct FileHunks {
     pub hunks: Vec<Hunk>,
 }
 
-fn header_path(p: &str) -> Option<String> {
-    let p = p.split('\t').next().unwrap_or(p).trim_end();
-    let p = p
-        .strip_prefix('"')
-        .and_then(|q| q.strip_suffix('"'))
-        .unwrap_or(p);
-    if p == "/dev/null" {
-        return None;
-    }
-    let p = p
-        .strip_prefix("a/")
-        .or_else(|| p.strip_prefix("b/"))
-        .unwrap_or(p);
-    Some(p.to_string())
-}
-
-fn range(s: &str) -> Option<(usize, usize)> {
-    match s.split_once(',') {
-        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-        None => Some((s.parse().ok()?, 1)),
-    }
-}
-
 /// Parse a unified diff into per-file hunks with their context. Errors name the 1-based
 /// line of the patch.
 pub fn patch_hunks(patch: &str) -> Result<Vec<FileHunks>, String> {
@@ -72,7 +50,7 @@ pub fn patch_hunks(patch: &str) -> Result<Vec<FileHunks>, String> {
         let line = lines[i];
         if let Some(rest) = line.strip_prefix("diff --git ") {
             let (a, b) = match rest.split_once(" b/") {
-                Some((a, b)) => (header_path(a), header_path(&format!("b/{b}"))),
+                Some((a, b)) => (strip_prefix_path(a), strip_prefix_path(&format!("b/{b}"))),
                 None => (None, None),
             };
             files.push(FileHunks {
@@ -89,8 +67,8 @@ pub fn patch_hunks(patch: &str) -> Result<Vec<FileHunks>, String> {
                 files.push(FileHunks::default());
             }
             let f = files.last_mut().expect("pushed");
-            f.old_path = header_path(&line[4..]);
-            f.new_path = header_path(&lines[i + 1][4..]);
+            f.old_path = strip_prefix_path(&line[4..]);
+            f.new_path = strip_prefix_path(&lines[i + 1][4..]);
             i += 2;
             continue;
         }
@@ -101,12 +79,12 @@ pub fn patch_hunks(patch: &str) -> Result<Vec<FileHunks>, String> {
             let (old_start, old_count) = parts
                 .next()
                 .and_then(|p| p.strip_prefix('-'))
-                .and_then(range)
+                .and_then(parse_range)
                 .ok_or_else(bad)?;
             let (new_start, new_count) = parts
                 .next()
                 .and_then(|p| p.strip_prefix('+'))
-                .and_then(range)
+                .and_then(parse_range)
                 .ok_or_else(bad)?;
             let f = files
                 .last_mut()
