@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
 # The whole SFT pipeline on synthetic tasks, from a clean checkout, on a CPU:
-#   synth (train + held-out tasks) -> sample (scripted teacher, Qwen tokenizer)
-#   -> train-sft (tiny Qwen2 from scratch) -> eval of the untrained and the SFT model
+#   synth (train + held-out tasks, configs/synth-easy.json) -> sample (scripted teacher,
+#   configs/sample-synthetic.toml) -> train-sft -> eval of the model before and after SFT
+#   (configs/eval-synthetic.toml)
 # The last line is `base_reward=X sft_reward=Y` (mean held-out nDCG@5).
 #
 #   scripts/sft-synthetic.sh            # the documented longer run
-#   SMOKE=1 scripts/sft-synthetic.sh    # the CI smoke test (a few minutes)
-# Knobs (environment): OUT, N_TRAIN, N_TEST, EPOCHS, MIN_GAIN (smoke: fail unless
+#   SMOKE=1 scripts/sft-synthetic.sh    # the CI smoke test (8 held-out tasks, a gain >= 0.3)
+#   MODEL=tiny scripts/sft-synthetic.sh # a 7M-parameter Qwen2 from scratch instead
+# MODEL=smollm2 (default) fine-tunes the real SmolLM2-135M-Instruct
+# (configs/sft-smollm2-synthetic.toml); its base is the model as released. MODEL=tiny
+# trains configs/sft-cpu-small.toml from a random initialisation, its base.
+# Knobs (environment): OUT, N_TRAIN, N_TEST, MIN_GAIN (fail unless
 # sft_reward >= base_reward + MIN_GAIN), TOOLTRAIN_BIN_DIR (prebuilt binaries).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+MODEL="${MODEL:-smollm2}"
 if [[ "${SMOKE:-0}" == "1" ]]; then
   OUT="${OUT:-runs/sft-synthetic-smoke}"
-  N_TRAIN="${N_TRAIN:-160}"
-  N_TEST="${N_TEST:-24}"
-  EPOCHS="${EPOCHS:-4}"
-  MIN_GAIN="${MIN_GAIN:-0.2}"
+  N_TRAIN="${N_TRAIN:-16}"
+  N_TEST="${N_TEST:-8}"
+  MIN_GAIN="${MIN_GAIN:-0.3}"
 else
   OUT="${OUT:-runs/sft-synthetic}"
-  N_TRAIN="${N_TRAIN:-600}"
-  N_TEST="${N_TEST:-100}"
-  EPOCHS="${EPOCHS:-6}"
+  N_TRAIN="${N_TRAIN:-16}"
+  N_TEST="${N_TEST:-16}"
   MIN_GAIN="${MIN_GAIN:-0}"
 fi
+case "$MODEL" in
+  smollm2) SFT_CONFIG=configs/sft-smollm2-synthetic.toml ;;
+  tiny) SFT_CONFIG=configs/sft-cpu-small.toml ;;
+  *) echo "MODEL must be smollm2 or tiny, not '$MODEL'" >&2; exit 2 ;;
+esac
 
 start=$(date +%s)
 scripts/fetch-assets.sh >&2
@@ -34,23 +43,31 @@ fi
 T="$TOOLTRAIN_BIN_DIR/tooltrain"
 S="$TOOLTRAIN_BIN_DIR/train-sft"
 
+if [[ ! -f assets/smollm2-hf/config.json ]]; then
+  "$T" convert --model assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --output assets/smollm2-hf >&2
+fi
+
 rm -rf "$OUT"
 mkdir -p "$OUT"
-# Held-out tasks come from another seed: other names, other repositories.
-"$T" synth --out "$OUT/train-data" --n "$N_TRAIN" --seed 1 --prefix synthtrain >&2
-"$T" synth --out "$OUT/test-data" --n "$N_TEST" --seed 2 --prefix synthtest >&2
+# Held-out tasks come from another seed: other repositories and bug reports.
+"$T" synth --config configs/synth-easy.json --out "$OUT/train-data" --n "$N_TRAIN" --seed 1 --prefix synthtrain >&2
+"$T" synth --config configs/synth-easy.json --out "$OUT/test-data" --n "$N_TEST" --seed 2 --prefix synthtest >&2
 
 "$T" sample --config configs/sample-synthetic.toml \
   --set dataset="$OUT/train-data/dataset.jsonl" --set gt="$OUT/train-data/gt.json" \
   --set repos_dir="$OUT/train-data/repos" --set out="$OUT/sample" >&2
 
-"$S" --config configs/sft-cpu-small.toml \
-  --set train_file="$OUT/sample/sft.jsonl" --set output_dir="$OUT/sft" \
-  --set epochs="$EPOCHS" >&2
-# The untrained model: the same random initialisation, no steps.
-"$S" --config configs/sft-cpu-small.toml \
-  --set train_file="$OUT/sample/sft.jsonl" --set output_dir="$OUT/base" \
-  --set max_steps=0 >&2
+"$S" --config "$SFT_CONFIG" \
+  --set train_file="$OUT/sample/sft.jsonl" --set output_dir="$OUT/sft" >&2
+if [[ "$MODEL" == "tiny" ]]; then
+  # The untrained model: the same random initialisation, no steps.
+  "$S" --config "$SFT_CONFIG" \
+    --set train_file="$OUT/sample/sft.jsonl" --set output_dir="$OUT/base" \
+    --set max_steps=0 >&2
+  BASE="$OUT/base/final"
+else
+  BASE=assets/smollm2-hf
+fi
 
 eval_model() { # $1 = checkpoint, $2 = out dir
   "$T" eval --config configs/eval-synthetic.toml \
@@ -59,7 +76,7 @@ eval_model() { # $1 = checkpoint, $2 = out dir
     --set policy.model.path="$1" >&2
   python3 -c 'import json,sys; print("%.4f" % json.load(open(sys.argv[1]))["mean_reward"])' "$2/metrics.json"
 }
-base=$(eval_model "$OUT/base/final" "$OUT/eval-base")
+base=$(eval_model "$BASE" "$OUT/eval-base")
 sft=$(eval_model "$OUT/sft/final" "$OUT/eval-sft")
 elapsed=$(( $(date +%s) - start ))
 python3 - "$OUT" "$elapsed" <<'EOF' >&2

@@ -66,6 +66,7 @@ fn sample_keeps_resumes_and_filters() {
             ("gt", data.join("gt.json")),
             ("repos_dir", data.join("repos")),
             ("out", out.clone()),
+            ("tokenizer", "assets/qwen-tokenizer".into()),
         ] {
             v.push("--set".into());
             v.push(format!("{k}=\"{}\"", val.display()));

@@ -519,44 +519,57 @@ impl CausalLM {
             a.qkv_bias.as_ref().map(|b| w(b, t)).as_ref(),
         )?;
         let mask3 = mask.squeeze(1)?;
-        let ctx = if cache.is_none() && a.q_norm.is_none() && ops::has_fused_attention(&qkv) {
-            ops::attention(&qkv, cos, sin, &mask3, nh, nkv, hd)?
-        } else {
-            let q = qkv.narrow(1, 0, nh * hd)?.reshape((b, s, nh, hd))?;
-            let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
-            let v = qkv
-                .narrow(1, (nh + nkv) * hd, nkv * hd)?
-                .reshape((b, s, nkv, hd))?;
-            let (q, k) = match (&a.q_norm, &a.k_norm) {
-                (Some(qn), Some(kn)) => (
-                    ops::rms_norm(&q, &w(qn, t), eps)?,
-                    ops::rms_norm(&k, &w(kn, t), eps)?,
-                ),
-                _ => (q, k),
-            };
-            let q = ops::rope_bthd(&q, cos, sin)?;
-            let mut k = ops::rope_bthd(&k, cos, sin)?;
-            let mut v = v.transpose(1, 2)?.contiguous()?;
-            if let Some(slot) = cache {
-                if let Some((pk, pv)) = slot.as_ref() {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
+        // The fused kernel serves training and a cache's first (prefill) pass, which then
+        // stores the roped keys and values; later cached steps attend to past keys.
+        let prefill = matches!(&cache, Some(slot) if slot.is_none());
+        let ctx =
+            if (cache.is_none() || prefill) && a.q_norm.is_none() && ops::has_fused_attention(&qkv)
+            {
+                if let Some(slot) = cache {
+                    let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
+                    let v = qkv
+                        .narrow(1, (nh + nkv) * hd, nkv * hd)?
+                        .reshape((b, s, nkv, hd))?;
+                    let k = ops::rope_bthd(&k, cos, sin)?;
+                    *slot = Some((k, v.transpose(1, 2)?.contiguous()?));
                 }
-                *slot = Some((k.clone(), v.clone()));
-            }
-            let kv_len = k.dim(2)?;
-            let g = nh / nkv;
-            // Group the query heads that share a key/value head: no copy of k and v.
-            let q = q.reshape((b, nkv, g * s, hd))?;
-            let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, kv_len))?;
-            let probs = ops::masked_softmax(&scores, &mask3, 1.0 / (hd as f64).sqrt())?;
-            let probs = probs.reshape((b, nkv, g * s, kv_len))?;
-            probs
-                .matmul(&v)?
-                .reshape((b, nh, s, hd))?
-                .transpose(1, 2)?
-                .reshape((b * s, nh * hd))?
-        };
+                ops::attention(&qkv, cos, sin, &mask3, nh, nkv, hd)?
+            } else {
+                let q = qkv.narrow(1, 0, nh * hd)?.reshape((b, s, nh, hd))?;
+                let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
+                let v = qkv
+                    .narrow(1, (nh + nkv) * hd, nkv * hd)?
+                    .reshape((b, s, nkv, hd))?;
+                let (q, k) = match (&a.q_norm, &a.k_norm) {
+                    (Some(qn), Some(kn)) => (
+                        ops::rms_norm(&q, &w(qn, t), eps)?,
+                        ops::rms_norm(&k, &w(kn, t), eps)?,
+                    ),
+                    _ => (q, k),
+                };
+                let q = ops::rope_bthd(&q, cos, sin)?;
+                let mut k = ops::rope_bthd(&k, cos, sin)?;
+                let mut v = v.transpose(1, 2)?.contiguous()?;
+                if let Some(slot) = cache {
+                    if let Some((pk, pv)) = slot.as_ref() {
+                        k = Tensor::cat(&[pk, &k], 2)?;
+                        v = Tensor::cat(&[pv, &v], 2)?;
+                    }
+                    *slot = Some((k.clone(), v.clone()));
+                }
+                let kv_len = k.dim(2)?;
+                let g = nh / nkv;
+                // Group the query heads that share a key/value head: no copy of k and v.
+                let q = q.reshape((b, nkv, g * s, hd))?;
+                let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, kv_len))?;
+                let probs = ops::masked_softmax(&scores, &mask3, 1.0 / (hd as f64).sqrt())?;
+                let probs = probs.reshape((b, nkv, g * s, kv_len))?;
+                probs
+                    .matmul(&v)?
+                    .reshape((b, nh, s, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b * s, nh * hd))?
+            };
         let x = (x + linear(&ctx, &w(&a.o, t), None)?)?;
         let h = ops::rms_norm(&x, &w(&l.post_norm, t), eps)?;
         let act = ops::swiglu(&linear(&h, &w(&l.gate_up, t), None)?)?;
