@@ -71,6 +71,9 @@ fn sample_keeps_resumes_and_filters() {
             v.push("--set".into());
             v.push(format!("{k}=\"{}\"", val.display()));
         }
+        // Three candidate files: the random ones make the two samples differ.
+        v.push("--set".into());
+        v.push("episode.num_candidates=3".into());
         for x in extra {
             v.push((*x).into());
         }
