@@ -21,17 +21,7 @@ STEPS="${STEPS:-6}"
 HALF=$(( STEPS / 2 ))
 
 start=$(date +%s)
-scripts/fetch-assets.sh >&2
-if [[ -z "${TOOLTRAIN_BIN_DIR:-}" ]]; then
-  cargo build --release -p tooltrain-cli --bins >&2
-  TOOLTRAIN_BIN_DIR=target/release
-fi
-T="$TOOLTRAIN_BIN_DIR/tooltrain"
-S="$TOOLTRAIN_BIN_DIR/train-sft"
-
-if [[ ! -f assets/smollm2-hf/config.json ]]; then
-  "$T" convert --model assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --output assets/smollm2-hf >&2
-fi
+source scripts/lib-binaries.sh
 TOOLTRAIN="$T" scripts/prepare-ci-repos.sh >&2
 
 rm -rf "$OUT"

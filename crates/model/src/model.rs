@@ -522,24 +522,21 @@ impl CausalLM {
         // The fused kernel serves training and a cache's first (prefill) pass, which then
         // stores the roped keys and values; later cached steps attend to past keys.
         let prefill = matches!(&cache, Some(slot) if slot.is_none());
+        // Views of this step's keys and values, `[b, s, kv_heads, head_dim]`.
+        let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
+        let v = qkv
+            .narrow(1, (nh + nkv) * hd, nkv * hd)?
+            .reshape((b, s, nkv, hd))?;
         let ctx =
             if (cache.is_none() || prefill) && a.q_norm.is_none() && ops::has_fused_attention(&qkv)
             {
                 if let Some(slot) = cache {
-                    let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
-                    let v = qkv
-                        .narrow(1, (nh + nkv) * hd, nkv * hd)?
-                        .reshape((b, s, nkv, hd))?;
                     let k = ops::rope_bthd(&k, cos, sin)?;
                     *slot = Some((k, v.transpose(1, 2)?.contiguous()?));
                 }
                 ops::attention(&qkv, cos, sin, &mask3, nh, nkv, hd)?
             } else {
                 let q = qkv.narrow(1, 0, nh * hd)?.reshape((b, s, nh, hd))?;
-                let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
-                let v = qkv
-                    .narrow(1, (nh + nkv) * hd, nkv * hd)?
-                    .reshape((b, s, nkv, hd))?;
                 let (q, k) = match (&a.q_norm, &a.k_norm) {
                     (Some(qn), Some(kn)) => (
                         ops::rms_norm(&q, &w(qn, t), eps)?,
