@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Training-step and generation throughput: tooltrain (candle, CPU, f32) against PyTorch
 # on the same ~12M-parameter Qwen2 (benches/qwen2-12m.json), same shapes, same machine,
-# same run. Prints both JSON lines and the ratios (>1 means tooltrain is faster).
+# same run. Prints every JSON line and the ratios of the medians (>1: tooltrain is faster).
 #
-#   scripts/bench.sh [--steps N] [--batch B] [--seq T]
+#   [ROUNDS=3] scripts/bench.sh [--steps N] [--batch B] [--seq T]
 #
 # Needs a Python with torch+transformers: $PYTHON, else .venv/bin/python
 # (scripts/setup-python.sh makes it).
@@ -15,15 +15,26 @@ if ! "$PY" -c "import torch, transformers" 2>/dev/null; then
   exit 1
 fi
 cargo build --release -p tooltrain-model --bench train_gen >&2
-ours=$(cargo bench -q -p tooltrain-model --bench train_gen -- "$@" | tail -n 1)
-theirs=$("$PY" scripts/bench_torch.py --config benches/qwen2-12m.json "$@" | tail -n 1)
-echo "tooltrain: $ours"
-echo "pytorch:   $theirs"
-"$PY" - "$ours" "$theirs" <<'PY'
-import json, sys
-a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"train tokens/s ratio (tooltrain / pytorch): {a['train_tokens_per_s'] / b['train_tokens_per_s']:.2f}x "
-      f"({a['train_tokens_per_s']:.0f} vs {b['train_tokens_per_s']:.0f}, {a['threads']} threads)")
-print(f"generation tokens/s ratio (tooltrain / pytorch): {a['gen_tokens_per_s'] / b['gen_tokens_per_s']:.2f}x "
-      f"({a['gen_tokens_per_s']:.0f} vs {b['gen_tokens_per_s']:.0f})")
+# Rounds alternate the two implementations, so that drift in the machine's speed (a
+# shared 2-core VM varies by 10-15% over minutes) hits both; the medians are compared.
+ROUNDS="${ROUNDS:-3}"
+results=()
+for ((r = 1; r <= ROUNDS; r++)); do
+  ours=$(cargo bench -q -p tooltrain-model --bench train_gen -- "$@" | tail -n 1)
+  theirs=$("$PY" scripts/bench_torch.py --config benches/qwen2-12m.json "$@" | tail -n 1)
+  echo "round $r tooltrain: $ours"
+  echo "round $r pytorch:   $theirs"
+  results+=("$ours" "$theirs")
+done
+"$PY" - "${results[@]}" <<'PY'
+import json, statistics, sys
+rows = [json.loads(a) for a in sys.argv[1:]]
+ours, theirs = rows[0::2], rows[1::2]
+for key, what in (("train_tokens_per_s", "train"), ("gen_tokens_per_s", "generation")):
+    a = statistics.median(r[key] for r in ours)
+    b = statistics.median(r[key] for r in theirs)
+    per_round = ", ".join(f"{x[key] / y[key]:.2f}" for x, y in zip(ours, theirs))
+    print(f"{what} tokens/s ratio (tooltrain / pytorch): {a / b:.2f}x "
+          f"(medians {a:.0f} vs {b:.0f} over {len(ours)} rounds; per round {per_round}; "
+          f"{ours[0]['threads']} threads)")
 PY

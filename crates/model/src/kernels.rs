@@ -62,6 +62,98 @@ impl Elem for f64 {
     }
 }
 
+// ---------------------------------------------------------------- vector width
+
+/// Runs `f` compiled for AVX2 (+FMA) when the CPU has it, decided at run time so that the
+/// build stays portable to any x86-64; elsewhere `f` runs as compiled. Only the vector
+/// width changes: Rust never fuses `a * b + c` on its own and the reductions below fix
+/// their summation order, so both paths give bit-identical results. The code inside must
+/// be inlined into `f` (helpers are `#[inline(always)]`) to get the wider vectors.
+#[inline(always)]
+pub(crate) fn fast<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: the CPU has every feature `wide` is compiled with.
+        return unsafe { wide(f) };
+    }
+    f()
+}
+
+/// Independent accumulators of the reductions: the compiler keeps them in vector
+/// registers (a plain sequential sum of floats cannot be vectorised).
+const LANES: usize = 8;
+
+#[inline(always)]
+fn fold_lanes<T: Elem>(acc: [T; LANES], tail: T, f: impl Fn(T, T) -> T) -> T {
+    let a = [
+        f(acc[0], acc[4]),
+        f(acc[1], acc[5]),
+        f(acc[2], acc[6]),
+        f(acc[3], acc[7]),
+    ];
+    f(f(f(a[0], a[2]), f(a[1], a[3])), tail)
+}
+
+/// `sum(a[i] * b[i])` (`b = None`: `sum(a[i])`).
+#[inline(always)]
+fn dot<T: Elem>(a: &[T], b: Option<&[T]>) -> T {
+    let mut acc = [T::zero(); LANES];
+    let mut tail = T::zero();
+    let n = a.len() / LANES * LANES;
+    match b {
+        Some(b) => {
+            let b = &b[..a.len()];
+            for (ca, cb) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] = acc[l] + ca[l] * cb[l];
+                }
+            }
+            for i in n..a.len() {
+                tail = tail + a[i] * b[i];
+            }
+        }
+        None => {
+            for ca in a[..n].chunks_exact(LANES) {
+                for l in 0..LANES {
+                    acc[l] = acc[l] + ca[l];
+                }
+            }
+            for &v in &a[n..] {
+                tail = tail + v;
+            }
+        }
+    }
+    fold_lanes(acc, tail, |x, y| x + y)
+}
+
+/// Largest element (`-inf` for an empty slice; NaNs are skipped).
+#[inline(always)]
+fn max_of<T: Elem>(a: &[T]) -> T {
+    let pick = |x: T, y: T| if y > x { y } else { x };
+    let mut acc = [T::neg_infinity(); LANES];
+    let n = a.len() / LANES * LANES;
+    for c in a[..n].chunks_exact(LANES) {
+        for l in 0..LANES {
+            acc[l] = pick(acc[l], c[l]);
+        }
+    }
+    let tail = a[n..].iter().fold(T::neg_infinity(), |m, &v| pick(m, v));
+    fold_lanes(acc, tail, pick)
+}
+
+/// `row <- k * softmax(row)` in place.
+#[inline(always)]
+fn softmax_in_place<T: Elem>(row: &mut [T], k: T) {
+    let mx = max_of(row);
+    row.iter_mut().for_each(|v| *v = (*v - mx).fexp());
+    let f = k / dot(row, None);
+    row.iter_mut().for_each(|v| *v = *v * f);
+}
+
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
     let data = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
@@ -112,13 +204,15 @@ fn rms_fwd<T: Elem>(
     y.par_chunks_mut(h * rpt)
         .zip(x.par_chunks(h * rpt))
         .for_each(|(y, x)| {
-            for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
-                let ms: T = x.iter().map(|&v| v * v).sum::<T>() / cast(h as f64);
-                let r = T::one() / (ms + cast(eps)).sqrt();
-                for i in 0..h {
-                    y[i] = x[i] * r * w[i];
+            fast(|| {
+                for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
+                    let ms: T = dot(x, Some(x)) / cast(h as f64);
+                    let r = T::one() / (ms + cast(eps)).sqrt();
+                    for i in 0..h {
+                        y[i] = x[i] * r * w[i];
+                    }
                 }
-            }
+            })
         });
     Ok((T::to_cpu_storage_owned(y), lx.shape().clone()))
 }
@@ -190,18 +284,23 @@ fn rms_bwd<T: Elem>(
         .par_chunks_mut(h * rpt)
         .zip(x.par_chunks(h * rpt).zip(g.par_chunks(h * rpt)))
         .map(|(dx, (x, g))| {
-            let mut dw = vec![T::zero(); h];
-            for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                let ms: T = x.iter().map(|&v| v * v).sum::<T>() / cast(h as f64);
-                let r = T::one() / (ms + cast(eps)).sqrt();
-                let dot: T = (0..h).map(|i| g[i] * w[i] * x[i]).sum::<T>() / cast(h as f64);
-                let r3dot = r * r * r * dot;
-                for i in 0..h {
-                    dx[i] = r * g[i] * w[i] - x[i] * r3dot;
-                    dw[i] = dw[i] + g[i] * x[i] * r;
+            fast(|| {
+                let mut dw = vec![T::zero(); h];
+                let mut gw = vec![T::zero(); h];
+                for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+                    let ms: T = dot(x, Some(x)) / cast(h as f64);
+                    let r = T::one() / (ms + cast(eps)).sqrt();
+                    for i in 0..h {
+                        gw[i] = g[i] * w[i];
+                    }
+                    let r3dot = r * r * r * (dot(&gw, Some(x)) / cast(h as f64));
+                    for i in 0..h {
+                        dx[i] = r * gw[i] - x[i] * r3dot;
+                        dw[i] = dw[i] + g[i] * x[i] * r;
+                    }
                 }
-            }
-            dw
+                dw
+            })
         })
         .collect();
     for p in partial {
@@ -230,6 +329,108 @@ impl CustomOp3 for RmsNormBwd {
     }
 }
 
+// ---------------------------------------------------------------- bias
+
+/// `x + bias` row by row (`x: [n, d]`, `bias: [d]`); its backward sums the gradient's
+/// rows into the bias gradient in one pass (candle's generic reduction over the leading
+/// dimension is several times slower).
+pub(crate) struct BiasAdd;
+
+fn bias_fwd<T: Elem>(
+    x: &CpuStorage,
+    lx: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, b) = (slice::<T>(x, lx, "bias")?, slice::<T>(b, lb, "bias")?);
+    let d = b.len();
+    let mut y = vec![T::zero(); x.len()];
+    let rpt = rows_per_task(d);
+    y.par_chunks_mut(d * rpt)
+        .zip(x.par_chunks(d * rpt))
+        .for_each(|(y, x)| {
+            fast(|| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    for i in 0..d {
+                        y[i] = x[i] + b[i];
+                    }
+                }
+            })
+        });
+    Ok((T::to_cpu_storage_owned(y), lx.shape().clone()))
+}
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "bias-add-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if lx.dims().len() != 2 || lb.dims() != [lx.dims()[1]] {
+            bail!(
+                "bias-add: bias {:?} does not match input {:?}",
+                lb.dims(),
+                lx.dims()
+            )
+        }
+        dispatch!(x.dtype(), bias_fwd(x, lx, b, lb))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(g.clone()), Some(db)))
+    }
+}
+
+/// Sum of the rows of `[n, d]`: `[d]`.
+struct ColumnSum;
+
+fn colsum<T: Elem>(g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+    let g = slice::<T>(g, lg, "column sum")?;
+    let d = *lg.dims().last().unwrap_or(&1);
+    let rpt = rows_per_task(d);
+    let partial: Vec<Vec<T>> = g
+        .par_chunks(d * rpt)
+        .map(|g| {
+            fast(|| {
+                let mut acc = vec![T::zero(); d];
+                for row in g.chunks(d) {
+                    for i in 0..d {
+                        acc[i] = acc[i] + row[i];
+                    }
+                }
+                acc
+            })
+        })
+        .collect();
+    let mut out = vec![T::zero(); d];
+    for p in partial {
+        for i in 0..d {
+            out[i] = out[i] + p[i];
+        }
+    }
+    Ok((T::to_cpu_storage_owned(out), Shape::from(d)))
+}
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "column-sum-cpu"
+    }
+    fn cpu_fwd(&self, g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(g.dtype(), colsum(g, lg))
+    }
+}
+
 // ---------------------------------------------------------------- softmax
 
 /// `softmax(scale * x + mask)` over the last dimension. `x: [b, h, t, s]`; the optional
@@ -239,18 +440,21 @@ pub(crate) struct MaskedSoftmax {
 }
 
 fn softmax_rows<T: Elem>(y: &mut [T], x: &[T], m: Option<&[T]>, scale: T) {
-    let mut mx = T::neg_infinity();
-    for i in 0..x.len() {
-        let v = x[i] * scale + m.map_or(T::zero(), |m| m[i]);
-        y[i] = v;
-        if v > mx {
-            mx = v;
+    fast(|| {
+        match m {
+            Some(m) => {
+                for i in 0..x.len() {
+                    y[i] = x[i] * scale + m[i];
+                }
+            }
+            None => {
+                for i in 0..x.len() {
+                    y[i] = x[i] * scale;
+                }
+            }
         }
-    }
-    y.iter_mut().for_each(|v| *v = (*v - mx).fexp());
-    let s: T = y.iter().copied().sum();
-    let inv = T::one() / s;
-    y.iter_mut().for_each(|v| *v = *v * inv);
+        softmax_in_place(y, T::one())
+    })
 }
 
 fn softmax_fwd<T: Elem>(
@@ -361,10 +565,12 @@ fn softmax_bwd<T: Elem>(
     dx.par_chunks_mut(s)
         .zip(ys.par_chunks(s).zip(gs.par_chunks(s)))
         .for_each(|(dx, (y, g))| {
-            let dot: T = y.iter().zip(g).map(|(&a, &b)| a * b).sum();
-            for i in 0..s {
-                dx[i] = scale * y[i] * (g[i] - dot);
-            }
+            fast(|| {
+                let d = dot(y, Some(g));
+                for i in 0..s {
+                    dx[i] = scale * y[i] * (g[i] - d);
+                }
+            })
         });
     Ok((T::to_cpu_storage_owned(dx), ly.shape().clone()))
 }
@@ -389,6 +595,7 @@ impl CustomOp2 for SoftmaxBwd {
 /// `silu(gate) * up` where `gate_up = [.., 2 * i]` holds gate then up in each row.
 pub(crate) struct SwiGlu;
 
+#[inline(always)]
 fn sigmoid<T: Elem>(x: T) -> T {
     T::one() / (T::one() + (-x).fexp())
 }
@@ -405,10 +612,12 @@ fn swiglu_fwd<T: Elem>(gu: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape
     y.par_chunks_mut(i)
         .zip(x.par_chunks(i2))
         .for_each(|(y, x)| {
-            let (g, u) = x.split_at(i);
-            for k in 0..i {
-                y[k] = g[k] * sigmoid(g[k]) * u[k];
-            }
+            fast(|| {
+                let (g, u) = x.split_at(i);
+                for k in 0..i {
+                    y[k] = g[k] * sigmoid(g[k]) * u[k];
+                }
+            })
         });
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = i;
@@ -447,14 +656,16 @@ fn swiglu_bwd<T: Elem>(
     dx.par_chunks_mut(i2)
         .zip(x.par_chunks(i2).zip(gs.par_chunks(i)))
         .for_each(|(dx, (x, g))| {
-            let (a, u) = x.split_at(i);
-            let (da, du) = dx.split_at_mut(i);
-            for k in 0..i {
-                let s = sigmoid(a[k]);
-                let silu = a[k] * s;
-                da[k] = g[k] * u[k] * s * (T::one() + a[k] * (T::one() - s));
-                du[k] = g[k] * silu;
-            }
+            fast(|| {
+                let (a, u) = x.split_at(i);
+                let (da, du) = dx.split_at_mut(i);
+                for k in 0..i {
+                    let s = sigmoid(a[k]);
+                    let silu = a[k] * s;
+                    da[k] = g[k] * u[k] * s * (T::one() + a[k] * (T::one() - s));
+                    du[k] = g[k] * silu;
+                }
+            })
         });
     Ok((T::to_cpu_storage_owned(dx), l.shape().clone()))
 }
@@ -598,17 +809,28 @@ pub(crate) struct Nll {
 
 /// `lse(z) - z[t]` of one row of logits.
 fn row_nll<T: Elem>(z: &[T], t: usize) -> T {
-    let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
-    let s: T = z.iter().map(|&x| (x - mx).fexp()).sum();
-    mx + s.ln() - z[t]
+    row_lse(z) - z[t]
+}
+
+/// `log(sum(exp(z)))` of one row.
+fn row_lse<T: Elem>(z: &[T]) -> T {
+    fast(|| {
+        let mx = max_of(z);
+        let mut acc = [T::zero(); LANES];
+        let n = z.len() / LANES * LANES;
+        for c in z[..n].chunks_exact(LANES) {
+            for l in 0..LANES {
+                acc[l] = acc[l] + (c[l] - mx).fexp();
+            }
+        }
+        let tail = z[n..].iter().fold(T::zero(), |s, &x| s + (x - mx).fexp());
+        mx + fold_lanes(acc, tail, |a, b| a + b).ln()
+    })
 }
 
 /// Turns one row of logits into the gradient `g * (softmax(z) - onehot(t))`, in place.
 fn row_nll_grad<T: Elem>(z: &mut [T], t: usize, g: T) {
-    let mx = z.iter().copied().fold(T::neg_infinity(), Float::max);
-    z.iter_mut().for_each(|x| *x = (*x - mx).fexp());
-    let k = g / z.iter().copied().sum::<T>();
-    z.iter_mut().for_each(|x| *x = *x * k);
+    fast(|| softmax_in_place(z, g));
     z[t] = z[t] - g;
 }
 
@@ -906,6 +1128,7 @@ impl Attention {
 
 /// Rows of one head of `qkv` (batch `bi`, column offset `col`) with RoPE applied (or
 /// just copied when `cs` is `None`): `[s, hd]`.
+#[inline(always)]
 fn head_rows<T: Elem>(
     qkv: &[T],
     g: &Geometry,
@@ -936,6 +1159,7 @@ fn head_rows<T: Elem>(
 }
 
 /// Inverse RoPE of a head's gradient rows, in place.
+#[inline(always)]
 fn unrope<T: Elem>(x: &mut [T], g: &Geometry, bi: usize, cos: &[T], sin: &[T]) {
     let (s, hd, half) = (g.s, g.hd, g.hd / 2);
     for t in 0..s {
@@ -954,6 +1178,7 @@ fn unrope<T: Elem>(x: &mut [T], g: &Geometry, bi: usize, cos: &[T], sin: &[T]) {
 
 /// Probabilities of query rows `r0..r1` against keys `0..r1` (causal), in `p: [rows, r1]`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn probs_block<T: Elem>(
     p: &mut [T],
     q: &[T],
@@ -978,15 +1203,10 @@ fn probs_block<T: Elem>(
     );
     for (i, prow) in p.chunks_mut(l).take(rows).enumerate() {
         let mrow = &mask[(bi * s + r0 + i) * s..(bi * s + r0 + i) * s + l];
-        let mut mx = T::neg_infinity();
         for j in 0..l {
             prow[j] = prow[j] * scale + mrow[j];
-            mx = Float::max(mx, prow[j]);
         }
-        prow.iter_mut().for_each(|v| *v = (*v - mx).fexp());
-        let sum: T = prow.iter().copied().sum();
-        let inv = T::one() / sum;
-        prow.iter_mut().for_each(|v| *v = *v * inv);
+        softmax_in_place(prow, T::one());
     }
 }
 
@@ -1011,28 +1231,30 @@ fn attn_fwd_with<T: Elem>(
     let heads: Vec<Vec<T>> = (0..g.b * nh)
         .into_par_iter()
         .map(|task| {
-            let (bi, h) = (task / nh, task % nh);
-            let j = h / grp;
-            let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
-            let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
-            let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
-            let mut o = vec![T::zero(); s * hd];
-            let mut p = vec![T::zero(); QBLOCK * s];
-            for r0 in (0..s).step_by(QBLOCK) {
-                let r1 = (r0 + QBLOCK).min(s);
-                probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
-                mm(
-                    (r1 - r0, hd, r1),
-                    &mut o[r0 * hd..],
-                    hd,
-                    &p,
-                    (r1, 1),
-                    v,
-                    (g.d, 1),
-                    false,
-                );
-            }
-            o
+            fast(|| {
+                let (bi, h) = (task / nh, task % nh);
+                let j = h / grp;
+                let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
+                let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
+                let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
+                let mut o = vec![T::zero(); s * hd];
+                let mut p = vec![T::zero(); QBLOCK * s];
+                for r0 in (0..s).step_by(QBLOCK) {
+                    let r1 = (r0 + QBLOCK).min(s);
+                    probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                    mm(
+                        (r1 - r0, hd, r1),
+                        &mut o[r0 * hd..],
+                        hd,
+                        &p,
+                        (r1, 1),
+                        v,
+                        (g.d, 1),
+                        false,
+                    );
+                }
+                o
+            })
         })
         .collect();
     let mut out = vec![T::zero(); g.b * s * nh * hd];
@@ -1098,79 +1320,81 @@ fn attn_bwd_with<T: Elem>(
     let parts: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..g.b * nkv)
         .into_par_iter()
         .map(|task| {
-            let (bi, j) = (task / nkv, task % nkv);
-            let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
-            let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
-            let mut dk = vec![T::zero(); s * hd];
-            let mut dv = vec![T::zero(); s * hd];
-            let mut p = vec![T::zero(); QBLOCK * s];
-            let mut dp = vec![T::zero(); QBLOCK * s];
-            let mut dqs = Vec::with_capacity(grp);
-            for h in j * grp..(j + 1) * grp {
-                let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
-                let mut dq = vec![T::zero(); s * hd];
-                let dob = &dout[(bi * s) * od + h * hd..];
-                for r0 in (0..s).step_by(QBLOCK) {
-                    let r1 = (r0 + QBLOCK).min(s);
-                    let (rows, lk) = (r1 - r0, r1);
-                    probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
-                    let dob_blk = &dob[r0 * od..];
-                    // dV[0..lk] += P^T dO
-                    mm(
-                        (lk, hd, rows),
-                        &mut dv,
-                        hd,
-                        &p,
-                        (1, lk),
-                        dob_blk,
-                        (od, 1),
-                        true,
-                    );
-                    // dP = dO V^T
-                    mm(
-                        (rows, lk, hd),
-                        &mut dp,
-                        lk,
-                        dob_blk,
-                        (od, 1),
-                        v,
-                        (1, g.d),
-                        false,
-                    );
-                    // dS = P (dP - rowdot(dP, P)) * scale
-                    for (prow, dprow) in p.chunks_mut(lk).zip(dp.chunks(lk)).take(rows) {
-                        let dot: T = prow.iter().zip(dprow).map(|(&a, &b)| a * b).sum();
-                        for c in 0..lk {
-                            prow[c] = prow[c] * (dprow[c] - dot) * scale;
+            fast(|| {
+                let (bi, j) = (task / nkv, task % nkv);
+                let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
+                let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
+                let mut dk = vec![T::zero(); s * hd];
+                let mut dv = vec![T::zero(); s * hd];
+                let mut p = vec![T::zero(); QBLOCK * s];
+                let mut dp = vec![T::zero(); QBLOCK * s];
+                let mut dqs = Vec::with_capacity(grp);
+                for h in j * grp..(j + 1) * grp {
+                    let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
+                    let mut dq = vec![T::zero(); s * hd];
+                    let dob = &dout[(bi * s) * od + h * hd..];
+                    for r0 in (0..s).step_by(QBLOCK) {
+                        let r1 = (r0 + QBLOCK).min(s);
+                        let (rows, lk) = (r1 - r0, r1);
+                        probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                        let dob_blk = &dob[r0 * od..];
+                        // dV[0..lk] += P^T dO
+                        mm(
+                            (lk, hd, rows),
+                            &mut dv,
+                            hd,
+                            &p,
+                            (1, lk),
+                            dob_blk,
+                            (od, 1),
+                            true,
+                        );
+                        // dP = dO V^T
+                        mm(
+                            (rows, lk, hd),
+                            &mut dp,
+                            lk,
+                            dob_blk,
+                            (od, 1),
+                            v,
+                            (1, g.d),
+                            false,
+                        );
+                        // dS = P (dP - rowdot(dP, P)) * scale
+                        for (prow, dprow) in p.chunks_mut(lk).zip(dp.chunks(lk)).take(rows) {
+                            let d = dot(prow, Some(dprow));
+                            for c in 0..lk {
+                                prow[c] = prow[c] * (dprow[c] - d) * scale;
+                            }
                         }
+                        // dQ[r0..r1] = dS K[0..lk] ; dK[0..lk] += dS^T Q[r0..r1]
+                        mm(
+                            (rows, hd, lk),
+                            &mut dq[r0 * hd..],
+                            hd,
+                            &p,
+                            (lk, 1),
+                            &k,
+                            (hd, 1),
+                            false,
+                        );
+                        mm(
+                            (lk, hd, rows),
+                            &mut dk,
+                            hd,
+                            &p,
+                            (1, lk),
+                            &q[r0 * hd..],
+                            (hd, 1),
+                            true,
+                        );
                     }
-                    // dQ[r0..r1] = dS K[0..lk] ; dK[0..lk] += dS^T Q[r0..r1]
-                    mm(
-                        (rows, hd, lk),
-                        &mut dq[r0 * hd..],
-                        hd,
-                        &p,
-                        (lk, 1),
-                        &k,
-                        (hd, 1),
-                        false,
-                    );
-                    mm(
-                        (lk, hd, rows),
-                        &mut dk,
-                        hd,
-                        &p,
-                        (1, lk),
-                        &q[r0 * hd..],
-                        (hd, 1),
-                        true,
-                    );
+                    unrope(&mut dq, &g, bi, cos, sin);
+                    dqs.push(dq);
                 }
-                unrope(&mut dq, &g, bi, cos, sin);
-                dqs.push(dq);
-            }
-            unrope(&mut dk, &g, bi, cos, sin);
-            (dqs, dk, dv)
+                unrope(&mut dk, &g, bi, cos, sin);
+                (dqs, dk, dv)
+            })
         })
         .collect();
     let mut dx = vec![T::zero(); x.len()];
@@ -1234,8 +1458,12 @@ mod tests {
 /// into `dZ` in place and returns `dh = dZ w` and `dw = dZ^T h`.
 pub(crate) struct LinearNll {
     pub ignore: Option<u32>,
-    pub logits: std::sync::Arc<std::sync::Mutex<Option<CpuStorage>>>,
+    pub logits: CachedLogits,
 }
+
+/// The logits `[n, vocab]` of a [`LinearNll`] forward and their per-row log-sum-exp `[n]`,
+/// kept for its backward.
+pub(crate) type CachedLogits = std::sync::Arc<std::sync::Mutex<Option<(CpuStorage, CpuStorage)>>>;
 
 fn linear_nll_fwd<T: Elem>(
     op: &LinearNll,
@@ -1264,16 +1492,15 @@ fn linear_nll_fwd<T: Elem>(
     if n > 0 {
         mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
     }
-    let mut out = vec![T::zero(); n];
-    out.par_iter_mut()
-        .zip(z.par_chunks(v))
-        .zip(tg.par_iter())
-        .for_each(|((o, z), &t)| {
-            if Some(t) != op.ignore {
-                *o = row_nll(z, t as usize);
-            }
-        });
-    *op.logits.lock().expect("lock") = Some(T::to_cpu_storage_owned(z));
+    let lse: Vec<T> = z.par_chunks(v).map(row_lse).collect();
+    let out: Vec<T> = (0..n)
+        .map(|i| match tg[i] {
+            t if Some(t) == op.ignore => T::zero(),
+            t => lse[i] - z[i * v + t as usize],
+        })
+        .collect();
+    *op.logits.lock().expect("lock") =
+        Some((T::to_cpu_storage_owned(z), T::to_cpu_storage_owned(lse)));
     Ok((T::to_cpu_storage_owned(out), Shape::from(n)))
 }
 
@@ -1320,7 +1547,7 @@ impl CustomOp3 for LinearNll {
 
 struct LinearNllBwd {
     ignore: Option<u32>,
-    logits: std::sync::Arc<std::sync::Mutex<Option<CpuStorage>>>,
+    logits: CachedLogits,
     targets: Tensor,
 }
 
@@ -1346,26 +1573,29 @@ fn linear_nll_bwd<T: Elem>(
     };
     let tg = u32s(tcpu, tl)?;
     // The forward's logits, or recomputed when this backward runs a second time.
-    let mut z: Vec<T> = match op.logits.lock().expect("lock").take() {
-        Some(st) => match T::into_vec(st) {
-            Some(z) => z,
-            None => bail!("linear-nll: cached logits have another dtype"),
+    let (mut z, lse): (Vec<T>, Vec<T>) = match op.logits.lock().expect("lock").take() {
+        Some((z, lse)) => match (T::into_vec(z), T::into_vec(lse)) {
+            (Some(z), Some(lse)) => (z, lse),
+            _ => bail!("linear-nll: cached logits have another dtype"),
         },
         None => {
             let mut z = vec![T::zero(); n * v];
             if n > 0 {
                 mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
             }
-            z
+            let lse = z.par_chunks(v).map(row_lse).collect();
+            (z, lse)
         }
     };
+    // dZ = g * (exp(z - lse) - onehot(t)), in place: one pass over the logits.
     z.par_chunks_mut(v)
-        .zip(tg.par_iter().zip(gs.par_iter()))
-        .for_each(|(z, (&t, &g))| {
+        .zip(tg.par_iter().zip(gs.par_iter().zip(lse.par_iter())))
+        .for_each(|(z, (&t, (&g, &lse)))| {
             if Some(t) == op.ignore {
                 z.iter_mut().for_each(|x| *x = T::zero());
             } else {
-                row_nll_grad(z, t as usize, g);
+                fast(|| z.iter_mut().for_each(|x| *x = (*x - lse).fexp() * g));
+                z[t as usize] = z[t as usize] - g;
             }
         });
     let mut out = vec![T::zero(); n * hd + v * hd];

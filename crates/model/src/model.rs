@@ -213,7 +213,7 @@ fn w(v: &Var, t: Track) -> Tensor {
 fn linear(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = x.matmul(weight_t)?;
     Ok(match bias {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => ops::add_bias(&y, b)?,
         None => y,
     })
 }

@@ -311,6 +311,16 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// `x + bias` over the rows of `x: [n, d]` (`bias: [d]`), as a linear layer adds its bias.
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if cpu_kernel(x) && x.rank() == 2 && bias.dtype() == x.dtype() {
+        return x
+            .contiguous()?
+            .apply_op2(&bias.contiguous()?, kernels::BiasAdd);
+    }
+    x.broadcast_add(bias)
+}
+
 /// SwiGLU on a fused gate/up projection: `gate_up: [.., 2i]` (gate in the first half of
 /// each row, up in the second) -> `silu(gate) * up: [.., i]`.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
@@ -590,6 +600,23 @@ pub(crate) mod tests {
             d < 1e-12,
             "fused attention differs from the composed one by {d}"
         );
+    }
+
+    #[test]
+    fn add_bias_grad() {
+        check_grads(&[rand64(&[5, 7], 11), rand64(&[7], 12)], &|t| {
+            add_bias(&t[0], &t[1])
+        });
+        let (x, b) = (rand64(&[5, 7], 13), rand64(&[7], 14));
+        let d = (add_bias(&x, &b).unwrap() - x.broadcast_add(&b).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(d, 0.0);
     }
 
     #[test]

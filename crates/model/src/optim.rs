@@ -156,13 +156,16 @@ impl InplaceOp2 for FusedAdamW<'_> {
             .zip(m.par_chunks_mut(CH))
             .zip(v.par_chunks_mut(CH))
             .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    let gi = g[i] * s.gscale;
-                    m[i] = s.b1 * m[i] + (1.0 - s.b1) * gi;
-                    v[i] = s.b2 * v[i] + (1.0 - s.b2) * gi * gi;
-                    let upd = (m[i] / s.bc1) / ((v[i] / s.bc2).sqrt() + s.eps);
-                    p[i] -= s.lr * (upd + s.wd * p[i]);
-                }
+                crate::kernels::fast(|| {
+                    let it = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+                    for (((p, g), m), v) in it {
+                        let gi = g * s.gscale;
+                        *m = s.b1 * *m + (1.0 - s.b1) * gi;
+                        *v = s.b2 * *v + (1.0 - s.b2) * gi * gi;
+                        let upd = (*m / s.bc1) / ((*v / s.bc2).sqrt() + s.eps);
+                        *p -= s.lr * (upd + s.wd * *p);
+                    }
+                })
             });
         Ok(())
     }
