@@ -134,10 +134,64 @@ fn log_softmax_at(row: &[f32], tok: u32) -> f32 {
     row[tok as usize] - lse
 }
 
+/// Shortest common prefix worth computing once for a whole batch.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// Length of the longest prefix all prompts share.
+fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
+    let first = &prompts[0];
+    prompts[1..].iter().fold(first.len(), |n, pr| {
+        first[..n]
+            .iter()
+            .zip(pr)
+            .take_while(|(a, b)| a == b)
+            .count()
+    })
+}
+
+/// Layout of query rows `c0..c1` of left-padded suffixes (`pads[r]` padding tokens in row
+/// `r`) that follow a cached prefix of `shared` tokens: a suffix token sees the whole
+/// prefix and its own suffix causally; a padding token sees the prefix and itself.
+fn suffix_layout(
+    shared: usize,
+    pads: &[usize],
+    c0: usize,
+    c1: usize,
+    dev: &candle_core::Device,
+) -> Result<SeqLayout> {
+    let (b, n, keys) = (pads.len(), c1 - c0, shared + c1);
+    let mut positions = Vec::with_capacity(b * n);
+    let mut mask = vec![f32::NEG_INFINITY; b * n * keys];
+    let mut segments = Vec::with_capacity(b);
+    for (r, &pad) in pads.iter().enumerate() {
+        let mut seg = Vec::with_capacity(n);
+        for t in c0..c1 {
+            let row = &mut mask[(r * n + t - c0) * keys..(r * n + t - c0 + 1) * keys];
+            row[..shared].fill(0.0);
+            if t < pad {
+                row[shared + t] = 0.0;
+                positions.push(0.0);
+                seg.push(None);
+            } else {
+                row[shared + pad..=shared + t].fill(0.0);
+                positions.push((shared + t - pad) as f32);
+                seg.push(Some(0));
+            }
+        }
+        segments.push(seg);
+    }
+    Ok(SeqLayout {
+        positions: Tensor::from_vec(positions, (b, n), dev)?,
+        mask: Tensor::from_vec(mask, (b, 1, n, keys), dev)?,
+        segments,
+    })
+}
+
 impl CausalLM {
     /// Generates a continuation of every prompt, in one batch with a KV cache. Prompts may
-    /// differ in length (left padding with per-sequence positions). `tokenizer` is needed
-    /// only for stop strings.
+    /// differ in length (left padding with per-sequence positions). A prefix that all
+    /// prompts share (16 tokens or more: a system prompt, or one prompt sampled several
+    /// times) is computed once for the batch. `tokenizer` is needed only for stop strings.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -163,23 +217,58 @@ impl CausalLM {
         }
         let dev = self.device();
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let p = *lens.iter().max().expect("non-empty");
+        // Tokens every prompt starts with (a system prompt; one prompt sampled several
+        // times): computed once and shared. Each prompt keeps at least its last token.
+        let shared = match b {
+            1 => 0,
+            _ => shared_prefix(prompts).min(lens.iter().min().expect("non-empty") - 1),
+        };
+        let shared = if shared >= MIN_SHARED_PREFIX {
+            shared
+        } else {
+            0
+        };
+        // The suffixes after it, left-padded to `p` tokens.
+        let p = lens.iter().max().expect("non-empty") - shared;
+        let pads: Vec<usize> = lens.iter().map(|&l| p - (l - shared)).collect();
         let mut ids = Vec::with_capacity(b * p);
-        for pr in prompts {
-            ids.extend(std::iter::repeat_n(0u32, p - pr.len()));
-            ids.extend(pr);
+        for (pr, &pad) in prompts.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(0u32, pad));
+            ids.extend(&pr[shared..]);
         }
-        let layout = SeqLayout::left_padded(&lens, p, dev)?;
-        let mut cache = KvCache::default();
-        let hid = self.forward_cached(&Tensor::from_vec(ids, (b, p), dev)?, &layout, &mut cache)?;
-        let mut last = hid.narrow(1, p - 1, 1)?.squeeze(1)?;
+        let ids = Tensor::from_vec(ids, (b, p), dev)?;
+        let mut cache = KvCache::reserving(p + params.max_new_tokens);
+        let mut last = if shared == 0 {
+            let layout = SeqLayout::left_padded(&lens, p, dev)?;
+            let hid = self.forward_cached(&ids, &layout, &mut cache)?;
+            hid.narrow(1, p - 1, 1)?.squeeze(1)?
+        } else {
+            let prefix = Tensor::new(&prompts[0][..shared], dev)?.unsqueeze(0)?;
+            let layout = SeqLayout::left_padded(&[shared], shared, dev)?;
+            self.forward_cached(&prefix, &layout, &mut cache)?;
+            cache.select_rows(&Tensor::zeros(b, DType::U32, dev)?)?;
+            // The suffixes attend to the cached prefix and to themselves, in chunks of
+            // query rows that bound the `[b, heads, rows, keys]` scores to ~256 MB.
+            let heads = self.config().num_attention_heads;
+            let rows = ((1usize << 26) / (b * heads * (shared + p))).max(16).min(p);
+            let mut hid = None;
+            for c0 in (0..p).step_by(rows) {
+                let c1 = (c0 + rows).min(p);
+                let layout = suffix_layout(shared, &pads, c0, c1, dev)?;
+                hid =
+                    Some(self.forward_cached(&ids.narrow(1, c0, c1 - c0)?, &layout, &mut cache)?);
+            }
+            let hid = hid.expect("p >= 1");
+            let n = hid.dim(1)?;
+            hid.narrow(1, n - 1, 1)?.squeeze(1)?
+        };
         let w = self.lm_head_weight(false);
         let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
             .map(|i| rand::rngs::StdRng::seed_from_u64(params.seed.wrapping_add(i as u64)))
             .collect();
-        // Active rows: (sequence index, left padding, next position).
+        // Active rows: (sequence index, padding after the shared prefix, next position).
         let mut active: Vec<(usize, usize, usize)> =
-            (0..b).map(|i| (i, p - lens[i], lens[i])).collect();
+            (0..b).map(|i| (i, pads[i], lens[i])).collect();
         for step in 0..params.max_new_tokens {
             let logits: Vec<Vec<f32>> = last.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
             let mut next = Vec::with_capacity(active.len());
@@ -224,7 +313,7 @@ impl CausalLM {
             let mut mask = vec![0f32; nb * s];
             let mut pos = Vec::with_capacity(nb);
             for (r, &(_, pad, ps)) in active.iter().enumerate() {
-                mask[r * s..r * s + pad].fill(f32::NEG_INFINITY);
+                mask[r * s + shared..r * s + shared + pad].fill(f32::NEG_INFINITY);
                 pos.push((ps - 1) as f32);
             }
             let layout = SeqLayout {

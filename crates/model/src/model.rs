@@ -103,20 +103,38 @@ impl SeqLayout {
     }
 }
 
-/// Keys and values of past tokens, per layer: `[b, kv_heads, s, head_dim]`.
+/// Keys and values of past tokens, per layer. Each layer's are preallocated buffers
+/// `[b, kv_heads, capacity, head_dim]` that a decoding step appends to in place (no copy of
+/// the past per step); attention reads views of their filled part.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+    /// Positions to reserve beyond the first (prefill) pass, e.g. the tokens to generate.
+    reserve: usize,
+}
+
+#[derive(Debug, Clone)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
 }
 
 impl KvCache {
+    /// An empty cache whose first pass reserves room for `extra` more positions, so that
+    /// decoding up to that many tokens never reallocates.
+    pub fn reserving(extra: usize) -> Self {
+        Self {
+            layers: vec![],
+            reserve: extra,
+        }
+    }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+            .map_or(0, |l| l.len)
     }
     /// True when nothing is cached.
     pub fn is_empty(&self) -> bool {
@@ -124,12 +142,49 @@ impl KvCache {
     }
     /// Keeps only the given batch rows (drops finished sequences).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+        for l in self.layers.iter_mut().flatten() {
+            l.k = l.k.index_select(rows, 0)?;
+            l.v = l.v.index_select(rows, 0)?;
         }
         Ok(())
     }
+}
+
+/// Appends this step's keys and values `[b, kv_heads, s, head_dim]` to a layer's cache
+/// and returns views of everything cached, the new positions included.
+fn append_kv(
+    slot: &mut Option<LayerKv>,
+    reserve: usize,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, s, d) = k.dims4()?;
+    let len = slot.as_ref().map_or(0, |c| c.len);
+    let need = len + s;
+    let cap = match slot {
+        Some(c) => c.k.dim(2)?,
+        None => 0,
+    };
+    if need > cap {
+        // First pass: the reserve; later growth by half again (amortised O(1) copies).
+        let cap = if cap == 0 {
+            need + reserve
+        } else {
+            need + need / 2
+        };
+        let nk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+        let nv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
+        if let Some(c) = slot.as_ref().filter(|c| c.len > 0) {
+            nk.slice_set(&c.k.narrow(2, 0, c.len)?.contiguous()?, 2, 0)?;
+            nv.slice_set(&c.v.narrow(2, 0, c.len)?.contiguous()?, 2, 0)?;
+        }
+        *slot = Some(LayerKv { k: nk, v: nv, len });
+    }
+    let c = slot.as_mut().expect("allocated above");
+    c.k.slice_set(&k.contiguous()?, 2, len)?;
+    c.v.slice_set(&v.contiguous()?, 2, len)?;
+    c.len = need;
+    Ok((c.k.narrow(2, 0, need)?, c.v.narrow(2, 0, need)?))
 }
 
 struct Attention {
@@ -498,7 +553,7 @@ impl CausalLM {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<LayerKv>, usize)>,
         t: Track,
     ) -> Result<Tensor> {
         let l = &self.layers[li];
@@ -521,7 +576,7 @@ impl CausalLM {
         let mask3 = mask.squeeze(1)?;
         // The fused kernel serves training and a cache's first (prefill) pass, which then
         // stores the roped keys and values; later cached steps attend to past keys.
-        let prefill = matches!(&cache, Some(slot) if slot.is_none());
+        let prefill = matches!(&cache, Some((slot, _)) if slot.is_none());
         // Views of this step's keys and values, `[b, s, kv_heads, head_dim]`.
         let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((b, s, nkv, hd))?;
         let v = qkv
@@ -530,9 +585,9 @@ impl CausalLM {
         let ctx =
             if (cache.is_none() || prefill) && a.q_norm.is_none() && ops::has_fused_attention(&qkv)
             {
-                if let Some(slot) = cache {
+                if let Some((slot, reserve)) = cache {
                     let k = ops::rope_bthd(&k, cos, sin)?;
-                    *slot = Some((k, v.transpose(1, 2)?.contiguous()?));
+                    append_kv(slot, reserve, &k, &v.transpose(1, 2)?)?;
                 }
                 ops::attention(&qkv, cos, sin, &mask3, nh, nkv, hd)?
             } else {
@@ -547,12 +602,8 @@ impl CausalLM {
                 let q = ops::rope_bthd(&q, cos, sin)?;
                 let mut k = ops::rope_bthd(&k, cos, sin)?;
                 let mut v = v.transpose(1, 2)?.contiguous()?;
-                if let Some(slot) = cache {
-                    if let Some((pk, pv)) = slot.as_ref() {
-                        k = Tensor::cat(&[pk, &k], 2)?;
-                        v = Tensor::cat(&[pv, &v], 2)?;
-                    }
-                    *slot = Some((k.clone(), v.clone()));
+                if let Some((slot, reserve)) = cache {
+                    (k, v) = append_kv(slot, reserve, &k, &v)?;
                 }
                 let kv_len = k.dim(2)?;
                 let g = nh / nkv;
@@ -611,7 +662,10 @@ impl CausalLM {
             c.layers.resize(self.layers.len(), None);
         }
         for li in 0..self.layers.len() {
-            let slot = cache.as_mut().map(|c| &mut c.layers[li]);
+            let slot = cache.as_mut().map(|c| {
+                let reserve = c.reserve;
+                (&mut c.layers[li], reserve)
+            });
             x = self.layer_forward(li, &x, &cos, &sin, &layout.mask, slot, t)?;
         }
         let (b, s) = ids.dims2()?;

@@ -45,6 +45,75 @@ fn greedy_by_recompute(m: &CausalLM, prompt: &[u32], n: usize) -> Vec<u32> {
     seq[prompt.len()..].to_vec()
 }
 
+/// Prompts that share their first tokens (a system prompt; one prompt sampled several
+/// times) compute the shared prefix once: results equal each prompt run alone.
+#[test]
+fn shared_prefix_batch_equals_each_prompt_alone() {
+    let m = model(&Device::Cpu);
+    let ids = |n: usize, seed: u32| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i * 37 + seed * 11 + 5) % 97 + 3)
+            .collect()
+    };
+    let prefix = ids(20, 1);
+    let with = |suffix: Vec<u32>| [prefix.clone(), suffix].concat();
+    // Short suffixes of different lengths, and the same prompt twice (a GRPO group); then
+    // suffixes long enough that the suffix pass runs in several chunks of query rows.
+    let cases = [
+        vec![
+            with(ids(3, 2)),
+            with(ids(7, 3)),
+            with(ids(3, 2)),
+            prefix.clone(),
+        ],
+        vec![with(ids(2600, 4)), with(ids(2450, 5)), with(ids(2590, 6))],
+    ];
+    for prompts in cases {
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 20,
+            max_new_tokens: 6,
+            seed: 3,
+            ..Default::default()
+        };
+        let batch = m.generate(&prompts, &p, None).unwrap();
+        for (i, pr) in prompts.iter().enumerate() {
+            let solo = m
+                .generate(
+                    std::slice::from_ref(pr),
+                    &SamplingParams {
+                        seed: 3 + i as u64,
+                        ..p.clone()
+                    },
+                    None,
+                )
+                .unwrap();
+            assert_eq!(
+                batch[i].tokens,
+                solo[0].tokens,
+                "prompt {i} of {}",
+                prompts.len()
+            );
+            for (a, b) in batch[i].logprobs.iter().zip(&solo[0].logprobs) {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "prompt {i}: log-prob {a} vs {b} alone"
+                );
+            }
+        }
+    }
+    // Greedy through the shared path equals full recomputation.
+    let prompts = vec![with(ids(4, 7)), with(ids(9, 8))];
+    let p = SamplingParams {
+        temperature: 0.0,
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    for (pr, g) in prompts.iter().zip(m.generate(&prompts, &p, None).unwrap()) {
+        assert_eq!(g.tokens, greedy_by_recompute(&m, pr, 8));
+    }
+}
+
 #[test]
 fn kv_cache_decoding_equals_full_recomputation() {
     for dev in devices() {
