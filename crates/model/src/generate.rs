@@ -150,16 +150,18 @@ fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
 }
 
 /// Layout of query rows `c0..c1` of left-padded suffixes (`pads[r]` padding tokens in row
-/// `r`) that follow a cached prefix of `shared` tokens: a suffix token sees the whole
-/// prefix and its own suffix causally; a padding token sees the prefix and itself.
+/// `r`) after cached positions `0..width`, of which row `r` owns `0..pre[r]` (the rest is
+/// masked): a suffix token sees its row's cached prefix and its own suffix causally; a
+/// padding token sees the prefix and itself.
 fn suffix_layout(
-    shared: usize,
+    pre: &[usize],
+    width: usize,
     pads: &[usize],
     c0: usize,
     c1: usize,
     dev: &candle_core::Device,
 ) -> Result<SeqLayout> {
-    let (b, n, keys) = (pads.len(), c1 - c0, shared + c1);
+    let (b, n, keys) = (pads.len(), c1 - c0, width + c1);
     let mut positions = Vec::with_capacity(b * n);
     let mut mask = vec![f32::NEG_INFINITY; b * n * keys];
     let mut segments = Vec::with_capacity(b);
@@ -167,14 +169,14 @@ fn suffix_layout(
         let mut seg = Vec::with_capacity(n);
         for t in c0..c1 {
             let row = &mut mask[(r * n + t - c0) * keys..(r * n + t - c0 + 1) * keys];
-            row[..shared].fill(0.0);
+            row[..pre[r]].fill(0.0);
             if t < pad {
-                row[shared + t] = 0.0;
+                row[width + t] = 0.0;
                 positions.push(0.0);
                 seg.push(None);
             } else {
-                row[shared + pad..=shared + t].fill(0.0);
-                positions.push((shared + t - pad) as f32);
+                row[width + pad..=width + t].fill(0.0);
+                positions.push((pre[r] + t - pad) as f32);
                 seg.push(Some(0));
             }
         }
@@ -187,7 +189,68 @@ fn suffix_layout(
     })
 }
 
+/// Keys and values of sequences that [`CausalLM::generate_reusing`] processed, so that a
+/// later prompt extending one of them (the next turn of a multi-turn episode: the same
+/// conversation plus the reply and a tool result) computes only its new tokens.
+///
+/// An entry is consumed when a prompt reuses it (the longer sequence replaces it); entries
+/// nobody reused during a whole round ([`PrefixCache::begin_round`], e.g. one turn of a
+/// batch of episodes, which may take several calls) are dropped at the next round, which
+/// bounds the memory to about two turns' sequences.
+#[derive(Default)]
+pub struct PrefixCache {
+    entries: Vec<CachedSeq>,
+    round: u64,
+    /// Prompt tokens taken from the cache so far.
+    pub reused_tokens: u64,
+    /// Prompt tokens computed so far.
+    pub computed_tokens: u64,
+}
+
+struct CachedSeq {
+    tokens: Vec<u32>,
+    kv: Vec<(Tensor, Tensor)>,
+    round: u64,
+}
+
+impl PrefixCache {
+    /// Starts a round: drops the entries of rounds before the last one.
+    pub fn begin_round(&mut self) {
+        let last = self.round;
+        self.entries.retain(|e| e.round >= last);
+        self.round += 1;
+    }
+
+    /// Number of cached sequences.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry sharing the longest prefix with `prompt`, and that length.
+    fn best(&self, prompt: &[u32]) -> Option<(usize, usize)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let n = e
+                    .tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (i, n)
+            })
+            .max_by_key(|&(_, n)| n)
+    }
+}
+
 impl CausalLM {
+    /// Generates a continuationimpl CausalLM {
     /// Generates a continuation of every prompt, in one batch with a KV cache. Prompts may
     /// differ in length (left padding with per-sequence positions). A prefix that all
     /// prompts share (16 tokens or more: a system prompt, or one prompt sampled several
@@ -197,6 +260,19 @@ impl CausalLM {
         prompts: &[Vec<u32>],
         params: &SamplingParams,
         tokenizer: Option<&Tokenizer>,
+    ) -> Result<Vec<Generation>> {
+        self.generate_reusing(prompts, params, tokenizer, None)
+    }
+
+    /// [`CausalLM::generate`], taking the keys and values of each prompt's longest cached
+    /// prefix (16 tokens or more) from `reuse` and adding every processed sequence (prompt
+    /// and sampled tokens) to it. Results equal [`CausalLM::generate`]'s.
+    pub fn generate_reusing(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        tokenizer: Option<&Tokenizer>,
+        mut reuse: Option<&mut PrefixCache>,
     ) -> Result<Vec<Generation>> {
         if prompts.iter().any(Vec::is_empty) {
             invalid!("every prompt needs at least one token");
@@ -217,44 +293,73 @@ impl CausalLM {
         }
         let dev = self.device();
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        // Tokens every prompt starts with (a system prompt; one prompt sampled several
-        // times): computed once and shared. Each prompt keeps at least its last token.
-        let shared = match b {
-            1 => 0,
-            _ => shared_prefix(prompts).min(lens.iter().min().expect("non-empty") - 1),
-        };
-        let shared = if shared >= MIN_SHARED_PREFIX {
-            shared
-        } else {
-            0
-        };
-        // The suffixes after it, left-padded to `p` tokens.
-        let p = lens.iter().max().expect("non-empty") - shared;
-        let pads: Vec<usize> = lens.iter().map(|&l| p - (l - shared)).collect();
+        // Each row's cached prefix `0..pre[r]`: from `reuse`, else the prefix that all
+        // prompts share (a system prompt; one prompt sampled several times), computed once.
+        // Each prompt keeps at least its last token to compute.
+        let mut taken: Vec<Option<CachedSeq>> = (0..b).map(|_| None).collect();
+        let mut pre = vec![0usize; b];
+        if let Some(pc) = reuse.as_deref_mut() {
+            for (i, pr) in prompts.iter().enumerate() {
+                if let Some((e, n)) = pc.best(pr) {
+                    let n = n.min(lens[i] - 1);
+                    if n >= MIN_SHARED_PREFIX {
+                        pre[i] = n;
+                        taken[i] = Some(pc.entries.swap_remove(e));
+                    }
+                }
+            }
+        }
+        let mut shared = 0;
+        if taken.iter().all(Option::is_none) && b > 1 {
+            let n = shared_prefix(prompts).min(lens.iter().min().expect("non-empty") - 1);
+            if n >= MIN_SHARED_PREFIX {
+                shared = n;
+                pre.fill(n);
+            }
+        }
+        let width = *pre.iter().max().expect("non-empty");
+        // The suffixes after the prefixes, left-padded to `p` tokens.
+        let p = (0..b).map(|i| lens[i] - pre[i]).max().expect("non-empty");
+        let pads: Vec<usize> = (0..b).map(|i| p - (lens[i] - pre[i])).collect();
         let mut ids = Vec::with_capacity(b * p);
-        for (pr, &pad) in prompts.iter().zip(&pads) {
-            ids.extend(std::iter::repeat_n(0u32, pad));
-            ids.extend(&pr[shared..]);
+        for (i, pr) in prompts.iter().enumerate() {
+            ids.extend(std::iter::repeat_n(0u32, pads[i]));
+            ids.extend(&pr[pre[i]..]);
         }
         let ids = Tensor::from_vec(ids, (b, p), dev)?;
-        let mut cache = KvCache::reserving(p + params.max_new_tokens);
-        let mut last = if shared == 0 {
+        let reserve = p + params.max_new_tokens;
+        let mut cache = KvCache::reserving(reserve);
+        if let Some(pc) = reuse.as_deref_mut() {
+            pc.reused_tokens += pre.iter().sum::<usize>() as u64;
+            pc.computed_tokens += (0..b).map(|i| lens[i] - pre[i]).sum::<usize>() as u64;
+        }
+        let mut last = if width == 0 {
             let layout = SeqLayout::left_padded(&lens, p, dev)?;
             let hid = self.forward_cached(&ids, &layout, &mut cache)?;
             hid.narrow(1, p - 1, 1)?.squeeze(1)?
         } else {
-            let prefix = Tensor::new(&prompts[0][..shared], dev)?.unsqueeze(0)?;
-            let layout = SeqLayout::left_padded(&[shared], shared, dev)?;
-            self.forward_cached(&prefix, &layout, &mut cache)?;
-            cache.select_rows(&Tensor::zeros(b, DType::U32, dev)?)?;
-            // The suffixes attend to the cached prefix and to themselves, in chunks of
+            if shared > 0 {
+                let prefix = Tensor::new(&prompts[0][..shared], dev)?.unsqueeze(0)?;
+                let layout = SeqLayout::left_padded(&[shared], shared, dev)?;
+                self.forward_cached(&prefix, &layout, &mut cache)?;
+                cache.select_rows(&Tensor::zeros(b, DType::U32, dev)?)?;
+            } else {
+                let rows: Vec<_> = taken
+                    .iter()
+                    .zip(&pre)
+                    .map(|(t, &n)| t.as_ref().map(|e| (e.kv.as_slice(), n)))
+                    .collect();
+                cache = KvCache::from_rows(&rows, width, reserve)?;
+                drop(taken);
+            }
+            // The suffixes attend to the cached prefixes and to themselves, in chunks of
             // query rows that bound the `[b, heads, rows, keys]` scores to ~256 MB.
             let heads = self.config().num_attention_heads;
-            let rows = ((1usize << 26) / (b * heads * (shared + p))).max(16).min(p);
+            let rows = ((1usize << 26) / (b * heads * (width + p))).max(16).min(p);
             let mut hid = None;
             for c0 in (0..p).step_by(rows) {
                 let c1 = (c0 + rows).min(p);
-                let layout = suffix_layout(shared, &pads, c0, c1, dev)?;
+                let layout = suffix_layout(&pre, width, &pads, c0, c1, dev)?;
                 hid =
                     Some(self.forward_cached(&ids.narrow(1, c0, c1 - c0)?, &layout, &mut cache)?);
             }
@@ -266,7 +371,7 @@ impl CausalLM {
         let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
             .map(|i| rand::rngs::StdRng::seed_from_u64(params.seed.wrapping_add(i as u64)))
             .collect();
-        // Active rows: (sequence index, padding after the shared prefix, next position).
+        // Active rows: (sequence index, masked positions `pre..width + pad`, next position).
         let mut active: Vec<(usize, usize, usize)> =
             (0..b).map(|i| (i, pads[i], lens[i])).collect();
         for step in 0..params.max_new_tokens {
@@ -298,6 +403,24 @@ impl CausalLM {
                     next.push(tok);
                 }
             }
+            // Rows that end here: keep their keys and values for a later prompt.
+            if let Some(pc) = reuse.as_deref_mut() {
+                let kept: Vec<usize> = keep.iter().map(|(r, _)| *r).collect();
+                let cached = cache.len();
+                for (r, &(i, pad, _)) in active.iter().enumerate() {
+                    if kept.contains(&r) {
+                        continue;
+                    }
+                    // The prompt and the sampled tokens fed so far (all but the last).
+                    let kv = cache.extract_row(r, &[(0, pre[i]), (width + pad, cached)])?;
+                    let fed = out[i].tokens.len() - 1;
+                    pc.entries.push(CachedSeq {
+                        tokens: [&prompts[i][..], &out[i].tokens[..fed]].concat(),
+                        kv,
+                        round: pc.round,
+                    });
+                }
+            }
             if keep.is_empty() {
                 break;
             }
@@ -312,8 +435,8 @@ impl CausalLM {
             let nb = active.len();
             let mut mask = vec![0f32; nb * s];
             let mut pos = Vec::with_capacity(nb);
-            for (r, &(_, pad, ps)) in active.iter().enumerate() {
-                mask[r * s + shared..r * s + shared + pad].fill(f32::NEG_INFINITY);
+            for (r, &(i, pad, ps)) in active.iter().enumerate() {
+                mask[r * s + pre[i]..r * s + width + pad].fill(f32::NEG_INFINITY);
                 pos.push((ps - 1) as f32);
             }
             let layout = SeqLayout {

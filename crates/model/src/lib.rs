@@ -29,7 +29,7 @@ pub mod tokenizer;
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
-pub use generate::{FinishReason, Generation, SamplingParams};
+pub use generate::{FinishReason, Generation, PrefixCache, SamplingParams};
 pub use load::{load, save, Checkpoint};
 pub use logprobs::{chunked_logprobs, pack_rows, SequenceScores, DEFAULT_VOCAB_CHUNK};
 pub use model::{CausalLM, KvCache, SeqLayout};

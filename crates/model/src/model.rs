@@ -150,6 +150,64 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// A cache of `rows.len()` rows whose row `r` holds `rows[r]`'s first `len` positions
+    /// (`None`: nothing), at positions `0..len`; buffers have room for `width + reserve`
+    /// positions and the cache counts `width` (rows shorter than `width` are masked there
+    /// by the caller).
+    pub(crate) fn from_rows(
+        rows: &[Option<(&[(Tensor, Tensor)], usize)>],
+        width: usize,
+        reserve: usize,
+    ) -> Result<Self> {
+        let (template, _) = rows
+            .iter()
+            .flatten()
+            .next()
+            .ok_or_else(|| crate::Error::Invalid("no cached row".into()))?;
+        let mut layers = Vec::with_capacity(template.len());
+        for (li, (tk, tv)) in template.iter().enumerate() {
+            let (_, h, _, d) = tk.dims4()?;
+            let k = Tensor::zeros((rows.len(), h, width + reserve, d), tk.dtype(), tk.device())?;
+            let v = Tensor::zeros((rows.len(), h, width + reserve, d), tv.dtype(), tv.device())?;
+            for (r, row) in rows.iter().enumerate() {
+                if let Some((kv, len)) = row {
+                    let (rk, rv) = &kv[li];
+                    // Row r of the buffers is a contiguous view sharing their storage.
+                    let (src_k, src_v) = (rk.narrow(2, 0, *len)?, rv.narrow(2, 0, *len)?);
+                    k.narrow(0, r, 1)?.slice_set(&src_k.contiguous()?, 2, 0)?;
+                    v.narrow(0, r, 1)?.slice_set(&src_v.contiguous()?, 2, 0)?;
+                }
+            }
+            layers.push(Some(LayerKv { k, v, len: width }));
+        }
+        Ok(KvCache { layers, reserve })
+    }
+
+    /// Row `r`'s keys and values at the given position ranges, concatenated: per layer
+    /// `[1, kv_heads, total, head_dim]`.
+    pub(crate) fn extract_row(
+        &self,
+        r: usize,
+        ranges: &[(usize, usize)],
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let mut out = Vec::with_capacity(self.layers.len());
+        for l in self.layers.iter().flatten() {
+            let (k, v) = (l.k.narrow(0, r, 1)?, l.v.narrow(0, r, 1)?);
+            let parts = |t: &Tensor| -> Result<Tensor> {
+                let ps: Vec<Tensor> = ranges
+                    .iter()
+                    .filter(|(a, b)| b > a)
+                    .map(|&(a, b)| t.narrow(2, a, b - a))
+                    .collect::<candle_core::Result<_>>()?;
+                Ok(Tensor::cat(&ps, 2)?.contiguous()?)
+            };
+            out.push((parts(&k)?, parts(&v)?));
+        }
+        Ok(out)
+    }
+}
+
 /// Appends this step's keys and values `[b, kv_heads, s, head_dim]` to a layer's cache
 /// and returns views of everything cached, the new positions included.
 fn append_kv(

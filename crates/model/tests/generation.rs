@@ -3,7 +3,8 @@
 mod common;
 use common::*;
 use tooltrain_model::{
-    chunked_logprobs, load, ops, CausalLM, DType, Device, SamplingParams, SeqLayout, Tensor, Var,
+    chunked_logprobs, load, ops, CausalLM, DType, Device, PrefixCache, SamplingParams, SeqLayout,
+    Tensor, Var,
 };
 
 fn model(dev: &Device) -> CausalLM {
@@ -111,6 +112,60 @@ fn shared_prefix_batch_equals_each_prompt_alone() {
     };
     for (pr, g) in prompts.iter().zip(m.generate(&prompts, &p, None).unwrap()) {
         assert_eq!(g.tokens, greedy_by_recompute(&m, pr, 8));
+    }
+}
+
+/// Multi-turn episodes: each turn's prompt is the last prompt plus the reply and a tool
+/// result. With a prefix cache only the new tokens are computed; results are unchanged,
+/// also for rows that stopped early.
+#[test]
+fn reused_prefixes_give_the_same_generations() {
+    let m = model(&Device::Cpu);
+    let ids = |n: usize, seed: u32| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i * 31 + seed * 17 + 2) % 89 + 3)
+            .collect()
+    };
+    let mut prompts: Vec<Vec<u32>> = vec![ids(20, 1), ids(27, 2), ids(33, 3)];
+    let mut pc = PrefixCache::default();
+    for turn in 0..4 {
+        let mut p = SamplingParams {
+            temperature: 1.0,
+            top_k: 30,
+            max_new_tokens: 7,
+            seed: 11 + turn,
+            ..Default::default()
+        };
+        // From the second turn on, a stop token that ends one row early.
+        if turn > 0 {
+            let probe = m.generate(&prompts, &p, None).unwrap();
+            p.stop_token_ids = vec![probe[turn as usize % 3].tokens[1]];
+        }
+        let want = m.generate(&prompts, &p, None).unwrap();
+        let before = pc.reused_tokens;
+        pc.begin_round();
+        let got = m
+            .generate_reusing(&prompts, &p, None, Some(&mut pc))
+            .unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.tokens, w.tokens, "turn {turn}, row {i}");
+            assert_eq!(g.finish, w.finish, "turn {turn}, row {i}");
+            for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+                assert!((a - b).abs() < 1e-4, "turn {turn}, row {i}: {a} vs {b}");
+            }
+        }
+        // Everything but each reply's last token (never fed) came from the cache.
+        let reused = pc.reused_tokens - before;
+        let total: usize = prompts.iter().map(Vec::len).sum();
+        // Row i's new tokens: the last reply token and a tool result of i + 1 tokens.
+        let expected = if turn == 0 { 0 } else { total - (2 + 3 + 4) };
+        assert_eq!(reused as usize, expected, "turn {turn}");
+        assert_eq!(pc.len(), 3);
+        // Next turn: the reply and a "tool result" of a row-dependent length.
+        for (i, (pr, g)) in prompts.iter_mut().zip(&got).enumerate() {
+            pr.extend(&g.tokens);
+            pr.extend(ids(i + 1, 9 + turn as u32));
+        }
     }
 }
 

@@ -8,8 +8,8 @@
 
 use crate::policy::{Policy, PolicyError, TurnReply, TurnRequest};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
-use tooltrain_model::{CausalLM, SamplingParams, Tokenizer};
+use std::sync::{Arc, Mutex};
+use tooltrain_model::{CausalLM, PrefixCache, SamplingParams, Tokenizer};
 
 /// Sampling settings of the local model (the `[policy.model]` table).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +21,10 @@ pub struct LocalSampling {
     pub top_k: usize,
     /// Most sequences generated in one batch.
     pub max_batch: usize,
+    /// Keep each episode's keys and values between its turns, so that a turn computes
+    /// only its new tokens (the last reply and the tool result) instead of the whole
+    /// conversation again. Costs the memory of about two turns' KV caches.
+    pub reuse_prefixes: bool,
 }
 
 impl Default for LocalSampling {
@@ -30,6 +34,7 @@ impl Default for LocalSampling {
             top_p: 1.0,
             top_k: 0,
             max_batch: 16,
+            reuse_prefixes: true,
         }
     }
 }
@@ -40,6 +45,7 @@ pub struct LocalModel {
     tokenizer: Arc<Tokenizer>,
     sampling: LocalSampling,
     name: String,
+    prefixes: Mutex<PrefixCache>,
 }
 
 impl LocalModel {
@@ -71,6 +77,7 @@ impl LocalModel {
             tokenizer,
             sampling,
             name: name.into(),
+            prefixes: Mutex::new(PrefixCache::default()),
         })
     }
 
@@ -91,6 +98,8 @@ impl Policy for LocalModel {
     fn respond(&self, requests: &[TurnRequest<'_>]) -> Vec<Result<TurnReply, PolicyError>> {
         let mut out: Vec<Result<TurnReply, PolicyError>> = Vec::with_capacity(requests.len());
         let stops = self.tokenizer.eos_ids();
+        let mut prefixes = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        prefixes.begin_round();
         for chunk in requests.chunks(self.sampling.max_batch) {
             let prompts: Result<Vec<Vec<u32>>, PolicyError> = chunk
                 .iter()
@@ -120,7 +129,8 @@ impl Policy for LocalModel {
                 stop_strings: vec![],
                 seed: chunk[0].seed,
             };
-            match self.model.generate(&prompts, &params, None) {
+            let reuse = self.sampling.reuse_prefixes.then_some(&mut *prefixes);
+            match self.model.generate_reusing(&prompts, &params, None, reuse) {
                 Ok(gens) => {
                     for (g, r) in gens.into_iter().zip(chunk) {
                         let mut tokens = g.tokens;
