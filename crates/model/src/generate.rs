@@ -201,7 +201,8 @@ fn suffix_layout(
 pub struct PrefixCache {
     entries: Vec<CachedSeq>,
     round: u64,
-    /// Prompt tokens taken from the cache so far.
+    /// Prompt tokens not computed for their row so far (taken from the cache, or a prefix
+    /// shared with the rest of the batch).
     pub reused_tokens: u64,
     /// Prompt tokens computed so far.
     pub computed_tokens: u64,
@@ -371,7 +372,8 @@ impl CausalLM {
         let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
             .map(|i| rand::rngs::StdRng::seed_from_u64(params.seed.wrapping_add(i as u64)))
             .collect();
-        // Active rows: (sequence index, masked positions `pre..width + pad`, next position).
+        // Active rows: (sequence index, its padding `pad`, next position); the row's keys
+        // at `pre[i]..width + pad` are masked (other rows' prefixes, padding).
         let mut active: Vec<(usize, usize, usize)> =
             (0..b).map(|i| (i, pads[i], lens[i])).collect();
         for step in 0..params.max_new_tokens {
