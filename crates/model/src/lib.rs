@@ -7,11 +7,13 @@
 //! |---|---|
 //! | architecture hyper-parameters (`config.json`) | [`ModelConfig`] |
 //! | the network, packed batches, KV cache, checkpointed backward | [`CausalLM`], [`SeqLayout`], [`KvCache`] |
-//! | differentiable fused ops (RMSNorm, RoPE, softmax, SwiGLU, cross-entropy) | [`ops`] |
+//! | differentiable fused ops (RMSNorm, RoPE, softmax, SwiGLU, bias add, cross-entropy) | [`ops`] |
 //! | loading HF directories / GGUF, saving HF format | [`load()`], [`save()`], [`Checkpoint`] |
 //! | tokenizer and chat template | [`Tokenizer`], [`ChatTemplate`] |
 //! | per-token log-probs and entropy, vocabulary-chunked | [`chunked_logprobs`], [`CausalLM::score`] |
-//! | batched sampling | [`CausalLM::generate`], [`SamplingParams`] |
+//! | batched sampling (shared prefixes computed once) | [`CausalLM::generate`], [`SamplingParams`] |
+//! | reusing earlier turns' keys and values (multi-turn episodes) | [`CausalLM::generate_reusing`], [`PrefixCache`] |
+//! | CPU kernels (AVX2 chosen at run time) | `kernels.rs` (private) |
 //! | AdamW, clipping, LR schedules | [`AdamW`], [`clip_grad_norm`], [`LrSchedule`] |
 
 pub mod config;
