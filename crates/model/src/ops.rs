@@ -608,14 +608,7 @@ pub(crate) mod tests {
             add_bias(&t[0], &t[1])
         });
         let (x, b) = (rand64(&[5, 7], 13), rand64(&[7], 14));
-        let d = (add_bias(&x, &b).unwrap() - x.broadcast_add(&b).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = max_abs_diff(&add_bias(&x, &b).unwrap(), &x.broadcast_add(&b).unwrap());
         assert_eq!(d, 0.0);
     }
 
@@ -626,15 +619,7 @@ pub(crate) mod tests {
         let x = rand64(&[3, 12], 8);
         let want =
             (x.narrow(1, 0, 6).unwrap().silu().unwrap() * x.narrow(1, 6, 6).unwrap()).unwrap();
-        let d = (swiglu(&x).unwrap() - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert!(d < 1e-12);
+        assert!(max_abs_diff(&swiglu(&x).unwrap(), &want) < 1e-12);
     }
 
     #[test]

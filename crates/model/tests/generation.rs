@@ -3,8 +3,8 @@
 mod common;
 use common::*;
 use tooltrain_model::{
-    chunked_logprobs, load, ops, CausalLM, DType, Device, PrefixCache, SamplingParams, SeqLayout,
-    Tensor, Var,
+    chunked_logprobs, load, ops, CausalLM, DType, Device, Generation, PrefixCache, SamplingParams,
+    SeqLayout, Tensor, Var,
 };
 
 fn model(dev: &Device) -> CausalLM {
@@ -17,6 +17,43 @@ fn prompts() -> Vec<Vec<u32>> {
         vec![11, 2],
         vec![64, 65, 66, 1],
     ]
+}
+
+/// `n` deterministic token ids in `3..100`, varying with `seed`.
+fn ids(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 37 + seed * 11 + 5) % 97 + 3)
+        .collect()
+}
+
+/// Generates `prompts` as one batch and each prompt alone (with its row's seed `p.seed +
+/// i`): same tokens, log-probs within 1e-4. Returns the batch's generations.
+fn assert_matches_each_alone(
+    m: &CausalLM,
+    prompts: &[Vec<u32>],
+    p: &SamplingParams,
+) -> Vec<Generation> {
+    let batch = m.generate(prompts, p, None).unwrap();
+    for (i, pr) in prompts.iter().enumerate() {
+        let alone = SamplingParams {
+            seed: p.seed + i as u64,
+            ..p.clone()
+        };
+        let solo = m.generate(std::slice::from_ref(pr), &alone, None).unwrap();
+        assert_eq!(
+            batch[i].tokens,
+            solo[0].tokens,
+            "prompt {i} of {}: batch differs from running alone",
+            prompts.len()
+        );
+        for (a, b) in batch[i].logprobs.iter().zip(&solo[0].logprobs) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "prompt {i}: log-prob {a} vs {b} alone"
+            );
+        }
+    }
+    batch
 }
 
 /// Greedy continuation computed without any cache: full recomputation every step.
@@ -51,11 +88,6 @@ fn greedy_by_recompute(m: &CausalLM, prompt: &[u32], n: usize) -> Vec<u32> {
 #[test]
 fn shared_prefix_batch_equals_each_prompt_alone() {
     let m = model(&Device::Cpu);
-    let ids = |n: usize, seed: u32| -> Vec<u32> {
-        (0..n as u32)
-            .map(|i| (i * 37 + seed * 11 + 5) % 97 + 3)
-            .collect()
-    };
     let prefix = ids(20, 1);
     let with = |suffix: Vec<u32>| [prefix.clone(), suffix].concat();
     // Short suffixes of different lengths, and the same prompt twice (a GRPO group); then
@@ -77,31 +109,7 @@ fn shared_prefix_batch_equals_each_prompt_alone() {
             seed: 3,
             ..Default::default()
         };
-        let batch = m.generate(&prompts, &p, None).unwrap();
-        for (i, pr) in prompts.iter().enumerate() {
-            let solo = m
-                .generate(
-                    std::slice::from_ref(pr),
-                    &SamplingParams {
-                        seed: 3 + i as u64,
-                        ..p.clone()
-                    },
-                    None,
-                )
-                .unwrap();
-            assert_eq!(
-                batch[i].tokens,
-                solo[0].tokens,
-                "prompt {i} of {}",
-                prompts.len()
-            );
-            for (a, b) in batch[i].logprobs.iter().zip(&solo[0].logprobs) {
-                assert!(
-                    (a - b).abs() < 1e-4,
-                    "prompt {i}: log-prob {a} vs {b} alone"
-                );
-            }
-        }
+        assert_matches_each_alone(&m, &prompts, &p);
     }
     // Greedy through the shared path equals full recomputation.
     let prompts = vec![with(ids(4, 7)), with(ids(9, 8))];
@@ -121,11 +129,6 @@ fn shared_prefix_batch_equals_each_prompt_alone() {
 #[test]
 fn reused_prefixes_give_the_same_generations() {
     let m = model(&Device::Cpu);
-    let ids = |n: usize, seed: u32| -> Vec<u32> {
-        (0..n as u32)
-            .map(|i| (i * 31 + seed * 17 + 2) % 89 + 3)
-            .collect()
-    };
     let mut prompts: Vec<Vec<u32>> = vec![ids(20, 1), ids(27, 2), ids(33, 3)];
     let mut pc = PrefixCache::default();
     for turn in 0..4 {
@@ -206,27 +209,10 @@ fn batch_equals_each_prompt_alone_and_seeds_reproduce() {
         seed: 7,
         ..Default::default()
     };
-    let batch = m.generate(&prompts(), &p, None).unwrap();
+    let batch = assert_matches_each_alone(&m, &prompts(), &p);
     let again = m.generate(&prompts(), &p, None).unwrap();
-    for (i, pr) in prompts().iter().enumerate() {
-        assert_eq!(batch[i].tokens, again[i].tokens, "same seed, same tokens");
-        let solo = m
-            .generate(
-                std::slice::from_ref(pr),
-                &SamplingParams {
-                    seed: 7 + i as u64,
-                    ..p.clone()
-                },
-                None,
-            )
-            .unwrap();
-        assert_eq!(
-            batch[i].tokens, solo[0].tokens,
-            "prompt {i}: batch differs from running alone"
-        );
-        for (a, b) in batch[i].logprobs.iter().zip(&solo[0].logprobs) {
-            assert!((a - b).abs() < 1e-4);
-        }
+    for (b, a) in batch.iter().zip(&again) {
+        assert_eq!(b.tokens, a.tokens, "same seed, same tokens");
     }
     let other = m
         .generate(
