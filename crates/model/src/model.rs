@@ -766,7 +766,7 @@ impl CausalLM {
         if !checkpoint {
             let hid = self.forward_hidden(ids, layout)?;
             let loss = head(&hid)?;
-            let grads = loss.backward()?;
+            let grads = backward(&loss)?;
             return Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads));
         }
         self.check_layout(ids, layout, 0)?;
@@ -788,7 +788,7 @@ impl CausalLM {
             self.cfg.rms_norm_eps,
         )?;
         let loss = head(&hid.reshape((b, s, ()))?)?;
-        let mut grads = loss.backward()?;
+        let mut grads = backward(&loss)?;
         let mut dx = take_grad(&mut grads, xv.as_tensor())?;
         for li in (0..self.layers.len()).rev() {
             let xin = Var::from_tensor(&inputs[li])?;
@@ -801,15 +801,32 @@ impl CausalLM {
                 None,
                 Track::Yes,
             )?;
-            let g = (y * dx.detach())?.sum_all()?.backward()?;
+            let g = backward(&(y * dx.detach())?.sum_all()?)?;
             merge_grads(&mut grads, g, &self.params, Some(xin.as_tensor()))?;
             dx = take_grad(&mut grads, xin.as_tensor())?;
         }
         let emb = self.embed_ids(ids, Track::Yes)?;
-        let g = (emb * dx)?.sum_all()?.backward()?;
+        let g = backward(&(emb * dx)?.sum_all()?)?;
         merge_grads(&mut grads, g, &self.params, None)?;
         Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
     }
+}
+
+/// `loss.backward()`, with every returned gradient detached. candle leaves the gradients
+/// of variables attached to the graph that computed them (`dW = x^T dy` refers to the
+/// activation `x`), so a kept gradient would keep the whole forward graph, every
+/// activation of the pass, alive: through accumulation over micro-batches, the optimizer
+/// step, and across the layers of a recomputed (checkpointed) backward.
+fn backward(loss: &Tensor) -> Result<GradStore> {
+    let mut grads = loss.backward()?;
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        if let Some(g) = grads.get_id(id) {
+            let g = g.detach();
+            grads.insert_id(id, g);
+        }
+    }
+    Ok(grads)
 }
 
 fn take_grad(grads: &mut GradStore, t: &Tensor) -> Result<Tensor> {

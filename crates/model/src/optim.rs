@@ -74,11 +74,18 @@ pub fn clip_grad_norm(grads: &GradStore, params: &[Var], max_norm: f64) -> Resul
     let mut sq = 0f64;
     for p in params {
         if let Some(g) = grads.get(p.as_tensor()) {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            sq += match crate::kernels::sum_squares_f32(g) {
+                Some(s) => s,
+                // f64 exactly; f32 and half-precision gradients summed in f32 (no f64
+                // copy of a large gradient).
+                None if g.dtype() == DType::F64 => g.sqr()?.sum_all()?.to_scalar::<f64>()?,
+                None => g
+                    .to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?,
+            };
         }
     }
     let norm = sq.sqrt();

@@ -142,6 +142,31 @@ fn clipping_scales_to_max_norm() {
     assert_eq!(scale, 1.0);
 }
 
+/// The global norm of large f32 gradients (summed by the CPU kernel in chunks) and of a
+/// non-contiguous one (tensor ops) against an f64 sum.
+#[test]
+fn clipping_norm_of_large_gradients_matches_f64() {
+    let n = 3 * 4096 + 37; // 5 x 2465
+    let vals: Vec<f32> = (0..n)
+        .map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 7) as f32))
+        .collect();
+    let reference: f64 = 2.0 * vals.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+    let a = Var::from_tensor(&Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let b =
+        Var::from_tensor(&Tensor::zeros((n / 5, 5), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let g = Tensor::from_vec(vals, n, &Device::Cpu).unwrap();
+    let mut grads = candle_core::backprop::GradStore::default();
+    grads.insert(a.as_tensor(), g.clone());
+    // A transposed view: not contiguous, so it takes the tensor path.
+    let gt = g.reshape((5, n / 5)).unwrap().t().unwrap();
+    assert!(!gt.is_contiguous());
+    grads.insert(b.as_tensor(), gt);
+    let (norm, scale) = clip_grad_norm(&grads, &[a, b], 1.0).unwrap();
+    let want = reference.sqrt();
+    assert!((norm - want).abs() <= 1e-6 * want, "norm {norm} vs {want}");
+    assert!((scale - 1.0 / (want + 1e-6)).abs() < 1e-9);
+}
+
 #[test]
 fn schedules_follow_their_formulas() {
     let s = LrSchedule::WarmupCosine {
