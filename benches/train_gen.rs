@@ -2,8 +2,9 @@
 //! Qwen2 (benches/qwen2-12m.json), f32, all cores. `scripts/bench.sh` runs it beside
 //! the PyTorch reference (scripts/bench_torch.py) and prints the ratios.
 //!
-//! `cargo bench -p tooltrain-model --bench train_gen -- [--steps N] [--checkpoint]`
-//! prints one JSON line.
+//! `cargo bench -p tooltrain-model --bench train_gen -- [--steps N] [--checkpoint]
+//! [--model HF_DIR]` prints one JSON line. `--model` measures a real checkpoint instead
+//! (e.g. assets/smollm2-hf); `--steps 0` skips training.
 
 use std::time::Instant;
 use tooltrain_model::{
@@ -20,6 +21,12 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+fn str_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
 fn main() -> tooltrain_model::Result<()> {
     let (steps, warmup, batch, seq) = (
         arg("--steps", 5),
@@ -29,9 +36,18 @@ fn main() -> tooltrain_model::Result<()> {
     );
     let checkpoint = std::env::args().any(|a| a == "--checkpoint");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let cfg = ModelConfig::from_file(&root.join("benches/qwen2-12m.json"))?;
     let dev = Device::Cpu;
-    let model = CausalLM::new_random(&cfg, DType::F32, &dev, 0)?;
+    let (cfg, model) = match str_arg("--model") {
+        Some(dir) => {
+            let ck = tooltrain_model::load(std::path::Path::new(&dir), DType::F32, &dev)?;
+            (ck.model.config().clone(), ck.model)
+        }
+        None => {
+            let cfg = ModelConfig::from_file(&root.join("benches/qwen2-12m.json"))?;
+            let model = CausalLM::new_random(&cfg, DType::F32, &dev, 0)?;
+            (cfg, model)
+        }
+    };
     let mut opt = AdamW::new(
         model.params(),
         AdamWConfig {
@@ -64,7 +80,7 @@ fn main() -> tooltrain_model::Result<()> {
         opt.step(&grads, 1e-4, 1.0)?;
         Ok(loss)
     };
-    for _ in 0..warmup {
+    for _ in 0..warmup.min(steps) {
         step(rand_ids(batch * seq))?;
     }
     let t0 = Instant::now();
@@ -72,7 +88,7 @@ fn main() -> tooltrain_model::Result<()> {
     for _ in 0..steps {
         loss = step(rand_ids(batch * seq))?;
     }
-    let train_s = t0.elapsed().as_secs_f64() / steps as f64;
+    let train_s = t0.elapsed().as_secs_f64() / steps.max(1) as f64;
 
     let (gb, plen, new) = (
         arg("--gen-batch", 4),

@@ -660,21 +660,16 @@ impl CausalLM {
                 let q = ops::rope_bthd(&q, cos, sin)?;
                 let mut k = ops::rope_bthd(&k, cos, sin)?;
                 let mut v = v.transpose(1, 2)?.contiguous()?;
+                let cached = cache.is_some();
                 if let Some((slot, reserve)) = cache {
                     (k, v) = append_kv(slot, reserve, &k, &v)?;
                 }
-                let kv_len = k.dim(2)?;
-                let g = nh / nkv;
-                // Group the query heads that share a key/value head: no copy of k and v.
-                let q = q.reshape((b, nkv, g * s, hd))?;
-                let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, kv_len))?;
-                let probs = ops::masked_softmax(&scores, &mask3, 1.0 / (hd as f64).sqrt())?;
-                let probs = probs.reshape((b, nkv, g * s, kv_len))?;
-                probs
-                    .matmul(&v)?
-                    .reshape((b, nh, s, hd))?
-                    .transpose(1, 2)?
-                    .reshape((b * s, nh * hd))?
+                let scale = 1.0 / (hd as f64).sqrt();
+                if cached {
+                    ops::cached_attention(&q, &k, &v, &mask3, scale)?
+                } else {
+                    ops::grouped_attention(&q, &k, &v, &mask3, scale)?
+                }
             };
         let x = (x + linear(&ctx, &w(&a.o, t), None)?)?;
         let h = ops::rms_norm(&x, &w(&l.post_norm, t), eps)?;

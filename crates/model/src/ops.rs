@@ -236,6 +236,72 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
     softmax_generic(&x)
 }
 
+/// Queries per step up to which [`cached_attention`] uses the streaming CPU kernel; longer
+/// suffixes (a tool result appended to a cached conversation) are compute-bound and go to
+/// the matrix products.
+const STREAMING_MAX_QUERIES: usize = 16;
+
+/// Attention of new positions to cached keys and values, for inference (no gradient):
+/// `q: [b, heads, s, head_dim]` (roped), `k`, `v: [b, kv_heads, len, head_dim]` (grouped
+/// query heads share a kv head), `mask: [b, s, len]` additive. Returns `[b * s, heads *
+/// head_dim]`. On the CPU, for a few new positions, a kernel streams each kv head's keys
+/// and values once (views of a preallocated cache are read in place, where a batched
+/// matrix product would copy them first); otherwise [`grouped_attention`].
+pub fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, nh, s, hd) = q.dims4()?;
+    let same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
+    // The kernel has no backward: anything tracked takes the differentiable path.
+    let untracked = !(tracked(q) || tracked(k) || tracked(v));
+    if !(cpu_kernel(q) && same && untracked && s <= STREAMING_MAX_QUERIES) {
+        return grouped_attention(q, k, v, mask, scale);
+    }
+    let rows = |t: &Tensor| -> Result<Tensor> {
+        let st = t.stride();
+        Ok(if st[3] == 1 && (st[2] == hd || t.dim(2)? <= 1) {
+            t.clone()
+        } else {
+            t.contiguous()?
+        })
+    };
+    let op = kernels::DecodeAttention {
+        mask: mask.to_dtype(q.dtype())?.contiguous()?,
+        scale,
+    };
+    q.contiguous()?
+        .apply_op3_no_bwd(&rows(k)?, &rows(v)?, &op)?
+        .reshape((b * s, nh * hd))
+}
+
+/// Attention from batched matrix products (differentiable), same arguments and result as
+/// [`cached_attention`]. The query heads that share a kv head are grouped into one product,
+/// so `k` and `v` are not repeated per head.
+pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, nh, s, hd) = q.dims4()?;
+    let (_, nkv, len, _) = k.dims4()?;
+    let g = nh / nkv;
+    let q = q.reshape((b, nkv, g * s, hd))?;
+    let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, len))?;
+    let probs = masked_softmax(&scores, mask, scale)?;
+    probs
+        .reshape((b, nkv, g * s, len))?
+        .matmul(v)?
+        .reshape((b, nh, s, hd))?
+        .transpose(1, 2)?
+        .reshape((b * s, nh * hd))
+}
+
 /// Whether [`attention`] has a fused kernel for this tensor (CPU, f32 or f64).
 pub fn has_fused_attention(qkv: &Tensor) -> bool {
     cpu_kernel(qkv)
@@ -418,16 +484,19 @@ pub(crate) mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// Largest absolute elementwise difference (f64 tensors).
+    /// Largest absolute elementwise difference (f64 tensors); infinite where either side
+    /// has a NaN (a plain max over the tensor would skip it).
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
+        let d: Vec<f64> = (a - b)
             .unwrap()
             .abs()
             .unwrap()
-            .max_all()
+            .flatten_all()
             .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+            .to_vec1()
+            .unwrap();
+        d.iter()
+            .fold(0f64, |m, &x| if x.is_nan() { f64::INFINITY } else { m.max(x) })
     }
 
     /// Checks d/d inputs of `sum(f(inputs) * r)` against central finite differences.
@@ -600,6 +669,41 @@ pub(crate) mod tests {
             d < 1e-12,
             "fused attention differs from the composed one by {d}"
         );
+    }
+
+    /// The streaming kernel equals the batched products on views of a larger cache
+    /// buffer (grouped heads, several new positions, masked keys), in f64 and f32.
+    #[test]
+    fn cached_attention_kernel_matches_grouped_products() {
+        let (b, nh, nkv, hd, cap) = (2, 6, 2, 8, 40);
+        for (s, len) in [(1, 29), (3, 17)] {
+            let q = rand64(&[b, nh, s, hd], 1);
+            let kbuf = rand64(&[b, nkv, cap, hd], 2);
+            let vbuf = rand64(&[b, nkv, cap, hd], 3);
+            let (k, v) = (
+                kbuf.narrow(2, 0, len).unwrap(),
+                vbuf.narrow(2, 0, len).unwrap(),
+            );
+            assert!(!k.is_contiguous());
+            // Row 0 sees everything; row 1 has its first 5 keys masked (left padding).
+            let mut m = vec![0f64; b * s * len];
+            for i in 0..s {
+                for j in 0..5 {
+                    m[(s + i) * len + j] = f64::NEG_INFINITY;
+                }
+            }
+            let mask = Tensor::from_vec(m, (b, s, len), &Device::Cpu).unwrap();
+            let scale = 0.35;
+            let want = grouped_attention(&q, &k, &v, &mask, scale).unwrap();
+            let got = cached_attention(&q, &k, &v, &mask, scale).unwrap();
+            assert_eq!(got.dims(), [b * s, nh * hd]);
+            let e = max_abs_diff(&got, &want);
+            assert!(e < 1e-12, "s={s}: f64 difference {e}");
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let got32 = cached_attention(&f(&q), &f(&k), &f(&v), &f(&mask), scale).unwrap();
+            let e = max_abs_diff(&got32.to_dtype(DType::F64).unwrap(), &want);
+            assert!(e < 1e-5, "s={s}: f32 difference {e}");
+        }
     }
 
     #[test]
