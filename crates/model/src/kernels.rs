@@ -68,7 +68,10 @@ impl Elem for f64 {
 /// build stays portable to any x86-64; elsewhere `f` runs as compiled. Only the vector
 /// width changes: Rust never fuses `a * b + c` on its own and the reductions below fix
 /// their summation order, so both paths give bit-identical results. The code inside must
-/// be inlined into `f` (helpers are `#[inline(always)]`) to get the wider vectors.
+/// be inlined into `wide` to get the wider vectors: helpers are `#[inline(always)]`, and
+/// so must the closure be (`fast(#[inline(always)] || ...)`): otherwise LLVM compiles a
+/// large closure once, for the baseline target, and `wide` merely jumps to it (measured:
+/// every kernel ran on 128-bit SSE until this was found).
 #[inline(always)]
 pub(crate) fn fast<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -144,7 +147,12 @@ pub(crate) fn sum_squares_f32(x: &Tensor) -> Option<f64> {
     let xs = slice::<f32>(cpu, l, "sum of squares").ok()?;
     let parts: Vec<f64> = xs
         .par_chunks(4096)
-        .map(|c| fast(|| dot(c, Some(c))) as f64)
+        .map(|c| {
+            fast(
+                #[inline(always)]
+                || dot(c, Some(c)),
+            ) as f64
+        })
         .collect();
     Some(parts.iter().sum())
 }
@@ -223,15 +231,18 @@ fn rms_fwd<T: Elem>(
     y.par_chunks_mut(h * rpt)
         .zip(x.par_chunks(h * rpt))
         .for_each(|(y, x)| {
-            fast(|| {
-                for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
-                    let ms: T = dot(x, Some(x)) / cast(h as f64);
-                    let r = T::one() / (ms + cast(eps)).sqrt();
-                    for i in 0..h {
-                        y[i] = x[i] * r * w[i];
+            fast(
+                #[inline(always)]
+                || {
+                    for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
+                        let ms: T = dot(x, Some(x)) / cast(h as f64);
+                        let r = T::one() / (ms + cast(eps)).sqrt();
+                        for i in 0..h {
+                            y[i] = x[i] * r * w[i];
+                        }
                     }
-                }
-            })
+                },
+            )
         });
     Ok((T::to_cpu_storage_owned(y), lx.shape().clone()))
 }
@@ -303,23 +314,26 @@ fn rms_bwd<T: Elem>(
         .par_chunks_mut(h * rpt)
         .zip(x.par_chunks(h * rpt).zip(g.par_chunks(h * rpt)))
         .map(|(dx, (x, g))| {
-            fast(|| {
-                let mut dw = vec![T::zero(); h];
-                let mut gw = vec![T::zero(); h];
-                for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                    let ms: T = dot(x, Some(x)) / cast(h as f64);
-                    let r = T::one() / (ms + cast(eps)).sqrt();
-                    for i in 0..h {
-                        gw[i] = g[i] * w[i];
+            fast(
+                #[inline(always)]
+                || {
+                    let mut dw = vec![T::zero(); h];
+                    let mut gw = vec![T::zero(); h];
+                    for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+                        let ms: T = dot(x, Some(x)) / cast(h as f64);
+                        let r = T::one() / (ms + cast(eps)).sqrt();
+                        for i in 0..h {
+                            gw[i] = g[i] * w[i];
+                        }
+                        let r3dot = r * r * r * (dot(&gw, Some(x)) / cast(h as f64));
+                        for i in 0..h {
+                            dx[i] = r * gw[i] - x[i] * r3dot;
+                            dw[i] = dw[i] + g[i] * x[i] * r;
+                        }
                     }
-                    let r3dot = r * r * r * (dot(&gw, Some(x)) / cast(h as f64));
-                    for i in 0..h {
-                        dx[i] = r * gw[i] - x[i] * r3dot;
-                        dw[i] = dw[i] + g[i] * x[i] * r;
-                    }
-                }
-                dw
-            })
+                    dw
+                },
+            )
         })
         .collect();
     for p in partial {
@@ -368,13 +382,16 @@ fn bias_fwd<T: Elem>(
     y.par_chunks_mut(d * rpt)
         .zip(x.par_chunks(d * rpt))
         .for_each(|(y, x)| {
-            fast(|| {
-                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    for i in 0..d {
-                        y[i] = x[i] + b[i];
+            fast(
+                #[inline(always)]
+                || {
+                    for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                        for i in 0..d {
+                            y[i] = x[i] + b[i];
+                        }
                     }
-                }
-            })
+                },
+            )
         });
     Ok((T::to_cpu_storage_owned(y), lx.shape().clone()))
 }
@@ -421,15 +438,18 @@ fn colsum<T: Elem>(g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
     let partial: Vec<Vec<T>> = g
         .par_chunks(d * rpt)
         .map(|g| {
-            fast(|| {
-                let mut acc = vec![T::zero(); d];
-                for row in g.chunks(d) {
-                    for i in 0..d {
-                        acc[i] = acc[i] + row[i];
+            fast(
+                #[inline(always)]
+                || {
+                    let mut acc = vec![T::zero(); d];
+                    for row in g.chunks(d) {
+                        for i in 0..d {
+                            acc[i] = acc[i] + row[i];
+                        }
                     }
-                }
-                acc
-            })
+                    acc
+                },
+            )
         })
         .collect();
     let mut out = vec![T::zero(); d];
@@ -459,21 +479,24 @@ pub(crate) struct MaskedSoftmax {
 }
 
 fn softmax_rows<T: Elem>(y: &mut [T], x: &[T], m: Option<&[T]>, scale: T) {
-    fast(|| {
-        match m {
-            Some(m) => {
-                for i in 0..x.len() {
-                    y[i] = x[i] * scale + m[i];
+    fast(
+        #[inline(always)]
+        || {
+            match m {
+                Some(m) => {
+                    for i in 0..x.len() {
+                        y[i] = x[i] * scale + m[i];
+                    }
+                }
+                None => {
+                    for i in 0..x.len() {
+                        y[i] = x[i] * scale;
+                    }
                 }
             }
-            None => {
-                for i in 0..x.len() {
-                    y[i] = x[i] * scale;
-                }
-            }
-        }
-        softmax_in_place(y, T::one())
-    })
+            softmax_in_place(y, T::one())
+        },
+    )
 }
 
 fn softmax_fwd<T: Elem>(
@@ -584,12 +607,15 @@ fn softmax_bwd<T: Elem>(
     dx.par_chunks_mut(s)
         .zip(ys.par_chunks(s).zip(gs.par_chunks(s)))
         .for_each(|(dx, (y, g))| {
-            fast(|| {
-                let d = dot(y, Some(g));
-                for i in 0..s {
-                    dx[i] = scale * y[i] * (g[i] - d);
-                }
-            })
+            fast(
+                #[inline(always)]
+                || {
+                    let d = dot(y, Some(g));
+                    for i in 0..s {
+                        dx[i] = scale * y[i] * (g[i] - d);
+                    }
+                },
+            )
         });
     Ok((T::to_cpu_storage_owned(dx), ly.shape().clone()))
 }
@@ -631,12 +657,15 @@ fn swiglu_fwd<T: Elem>(gu: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape
     y.par_chunks_mut(i)
         .zip(x.par_chunks(i2))
         .for_each(|(y, x)| {
-            fast(|| {
-                let (g, u) = x.split_at(i);
-                for k in 0..i {
-                    y[k] = g[k] * sigmoid(g[k]) * u[k];
-                }
-            })
+            fast(
+                #[inline(always)]
+                || {
+                    let (g, u) = x.split_at(i);
+                    for k in 0..i {
+                        y[k] = g[k] * sigmoid(g[k]) * u[k];
+                    }
+                },
+            )
         });
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = i;
@@ -675,16 +704,19 @@ fn swiglu_bwd<T: Elem>(
     dx.par_chunks_mut(i2)
         .zip(x.par_chunks(i2).zip(gs.par_chunks(i)))
         .for_each(|(dx, (x, g))| {
-            fast(|| {
-                let (a, u) = x.split_at(i);
-                let (da, du) = dx.split_at_mut(i);
-                for k in 0..i {
-                    let s = sigmoid(a[k]);
-                    let silu = a[k] * s;
-                    da[k] = g[k] * u[k] * s * (T::one() + a[k] * (T::one() - s));
-                    du[k] = g[k] * silu;
-                }
-            })
+            fast(
+                #[inline(always)]
+                || {
+                    let (a, u) = x.split_at(i);
+                    let (da, du) = dx.split_at_mut(i);
+                    for k in 0..i {
+                        let s = sigmoid(a[k]);
+                        let silu = a[k] * s;
+                        da[k] = g[k] * u[k] * s * (T::one() + a[k] * (T::one() - s));
+                        du[k] = g[k] * silu;
+                    }
+                },
+            )
         });
     Ok((T::to_cpu_storage_owned(dx), l.shape().clone()))
 }
@@ -833,23 +865,29 @@ fn row_nll<T: Elem>(z: &[T], t: usize) -> T {
 
 /// `log(sum(exp(z)))` of one row.
 fn row_lse<T: Elem>(z: &[T]) -> T {
-    fast(|| {
-        let mx = max_of(z);
-        let mut acc = [T::zero(); LANES];
-        let n = z.len() / LANES * LANES;
-        for c in z[..n].chunks_exact(LANES) {
-            for l in 0..LANES {
-                acc[l] = acc[l] + (c[l] - mx).fexp();
+    fast(
+        #[inline(always)]
+        || {
+            let mx = max_of(z);
+            let mut acc = [T::zero(); LANES];
+            let n = z.len() / LANES * LANES;
+            for c in z[..n].chunks_exact(LANES) {
+                for l in 0..LANES {
+                    acc[l] = acc[l] + (c[l] - mx).fexp();
+                }
             }
-        }
-        let tail = z[n..].iter().fold(T::zero(), |s, &x| s + (x - mx).fexp());
-        mx + fold_lanes(acc, tail, |a, b| a + b).ln()
-    })
+            let tail = z[n..].iter().fold(T::zero(), |s, &x| s + (x - mx).fexp());
+            mx + fold_lanes(acc, tail, |a, b| a + b).ln()
+        },
+    )
 }
 
 /// Turns one row of logits into the gradient `g * (softmax(z) - onehot(t))`, in place.
 fn row_nll_grad<T: Elem>(z: &mut [T], t: usize, g: T) {
-    fast(|| softmax_in_place(z, g));
+    fast(
+        #[inline(always)]
+        || softmax_in_place(z, g),
+    );
     z[t] = z[t] - g;
 }
 
@@ -1250,30 +1288,33 @@ fn attn_fwd_with<T: Elem>(
     let heads: Vec<Vec<T>> = (0..g.b * nh)
         .into_par_iter()
         .map(|task| {
-            fast(|| {
-                let (bi, h) = (task / nh, task % nh);
-                let j = h / grp;
-                let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
-                let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
-                let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
-                let mut o = vec![T::zero(); s * hd];
-                let mut p = vec![T::zero(); QBLOCK * s];
-                for r0 in (0..s).step_by(QBLOCK) {
-                    let r1 = (r0 + QBLOCK).min(s);
-                    probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
-                    mm(
-                        (r1 - r0, hd, r1),
-                        &mut o[r0 * hd..],
-                        hd,
-                        &p,
-                        (r1, 1),
-                        v,
-                        (g.d, 1),
-                        false,
-                    );
-                }
-                o
-            })
+            fast(
+                #[inline(always)]
+                || {
+                    let (bi, h) = (task / nh, task % nh);
+                    let j = h / grp;
+                    let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
+                    let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
+                    let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
+                    let mut o = vec![T::zero(); s * hd];
+                    let mut p = vec![T::zero(); QBLOCK * s];
+                    for r0 in (0..s).step_by(QBLOCK) {
+                        let r1 = (r0 + QBLOCK).min(s);
+                        probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                        mm(
+                            (r1 - r0, hd, r1),
+                            &mut o[r0 * hd..],
+                            hd,
+                            &p,
+                            (r1, 1),
+                            v,
+                            (g.d, 1),
+                            false,
+                        );
+                    }
+                    o
+                },
+            )
         })
         .collect();
     let mut out = vec![T::zero(); g.b * s * nh * hd];
@@ -1339,81 +1380,84 @@ fn attn_bwd_with<T: Elem>(
     let parts: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..g.b * nkv)
         .into_par_iter()
         .map(|task| {
-            fast(|| {
-                let (bi, j) = (task / nkv, task % nkv);
-                let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
-                let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
-                let mut dk = vec![T::zero(); s * hd];
-                let mut dv = vec![T::zero(); s * hd];
-                let mut p = vec![T::zero(); QBLOCK * s];
-                let mut dp = vec![T::zero(); QBLOCK * s];
-                let mut dqs = Vec::with_capacity(grp);
-                for h in j * grp..(j + 1) * grp {
-                    let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
-                    let mut dq = vec![T::zero(); s * hd];
-                    let dob = &dout[(bi * s) * od + h * hd..];
-                    for r0 in (0..s).step_by(QBLOCK) {
-                        let r1 = (r0 + QBLOCK).min(s);
-                        let (rows, lk) = (r1 - r0, r1);
-                        probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
-                        let dob_blk = &dob[r0 * od..];
-                        // dV[0..lk] += P^T dO
-                        mm(
-                            (lk, hd, rows),
-                            &mut dv,
-                            hd,
-                            &p,
-                            (1, lk),
-                            dob_blk,
-                            (od, 1),
-                            true,
-                        );
-                        // dP = dO V^T
-                        mm(
-                            (rows, lk, hd),
-                            &mut dp,
-                            lk,
-                            dob_blk,
-                            (od, 1),
-                            v,
-                            (1, g.d),
-                            false,
-                        );
-                        // dS = P (dP - rowdot(dP, P)) * scale
-                        for (prow, dprow) in p.chunks_mut(lk).zip(dp.chunks(lk)).take(rows) {
-                            let d = dot(prow, Some(dprow));
-                            for c in 0..lk {
-                                prow[c] = prow[c] * (dprow[c] - d) * scale;
+            fast(
+                #[inline(always)]
+                || {
+                    let (bi, j) = (task / nkv, task % nkv);
+                    let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
+                    let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
+                    let mut dk = vec![T::zero(); s * hd];
+                    let mut dv = vec![T::zero(); s * hd];
+                    let mut p = vec![T::zero(); QBLOCK * s];
+                    let mut dp = vec![T::zero(); QBLOCK * s];
+                    let mut dqs = Vec::with_capacity(grp);
+                    for h in j * grp..(j + 1) * grp {
+                        let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
+                        let mut dq = vec![T::zero(); s * hd];
+                        let dob = &dout[(bi * s) * od + h * hd..];
+                        for r0 in (0..s).step_by(QBLOCK) {
+                            let r1 = (r0 + QBLOCK).min(s);
+                            let (rows, lk) = (r1 - r0, r1);
+                            probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                            let dob_blk = &dob[r0 * od..];
+                            // dV[0..lk] += P^T dO
+                            mm(
+                                (lk, hd, rows),
+                                &mut dv,
+                                hd,
+                                &p,
+                                (1, lk),
+                                dob_blk,
+                                (od, 1),
+                                true,
+                            );
+                            // dP = dO V^T
+                            mm(
+                                (rows, lk, hd),
+                                &mut dp,
+                                lk,
+                                dob_blk,
+                                (od, 1),
+                                v,
+                                (1, g.d),
+                                false,
+                            );
+                            // dS = P (dP - rowdot(dP, P)) * scale
+                            for (prow, dprow) in p.chunks_mut(lk).zip(dp.chunks(lk)).take(rows) {
+                                let d = dot(prow, Some(dprow));
+                                for c in 0..lk {
+                                    prow[c] = prow[c] * (dprow[c] - d) * scale;
+                                }
                             }
+                            // dQ[r0..r1] = dS K[0..lk] ; dK[0..lk] += dS^T Q[r0..r1]
+                            mm(
+                                (rows, hd, lk),
+                                &mut dq[r0 * hd..],
+                                hd,
+                                &p,
+                                (lk, 1),
+                                &k,
+                                (hd, 1),
+                                false,
+                            );
+                            mm(
+                                (lk, hd, rows),
+                                &mut dk,
+                                hd,
+                                &p,
+                                (1, lk),
+                                &q[r0 * hd..],
+                                (hd, 1),
+                                true,
+                            );
                         }
-                        // dQ[r0..r1] = dS K[0..lk] ; dK[0..lk] += dS^T Q[r0..r1]
-                        mm(
-                            (rows, hd, lk),
-                            &mut dq[r0 * hd..],
-                            hd,
-                            &p,
-                            (lk, 1),
-                            &k,
-                            (hd, 1),
-                            false,
-                        );
-                        mm(
-                            (lk, hd, rows),
-                            &mut dk,
-                            hd,
-                            &p,
-                            (1, lk),
-                            &q[r0 * hd..],
-                            (hd, 1),
-                            true,
-                        );
+                        unrope(&mut dq, &g, bi, cos, sin);
+                        dqs.push(dq);
                     }
-                    unrope(&mut dq, &g, bi, cos, sin);
-                    dqs.push(dq);
-                }
-                unrope(&mut dk, &g, bi, cos, sin);
-                (dqs, dk, dv)
-            })
+                    unrope(&mut dk, &g, bi, cos, sin);
+                    (dqs, dk, dv)
+                },
+            )
         })
         .collect();
     let mut dx = vec![T::zero(); x.len()];
@@ -1613,7 +1657,10 @@ fn linear_nll_bwd<T: Elem>(
             if Some(t) == op.ignore {
                 z.iter_mut().for_each(|x| *x = T::zero());
             } else {
-                fast(|| z.iter_mut().for_each(|x| *x = (*x - lse).fexp() * g));
+                fast(
+                    #[inline(always)]
+                    || z.iter_mut().for_each(|x| *x = (*x - lse).fexp() * g),
+                );
                 z[t as usize] = z[t as usize] - g;
             }
         });
@@ -1721,35 +1768,38 @@ fn decode_attn_fwd<T: Elem>(
             };
             let kbase = ko + bi * kb + h * kh;
             let vbase = vo + bi * vb + h * vh;
-            fast(|| {
-                let mut p = vec![T::zero(); nq * len];
-                for j in 0..len {
-                    let kr = &ks[kbase + j * hd..kbase + (j + 1) * hd];
-                    for qi in 0..nq {
-                        p[qi * len + j] = dot(qv(qi), Some(kr));
-                    }
-                }
-                for qi in 0..nq {
-                    let i = qi / g;
-                    let m = &ms[(bi * s + i) * len..(bi * s + i + 1) * len];
-                    let row = &mut p[qi * len..(qi + 1) * len];
-                    for (x, &mv) in row.iter_mut().zip(m) {
-                        *x = *x * scale + mv;
-                    }
-                    softmax_in_place(row, T::one());
-                }
-                let mut out = vec![T::zero(); nq * hd];
-                for j in 0..len {
-                    let vr = &vs[vbase + j * hd..vbase + (j + 1) * hd];
-                    for qi in 0..nq {
-                        let pj = p[qi * len + j];
-                        for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
-                            *o = *o + pj * x;
+            fast(
+                #[inline(always)]
+                || {
+                    let mut p = vec![T::zero(); nq * len];
+                    for j in 0..len {
+                        let kr = &ks[kbase + j * hd..kbase + (j + 1) * hd];
+                        for qi in 0..nq {
+                            p[qi * len + j] = dot(qv(qi), Some(kr));
                         }
                     }
-                }
-                out
-            })
+                    for qi in 0..nq {
+                        let i = qi / g;
+                        let m = &ms[(bi * s + i) * len..(bi * s + i + 1) * len];
+                        let row = &mut p[qi * len..(qi + 1) * len];
+                        for (x, &mv) in row.iter_mut().zip(m) {
+                            *x = *x * scale + mv;
+                        }
+                        softmax_in_place(row, T::one());
+                    }
+                    let mut out = vec![T::zero(); nq * hd];
+                    for j in 0..len {
+                        let vr = &vs[vbase + j * hd..vbase + (j + 1) * hd];
+                        for qi in 0..nq {
+                            let pj = p[qi * len + j];
+                            for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
+                                *o = *o + pj * x;
+                            }
+                        }
+                    }
+                    out
+                },
+            )
         })
         .collect();
     let mut y = vec![T::zero(); b * s * nh * hd];

@@ -495,8 +495,10 @@ pub(crate) mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        d.iter()
-            .fold(0f64, |m, &x| if x.is_nan() { f64::INFINITY } else { m.max(x) })
+        d.iter().fold(
+            0f64,
+            |m, &x| if x.is_nan() { f64::INFINITY } else { m.max(x) },
+        )
     }
 
     /// Checks d/d inputs of `sum(f(inputs) * r)` against central finite differences.
