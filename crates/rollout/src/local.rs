@@ -168,6 +168,13 @@ impl Policy for LocalModel {
                 ),
             }
         }
+        if self.sampling.reuse_prefixes {
+            tracing::debug!(
+                reused_tokens = prefixes.reused_tokens,
+                computed_tokens = prefixes.computed_tokens,
+                "prefix reuse so far (prompt tokens taken from earlier turns vs computed)"
+            );
+        }
         out
     }
 }
