@@ -251,7 +251,6 @@ impl PrefixCache {
 }
 
 impl CausalLM {
-    /// Generates a continuationimpl CausalLM {
     /// Generates a continuation of every prompt, in one batch with a KV cache. Prompts may
     /// differ in length (left padding with per-sequence positions). A prefix that all
     /// prompts share (16 tokens or more: a system prompt, or one prompt sampled several

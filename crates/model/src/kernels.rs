@@ -64,16 +64,29 @@ impl Elem for f64 {
 
 // ---------------------------------------------------------------- vector width
 
-/// Runs `f` compiled for AVX2 (+FMA) when the CPU has it, decided at run time so that the
-/// build stays portable to any x86-64; elsewhere `f` runs as compiled. Only the vector
-/// width changes: Rust never fuses `a * b + c` on its own and the reductions below fix
-/// their summation order, so both paths give bit-identical results. The code inside must
-/// be inlined into `wide` to get the wider vectors: helpers are `#[inline(always)]`, and
-/// so must the closure be (`fast(#[inline(always)] || ...)`): otherwise LLVM compiles a
-/// large closure once, for the baseline target, and `wide` merely jumps to it (measured:
-/// every kernel ran on 128-bit SSE until this was found).
+/// `fast!(expr)` evaluates `expr` compiled for AVX2 (+FMA) when the CPU has it, decided at
+/// run time so that the build stays portable to any x86-64; elsewhere as compiled. Only
+/// the vector width changes: Rust never fuses `a * b + c` on its own and the reductions
+/// below fix their summation order, so both paths give bit-identical results.
+///
+/// The code must be inlined into the `#[target_feature]` function to get the wider
+/// vectors: helpers are `#[inline(always)]`, and the macro wraps `expr` in an
+/// `#[inline(always)]` closure. (A plain closure is not inlined when large: LLVM compiles
+/// it once for the baseline target and the AVX2 entry merely jumps to it; measured, every
+/// kernel ran on 128-bit SSE that way until 2026-11-24.)
+macro_rules! fast {
+    ($body:expr) => {
+        $crate::kernels::run_wide(
+            #[inline(always)]
+            || $body,
+        )
+    };
+}
+pub(crate) use fast;
+
+/// What [`fast!`] expands to; call it through the macro.
 #[inline(always)]
-pub(crate) fn fast<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn run_wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[target_feature(enable = "avx2,fma")]
@@ -147,12 +160,7 @@ pub(crate) fn sum_squares_f32(x: &Tensor) -> Option<f64> {
     let xs = slice::<f32>(cpu, l, "sum of squares").ok()?;
     let parts: Vec<f64> = xs
         .par_chunks(4096)
-        .map(|c| {
-            fast(
-                #[inline(always)]
-                || dot(c, Some(c)),
-            ) as f64
-        })
+        .map(|c| fast!(dot(c, Some(c))) as f64)
         .collect();
     Some(parts.iter().sum())
 }
@@ -231,18 +239,15 @@ fn rms_fwd<T: Elem>(
     y.par_chunks_mut(h * rpt)
         .zip(x.par_chunks(h * rpt))
         .for_each(|(y, x)| {
-            fast(
-                #[inline(always)]
-                || {
-                    for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
-                        let ms: T = dot(x, Some(x)) / cast(h as f64);
-                        let r = T::one() / (ms + cast(eps)).sqrt();
-                        for i in 0..h {
-                            y[i] = x[i] * r * w[i];
-                        }
+            fast!({
+                for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
+                    let ms: T = dot(x, Some(x)) / cast(h as f64);
+                    let r = T::one() / (ms + cast(eps)).sqrt();
+                    for i in 0..h {
+                        y[i] = x[i] * r * w[i];
                     }
-                },
-            )
+                }
+            })
         });
     Ok((T::to_cpu_storage_owned(y), lx.shape().clone()))
 }
@@ -314,26 +319,23 @@ fn rms_bwd<T: Elem>(
         .par_chunks_mut(h * rpt)
         .zip(x.par_chunks(h * rpt).zip(g.par_chunks(h * rpt)))
         .map(|(dx, (x, g))| {
-            fast(
-                #[inline(always)]
-                || {
-                    let mut dw = vec![T::zero(); h];
-                    let mut gw = vec![T::zero(); h];
-                    for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                        let ms: T = dot(x, Some(x)) / cast(h as f64);
-                        let r = T::one() / (ms + cast(eps)).sqrt();
-                        for i in 0..h {
-                            gw[i] = g[i] * w[i];
-                        }
-                        let r3dot = r * r * r * (dot(&gw, Some(x)) / cast(h as f64));
-                        for i in 0..h {
-                            dx[i] = r * gw[i] - x[i] * r3dot;
-                            dw[i] = dw[i] + g[i] * x[i] * r;
-                        }
+            fast!({
+                let mut dw = vec![T::zero(); h];
+                let mut gw = vec![T::zero(); h];
+                for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+                    let ms: T = dot(x, Some(x)) / cast(h as f64);
+                    let r = T::one() / (ms + cast(eps)).sqrt();
+                    for i in 0..h {
+                        gw[i] = g[i] * w[i];
                     }
-                    dw
-                },
-            )
+                    let r3dot = r * r * r * (dot(&gw, Some(x)) / cast(h as f64));
+                    for i in 0..h {
+                        dx[i] = r * gw[i] - x[i] * r3dot;
+                        dw[i] = dw[i] + g[i] * x[i] * r;
+                    }
+                }
+                dw
+            })
         })
         .collect();
     for p in partial {
@@ -382,16 +384,13 @@ fn bias_fwd<T: Elem>(
     y.par_chunks_mut(d * rpt)
         .zip(x.par_chunks(d * rpt))
         .for_each(|(y, x)| {
-            fast(
-                #[inline(always)]
-                || {
-                    for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                        for i in 0..d {
-                            y[i] = x[i] + b[i];
-                        }
+            fast!({
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    for i in 0..d {
+                        y[i] = x[i] + b[i];
                     }
-                },
-            )
+                }
+            })
         });
     Ok((T::to_cpu_storage_owned(y), lx.shape().clone()))
 }
@@ -438,18 +437,15 @@ fn colsum<T: Elem>(g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
     let partial: Vec<Vec<T>> = g
         .par_chunks(d * rpt)
         .map(|g| {
-            fast(
-                #[inline(always)]
-                || {
-                    let mut acc = vec![T::zero(); d];
-                    for row in g.chunks(d) {
-                        for i in 0..d {
-                            acc[i] = acc[i] + row[i];
-                        }
+            fast!({
+                let mut acc = vec![T::zero(); d];
+                for row in g.chunks(d) {
+                    for i in 0..d {
+                        acc[i] = acc[i] + row[i];
                     }
-                    acc
-                },
-            )
+                }
+                acc
+            })
         })
         .collect();
     let mut out = vec![T::zero(); d];
@@ -479,24 +475,21 @@ pub(crate) struct MaskedSoftmax {
 }
 
 fn softmax_rows<T: Elem>(y: &mut [T], x: &[T], m: Option<&[T]>, scale: T) {
-    fast(
-        #[inline(always)]
-        || {
-            match m {
-                Some(m) => {
-                    for i in 0..x.len() {
-                        y[i] = x[i] * scale + m[i];
-                    }
-                }
-                None => {
-                    for i in 0..x.len() {
-                        y[i] = x[i] * scale;
-                    }
+    fast!({
+        match m {
+            Some(m) => {
+                for i in 0..x.len() {
+                    y[i] = x[i] * scale + m[i];
                 }
             }
-            softmax_in_place(y, T::one())
-        },
-    )
+            None => {
+                for i in 0..x.len() {
+                    y[i] = x[i] * scale;
+                }
+            }
+        }
+        softmax_in_place(y, T::one())
+    })
 }
 
 fn softmax_fwd<T: Elem>(
@@ -607,15 +600,12 @@ fn softmax_bwd<T: Elem>(
     dx.par_chunks_mut(s)
         .zip(ys.par_chunks(s).zip(gs.par_chunks(s)))
         .for_each(|(dx, (y, g))| {
-            fast(
-                #[inline(always)]
-                || {
-                    let d = dot(y, Some(g));
-                    for i in 0..s {
-                        dx[i] = scale * y[i] * (g[i] - d);
-                    }
-                },
-            )
+            fast!({
+                let d = dot(y, Some(g));
+                for i in 0..s {
+                    dx[i] = scale * y[i] * (g[i] - d);
+                }
+            })
         });
     Ok((T::to_cpu_storage_owned(dx), ly.shape().clone()))
 }
@@ -657,15 +647,12 @@ fn swiglu_fwd<T: Elem>(gu: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape
     y.par_chunks_mut(i)
         .zip(x.par_chunks(i2))
         .for_each(|(y, x)| {
-            fast(
-                #[inline(always)]
-                || {
-                    let (g, u) = x.split_at(i);
-                    for k in 0..i {
-                        y[k] = g[k] * sigmoid(g[k]) * u[k];
-                    }
-                },
-            )
+            fast!({
+                let (g, u) = x.split_at(i);
+                for k in 0..i {
+                    y[k] = g[k] * sigmoid(g[k]) * u[k];
+                }
+            })
         });
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = i;
@@ -704,19 +691,16 @@ fn swiglu_bwd<T: Elem>(
     dx.par_chunks_mut(i2)
         .zip(x.par_chunks(i2).zip(gs.par_chunks(i)))
         .for_each(|(dx, (x, g))| {
-            fast(
-                #[inline(always)]
-                || {
-                    let (a, u) = x.split_at(i);
-                    let (da, du) = dx.split_at_mut(i);
-                    for k in 0..i {
-                        let s = sigmoid(a[k]);
-                        let silu = a[k] * s;
-                        da[k] = g[k] * u[k] * s * (T::one() + a[k] * (T::one() - s));
-                        du[k] = g[k] * silu;
-                    }
-                },
-            )
+            fast!({
+                let (a, u) = x.split_at(i);
+                let (da, du) = dx.split_at_mut(i);
+                for k in 0..i {
+                    let s = sigmoid(a[k]);
+                    let silu = a[k] * s;
+                    da[k] = g[k] * u[k] * s * (T::one() + a[k] * (T::one() - s));
+                    du[k] = g[k] * silu;
+                }
+            })
         });
     Ok((T::to_cpu_storage_owned(dx), l.shape().clone()))
 }
@@ -865,29 +849,23 @@ fn row_nll<T: Elem>(z: &[T], t: usize) -> T {
 
 /// `log(sum(exp(z)))` of one row.
 fn row_lse<T: Elem>(z: &[T]) -> T {
-    fast(
-        #[inline(always)]
-        || {
-            let mx = max_of(z);
-            let mut acc = [T::zero(); LANES];
-            let n = z.len() / LANES * LANES;
-            for c in z[..n].chunks_exact(LANES) {
-                for l in 0..LANES {
-                    acc[l] = acc[l] + (c[l] - mx).fexp();
-                }
+    fast!({
+        let mx = max_of(z);
+        let mut acc = [T::zero(); LANES];
+        let n = z.len() / LANES * LANES;
+        for c in z[..n].chunks_exact(LANES) {
+            for l in 0..LANES {
+                acc[l] = acc[l] + (c[l] - mx).fexp();
             }
-            let tail = z[n..].iter().fold(T::zero(), |s, &x| s + (x - mx).fexp());
-            mx + fold_lanes(acc, tail, |a, b| a + b).ln()
-        },
-    )
+        }
+        let tail = z[n..].iter().fold(T::zero(), |s, &x| s + (x - mx).fexp());
+        mx + fold_lanes(acc, tail, |a, b| a + b).ln()
+    })
 }
 
 /// Turns one row of logits into the gradient `g * (softmax(z) - onehot(t))`, in place.
 fn row_nll_grad<T: Elem>(z: &mut [T], t: usize, g: T) {
-    fast(
-        #[inline(always)]
-        || softmax_in_place(z, g),
-    );
+    fast!(softmax_in_place(z, g));
     z[t] = z[t] - g;
 }
 
@@ -1288,33 +1266,30 @@ fn attn_fwd_with<T: Elem>(
     let heads: Vec<Vec<T>> = (0..g.b * nh)
         .into_par_iter()
         .map(|task| {
-            fast(
-                #[inline(always)]
-                || {
-                    let (bi, h) = (task / nh, task % nh);
-                    let j = h / grp;
-                    let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
-                    let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
-                    let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
-                    let mut o = vec![T::zero(); s * hd];
-                    let mut p = vec![T::zero(); QBLOCK * s];
-                    for r0 in (0..s).step_by(QBLOCK) {
-                        let r1 = (r0 + QBLOCK).min(s);
-                        probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
-                        mm(
-                            (r1 - r0, hd, r1),
-                            &mut o[r0 * hd..],
-                            hd,
-                            &p,
-                            (r1, 1),
-                            v,
-                            (g.d, 1),
-                            false,
-                        );
-                    }
-                    o
-                },
-            )
+            fast!({
+                let (bi, h) = (task / nh, task % nh);
+                let j = h / grp;
+                let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
+                let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
+                let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
+                let mut o = vec![T::zero(); s * hd];
+                let mut p = vec![T::zero(); QBLOCK * s];
+                for r0 in (0..s).step_by(QBLOCK) {
+                    let r1 = (r0 + QBLOCK).min(s);
+                    probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                    mm(
+                        (r1 - r0, hd, r1),
+                        &mut o[r0 * hd..],
+                        hd,
+                        &p,
+                        (r1, 1),
+                        v,
+                        (g.d, 1),
+                        false,
+                    );
+                }
+                o
+            })
         })
         .collect();
     let mut out = vec![T::zero(); g.b * s * nh * hd];
@@ -1380,84 +1355,81 @@ fn attn_bwd_with<T: Elem>(
     let parts: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..g.b * nkv)
         .into_par_iter()
         .map(|task| {
-            fast(
-                #[inline(always)]
-                || {
-                    let (bi, j) = (task / nkv, task % nkv);
-                    let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
-                    let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
-                    let mut dk = vec![T::zero(); s * hd];
-                    let mut dv = vec![T::zero(); s * hd];
-                    let mut p = vec![T::zero(); QBLOCK * s];
-                    let mut dp = vec![T::zero(); QBLOCK * s];
-                    let mut dqs = Vec::with_capacity(grp);
-                    for h in j * grp..(j + 1) * grp {
-                        let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
-                        let mut dq = vec![T::zero(); s * hd];
-                        let dob = &dout[(bi * s) * od + h * hd..];
-                        for r0 in (0..s).step_by(QBLOCK) {
-                            let r1 = (r0 + QBLOCK).min(s);
-                            let (rows, lk) = (r1 - r0, r1);
-                            probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
-                            let dob_blk = &dob[r0 * od..];
-                            // dV[0..lk] += P^T dO
-                            mm(
-                                (lk, hd, rows),
-                                &mut dv,
-                                hd,
-                                &p,
-                                (1, lk),
-                                dob_blk,
-                                (od, 1),
-                                true,
-                            );
-                            // dP = dO V^T
-                            mm(
-                                (rows, lk, hd),
-                                &mut dp,
-                                lk,
-                                dob_blk,
-                                (od, 1),
-                                v,
-                                (1, g.d),
-                                false,
-                            );
-                            // dS = P (dP - rowdot(dP, P)) * scale
-                            for (prow, dprow) in p.chunks_mut(lk).zip(dp.chunks(lk)).take(rows) {
-                                let d = dot(prow, Some(dprow));
-                                for c in 0..lk {
-                                    prow[c] = prow[c] * (dprow[c] - d) * scale;
-                                }
+            fast!({
+                let (bi, j) = (task / nkv, task % nkv);
+                let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
+                let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
+                let mut dk = vec![T::zero(); s * hd];
+                let mut dv = vec![T::zero(); s * hd];
+                let mut p = vec![T::zero(); QBLOCK * s];
+                let mut dp = vec![T::zero(); QBLOCK * s];
+                let mut dqs = Vec::with_capacity(grp);
+                for h in j * grp..(j + 1) * grp {
+                    let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
+                    let mut dq = vec![T::zero(); s * hd];
+                    let dob = &dout[(bi * s) * od + h * hd..];
+                    for r0 in (0..s).step_by(QBLOCK) {
+                        let r1 = (r0 + QBLOCK).min(s);
+                        let (rows, lk) = (r1 - r0, r1);
+                        probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                        let dob_blk = &dob[r0 * od..];
+                        // dV[0..lk] += P^T dO
+                        mm(
+                            (lk, hd, rows),
+                            &mut dv,
+                            hd,
+                            &p,
+                            (1, lk),
+                            dob_blk,
+                            (od, 1),
+                            true,
+                        );
+                        // dP = dO V^T
+                        mm(
+                            (rows, lk, hd),
+                            &mut dp,
+                            lk,
+                            dob_blk,
+                            (od, 1),
+                            v,
+                            (1, g.d),
+                            false,
+                        );
+                        // dS = P (dP - rowdot(dP, P)) * scale
+                        for (prow, dprow) in p.chunks_mut(lk).zip(dp.chunks(lk)).take(rows) {
+                            let d = dot(prow, Some(dprow));
+                            for c in 0..lk {
+                                prow[c] = prow[c] * (dprow[c] - d) * scale;
                             }
-                            // dQ[r0..r1] = dS K[0..lk] ; dK[0..lk] += dS^T Q[r0..r1]
-                            mm(
-                                (rows, hd, lk),
-                                &mut dq[r0 * hd..],
-                                hd,
-                                &p,
-                                (lk, 1),
-                                &k,
-                                (hd, 1),
-                                false,
-                            );
-                            mm(
-                                (lk, hd, rows),
-                                &mut dk,
-                                hd,
-                                &p,
-                                (1, lk),
-                                &q[r0 * hd..],
-                                (hd, 1),
-                                true,
-                            );
                         }
-                        unrope(&mut dq, &g, bi, cos, sin);
-                        dqs.push(dq);
+                        // dQ[r0..r1] = dS K[0..lk] ; dK[0..lk] += dS^T Q[r0..r1]
+                        mm(
+                            (rows, hd, lk),
+                            &mut dq[r0 * hd..],
+                            hd,
+                            &p,
+                            (lk, 1),
+                            &k,
+                            (hd, 1),
+                            false,
+                        );
+                        mm(
+                            (lk, hd, rows),
+                            &mut dk,
+                            hd,
+                            &p,
+                            (1, lk),
+                            &q[r0 * hd..],
+                            (hd, 1),
+                            true,
+                        );
                     }
-                    unrope(&mut dk, &g, bi, cos, sin);
-                    (dqs, dk, dv)
-                },
-            )
+                    unrope(&mut dq, &g, bi, cos, sin);
+                    dqs.push(dq);
+                }
+                unrope(&mut dk, &g, bi, cos, sin);
+                (dqs, dk, dv)
+            })
         })
         .collect();
     let mut dx = vec![T::zero(); x.len()];
@@ -1657,10 +1629,7 @@ fn linear_nll_bwd<T: Elem>(
             if Some(t) == op.ignore {
                 z.iter_mut().for_each(|x| *x = T::zero());
             } else {
-                fast(
-                    #[inline(always)]
-                    || z.iter_mut().for_each(|x| *x = (*x - lse).fexp() * g),
-                );
+                fast!(z.iter_mut().for_each(|x| *x = (*x - lse).fexp() * g));
                 z[t as usize] = z[t as usize] - g;
             }
         });
@@ -1704,19 +1673,37 @@ pub(crate) struct DecodeAttention {
     pub scale: f64,
 }
 
-/// The storage of a `[b, h, len, d]` view with contiguous `d`-element rows, and its
-/// batch/head strides and start offset.
-fn cache_rows<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<(&'a [T], usize, usize, usize)> {
-    let st = l.stride();
-    let d = l.dims()[3];
-    if st[3] != 1 || (st[2] != d && l.dims()[2] > 1) {
-        bail!("decode attention: {what} rows must be contiguous (strides {st:?})")
+/// The storage of a `[b, h, len, d]` view whose `d` elements per position are contiguous
+/// (any batch, head and position strides), with those strides and its start offset.
+struct CacheView<'a, T> {
+    data: &'a [T],
+    batch: usize,
+    head: usize,
+    pos: usize,
+    start: usize,
+}
+
+impl<'a, T: WithDType> CacheView<'a, T> {
+    fn new(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
+        let st = l.stride();
+        if st[3] != 1 {
+            bail!("decode attention: {what} must have contiguous head_dim (strides {st:?})")
+        }
+        Ok(Self {
+            data: T::cpu_storage_as_slice(s)?,
+            batch: st[0],
+            head: st[1],
+            pos: st[2],
+            start: l.start_offset(),
+        })
     }
-    Ok((T::cpu_storage_as_slice(s)?, st[0], st[1], l.start_offset()))
+
+    /// Position `j` of row `b`, head `h`: `d` elements.
+    #[inline(always)]
+    fn at(&self, b: usize, h: usize, j: usize, d: usize) -> &'a [T] {
+        let o = self.start + b * self.batch + h * self.head + j * self.pos;
+        &self.data[o..o + d]
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1746,8 +1733,10 @@ fn decode_attn_fwd<T: Elem>(
             op.mask.dims()
         )
     }
-    let (ks, kb, kh, ko) = cache_rows::<T>(k, lk, "k")?;
-    let (vs, vb, vh, vo) = cache_rows::<T>(v, lv, "v")?;
+    let (kc, vc) = (
+        CacheView::<T>::new(k, lk, "k")?,
+        CacheView::<T>::new(v, lv, "v")?,
+    );
     let (mst, ml) = op.mask.storage_and_layout();
     let candle_core::Storage::Cpu(mc) = &*mst else {
         bail!("decode attention: the mask must be on the CPU")
@@ -1766,40 +1755,35 @@ fn decode_attn_fwd<T: Elem>(
                 let o = ((bi * nh + h * g + gi) * s + i) * hd;
                 &qs[o..o + hd]
             };
-            let kbase = ko + bi * kb + h * kh;
-            let vbase = vo + bi * vb + h * vh;
-            fast(
-                #[inline(always)]
-                || {
-                    let mut p = vec![T::zero(); nq * len];
-                    for j in 0..len {
-                        let kr = &ks[kbase + j * hd..kbase + (j + 1) * hd];
-                        for qi in 0..nq {
-                            p[qi * len + j] = dot(qv(qi), Some(kr));
-                        }
-                    }
+            fast!({
+                let mut p = vec![T::zero(); nq * len];
+                for j in 0..len {
+                    let kr = kc.at(bi, h, j, hd);
                     for qi in 0..nq {
-                        let i = qi / g;
-                        let m = &ms[(bi * s + i) * len..(bi * s + i + 1) * len];
-                        let row = &mut p[qi * len..(qi + 1) * len];
-                        for (x, &mv) in row.iter_mut().zip(m) {
-                            *x = *x * scale + mv;
-                        }
-                        softmax_in_place(row, T::one());
+                        p[qi * len + j] = dot(qv(qi), Some(kr));
                     }
-                    let mut out = vec![T::zero(); nq * hd];
-                    for j in 0..len {
-                        let vr = &vs[vbase + j * hd..vbase + (j + 1) * hd];
-                        for qi in 0..nq {
-                            let pj = p[qi * len + j];
-                            for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
-                                *o = *o + pj * x;
-                            }
+                }
+                for qi in 0..nq {
+                    let i = qi / g;
+                    let m = &ms[(bi * s + i) * len..(bi * s + i + 1) * len];
+                    let row = &mut p[qi * len..(qi + 1) * len];
+                    for (x, &mv) in row.iter_mut().zip(m) {
+                        *x = *x * scale + mv;
+                    }
+                    softmax_in_place(row, T::one());
+                }
+                let mut out = vec![T::zero(); nq * hd];
+                for j in 0..len {
+                    let vr = vc.at(bi, h, j, hd);
+                    for qi in 0..nq {
+                        let pj = p[qi * len + j];
+                        for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
+                            *o = *o + pj * x;
                         }
                     }
-                    out
-                },
-            )
+                }
+                out
+            })
         })
         .collect();
     let mut y = vec![T::zero(); b * s * nh * hd];

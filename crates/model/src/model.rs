@@ -148,9 +148,7 @@ impl KvCache {
         }
         Ok(())
     }
-}
 
-impl KvCache {
     /// A cache of `rows.len()` rows whose row `r` holds `rows[r]`'s first `len` positions
     /// (`None`: nothing), at positions `0..len`; buffers have room for `width + reserve`
     /// positions and the cache counts `width` (rows shorter than `width` are masked there

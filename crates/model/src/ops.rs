@@ -261,9 +261,9 @@ pub fn cached_attention(
     if !(cpu_kernel(q) && same && untracked && s <= STREAMING_MAX_QUERIES) {
         return grouped_attention(q, k, v, mask, scale);
     }
+    // The kernel reads any view whose head_dim is contiguous (a cache's filled part).
     let rows = |t: &Tensor| -> Result<Tensor> {
-        let st = t.stride();
-        Ok(if st[3] == 1 && (st[2] == hd || t.dim(2)? <= 1) {
+        Ok(if t.stride()[3] == 1 {
             t.clone()
         } else {
             t.contiguous()?
@@ -678,15 +678,22 @@ pub(crate) mod tests {
     #[test]
     fn cached_attention_kernel_matches_grouped_products() {
         let (b, nh, nkv, hd, cap) = (2, 6, 2, 8, 40);
-        for (s, len) in [(1, 29), (3, 17)] {
+        for (s, len, heads_inner) in [(1, 29, false), (3, 17, true)] {
             let q = rand64(&[b, nh, s, hd], 1);
-            let kbuf = rand64(&[b, nkv, cap, hd], 2);
-            let vbuf = rand64(&[b, nkv, cap, hd], 3);
-            let (k, v) = (
-                kbuf.narrow(2, 0, len).unwrap(),
-                vbuf.narrow(2, 0, len).unwrap(),
-            );
+            // The filled part of a `[b, kv_heads, cap, hd]` buffer, or (heads_inner) of a
+            // `[b, cap, kv_heads, hd]` one seen as `[b, kv_heads, len, hd]`: position
+            // stride kv_heads * hd.
+            let view = |seed| {
+                if heads_inner {
+                    let t = rand64(&[b, cap, nkv, hd], seed);
+                    t.narrow(1, 0, len).unwrap().transpose(1, 2).unwrap()
+                } else {
+                    rand64(&[b, nkv, cap, hd], seed).narrow(2, 0, len).unwrap()
+                }
+            };
+            let (k, v) = (view(2), view(3));
             assert!(!k.is_contiguous());
+            assert_eq!(k.stride()[2], if heads_inner { nkv * hd } else { hd });
             // Row 0 sees everything; row 1 has its first 5 keys masked (left padding).
             let mut m = vec![0f64; b * s * len];
             for i in 0..s {
@@ -696,7 +703,8 @@ pub(crate) mod tests {
             }
             let mask = Tensor::from_vec(m, (b, s, len), &Device::Cpu).unwrap();
             let scale = 0.35;
-            let want = grouped_attention(&q, &k, &v, &mask, scale).unwrap();
+            let (kc, vc) = (k.contiguous().unwrap(), v.contiguous().unwrap());
+            let want = grouped_attention(&q, &kc, &vc, &mask, scale).unwrap();
             let got = cached_attention(&q, &k, &v, &mask, scale).unwrap();
             assert_eq!(got.dims(), [b * s, nh * hd]);
             let e = max_abs_diff(&got, &want);

@@ -163,19 +163,16 @@ impl InplaceOp2 for FusedAdamW<'_> {
             .zip(m.par_chunks_mut(CH))
             .zip(v.par_chunks_mut(CH))
             .for_each(|(((p, g), m), v)| {
-                crate::kernels::fast(
-                    #[inline(always)]
-                    || {
-                        let it = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
-                        for (((p, g), m), v) in it {
-                            let gi = g * s.gscale;
-                            *m = s.b1 * *m + (1.0 - s.b1) * gi;
-                            *v = s.b2 * *v + (1.0 - s.b2) * gi * gi;
-                            let upd = (*m / s.bc1) / ((*v / s.bc2).sqrt() + s.eps);
-                            *p -= s.lr * (upd + s.wd * *p);
-                        }
-                    },
-                )
+                crate::kernels::fast!({
+                    let it = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+                    for (((p, g), m), v) in it {
+                        let gi = g * s.gscale;
+                        *m = s.b1 * *m + (1.0 - s.b1) * gi;
+                        *v = s.b2 * *v + (1.0 - s.b2) * gi * gi;
+                        let upd = (*m / s.bc1) / ((*v / s.bc2).sqrt() + s.eps);
+                        *p -= s.lr * (upd + s.wd * *p);
+                    }
+                })
             });
         Ok(())
     }
