@@ -17,7 +17,7 @@ fi
 repos_dir="${REPOS_DIR:-assets/repos-ci}"
 
 "$TOOLTRAIN" repos prepare \
-  --dataset ../shared/data/swebench/swebench_verified.jsonl \
+  --dataset data/swebench/swebench_verified.jsonl \
   --instances-file data/ci/instances.txt \
   --manifest data/ci/pypi-manifest.json \
   --source pypi \

@@ -1,8 +1,8 @@
 //! `tooltrain eval`: run a policy over benchmark instances and print the paper's table.
 
-use crate::config::{self, ConfigArgs};
+use tooltrain_train::config::{self, ConfigArgs};
+use tooltrain_util::Progress;
 use anyhow::{anyhow, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use tooltrain_rollout::eval::{run_eval, EvalConfig, PolicyKind};
 
@@ -30,22 +30,6 @@ pub struct Args {
     pub limit: Option<usize>,
 }
 
-/// The progress bar style shared by episode-running commands.
-pub fn episode_bar(n: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(n as u64);
-    pb.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what} ({{per_sec}}, ETA {{eta}}) {{msg}}"
-        ))
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    pb
-}
-
 pub fn run(a: Args) -> Result<()> {
     let mut cfg: EvalConfig = config::load(a.config.config.as_deref(), &a.config.set)?;
     if let Some(d) = a.dataset {
@@ -70,7 +54,7 @@ pub fn run(a: Args) -> Result<()> {
         print!("{}", config::to_toml(&cfg)?);
         return Ok(());
     }
-    let pb = episode_bar(0, "episodes");
+    let pb = Progress::new("eval", None, "episodes");
     let reward_sum = std::sync::Mutex::new((0.0f64, 0usize));
     let summary = run_eval(&cfg, &|n| pb.set_length(n as u64), &|t| {
         let mut r = reward_sum.lock().unwrap();
@@ -80,7 +64,7 @@ pub fn run(a: Args) -> Result<()> {
         pb.inc(1);
     })
     .map_err(|e| anyhow!(e))?;
-    pb.finish_and_clear();
+    pb.finish();
     print!("{}", summary.report.table());
     println!(
         "episodes: {}  mean reward: {:.4}  mean turns: {:.2}  tool calls/episode: {:.2}  invalid turns: {:.1}%  drift episodes: {}  failures: {}  missing GT: {}  time: {:.1}s",

@@ -1,10 +1,10 @@
 //! `tooltrain gt-check`: ground truth derived from the gold patches on prepared trees
-//! against a shipped ground-truth file (`tooltrain_rollout::repos::gtcheck`): counts,
+//! against a shipped ground-truth file (`tooltrain_data::gtcheck`): counts,
 //! exact and file-level agreement, location precision / recall, the disagreements.
 
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use tooltrain_rollout::repos::gtcheck::gt_check;
+use tooltrain_data::gtcheck::gt_check;
 use tooltrain_rollout::GroundTruth;
 
 #[derive(clap::Args, Debug)]
@@ -85,7 +85,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(out) = &a.out {
         let json = serde_json::to_string_pretty(&r).context("serialise the report")?;
-        tooltrain_model::error::write_atomic_io(out, json.as_bytes())
+        tooltrain_util::write_atomic(out, json.as_bytes())
             .with_context(|| format!("{}: cannot write", out.display()))?;
         eprintln!("report: {}", out.display());
     }

@@ -1,4 +1,4 @@
-//! `tooltrain index`: index a Python repository (spec section 2) and print it as JSON:
+//! `tooltrain index`: index a Python repository (`docs/reposearcher.md` §2) and print it as JSON:
 //! `{"files": [{"path", "classes": [{"name", "start_line", "end_line", "methods": [...]}],
 //! "functions": [...]}]}` (1-based inclusive lines, `def`/`class` line first).
 

@@ -3,7 +3,6 @@
 //! `tooltrain-rollout`).
 
 mod common;
-mod config;
 mod convert;
 mod eval;
 mod generate;
@@ -17,7 +16,6 @@ mod synth;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "tooltrain", version, about = "LLM agent training on candle")]
@@ -54,22 +52,8 @@ enum Command {
     Plot(plot::Args),
 }
 
-fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
-    let filter = match level {
-        Some(l) => {
-            EnvFilter::try_new(l).map_err(|e| anyhow::anyhow!("invalid --log-level `{l}`: {e}"))?
-        }
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    Ok(())
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logging(cli.log_level.as_deref())?;
+    tooltrain_util::init_logging(cli.log_level.as_deref(), "warn").map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),

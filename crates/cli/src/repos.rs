@@ -1,13 +1,13 @@
 //! `tooltrain repos prepare`: materialise each instance's repository at its base commit
 //! as `<repos-dir>/<instance_id>/` (git, or the PyPI fallback offline); see
-//! `tooltrain_rollout::repos` for the layout, resumption and how a PyPI release is
+//! `tooltrain_data::repos` for the layout, resumption and how a PyPI release is
 //! chosen.
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use tooltrain_util::Progress;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use tooltrain_rollout::repos::{self, Outcome, PrepareOptions, SourceKind, Status};
+use tooltrain_data::repos::{self, Outcome, PrepareOptions, SourceKind, Status};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -117,13 +117,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         a.repos_dir.display(),
         a.jobs
     );
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}, {per_sec}, ETA {eta}] {msg}",
-        )
-        .expect("valid template"),
-    );
+    let bar = Progress::new("repos prepare", Some(total as u64), "instances");
     let failures = Mutex::new(0usize);
     let progress = |o: &Outcome| {
         if o.status == Status::Failed {
@@ -135,7 +129,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         bar.inc(1);
     };
     let report = repos::prepare(&instances, &unknown, &opts, &progress)?;
-    bar.finish_and_clear();
+    bar.finish();
     eprintln!(
         "prepared {}, skipped {} (already there), failed {}, not started {} in {:.1} s",
         report.prepared, report.skipped, report.failed, report.not_started, report.seconds

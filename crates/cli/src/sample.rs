@@ -1,10 +1,10 @@
 //! `tooltrain sample`: rejection sampling of RepoSearcher trajectories into an SFT
-//! dataset (see `tooltrain_sft::sample`).
+//! dataset (see `tooltrain_rollout::sample`).
 
-use crate::config::{self, ConfigArgs};
-use crate::eval::episode_bar;
+use tooltrain_train::config::{self, ConfigArgs};
+use tooltrain_util::Progress;
 use anyhow::{anyhow, Result};
-use tooltrain_sft::sample::{run_sample, SampleConfig};
+use tooltrain_rollout::sample::{run_sample, SampleConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -18,7 +18,7 @@ pub fn run(a: Args) -> Result<()> {
         print!("{}", config::to_toml(&cfg)?);
         return Ok(());
     }
-    let pb = episode_bar(0, "episodes");
+    let pb = Progress::new("sample", None, "episodes");
     let kept = std::sync::Mutex::new((0usize, 0usize));
     let s = run_sample(&cfg, &|n| pb.set_length(n as u64), &|t| {
         let mut k = kept.lock().unwrap();
@@ -28,7 +28,7 @@ pub fn run(a: Args) -> Result<()> {
         pb.inc(1);
     })
     .map_err(|e| anyhow!(e))?;
-    pb.finish_and_clear();
+    pb.finish();
     println!(
         "sampled {} episodes ({} from earlier runs, {} failed) over {} instances; kept {} ({} duplicates dropped) from {} instances; mean reward {:.4}; {:.1}s",
         s.sampled, s.resumed, s.failed, s.instances, s.kept, s.duplicates, s.instances_with_kept, s.mean_reward, s.seconds

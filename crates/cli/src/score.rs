@@ -2,7 +2,7 @@
 
 use crate::common::ModelArgs;
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tooltrain_util::Progress;
 use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -189,18 +189,6 @@ impl Drop for Sink {
     }
 }
 
-fn progress_bar(n: usize) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::stderr());
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} seqs, {msg} (ETA {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb
-}
-
 pub fn run(a: Args) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
@@ -213,7 +201,7 @@ pub fn run(a: Args) -> Result<()> {
     tracing::info!(sequences = seqs.len(), tokens = total_tokens, "scoring");
 
     let mut sink = Sink::new(a.output.as_deref())?;
-    let pb = progress_bar(seqs.len());
+    let pb = Progress::new("score", Some(seqs.len() as u64), "seqs");
     let t0 = Instant::now();
     let mut tokens_done = 0usize;
     for (b, chunk) in seqs.chunks(a.batch).enumerate() {
@@ -236,7 +224,7 @@ pub fn run(a: Args) -> Result<()> {
         pb.set_message(format!("{:.0} tokens/s", tokens_done as f64 / secs));
         pb.inc(chunk.len() as u64);
     }
-    pb.finish_and_clear();
+    pb.finish();
     sink.finish()?;
     let secs = t0.elapsed().as_secs_f64();
     tracing::info!(

@@ -1,12 +1,12 @@
 //! `tooltrain synth`: write seeded synthetic localisation tasks (small Python packages
 //! with a planted bug, a bug report, the gold patch and the ground truth) in the format
 //! of the real data: `DIR/dataset.jsonl`, `DIR/gt.json`, `DIR/config.json` and
-//! `DIR/repos/<instance_id>/` (see `tooltrain_rollout::synth`).
+//! `DIR/repos/<instance_id>/` (see `tooltrain_data::synth`).
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::time::Instant;
-use tooltrain_rollout::synth::{generate_opts, SynthConfig};
+use tooltrain_data::synth::{generate_opts, SynthConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

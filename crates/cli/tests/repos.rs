@@ -245,14 +245,14 @@ fn gt_check_on_the_ci_set() {
         "gt-check",
         "--dataset",
         root()
-            .join("../shared/data/swebench/swebench_verified.jsonl")
+            .join("data/swebench/swebench_verified.jsonl")
             .to_str()
             .unwrap(),
         "--repos-dir",
         repos.to_str().unwrap(),
         "--gt",
         root()
-            .join("../shared/data/swebench/gt_verified_repodeepsearch.json")
+            .join("data/swebench/gt_verified_repodeepsearch.json")
             .to_str()
             .unwrap(),
         "--out",

@@ -52,29 +52,8 @@ macro_rules! invalid {
 }
 pub(crate) use invalid;
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename.
+/// Writes `bytes` to `path` atomically ([`tooltrain_util::write_atomic`]), with the
+/// path in the error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_io(path, bytes).map_err(|e| Error::io(path, e))
-}
-
-/// [`write_atomic`] with a plain I/O error: the bytes go to a temp file in the same
-/// directory (unique per process and call), which is then renamed over `path`; on
-/// failure the temp file is removed and `path` is untouched.
-pub fn write_atomic_io(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-    let res = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    tooltrain_util::write_atomic(path, bytes).map_err(|e| Error::io(path, e))
 }

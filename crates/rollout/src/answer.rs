@@ -1,4 +1,4 @@
-//! Answer parser (spec section 6): locations from the fenced blocks of the final answer.
+//! Answer parser (`docs/reposearcher.md` §6): locations from the fenced blocks of the final answer.
 //!
 //! Give [`parse_answer`] the text of the final answer (the assistant text after the last
 //! tool observation). Only fenced blocks count: a line whose trimmed text starts with

@@ -54,7 +54,7 @@
 //! (5), `name_weight` (3), `min_token_len` (2), `skip_tests` (false), `mention_boost`
 //! (0.5), `cache_instances` (32).
 
-use crate::index::RepoIndex;
+use crate::index::{is_test_path, RepoIndex};
 use crate::policy::{format_answer, Policy, PolicyError, Stage, TurnReply, TurnRequest};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -245,14 +245,6 @@ fn identifier_tokens(ident: &str, min_len: usize, buf: &mut String, f: &mut impl
     }
 }
 
-/// Test files: a path component starting with `test` (as the prompts' tree hides them),
-/// `conftest.py`, or a file name ending in `_test.py` / `_tests.py`.
-pub fn is_test_path(path: &str) -> bool {
-    path.split('/').any(|c| c.starts_with("test"))
-        || path.ends_with("_test.py")
-        || path.ends_with("_tests.py")
-        || path.rsplit('/').next() == Some("conftest.py")
-}
 
 // ---------------------------------------------------------------------------------------
 // Index
@@ -872,16 +864,6 @@ mod tests {
         // non-ASCII text separates tokens and never panics
         assert_eq!(toks("naïve résumé_ok"), ["na", "ve", "sum", "ok"]);
         assert_eq!(tokenize("ab abc", 3), ["abc"]);
-    }
-
-    #[test]
-    fn test_paths() {
-        assert!(is_test_path("pkg/tests/test_a.py"));
-        assert!(is_test_path("testing/x.py"));
-        assert!(is_test_path("pkg/a_test.py"));
-        assert!(is_test_path("conftest.py"));
-        assert!(!is_test_path("pkg/contest.py"));
-        assert!(!is_test_path("pkg/latest/a.py"));
     }
 
     fn small_repo() -> RepoIndex {

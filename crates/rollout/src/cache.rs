@@ -60,20 +60,10 @@ pub fn cache_path(cache_dir: &Path, key: &str) -> PathBuf {
         })
         .take(150)
         .collect();
-    let h = fnv1a(0, key.bytes());
+    let h = tooltrain_util::fnv1a(0, key.bytes());
     cache_dir.join(format!("{safe}-{h:016x}.index.json"))
 }
 
-/// FNV-1a 64 of `bytes`, starting from the offset basis xor `seed`: stable across runs
-/// and platforms (cache file names, content keys, episode seeds).
-pub fn fnv1a(seed: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325 ^ seed;
-    for b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
 
 /// Read a cache file; `Err(reason)` when it is unreadable, corrupt or stale.
 pub fn load(path: &Path, key: &str) -> Result<RepoIndex, String> {

@@ -87,9 +87,28 @@ pub fn write_dataset(path: &Path, instances: &[Instance]) -> std::io::Result<()>
     crate::write_atomic(path, text.as_bytes())
 }
 
+/// An instance id that is safe as a directory name: it can be joined onto a repos
+/// directory without leaving it (no `/`, no leading `.`, no `..`).
+pub fn valid_instance_id(id: &str) -> bool {
+    !id.is_empty()
+        && !id.starts_with('.')
+        && id.len() <= 200
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_ids_that_would_leave_the_directory_are_invalid() {
+        assert!(valid_instance_id("psf__requests-2317"));
+        assert!(!valid_instance_id("../x") && !valid_instance_id(".hidden"));
+        assert!(!valid_instance_id("a/b") && !valid_instance_id(""));
+        assert!(!valid_instance_id("/abs") && !valid_instance_id(".."));
+    }
 
     #[test]
     fn reports_bad_line_numbers() {
@@ -109,11 +128,7 @@ mod tests {
     #[test]
     fn loads_the_real_verified_file() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/data/swebench/swebench_verified.jsonl");
-        if !p.exists() {
-            eprintln!("skipping: {} not present", p.display());
-            return;
-        }
+            .join("../../data/swebench/swebench_verified.jsonl");
         let d = load_dataset(&p).unwrap();
         assert_eq!(d.len(), 500);
         assert!(d

@@ -1,4 +1,4 @@
-//! RepoSearcher episodes (spec section 5), run in lock-step batches and recorded token
+//! RepoSearcher episodes (`docs/reposearcher.md` §5), run in lock-step batches and recorded token
 //! by token.
 //!
 //! An episode is the function-level stage: system + user prompt (bug report and the
@@ -29,7 +29,7 @@
 use crate::answer::parse_answer;
 use crate::dataset::Instance;
 use crate::gt::Location;
-use crate::index::RepoIndex;
+use crate::index::{is_test_path, RepoIndex};
 use crate::policy::{Policy, Stage, TaskView, TurnReply, TurnRequest};
 use crate::prompts;
 use crate::reward::{Reward, RewardFn};
@@ -361,27 +361,6 @@ fn sys_message(text: String, renderer: Option<&Renderer>, tools: &[Value]) -> Va
     json!({"role": "system", "content": text})
 }
 
-/// A small deterministic RNG (splitmix64) for candidate shuffling.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
-
 /// GT files plus seeded random other non-test files up to `n`, shuffled.
 pub fn gt_plus_random(index: &RepoIndex, gt: &[Location], n: usize, seed: u64) -> Vec<String> {
     let mut files: Vec<String> = Vec::new();
@@ -390,7 +369,7 @@ pub fn gt_plus_random(index: &RepoIndex, gt: &[Location], n: usize, seed: u64) -
             files.push(l.file.clone());
         }
     }
-    let mut rng = SplitMix(seed ^ 0x5EED_CA4D);
+    let mut rng = tooltrain_util::Rng::new(seed ^ 0x5EED_CA4D);
     let mut others: Vec<&str> = index
         .files
         .iter()
@@ -406,10 +385,6 @@ pub fn gt_plus_random(index: &RepoIndex, gt: &[Location], n: usize, seed: u64) -
     }
     rng.shuffle(&mut files);
     files
-}
-
-fn is_test_path(p: &str) -> bool {
-    p.split('/').any(|c| c.starts_with("test"))
 }
 
 /// Runs `jobs` with `policy`: the file-level stage (when configured) for all, then the

@@ -269,7 +269,7 @@ pub fn load_index(data: &DataConfig, inst: &Instance) -> Result<RepoIndex, Strin
         .repos_dir
         .join(format!("{}.source.json", inst.instance_id));
     if let (Some(dir), Ok(bytes)) = (&data.index_cache, std::fs::read(&marker)) {
-        let h = cache::fnv1a(0, bytes.iter().copied());
+        let h = tooltrain_util::fnv1a(0, bytes.iter().copied());
         let key = format!("{}@{}#{h:016x}", inst.repo, inst.base_commit);
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         return cache::load_or_build(&root, dir, &key)
@@ -431,7 +431,7 @@ pub fn run_batches(
 
 /// The seed of one episode: a hash of the run seed, the instance id and the sample.
 pub fn episode_seed(seed: u64, id: &str, sample: usize) -> u64 {
-    cache::fnv1a(
+    tooltrain_util::fnv1a(
         seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         id.bytes().chain((sample as u64).to_le_bytes()),
     )

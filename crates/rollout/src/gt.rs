@@ -3,7 +3,7 @@
 //! into one type; and ground truth derived from a gold patch at the base commit
 //! ([`locations_from_patch`]).
 //!
-//! Derivation rules (issue 3 item 7), where the spec leaves room:
+//! Derivation rules (`docs/reposearcher.md` §1), where the benchmark leaves room:
 //! - Only files whose path ends in `.py` count; the location's file is the path at the
 //!   base commit (the new path for a file the patch creates).
 //! - A changed line is a removed line (old numbering) or the insertion point of a run of
@@ -314,21 +314,15 @@ mod tests {
         assert_eq!(Location::parse("pkg/a.py").key(), "pkg/a.py");
     }
 
-    fn shared(name: &str) -> PathBuf {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/data/swebench")
-            .join(name);
-        assert!(
-            p.exists(),
-            "test data {} is missing: this test expects the `shared` directory beside the repository clone (../shared/data/swebench)",
-            p.display()
-        );
-        p
+    fn swebench(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../data/swebench")
+            .join(name)
     }
 
     #[test]
     fn loads_gt_verified() {
-        let gt = GroundTruth::load(&shared("gt_verified_repodeepsearch.json")).unwrap();
+        let gt = GroundTruth::load(&swebench("gt_verified_repodeepsearch.json")).unwrap();
         assert_eq!(gt.instances.len(), 500);
         let n: usize = gt.instances.values().map(Vec::len).sum();
         assert_eq!(n, 964);
@@ -347,7 +341,7 @@ mod tests {
 
     #[test]
     fn loads_locbench() {
-        let gt = GroundTruth::load(&shared("locbench_v1_edit_functions.json")).unwrap();
+        let gt = GroundTruth::load(&swebench("locbench_v1_edit_functions.json")).unwrap();
         assert_eq!(gt.instances.len(), 560);
         assert!(gt.instances.values().all(|v| !v.is_empty()));
         let all: Vec<&Location> = gt.instances.values().flatten().collect();
@@ -496,8 +490,8 @@ class B(A):
     /// so the name-level agreement is measured where trees exist (`tooltrain eval`).
     #[test]
     fn verified_patches_parse_and_cover_gt_files() {
-        let gt = GroundTruth::load(&shared("gt_verified_repodeepsearch.json")).unwrap();
-        let text = std::fs::read_to_string(shared("swebench_verified.jsonl")).unwrap();
+        let gt = GroundTruth::load(&swebench("gt_verified_repodeepsearch.json")).unwrap();
+        let text = std::fs::read_to_string(swebench("swebench_verified.jsonl")).unwrap();
         let (mut n, mut equal) = (0, 0);
         for (i, line) in text.lines().enumerate() {
             let row: Row = serde_json::from_str(line).unwrap();

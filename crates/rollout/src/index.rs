@@ -1,8 +1,8 @@
-//! Repository index (spec section 2): classes, methods, module functions, imports and
+//! Repository index (`docs/reposearcher.md` §2): classes, methods, module functions, imports and
 //! text of every `*.py` file, parsed with tree-sitter (error-tolerant), plus the rendered
 //! directory tree for prompts.
 //!
-//! Choices, where the spec leaves room:
+//! Choices, where the paper leaves room:
 //! - **Nested classes** are indexed (every class, at any depth, including classes inside
 //!   functions). A nested class is named by its dotted path of enclosing classes and
 //!   functions (`Outer.Inner`); [`FileIndex::class`] looks a class up by that exact name
@@ -579,11 +579,23 @@ impl RepoIndex {
 
     /// Render the tree of directories and `.py` files, one entry per line, 4 spaces per
     /// level, directories with a trailing `/`, entries sorted by name. With
-    /// `hide_tests`, files and directories whose name starts with `test` are left out
-    /// (with everything below them).
+    /// `hide_tests`, test files ([`is_test_path`]) are left out.
     pub fn render_tree(&self, hide_tests: bool) -> String {
         render_tree(self.files.iter().map(|f| f.path.as_str()), hide_tests)
     }
+}
+
+/// Whether a repository-relative path is test code. The one rule of the project: the
+/// prompts' tree hides these paths, candidate files never include them, and BM25 can
+/// skip them. A path is a test when a component starts with `test` (`tests/`,
+/// `testing/`, `test_x.py`), or its file name is `conftest.py` or ends in `_test.py` /
+/// `_tests.py`.
+pub fn is_test_path(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    path.split('/').any(|c| c.starts_with("test"))
+        || name == "conftest.py"
+        || name.ends_with("_test.py")
+        || name.ends_with("_tests.py")
 }
 
 /// Render a tree from repository-relative paths (see [`RepoIndex::render_tree`]).
@@ -599,7 +611,7 @@ pub fn render_tree<'a>(paths: impl IntoIterator<Item = &'a str>, hide_tests: boo
         let Some((file, dirs)) = parts.split_last() else {
             continue;
         };
-        if hide_tests && parts.iter().any(|s| s.starts_with("test")) {
+        if hide_tests && is_test_path(p) {
             continue 'paths;
         }
         let mut cur = &mut root;
@@ -637,6 +649,28 @@ pub fn render_tree<'a>(paths: impl IntoIterator<Item = &'a str>, hide_tests: boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_test_path_rule() {
+        for p in [
+            "pkg/tests/x.py",
+            "testing/x.py",
+            "pkg/test_a.py",
+            "tests.py",
+            "conftest.py",
+            "pkg/conftest.py",
+            "pkg/a_test.py",
+            "pkg/a_tests.py",
+        ] {
+            assert!(is_test_path(p), "{p}");
+        }
+        for p in ["pkg/contest.py", "pkg/latest/a.py", "pkg/attest.py", "pkg/a_test_utils.py", "a.py"] {
+            assert!(!is_test_path(p), "{p}");
+        }
+        // The tree hides exactly these paths.
+        let tree = render_tree(["a.py", "pkg/conftest.py", "pkg/b_test.py", "pkg/c.py"], true);
+        assert_eq!(tree, "a.py\npkg/\n    c.py\n");
+    }
 
     const SRC: &str = r#"import os
 from a import (b,

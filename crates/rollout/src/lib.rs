@@ -1,29 +1,30 @@
-//! `tooltrain-rollout`: the model-free pieces of the RepoSearcher environment
-//! (behaviour: `../shared/spec/reposearcher.md`).
+//! # tooltrain-rollout
 //!
-//! Where each concept lives:
-//! - [`index`]: tree-sitter Python index of a repository (classes, methods, module
-//!   functions, line ranges, imports, text) and the rendered tree (spec section 2).
-//!   Entry points: [`RepoIndex::build`], [`FileIndex::parse`], [`RepoIndex::render_tree`].
-//! - [`cache`]: the index cached on disk per (repo, commit) key: [`cache::load_or_build`].
-//! - [`tools`]: the four tools, their observations and JSON schemas (spec section 3).
-//!   Entry points: [`ToolCall`], [`tools::execute`], [`tools::tool_schemas`].
-//! - [`toolcall`]: parser of `<tool_call>` blocks in an assistant turn (spec section 4).
-//!   Entry points: [`toolcall::parse_turn`], [`ToolCallError::observation`].
-//! - [`answer`]: locations from the fenced blocks of the final answer (spec section 6).
-//! - [`reward`]: nDCG@k (the paper's reward), recall@k and F1@k behind [`RewardFn`].
-//! - [`metrics`]: the evaluation table (spec section 7), file and function level.
-//! - [`patch`]: unified-diff parser (removed lines, insertion points) for gold patches.
-//! - [`dataset`]: benchmark instances (SWE-bench JSONL), errors with line numbers.
-//! - [`episode`]: episodes run in lock-step batches, token records with loss masks and
-//!   drift, the [`episode::Renderer`] (chat template + tokenizer), [`episode::EpisodeConfig`].
-//! - [`prompts`]: the RepoSearcher system/user/summary prompts.
-//! - [`policy`]: the [`Policy`] trait (batched turns) and the [`policy::Oracle`].
-//! - [`bm25`]: the BM25 lexical baseline policy (no LLM): [`bm25::Bm25`].
-//! - [`openai`]: a policy over any OpenAI-compatible chat-completions endpoint: [`openai::OpenAiPolicy`].
-//! - [`synth`]: seeded synthetic tasks (small Python packages, bug reports, gold patches, GT): [`synth::generate`].
-//! - [`gt`]: ground-truth files (`file.py::name` and Loc-Bench's `file.py:name`).
-//! - [`repos`]: instance source trees at their base commit (git, or the PyPI fallback) and the derived-GT agreement check.
+//! The RepoSearcher environment and its policies: everything an episode needs, and the
+//! runners that evaluation, rejection sampling and RL share. Behaviour:
+//! `docs/reposearcher.md` (sections cited as §N).
+//!
+//! | concept | where |
+//! |---|---|
+//! | benchmark instances (SWE-bench JSONL), line-numbered errors, instance ids as paths | [`dataset`]: [`load_dataset`], [`Instance`] |
+//! | ground truth: files (`file.py::name`, Loc-Bench's `file.py:name`) and derived from a gold patch | [`gt`]: [`GroundTruth`], [`gt::locations_from_patch`] |
+//! | the one unified-diff parser (removed lines, insertion points) | [`patch`] |
+//! | tree-sitter Python index (classes, methods, functions, imports), the rendered tree (§2) | [`index`]: [`RepoIndex::build`], [`RepoIndex::render_tree`] |
+//! | which paths are tests (one rule for the index, candidates and BM25) | [`index::is_test_path`] |
+//! | the index cached on disk per (repo, commit) | [`cache`]: [`cache::load_or_build`] |
+//! | the four tools, their observations and JSON schemas (§3) | [`tools`]: [`ToolCall`], [`tools::execute`] |
+//! | `<tool_call>` parser (§4) | [`toolcall`]: [`toolcall::parse_turn`] |
+//! | answer parser (§6) | [`answer`]: [`parse_answer`] |
+//! | prompts (§5) | [`prompts`] |
+//! | episodes in lock-step batches, token records with loss masks and drift (§5) | [`episode`]: [`episode::run_episodes`], [`episode::Renderer`] |
+//! | rewards: nDCG@k (the paper's), recall@k, F1@k (§6) | [`reward`]: [`RewardFn`] |
+//! | the paper's metric table (§7) | [`metrics`] |
+//! | the [`Policy`] trait (batched turns) and the oracle | [`policy`] |
+//! | BM25 baseline (no LLM) | [`bm25`] |
+//! | any OpenAI-compatible chat endpoint over HTTP | [`openai`] |
+//! | a local `tooltrain-model` checkpoint, KV reuse across turns | [`local`] |
+//! | evaluation runs (`tooltrain eval`): selection, policies from config, batches, outputs | [`eval`] |
+//! | rejection sampling (`tooltrain sample`): K episodes per task, keep rule, the SFT record | [`sample`]: [`sample::run_sample`], [`sample::SftRecord`] |
 
 pub mod answer;
 pub mod bm25;
@@ -39,9 +40,8 @@ pub mod openai;
 pub mod patch;
 pub mod policy;
 pub mod prompts;
-pub mod repos;
 pub mod reward;
-pub mod synth;
+pub mod sample;
 pub mod toolcall;
 pub mod tools;
 
@@ -54,4 +54,4 @@ pub use reward::{Reward, RewardFn};
 pub use toolcall::{ParsedTurn, ToolCallError};
 pub use tools::{ToolCall, ToolLimits, ToolOutcome};
 
-pub(crate) use tooltrain_model::error::write_atomic_io as write_atomic;
+pub(crate) use tooltrain_util::write_atomic;

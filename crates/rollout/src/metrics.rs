@@ -1,4 +1,4 @@
-//! Evaluation metrics (spec section 7), per instance and averaged over ALL ground-truth
+//! Evaluation metrics (`docs/reposearcher.md` §7), per instance and averaged over ALL ground-truth
 //! instances (a missing or empty prediction scores 0), reported in percent.
 //!
 //! Per ranked list (de-duplicated in order, cut to 5) against a GT set:

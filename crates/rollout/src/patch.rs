@@ -50,7 +50,7 @@ pub struct PatchError {
 
 /// A `---`/`+++` header path without quotes, tab suffix and `a/`/`b/` prefix;
 /// `None` for `/dev/null`.
-pub(crate) fn strip_prefix_path(p: &str) -> Option<String> {
+pub fn strip_prefix_path(p: &str) -> Option<String> {
     let p = p.split('\t').next().unwrap_or(p).trim_end();
     let p = p
         .strip_prefix('"')
@@ -67,7 +67,7 @@ pub(crate) fn strip_prefix_path(p: &str) -> Option<String> {
 }
 
 /// A hunk range `start[,count]` (count 1 when left out).
-pub(crate) fn parse_range(s: &str) -> Option<(usize, usize)> {
+pub fn parse_range(s: &str) -> Option<(usize, usize)> {
     let (a, b) = match s.split_once(',') {
         Some((a, b)) => (a, Some(b)),
         None => (s, None),

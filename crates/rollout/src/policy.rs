@@ -100,7 +100,7 @@ pub trait Policy: Send + Sync {
 }
 
 /// The fenced answer block for `locations` (`file::name` or bare files), grouped by
-/// file in first-appearance order, in the format of spec section 5.4.
+/// file in first-appearance order, in the format of `docs/reposearcher.md` §5.4.
 pub fn format_answer<S: AsRef<str>>(locations: &[S]) -> String {
     let mut files: Vec<(String, Vec<String>)> = Vec::new();
     for l in locations {

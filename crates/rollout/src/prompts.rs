@@ -1,4 +1,4 @@
-//! The RepoSearcher prompts (spec section 5): the function-level system and user
+//! The RepoSearcher prompts (`docs/reposearcher.md` §5): the function-level system and user
 //! messages with the candidate files' structure, the summary request, and the
 //! file-level stage's messages with the rendered repository tree.
 
@@ -11,7 +11,7 @@ The locations you report may be files, classes or functions (module-level functi
 methods). Your task is to find the top-5 most likely culprit locations that need to be \
 changed to fix the bug.";
 
-/// The final request of the function-level stage (spec section 5.4).
+/// The final request of the function-level stage (`docs/reposearcher.md` §5.4).
 pub const SUMMARY_REQUEST: &str = "Based on the code you have read, give the top-5 most likely \
 culprit locations, most likely first. Answer with one fenced block (```) in which each file \
 path is on its own line, followed by one line per location in that file: \
@@ -74,7 +74,7 @@ locations, call exit().",
 }
 
 /// User message of the file-level stage: the bug report and the repository tree
-/// (test entries hidden, spec section 2).
+/// (test entries hidden, `docs/reposearcher.md` §2).
 pub fn file_user(problem: &str, index: &RepoIndex) -> String {
     format!(
         "<bug_report>\n{}\n</bug_report>\n\n<repository_structure>\n{}</repository_structure>\n\n\

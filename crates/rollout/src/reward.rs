@@ -1,4 +1,4 @@
-//! Rewards (spec section 6): nDCG@k with binary relevance (the paper's reward), and
+//! Rewards (`docs/reposearcher.md` §6): nDCG@k with binary relevance (the paper's reward), and
 //! recall@k and F1@k as alternatives, behind [`RewardFn`].
 //!
 //! Predictions are de-duplicated in order before scoring (a repeated location can never

@@ -1,4 +1,4 @@
-//! Parser of Qwen/Hermes tool calls (spec section 4):
+//! Parser of Qwen/Hermes tool calls (`docs/reposearcher.md` §4):
 //! `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`.
 //!
 //! Accepts whitespace around the JSON, several blocks in one turn, `parameters` as an
@@ -48,7 +48,7 @@ impl ToolCallError {
 
 /// The parse of one assistant turn.
 ///
-/// `exit` follows spec section 4 with one refinement: see [`mentions_exit`].
+/// `exit` follows `docs/reposearcher.md` §4 with one refinement: see [`mentions_exit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedTurn {
     /// One entry per `<tool_call>` block, in order.

@@ -1,4 +1,4 @@
-//! The RepoSearcher tools (spec section 3): execution against a [`RepoIndex`], miss
+//! The RepoSearcher tools (`docs/reposearcher.md` §3): execution against a [`RepoIndex`], miss
 //! observations, output formatting and limits, and the tools' JSON schemas.
 
 use crate::index::{FileIndex, RepoIndex};

@@ -1,11 +1,12 @@
 //! Training data: the JSONL examples `tooltrain sample` writes, length limits, the
-//! deterministic shuffle, and packing into token-budget micro-batches.
+//! deterministic split, and the tensors of a planned micro-batch
+//! (`tooltrain_train::batch` plans them).
 //!
-//! One example a line:
+//! One example a line, a [`SftRecord`]:
 //! `{"instance_id": str, "sample": int, "reward": float, "messages": [...],
 //!   "input_ids": [u32, ...], "loss_mask": [0 | 1, ...]}`.
 //! `input_ids` and `loss_mask` are required and have the same length; the other keys are
-//! optional and `messages` is skipped (examples are trained on as stored, never
+//! optional and `messages` is not used (examples are trained on as stored, never
 //! re-tokenised). The loss of an example is the next-token loss at every position `i`
 //! whose *target* `i + 1` has mask 1.
 
@@ -13,7 +14,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
 use std::path::Path;
-use tooltrain_model::{pack_rows, Device, SeqLayout, Tensor};
+use tooltrain_model::{Device, SeqLayout, Tensor};
+use tooltrain_rollout::sample::SftRecord;
+use tooltrain_train::batch::MicroBatch;
+pub use tooltrain_util::Rng;
 
 /// One training sequence.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,17 +82,6 @@ impl SftExample {
     }
 }
 
-#[derive(Deserialize)]
-struct RawExample {
-    #[serde(default)]
-    instance_id: Option<String>,
-    #[serde(default)]
-    sample: Option<i64>,
-    #[serde(default)]
-    reward: Option<f64>,
-    input_ids: Vec<u32>,
-    loss_mask: Vec<u8>,
-}
 
 /// Reads a JSONL file of examples (blank lines are skipped). Malformed lines, length
 /// mismatches, empty examples and mask values other than 0/1 are errors naming
@@ -102,7 +95,7 @@ pub fn load_examples(path: &Path) -> Result<Vec<SftExample>> {
         if line.trim().is_empty() {
             continue;
         }
-        let raw: RawExample =
+        let raw: SftRecord =
             serde_json::from_str(&line).with_context(|| format!("{origin}: bad example"))?;
         if raw.input_ids.len() != raw.loss_mask.len() {
             bail!(
@@ -121,8 +114,8 @@ pub fn load_examples(path: &Path) -> Result<Vec<SftExample>> {
             );
         }
         out.push(SftExample {
-            instance_id: raw.instance_id.unwrap_or_default(),
-            sample: raw.sample.unwrap_or(0),
+            instance_id: raw.instance_id,
+            sample: raw.sample,
             reward: raw.reward.unwrap_or(0.0),
             input_ids: raw.input_ids,
             loss_mask: raw.loss_mask,
@@ -181,43 +174,6 @@ pub fn prepare(
     (out, stats)
 }
 
-/// SplitMix64: a tiny generator whose whole state is one `u64` (saved in checkpoints).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator in state `state` (any value, including a seed).
-    pub fn new(state: u64) -> Self {
-        Rng(state)
-    }
-
-    /// The current state: `Rng::new(r.state())` continues exactly where `r` is.
-    pub fn state(&self) -> u64 {
-        self.0
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-
-    /// A Fisher-Yates shuffle of `v`.
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
-
 /// Splits `0..n` into (train, validation) indices, `fraction` of them (rounded, at least
 /// one and at most `n - 1`) held out, chosen by `seed`; both lists ascending.
 pub fn split_indices(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
@@ -232,49 +188,6 @@ pub fn split_indices(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usi
     val.sort_unstable();
     train.sort_unstable();
     (train, val)
-}
-
-/// One forward/backward pass: rows of packed sequences, all padded to `row_len`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MicroBatch {
-    /// Per row, the indices (into the planned batch) of the sequences it packs.
-    pub rows: Vec<Vec<usize>>,
-    /// Tokens per row: the longest row's total.
-    pub row_len: usize,
-}
-
-/// Plans the micro-batches of one batch of sequences of lengths `lens`: with `packing`,
-/// sequences are packed first-fit (longest first) into rows of at most `row_capacity`
-/// tokens, else each sequence is its own row; rows (longest first) are then grouped so
-/// that `rows x row_len <= token_budget`, padding each row only to the longest row of
-/// its micro-batch. Every length must be `<= row_capacity <= token_budget`.
-pub fn plan_micro_batches(
-    lens: &[usize],
-    row_capacity: usize,
-    token_budget: usize,
-    packing: bool,
-) -> Vec<MicroBatch> {
-    let rows: Vec<Vec<usize>> = if packing {
-        pack_rows(lens, row_capacity)
-    } else {
-        (0..lens.len()).map(|i| vec![i]).collect()
-    };
-    let mut rows: Vec<(usize, Vec<usize>)> = rows
-        .into_iter()
-        .map(|r| (r.iter().map(|&i| lens[i]).sum(), r))
-        .collect();
-    rows.sort_by_key(|(total, _)| std::cmp::Reverse(*total));
-    let mut out: Vec<MicroBatch> = Vec::new();
-    for (total, row) in rows {
-        match out.last_mut() {
-            Some(mb) if (mb.rows.len() + 1) * mb.row_len <= token_budget => mb.rows.push(row),
-            _ => out.push(MicroBatch {
-                rows: vec![row],
-                row_len: total,
-            }),
-        }
-    }
-    out
 }
 
 /// Target id of positions that carry no loss (padding, context, a sequence's last token).
@@ -416,39 +329,17 @@ mod tests {
     }
 
     #[test]
-    fn rng_state_resumes_and_split_is_deterministic() {
-        let mut a = Rng::new(7);
-        a.next_u64();
-        let mut b = Rng::new(a.state());
-        assert_eq!(a.next_u64(), b.next_u64());
-        let mut v: Vec<usize> = (0..50).collect();
-        Rng::new(1).shuffle(&mut v);
-        let mut s = v.clone();
-        s.sort_unstable();
-        assert_eq!(s, (0..50).collect::<Vec<_>>());
-        assert_ne!(v, s);
+    fn split_is_deterministic() {
         let (t1, v1) = split_indices(20, 0.1, 3);
         assert_eq!((t1.len(), v1.len()), (18, 2));
         assert_eq!(split_indices(20, 0.1, 3), (t1, v1));
     }
 
     #[test]
-    fn micro_batches_respect_the_token_budget() {
+    fn micro_batch_tensors_count_tokens_and_targets() {
         let lens = [5, 3, 8, 2, 7, 1];
-        for packing in [true, false] {
-            let plan = plan_micro_batches(&lens, 8, 16, packing);
-            let mut seen: Vec<usize> = plan.iter().flat_map(|m| m.rows.concat()).collect();
-            seen.sort_unstable();
-            assert_eq!(seen, vec![0, 1, 2, 3, 4, 5]);
-            for mb in &plan {
-                assert!(mb.rows.len() * mb.row_len <= 16);
-                for r in &mb.rows {
-                    assert!(r.iter().map(|&i| lens[i]).sum::<usize>() <= mb.row_len);
-                }
-            }
-        }
         // Packed: 8 | 7+1 | 5+3 | 2 -> rows of 8 tokens, two per micro-batch.
-        let plan = plan_micro_batches(&lens, 8, 16, true);
+        let plan = tooltrain_train::batch::plan_micro_batches(&lens, 8, 16, true);
         assert_eq!(plan.len(), 2);
         let seqs: Vec<SftExample> = lens.iter().map(|&n| ex(&vec![3; n], &vec![1; n])).collect();
         let refs: Vec<&SftExample> = seqs.iter().collect();

@@ -5,9 +5,12 @@
 //!
 //! | concept | where |
 //! |---|---|
-//! | the JSONL examples (`input_ids` + `loss_mask`), truncation, shuffle, packing | [`data`] |
-//! | the typed config, the training loop, checkpoints and exact resume | [`train`] |
-//! | rejection sampling (`tooltrain sample`): K episodes per instance, keep rule, dedup | [`sample`] |
+//! | the JSONL examples (`input_ids` + `loss_mask`, written by `tooltrain sample`), truncation, validation split, micro-batch tensors | [`data`] |
+//! | the typed config, the masked loss, the training loop | [`train`] |
+//!
+//! Run directory, checkpoints, exact resume, metrics, stop signals, the optimizer and
+//! micro-batch planning come from `tooltrain-train`; rejection sampling lives in
+//! `tooltrain-rollout` (`sample`), beside the episode runners it shares with RL.
 //!
 //! ```no_run
 //! use tooltrain_sft::train::{train, SftConfig};
@@ -28,8 +31,8 @@
 //! produces bit-identical losses to an uninterrupted run.
 
 pub mod data;
-pub mod sample;
 pub mod train;
 
 pub use data::{load_examples, SftExample, Truncation};
-pub use train::{train, train_with_stop, SftConfig, StopReason, StopSignals, TrainSummary};
+pub use train::{train, train_with_stop, SftConfig, TrainSummary};
+pub use tooltrain_train::{StopReason, StopSignals};

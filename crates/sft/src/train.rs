@@ -4,21 +4,11 @@
 //!
 //! ## Output directory
 //!
-//! ```text
-//! OUT/config.toml                  the resolved config of the (latest) run
-//! OUT/metrics.jsonl                one flat JSON object per optimizer step
-//! OUT/checkpoints/step-N/          model (HF format), optimizer.safetensors (AdamW
-//!                                  moments and step), master.safetensors (f32 master
-//!                                  weights of a bf16/f16 model), state.json (step, data
-//!                                  position, RNG, schedule, data hash), config.toml
-//! OUT/checkpoints/latest           the name of the newest complete checkpoint ("step-N")
-//! OUT/final/                       the trained model in HF format (config.json,
-//!                                  model.safetensors, tokenizer files)
-//! ```
-//!
-//! A checkpoint is written into `step-N.tmp/` and renamed to `step-N/` once complete;
-//! `latest` is then replaced atomically, so a crash at any moment leaves the previous
-//! checkpoint usable.
+//! As every trainer's ([`tooltrain_train::run`]): `config.toml`, `metrics.jsonl`,
+//! `checkpoints/step-N/` and `latest`, `final/`. An SFT checkpoint holds the model (HF
+//! format), `optimizer.safetensors` (AdamW moments and step), `master.safetensors` (f32
+//! master weights of a bf16/f16 model), `state.json` (step, data position, RNG, schedule,
+//! data hash) and `config.toml`.
 //!
 //! ## Metrics
 //!
@@ -50,23 +40,24 @@
 //! split or packed.
 
 use crate::data::{
-    build_micro_batch, check_vocab, load_examples, plan_micro_batches, prepare, split_indices, Rng,
-    SftExample, Truncation,
+    build_micro_batch, check_vocab, load_examples, prepare, split_indices, Rng, SftExample,
 };
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tooltrain_model::{
-    clip_grad_norm, default_device, ops, parse_dtype, AdamW, AdamWConfig, CausalLM, DType, Device,
-    LrSchedule, ModelConfig, Tokenizer, Var,
+    default_device, ops, parse_dtype, CausalLM, DType, Device, LrSchedule, ModelConfig,
+    Tokenizer, Var,
 };
+use tooltrain_train::batch::plan_micro_batches;
+use tooltrain_train::{
+    clip_grad_norm, OptimSettings, Optimizer, Progress, RunDir, StopReason, StopSignals,
+};
+
+use crate::data::Truncation;
 
 /// The SFT config (TOML; every key optional but `train_file` and one of `init` /
 /// `model_config`). Defaults are the paper's settings (ToolTrain SFT of
@@ -157,6 +148,9 @@ pub struct SftConfig {
     /// Stop (with a checkpoint, as if preempted) once this many steps are done
     /// (0: never); resume later with `resume`. For time-sliced jobs.
     pub stop_at_step: u64,
+    /// Steps whose loss or gradient norm is not finite that are skipped (no update,
+    /// counted in `skipped_steps`); one more stops the run with an error, without saving.
+    pub max_bad_steps: u64,
 }
 
 impl Default for SftConfig {
@@ -195,6 +189,7 @@ impl Default for SftConfig {
             keep_checkpoints: 2,
             resume: false,
             stop_at_step: 0,
+            max_bad_steps: 3,
         }
     }
 }
@@ -205,6 +200,7 @@ const RESUME_FREE_KEYS: &[&str] = &[
     "output_dir",
     "resume",
     "stop_at_step",
+    "max_bad_steps",
     "save_every",
     "keep_checkpoints",
     "eval_every",
@@ -213,7 +209,7 @@ const RESUME_FREE_KEYS: &[&str] = &[
 impl SftConfig {
     /// Rejects impossible values, naming the key.
     pub fn validate(&self) -> Result<()> {
-        let bad = |key: &str, msg: String| Err(anyhow!("invalid config: `{key}` {msg}"));
+        let bad = |key: &str, msg: String| Err(anyhow::anyhow!("invalid config: `{key}` {msg}"));
         if self.train_file.as_os_str().is_empty() {
             return bad("train_file", "is required".into());
         }
@@ -271,9 +267,7 @@ impl SftConfig {
         if self.epochs == 0 && self.max_steps.is_none() {
             return bad("epochs", "must be >= 1 unless `max_steps` is set".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad("lr", format!("must be > 0 (got {})", self.lr));
-        }
+        self.optim().validate()?;
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return bad(
                 "min_lr",
@@ -286,40 +280,28 @@ impl SftConfig {
                 format!("must be in [0, 1] (got {})", self.warmup_ratio),
             );
         }
-        if !self.betas.iter().all(|b| (0.0..1.0).contains(b)) {
-            return bad("betas", format!("must be in [0, 1) (got {:?})", self.betas));
-        }
-        if self.eps.is_nan() || self.eps <= 0.0 {
-            return bad("eps", format!("must be > 0 (got {})", self.eps));
-        }
-        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            return bad(
-                "weight_decay",
-                format!("must be >= 0 (got {})", self.weight_decay),
-            );
-        }
-        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
-            return bad(
-                "max_grad_norm",
-                format!("must be >= 0 (0: no clipping; got {})", self.max_grad_norm),
-            );
+        if self.max_bad_steps == 0 {
+            return bad("max_bad_steps", "must be >= 1".into());
         }
         Ok(())
     }
 
     /// The resolved config as TOML.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string_pretty(self).map_err(|e| anyhow!("printing the config: {e}"))
+        tooltrain_train::config::to_toml(self)
     }
-}
 
-/// Why a run ended before its last step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// SIGTERM / SIGINT (or the caller's stop flag).
-    Signal,
-    /// `stop_at_step` was reached.
-    StopAtStep,
+    /// The optimizer's settings.
+    pub fn optim(&self) -> OptimSettings {
+        OptimSettings {
+            lr: self.lr,
+            betas: self.betas,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            master_weights: self.master_weights,
+        }
+    }
 }
 
 /// What a call of [`train`] did.
@@ -337,6 +319,8 @@ pub struct TrainSummary {
     pub tokens: u64,
     /// Mean training throughput of this call.
     pub tokens_per_s: f64,
+    /// Steps skipped for a non-finite loss or gradient norm (whole run).
+    pub bad_steps: u64,
     /// `Some` when the run stopped early (a checkpoint was saved; resume to continue).
     pub stopped: Option<StopReason>,
     /// The newest checkpoint.
@@ -348,7 +332,7 @@ pub struct TrainSummary {
 /// Trainer state saved with each checkpoint (`state.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct TrainState {
-    /// Optimizer steps done.
+    /// Optimizer steps done (including skipped ones).
     step: u64,
     total_steps: u64,
     /// Current epoch (0-based) and the position of the next sequence in its order.
@@ -363,76 +347,31 @@ struct TrainState {
     /// FNV-1a of the training examples' ids and masks: a resume on changed data fails.
     data_hash: u64,
     schedule: LrSchedule,
+    /// Steps skipped for a non-finite loss or gradient norm.
+    #[serde(default)]
+    bad_steps: u64,
 }
 
 /// Trains as `cfg` says. SIGTERM and SIGINT (while it runs) stop it as described at
 /// [`train_with_stop`] and it returns with `stopped = Some(Signal)`; a second signal
 /// exits the process at once (status 143 / 130). `resume` (or `cfg.resume`)
-/// continues from the latest checkpoint in `cfg.output_dir`. `progress` shows a
-/// progress bar on stderr (never when the environment has `CI=true`).
+/// continues from the latest checkpoint in `cfg.output_dir`. `progress` shows progress
+/// on stderr (a bar on a terminal, periodic lines otherwise).
 pub fn train(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary> {
     let signals = StopSignals::install()?;
     train_with_stop(cfg, resume, progress, signals.flag())
 }
 
-/// SIGTERM / SIGINT handlers that set a stop flag (for [`train_with_stop`]); a second
-/// signal, once the flag is set, exits the process at once with status 128 + signal.
-/// The handlers are removed on drop.
-pub struct StopSignals {
-    flag: Arc<AtomicBool>,
-    which: Arc<AtomicI32>,
-    ids: Vec<signal_hook::SigId>,
-}
-
-impl StopSignals {
-    /// Installs the handlers.
-    pub fn install() -> Result<Self> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let flag = Arc::new(AtomicBool::new(false));
-        let which = Arc::new(AtomicI32::new(0));
-        let mut ids = Vec::new();
-        for sig in [SIGTERM, SIGINT] {
-            // The shutdown first: it only fires when the flag is already set.
-            ids.push(signal_hook::flag::register_conditional_shutdown(
-                sig,
-                128 + sig,
-                Arc::clone(&flag),
-            )?);
-            let (f, w) = (Arc::clone(&flag), Arc::clone(&which));
-            // SAFETY: the action only stores to atomics (async-signal-safe).
-            ids.push(unsafe {
-                signal_hook::low_level::register(sig, move || {
-                    w.store(sig, Ordering::SeqCst);
-                    f.store(true, Ordering::SeqCst);
-                })
-            }?);
-        }
-        Ok(StopSignals { flag, which, ids })
-    }
-
-    /// The flag the handlers set.
-    pub fn flag(&self) -> &AtomicBool {
-        &self.flag
-    }
-
-    /// The signal that arrived last (`"SIGTERM"`, `"SIGINT"`), if any, and the exit
-    /// status that conventionally reports it (128 + its number: 143, 130).
-    pub fn received(&self) -> Option<(&'static str, u8)> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        match self.which.load(Ordering::SeqCst) {
-            s if s == SIGTERM => Some(("SIGTERM", (128 + SIGTERM) as u8)),
-            s if s == SIGINT => Some(("SIGINT", (128 + SIGINT) as u8)),
-            _ => None,
-        }
-    }
-}
-
-impl Drop for StopSignals {
-    fn drop(&mut self) {
-        for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
-        }
-    }
+/// Everything a run works with once it is set up.
+struct Session {
+    model: CausalLM,
+    tokenizer: Option<Tokenizer>,
+    train_set: Vec<SftExample>,
+    val_set: Vec<SftExample>,
+    opt: Optimizer,
+    vars: Vec<Var>,
+    state: TrainState,
+    pb: Progress,
 }
 
 /// [`train`] with a caller-owned stop flag (no signal handlers are installed). The flag
@@ -440,6 +379,9 @@ impl Drop for StopSignals {
 /// interrupts part-way is abandoned (so a long step does not outlast a preemption grace
 /// period), and the run saves a checkpoint of the last finished step (unless that step
 /// is already saved, or none was done) and returns.
+///
+/// A step whose loss or gradient norm is not finite is skipped (no update) and counted;
+/// the run fails once more than `max_bad_steps` were skipped, without saving.
 pub fn train_with_stop(
     cfg: &SftConfig,
     resume: bool,
@@ -447,57 +389,152 @@ pub fn train_with_stop(
     stop: &AtomicBool,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
-    let resume = resume || cfg.resume;
-    let out = &cfg.output_dir;
-    let ckpt_root = out.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_root)
-        .with_context(|| format!("creating {}", ckpt_root.display()))?;
-    remove_stale_tmp(&ckpt_root)?;
-    let existing = latest_checkpoint(&ckpt_root)?;
-    if !resume {
-        if let Some(ck) = &existing {
-            bail!(
-                "{} already holds checkpoints (latest {}): pass --resume to continue that run, \
-                 or choose another output_dir",
-                ckpt_root.display(),
-                ck.display()
-            );
+    let run = RunDir::open(
+        &cfg.output_dir,
+        cfg,
+        resume || cfg.resume,
+        RESUME_FREE_KEYS,
+        "train-sft",
+    )?
+    .keep_checkpoints(cfg.keep_checkpoints);
+    let mut s = setup(cfg, &run, progress)?;
+    let mut metrics = run.start(run.resumed().map(|_| s.state.step))?;
+    let total = s.state.total_steps;
+    let elapsed_before = s.state.elapsed_s;
+    let run_start = Instant::now();
+    let (mut run_tokens, mut run_train_s) = (0u64, 0f64);
+    let mut summary = TrainSummary {
+        step: s.state.step,
+        total_steps: total,
+        loss: None,
+        val_loss: None,
+        tokens: s.state.tokens,
+        tokens_per_s: 0.0,
+        bad_steps: s.state.bad_steps,
+        stopped: None,
+        checkpoint: run.resumed().map(Path::to_path_buf),
+        final_dir: None,
+    };
+    let mut last_saved = run.resumed().map(|_| s.state.step);
+    let mut rng = Rng::new(s.state.epoch_rng);
+    let mut order = epoch_order(&mut rng, s.train_set.len(), cfg.shuffle);
+    s.pb.set_length(total);
+    s.pb.start_at(s.state.step);
+
+    while s.state.step < total {
+        if s.state.index >= s.train_set.len() {
+            s.state.epoch += 1;
+            s.state.index = 0;
+            s.state.epoch_rng = rng.state();
+            order = epoch_order(&mut rng, s.train_set.len(), cfg.shuffle);
+        }
+        let t0 = Instant::now();
+        let Some(mut line) = train_step(&mut s, &order, cfg, stop)? else {
+            // A signal arrived mid-step: the step is abandoned (weights, optimizer and
+            // data position are those of the last finished step).
+            summary.stopped = Some(StopReason::Signal);
+            break;
+        };
+        let dt = t0.elapsed().as_secs_f64();
+        let tokens = line.tokens;
+        run_tokens += tokens;
+        run_train_s += dt;
+        let last = s.state.step == total;
+        if !s.val_set.is_empty() && (last || (cfg.eval_every > 0 && s.state.step % cfg.eval_every == 0)) {
+            line.val_loss = Some(evaluate(&s.model, &s.val_set, cfg)?);
+            summary.val_loss = line.val_loss;
+        }
+        s.state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
+        line.tokens = s.state.tokens;
+        line.tokens_per_s = tokens as f64 / dt.max(1e-9);
+        line.elapsed_s = s.state.elapsed_s;
+        metrics.log(&line)?;
+        summary.loss = Some(line.loss).filter(|l| l.is_finite());
+        s.pb.set_position(s.state.step);
+        s.pb.set_message(format!(
+            "loss {:.4}{} | {:.0} tok/s",
+            line.loss,
+            line.val_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default(),
+            line.tokens_per_s
+        ));
+        if line.skipped_steps > 0 && line.skipped_steps > summary.bad_steps {
+            summary.bad_steps = line.skipped_steps;
+            check_divergence(&s, cfg, &run, &line)?;
+        }
+        if last || (cfg.save_every > 0 && s.state.step % cfg.save_every == 0) {
+            summary.checkpoint = Some(save(&s, &run)?);
+            last_saved = Some(s.state.step);
+        }
+        if stop.load(Ordering::SeqCst) {
+            summary.stopped = Some(StopReason::Signal);
+        } else if cfg.stop_at_step > 0 && s.state.step >= cfg.stop_at_step && !last {
+            summary.stopped = Some(StopReason::StopAtStep);
+        }
+        if summary.stopped.is_some() {
+            break;
         }
     }
+    if summary.stopped.is_some() && s.state.step > 0 && last_saved != Some(s.state.step) {
+        summary.checkpoint = Some(save(&s, &run)?);
+    }
+    summary.step = s.state.step;
+    summary.tokens = s.state.tokens;
+    summary.tokens_per_s = run_tokens as f64 / run_train_s.max(1e-9);
+    if summary.stopped.is_none() {
+        if total == 0 {
+            say(&s.pb, "max_steps = 0: exporting the initial model".into());
+        } else if run_tokens == 0 {
+            // Resumed a finished run: nothing to train, the checkpoint is the final state.
+            say(&s.pb, format!("the run was complete ({} steps)", s.state.step));
+        }
+        let dir = run.export_final(|d| Ok(tooltrain_model::save(&s.model, s.tokenizer.as_ref(), d)?))?;
+        say(&s.pb, format!("final model in {}", dir.display()));
+        summary.final_dir = Some(dir);
+    }
+    s.pb.finish();
+    Ok(summary)
+}
+
+/// One line of `metrics.jsonl` (see the crate docs).
+#[derive(Debug, Clone, Serialize)]
+struct StepMetrics {
+    step: u64,
+    epoch: f64,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    tokens: u64,
+    tokens_per_s: f64,
+    elapsed_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_loss: Option<f64>,
+    /// Steps skipped so far for a non-finite loss or gradient norm (only when > 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    skipped_steps: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Opens the model, data, optimizer and state of a fresh or resumed run.
+fn setup(cfg: &SftConfig, run: &RunDir, progress: bool) -> Result<Session> {
     let device = default_device(cfg.cpu)?;
     let dtype = parse_dtype(&cfg.dtype)?;
     tooltrain_model::tune_runtime();
-    let pb = progress_bar(progress);
-    let cfg_toml = cfg.to_toml()?;
-
-    // Model: from the checkpoint being resumed, or initialised.
-    let resumed = match (resume, &existing) {
-        (true, Some(ck)) => Some(ck.clone()),
-        (true, None) => {
-            say(
-                &pb,
-                format!("no checkpoint in {}: starting fresh", ckpt_root.display()),
-            );
-            None
-        }
-        _ => None,
+    let pb = if progress {
+        Progress::new("train-sft", None, "steps")
+    } else {
+        Progress::hidden()
     };
-    let (model, tokenizer, saved_state) = match &resumed {
+    let saved_state: Option<TrainState> = run.resumed_state()?;
+    let (model, tokenizer) = match run.resumed() {
         Some(ck) => {
-            check_resume_config(cfg, ck)?;
             let c = tooltrain_model::load(ck, dtype, &device)
                 .with_context(|| format!("loading checkpoint {}", ck.display()))?;
-            let state: TrainState = serde_json::from_str(
-                &std::fs::read_to_string(ck.join("state.json"))
-                    .with_context(|| format!("reading {}/state.json", ck.display()))?,
-            )
-            .with_context(|| format!("{}/state.json", ck.display()))?;
-            (c.model, c.tokenizer, Some(state))
+            (c.model, c.tokenizer)
         }
-        None => {
-            let (m, t) = init_model(cfg, dtype, &device)?;
-            (m, t, None)
-        }
+        None => init_model(cfg, dtype, &device)?,
     };
     if tokenizer.is_none() {
         pb.suspend(|| {
@@ -506,10 +543,7 @@ pub fn train_with_stop(
             )
         });
     }
-    let vocab = model.config().vocab_size;
-
-    // Data.
-    let (train_set, val_set) = load_data(cfg, vocab, &pb)?;
+    let (train_set, val_set) = load_data(cfg, model.config().vocab_size, &pb)?;
     if train_set.is_empty() {
         bail!("{}: no trainable examples", cfg.train_file.display());
     }
@@ -523,10 +557,9 @@ pub fn train_with_stop(
         total_steps,
         min_lr: cfg.min_lr,
     };
-    let mut opt = Optimizer::new(&model, cfg)?;
-    let mut state = match saved_state {
-        Some(s) => {
-            let ck = resumed.as_ref().expect("resumed");
+    let mut opt = Optimizer::new(&model, &cfg.optim())?;
+    let state = match (saved_state, run.resumed()) {
+        (Some(s), Some(ck)) => {
             if s.num_train != n || s.data_hash != data_hash || s.total_steps != total_steps {
                 bail!(
                     "{}: the training data changed since the checkpoint ({} examples, {} steps, \
@@ -538,23 +571,21 @@ pub fn train_with_stop(
                 );
             }
             if s.schedule != schedule {
-                bail!(
-                    "{}: the learning-rate schedule changed since the checkpoint",
-                    ck.display()
-                );
+                bail!("{}: the learning-rate schedule changed since the checkpoint", ck.display());
             }
             opt.load(ck, &model)?;
-            if opt.steps() != s.step {
+            if opt.steps() + s.bad_steps != s.step {
                 bail!(
-                    "{}: optimizer state is at step {}, trainer state at {}",
+                    "{}: optimizer state is at step {} ({} skipped), trainer state at {}",
                     ck.display(),
                     opt.steps(),
+                    s.bad_steps,
                     s.step
                 );
             }
             s
         }
-        None => TrainState {
+        _ => TrainState {
             step: 0,
             total_steps,
             epoch: 0,
@@ -565,17 +596,9 @@ pub fn train_with_stop(
             num_train: n,
             data_hash,
             schedule,
+            bad_steps: 0,
         },
     };
-    write_file(&out.join("config.toml"), cfg_toml.as_bytes())?;
-    let metrics_path = out.join("metrics.jsonl");
-    prepare_metrics(&metrics_path, resumed.as_ref().map(|_| state.step))?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
-
     say(
         &pb,
         format!(
@@ -583,153 +606,96 @@ pub fn train_with_stop(
              epoch, {total_steps} in total{}",
             model.num_params(),
             val_set.len(),
-            if resumed.is_some() {
+            if run.resumed().is_some() {
                 format!("; resuming at step {}", state.step)
             } else {
                 String::new()
             }
         ),
     );
-
-    let mut rng = Rng::new(state.epoch_rng);
-    let mut order = epoch_order(&mut rng, n, cfg.shuffle);
     let vars: Vec<Var> = model.params().values().cloned().collect();
-    let elapsed_before = state.elapsed_s;
-    let run_start = Instant::now();
-    let (mut run_tokens, mut run_train_s) = (0u64, 0f64);
-    let mut summary = TrainSummary {
-        step: state.step,
-        total_steps,
-        loss: None,
-        val_loss: None,
-        tokens: state.tokens,
+    Ok(Session { model, tokenizer, train_set, val_set, opt, vars, state, pb })
+}
+
+/// One optimizer step on the next `global_batch` examples of `order`: forward and
+/// backward over the micro-batches, clipping, the update (skipped when the loss or the
+/// gradient norm is not finite). Advances the state; `None` when `stop` interrupted it.
+fn train_step(
+    s: &mut Session,
+    order: &[usize],
+    cfg: &SftConfig,
+    stop: &AtomicBool,
+) -> Result<Option<StepMetrics>> {
+    let n = s.train_set.len();
+    let end = (s.state.index + cfg.global_batch).min(n);
+    let batch: Vec<&SftExample> = order[s.state.index..end].iter().map(|&i| &s.train_set[i]).collect();
+    let Some((loss, grads, tokens)) = forward_backward_batch(&s.model, &batch, cfg, stop)? else {
+        return Ok(None);
+    };
+    let (grad_norm, scale) = clip_grad_norm(&grads, &s.vars, cfg.optim().clip_threshold())?;
+    let lr = s.state.schedule.lr_at(s.state.step);
+    if loss.is_finite() && grad_norm.is_finite() {
+        s.opt.step(&s.model, &grads, lr, scale)?;
+    } else {
+        s.state.bad_steps += 1;
+    }
+    drop(grads);
+    s.state.step += 1;
+    s.state.index = end;
+    s.state.tokens += tokens as u64;
+    Ok(Some(StepMetrics {
+        step: s.state.step,
+        epoch: s.state.epoch as f64 + s.state.index as f64 / n as f64,
+        loss,
+        lr,
+        grad_norm,
+        tokens: tokens as u64,
         tokens_per_s: 0.0,
-        stopped: None,
-        checkpoint: existing.clone().filter(|_| resumed.is_some()),
-        final_dir: None,
-    };
-    let mut last_saved = resumed.as_ref().map(|_| state.step);
-    let save = |state: &TrainState, model: &CausalLM, opt: &Optimizer| -> Result<PathBuf> {
-        let dir = save_checkpoint(
-            &ckpt_root,
-            state,
-            model,
-            tokenizer.as_ref(),
-            opt,
-            &cfg_toml,
-            cfg.keep_checkpoints,
-        )?;
-        say(&pb, format!("saved checkpoint {}", dir.display()));
-        Ok(dir)
-    };
-    pb.set_length(total_steps);
-    pb.set_position(state.step);
-    pb.reset_eta();
-    let mut rate_ema: Option<f64> = None;
+        elapsed_s: 0.0,
+        val_loss: None,
+        skipped_steps: s.state.bad_steps,
+    }))
+}
 
-    while state.step < total_steps {
-        if state.index >= n {
-            state.epoch += 1;
-            state.index = 0;
-            state.epoch_rng = rng.state();
-            order = epoch_order(&mut rng, n, cfg.shuffle);
-        }
-        let end = (state.index + cfg.global_batch).min(n);
-        let batch: Vec<&SftExample> = order[state.index..end]
-            .iter()
-            .map(|&i| &train_set[i])
-            .collect();
-        let t0 = Instant::now();
-        let Some((loss, grads, tokens)) = forward_backward_batch(&model, &batch, cfg, stop)? else {
-            // A signal arrived mid-step: the step is abandoned (weights, optimizer and
-            // data position are those of the last finished step).
-            summary.stopped = Some(StopReason::Signal);
-            break;
-        };
-        let max_norm = if cfg.max_grad_norm > 0.0 {
-            cfg.max_grad_norm
-        } else {
-            f64::INFINITY
-        };
-        let (grad_norm, scale) = clip_grad_norm(&grads, &vars, max_norm)?;
-        let lr = schedule.lr_at(state.step);
-        opt.step(&model, &grads, lr, scale)?;
-        drop(grads);
-        let dt = t0.elapsed().as_secs_f64();
-        state.step += 1;
-        state.index = end;
-        state.tokens += tokens as u64;
-        run_tokens += tokens as u64;
-        run_train_s += dt;
-        let step_rate = tokens as f64 / dt.max(1e-9);
-        rate_ema = Some(rate_ema.map_or(step_rate, |r| 0.9 * r + 0.1 * step_rate));
+/// After a skipped step: warns, or fails once more than `max_bad_steps` were skipped.
+fn check_divergence(s: &Session, cfg: &SftConfig, run: &RunDir, line: &StepMetrics) -> Result<()> {
+    let what = format!(
+        "step {}: loss {}, gradient norm {} (not finite); the update was skipped ({} of {} \
+         allowed skips)",
+        line.step, line.loss, line.grad_norm, s.state.bad_steps, cfg.max_bad_steps
+    );
+    if s.state.bad_steps <= cfg.max_bad_steps {
+        s.pb.suspend(|| tracing::warn!("{what}"));
+        return Ok(());
+    }
+    let last = tooltrain_train::run::latest_checkpoint(&run.path().join("checkpoints"))?;
+    bail!(
+        "the run diverged: {what}; stopped without saving. Last good checkpoint: {}. Lower \
+         `lr`, or raise `max_bad_steps` to skip more such steps",
+        last.map_or_else(|| "none".to_string(), |p| p.display().to_string())
+    )
+}
 
-        let last = state.step == total_steps;
-        let val_loss = if !val_set.is_empty()
-            && (last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0))
-        {
-            Some(evaluate(&model, &val_set, cfg)?)
-        } else {
-            None
-        };
-        state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
-        let mut line = serde_json::json!({
-            "step": state.step,
-            "epoch": state.epoch as f64 + state.index as f64 / n as f64,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": state.tokens,
-            "tokens_per_s": step_rate,
-            "elapsed_s": state.elapsed_s,
-        });
-        if let Some(v) = val_loss {
-            line["val_loss"] = v.into();
-            summary.val_loss = Some(v);
-        }
-        writeln!(metrics, "{line}")
-            .and_then(|()| metrics.flush())
-            .with_context(|| format!("writing {}", metrics_path.display()))?;
-        summary.loss = Some(loss);
-        pb.set_position(state.step);
-        pb.set_message(format!(
-            "loss {loss:.4}{} | {:.0} tok/s",
-            val_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default(),
-            rate_ema.unwrap_or(0.0)
-        ));
-
-        if last || (cfg.save_every > 0 && state.step % cfg.save_every == 0) {
-            summary.checkpoint = Some(save(&state, &model, &opt)?);
-            last_saved = Some(state.step);
-        }
-        if stop.load(Ordering::SeqCst) {
-            summary.stopped = Some(StopReason::Signal);
-        } else if cfg.stop_at_step > 0 && state.step >= cfg.stop_at_step && !last {
-            summary.stopped = Some(StopReason::StopAtStep);
-        }
-        if summary.stopped.is_some() {
-            break;
+/// Saves a checkpoint of the current state; refuses weights that are not finite (the
+/// previous checkpoint stays the latest).
+fn save(s: &Session, run: &RunDir) -> Result<PathBuf> {
+    for (name, v) in s.model.params() {
+        let t = v.as_tensor();
+        let sum = t.abs()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            bail!(
+                "the run diverged: parameter `{name}` is not finite after step {}; not saving \
+                 (the previous checkpoint stays the latest). Lower `lr`",
+                s.state.step
+            );
         }
     }
-    if summary.stopped.is_some() && state.step > 0 && last_saved != Some(state.step) {
-        summary.checkpoint = Some(save(&state, &model, &opt)?);
-    }
-    summary.step = state.step;
-    summary.tokens = state.tokens;
-    summary.tokens_per_s = run_tokens as f64 / run_train_s.max(1e-9);
-    if summary.stopped.is_none() {
-        if total_steps == 0 {
-            say(&pb, "max_steps = 0: exporting the initial model".into());
-        } else if run_tokens == 0 {
-            // Resumed a finished run: nothing to train, the checkpoint is the final state.
-            say(&pb, format!("the run was complete ({} steps)", state.step));
-        }
-        let dir = export_final(out, &model, tokenizer.as_ref())?;
-        say(&pb, format!("final model in {}", dir.display()));
-        summary.final_dir = Some(dir);
-    }
-    pb.finish_and_clear();
-    Ok(summary)
+    let dir = run.save_checkpoint(s.state.step, &s.state, |d| {
+        tooltrain_model::save(&s.model, s.tokenizer.as_ref(), d)?;
+        s.opt.save(d)
+    })?;
+    say(&s.pb, format!("saved checkpoint {}", dir.display()));
+    Ok(dir)
 }
 
 /// The loss (mean over every target of `batch`) and its gradients, accumulated over
@@ -810,114 +776,15 @@ fn evaluate(model: &CausalLM, set: &[SftExample], cfg: &SftConfig) -> Result<f64
     Ok(sum / kept.max(1) as f64)
 }
 
-/// AdamW, over f32 master copies of the parameters when the model is in half precision
-/// and `master_weights` is on.
-struct Optimizer {
-    adamw: AdamW,
-    /// Parameter name -> f32 master copy.
-    master: Option<BTreeMap<String, Var>>,
-}
-
-impl Optimizer {
-    fn new(model: &CausalLM, cfg: &SftConfig) -> Result<Self> {
-        let half = !matches!(model.dtype(), DType::F32 | DType::F64);
-        let master = if half && cfg.master_weights {
-            let mut m = BTreeMap::new();
-            for (name, v) in model.params() {
-                m.insert(
-                    name.clone(),
-                    Var::from_tensor(&v.as_tensor().to_dtype(DType::F32)?)?,
-                );
-            }
-            Some(m)
-        } else {
-            None
-        };
-        let adamw = AdamW::new(
-            master.as_ref().unwrap_or(model.params()),
-            AdamWConfig {
-                beta1: cfg.betas[0],
-                beta2: cfg.betas[1],
-                eps: cfg.eps,
-                weight_decay: cfg.weight_decay,
-            },
-        )?;
-        Ok(Optimizer { adamw, master })
-    }
-
-    fn steps(&self) -> u64 {
-        self.adamw.steps()
-    }
-
-    /// One update from the model's gradients `grads` (scaled by `scale`).
-    fn step(&mut self, model: &CausalLM, grads: &GradStore, lr: f64, scale: f64) -> Result<()> {
-        let Some(master) = &self.master else {
-            self.adamw.step(grads, lr, scale)?;
-            return Ok(());
-        };
-        let mut g32 = GradStore::default();
-        for (name, v) in model.params() {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                g32.insert(master[name].as_tensor(), g.to_dtype(DType::F32)?);
-            }
-        }
-        self.adamw.step(&g32, lr, scale)?;
-        for (name, v) in model.params() {
-            v.set(&master[name].as_tensor().to_dtype(v.dtype())?)?;
-        }
-        Ok(())
-    }
-
-    /// Writes `optimizer.safetensors` (and `master.safetensors`) into `dir`.
-    fn save(&self, dir: &Path) -> Result<()> {
-        self.adamw.save(&dir.join("optimizer.safetensors"))?;
-        if let Some(master) = &self.master {
-            let ts: std::collections::HashMap<String, candle_core::Tensor> = master
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-                .collect();
-            let p = dir.join("master.safetensors");
-            candle_core::safetensors::save(&ts, &p)
-                .with_context(|| format!("writing {}", p.display()))?;
-        }
-        Ok(())
-    }
-
-    /// Restores the state [`Optimizer::save`] wrote into the checkpoint `dir`.
-    fn load(&mut self, dir: &Path, model: &CausalLM) -> Result<()> {
-        self.adamw.load(&dir.join("optimizer.safetensors"))?;
-        if let Some(master) = &self.master {
-            let p = dir.join("master.safetensors");
-            let ts = candle_core::safetensors::load(&p, model.device())
-                .with_context(|| format!("reading {} (master weights)", p.display()))?;
-            for (name, v) in master {
-                let t = ts
-                    .get(name)
-                    .ok_or_else(|| anyhow!("{}: missing `{name}`", p.display()))?;
-                if t.dims() != v.dims() {
-                    bail!("{}: `{name}` has shape {:?}", p.display(), t.dims());
-                }
-                v.set(t)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// FNV-1a (64-bit) over every example's length, ids and mask, in order.
+/// FNV-1a (64-bit) over every example's length, ids and mask (each as 4 little-endian
+/// bytes), in order.
 fn hash_examples(set: &[SftExample]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |x: u32| {
-        for b in x.to_le_bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    for e in set {
-        eat(e.len() as u32);
-        e.input_ids.iter().for_each(|&t| eat(t));
-        e.loss_mask.iter().for_each(|&m| eat(m as u32));
-    }
-    h
+    let words = set.iter().flat_map(|e| {
+        std::iter::once(e.len() as u32)
+            .chain(e.input_ids.iter().copied())
+            .chain(e.loss_mask.iter().map(|&m| m as u32))
+    });
+    tooltrain_util::fnv1a(0, words.flat_map(u32::to_le_bytes))
 }
 
 /// The order of the training examples in one epoch (advances `rng` when shuffling).
@@ -960,7 +827,7 @@ fn init_model(
 fn load_data(
     cfg: &SftConfig,
     vocab: usize,
-    pb: &ProgressBar,
+    pb: &Progress,
 ) -> Result<(Vec<SftExample>, Vec<SftExample>)> {
     let load = |p: &Path| -> Result<Vec<SftExample>> {
         let v = load_examples(p)?;
@@ -992,208 +859,8 @@ fn load_data(
     Ok((train, val))
 }
 
-/// Fails unless `cfg` would continue the checkpoint's trajectory: every key but
-/// [`RESUME_FREE_KEYS`] must equal the checkpoint's `config.toml`.
-fn check_resume_config(cfg: &SftConfig, ck: &Path) -> Result<()> {
-    let path = ck.join("config.toml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut saved: toml::Table =
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let mut now = toml::Table::try_from(cfg).map_err(|e| anyhow!("config to TOML: {e}"))?;
-    for k in RESUME_FREE_KEYS {
-        saved.remove(*k);
-        now.remove(*k);
-    }
-    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let differ: Vec<String> = keys
-        .into_iter()
-        .filter(|k| saved.get(*k) != now.get(*k))
-        .map(|k| {
-            let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
-            format!("{k}: {} -> {}", show(saved.get(k)), show(now.get(k)))
-        })
-        .collect();
-    if !differ.is_empty() {
-        bail!(
-            "cannot resume {}: the config differs from the checkpoint's in keys that change \
-             the run ({}); only {} may change",
-            ck.display(),
-            differ.join(", "),
-            RESUME_FREE_KEYS.join(", ")
-        );
-    }
-    Ok(())
-}
-
-/// The newest complete checkpoint: the one `latest` names, else the highest `step-N`.
-fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
-    let latest = root.join("latest");
-    if latest.exists() {
-        let name = std::fs::read_to_string(&latest)
-            .with_context(|| format!("reading {}", latest.display()))?;
-        let dir = root.join(name.trim());
-        if !dir.join("state.json").exists() {
-            bail!(
-                "{} names {}, which is not a complete checkpoint",
-                latest.display(),
-                dir.display()
-            );
-        }
-        return Ok(Some(dir));
-    }
-    Ok(list_checkpoints(root)?
-        .into_iter()
-        .rev()
-        .map(|(_, p)| p)
-        .find(|p| p.join("state.json").exists()))
-}
-
-/// `(step, dir)` of every `step-N` directory, ascending.
-fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            if e.path().is_dir() {
-                v.push((n, e.path()));
-            }
-        }
-    }
-    v.sort();
-    Ok(v)
-}
-
-/// Removes `*.tmp` leftovers of checkpoints a crash interrupted.
-fn remove_stale_tmp(root: &Path) -> Result<()> {
-    for e in std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
-        let p = e?.path();
-        if p.is_dir() && p.extension().is_some_and(|x| x == "tmp") {
-            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes checkpoint `step-N` atomically, points `latest` at it and prunes old ones.
-fn save_checkpoint(
-    root: &Path,
-    state: &TrainState,
-    model: &CausalLM,
-    tokenizer: Option<&Tokenizer>,
-    opt: &Optimizer,
-    cfg_toml: &str,
-    keep: usize,
-) -> Result<PathBuf> {
-    let name = format!("step-{}", state.step);
-    let tmp = root.join(format!("{name}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    tooltrain_model::save(model, tokenizer, &tmp)?;
-    opt.save(&tmp)?;
-    let st = serde_json::to_string_pretty(state).expect("json");
-    write_file(&tmp.join("state.json"), st.as_bytes())?;
-    write_file(&tmp.join("config.toml"), cfg_toml.as_bytes())?;
-    let dir = root.join(&name);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, &dir).with_context(|| format!("renaming {}", tmp.display()))?;
-    write_file(&root.join("latest"), format!("{name}\n").as_bytes())?;
-    // Prune: checkpoints of an abandoned later trajectory, and all but the newest `keep`.
-    let all = list_checkpoints(root)?;
-    let older: Vec<&(u64, PathBuf)> = all.iter().filter(|(s, _)| *s <= state.step).collect();
-    let cut = if keep == 0 {
-        0
-    } else {
-        older.len().saturating_sub(keep)
-    };
-    let doomed = older[..cut]
-        .iter()
-        .map(|(_, p)| p)
-        .chain(all.iter().filter(|(s, _)| *s > state.step).map(|(_, p)| p));
-    for p in doomed {
-        std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
-    }
-    Ok(dir)
-}
-
-/// Saves the model in HF format to `OUT/final` (via `final.tmp` and a rename).
-fn export_final(out: &Path, model: &CausalLM, tokenizer: Option<&Tokenizer>) -> Result<PathBuf> {
-    let dir = out.join("final");
-    let tmp = out.join("final.tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-    }
-    tooltrain_model::save(model, tokenizer, &tmp)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, &dir).with_context(|| format!("renaming {}", tmp.display()))?;
-    Ok(dir)
-}
-
-/// A fresh run starts an empty `metrics.jsonl`; a resumed one keeps the lines up to the
-/// checkpoint's step (later ones were written after it and will be redone).
-fn prepare_metrics(path: &Path, resumed_at: Option<u64>) -> Result<()> {
-    let Some(step) = resumed_at else {
-        return write_file(path, b"");
-    };
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let mut kept = String::new();
-    for line in text.lines() {
-        let v: serde_json::Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(_) => continue, // a line cut short by a crash
-        };
-        if v.get("step")
-            .and_then(|s| s.as_u64())
-            .is_some_and(|s| s <= step)
-        {
-            kept.push_str(line);
-            kept.push('\n');
-        }
-    }
-    write_file(path, kept.as_bytes())
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    tooltrain_model::error::write_atomic_io(path, bytes)
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-fn progress_bar(progress: bool) -> ProgressBar {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    if !progress || ci {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(0);
-    pb.set_style(bar_style());
-    pb
-}
-
-fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template(
-        "{elapsed_precise} [{wide_bar}] step {pos}/{len} | {msg} | ETA {eta}",
-    )
-    .expect("a valid template")
-    .progress_chars("=> ")
-}
-
 /// Logs `msg` (info) without tearing the progress bar.
-fn say(pb: &ProgressBar, msg: String) {
+fn say(pb: &Progress, msg: String) {
     pb.suspend(|| tracing::info!("{msg}"));
 }
 
@@ -1213,6 +880,5 @@ mod tests {
         cfg.validate().unwrap();
         let back: SftConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(back, cfg);
-        bar_style();
     }
 }

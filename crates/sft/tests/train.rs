@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tooltrain_model::{CausalLM, DType, Device, ModelConfig};
 use tooltrain_sft::data::Rng;
-use tooltrain_sft::train::{train, SftConfig, StopReason};
+use tooltrain_sft::train::{train, SftConfig};
+use tooltrain_sft::StopReason;
 use tooltrain_sft::Truncation;
 
 const VOCAB: usize = 96;

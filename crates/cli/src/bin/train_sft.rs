@@ -10,14 +10,11 @@
 //! checkpoint of the last finished step first, and `--resume` continues the run
 //! exactly. A second signal exits at once (same status, nothing saved). 1 on errors.
 
-#[allow(dead_code)]
-#[path = "../config.rs"]
-mod config;
-
 use clap::Parser;
 use std::process::ExitCode;
-use tooltrain_sft::train::{train_with_stop, SftConfig, StopReason, StopSignals};
-use tracing_subscriber::EnvFilter;
+use tooltrain_sft::train::{train_with_stop, SftConfig};
+use tooltrain_train::{StopReason, StopSignals};
+use tooltrain_train::config;
 
 /// Supervised fine-tuning of a tooltrain model on JSONL examples (`input_ids` +
 /// `loss_mask`). Writes checkpoints, metrics.jsonl and the final HF model under
@@ -30,7 +27,7 @@ struct Args {
     /// Continue from `output_dir/checkpoints/latest` (a fresh start when there is none).
     #[arg(long)]
     resume: bool,
-    /// No progress bar (it is also hidden when CI=true).
+    /// No progress output (a bar on a terminal; periodic lines otherwise).
     #[arg(long)]
     no_progress: bool,
     /// Log filter (e.g. `info`, `debug`); overrides RUST_LOG. Default: RUST_LOG, else `info`.
@@ -40,21 +37,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = match args.log_level.as_deref() {
-        Some(l) => match EnvFilter::try_new(l) {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("error: invalid --log-level `{l}`: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    if let Err(e) = tooltrain_util::init_logging(args.log_level.as_deref(), "info") {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(args) {
         Ok(code) => code,
         Err(e) => {

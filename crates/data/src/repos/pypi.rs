@@ -6,7 +6,7 @@ use super::archive::{self, ArchiveKind};
 use super::fit::{patch_fit, patch_hunks, scored_paths, FileHunks, Fit};
 use super::version::Version;
 use super::{Ctx, PinnedRelease, Provenance};
-use crate::dataset::Instance;
+use tooltrain_rollout::dataset::Instance;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -501,11 +501,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut h = sha2::Sha256::new();
     let mut f = std::fs::File::open(path)?;
     std::io::copy(&mut f, &mut h)?;
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(tooltrain_util::hex(&h.finalize()))
 }
 
 /// The cached copy of a distribution file, downloaded (and sha256-checked) when absent:
@@ -567,7 +563,7 @@ pub(super) fn releases(ctx: &Ctx, project: &str) -> Result<Arc<Vec<Release>>, St
                 if let Some(d) = cached.parent() {
                     let _ = std::fs::create_dir_all(d);
                 }
-                let _ = crate::write_atomic(&cached, t.as_bytes());
+                let _ = tooltrain_util::write_atomic(&cached, t.as_bytes());
                 t
             }
             Err(e) => match std::fs::read_to_string(&cached) {

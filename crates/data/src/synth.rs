@@ -20,7 +20,7 @@
 //!   docstring and error messages that name the domain's nouns;
 //! - `gt_min..=gt_max` planted one-line bugs, each in a different method or function;
 //!   the gold patch replaces each buggy line by the original (3 lines of context, git
-//!   headers, real blob ids), so [`crate::gt::locations_from_patch`] derives exactly the
+//!   headers, real blob ids), so [`tooltrain_rollout::gt::locations_from_patch`] derives exactly the
 //!   ground truth (checked by [`check_task`] for every generated task);
 //! - `decoys` definitions per task that look like a ground-truth location: the same
 //!   method name in another class, the same class name in another module, the same
@@ -40,9 +40,9 @@
 //! [`generate`] writes `dataset.jsonl`, `gt.json`, `config.json` and `repos/<instance_id>/`
 //! into a temporary sibling directory and renames it into place.
 
-use crate::dataset::Instance;
-use crate::gt::{locations_from_patch, Location};
-use crate::index::{FileIndex, RepoIndex};
+use tooltrain_rollout::dataset::Instance;
+use tooltrain_rollout::gt::{locations_from_patch, Location};
+use tooltrain_rollout::index::{FileIndex, RepoIndex};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{RngExt, SeedableRng};
@@ -2808,8 +2808,8 @@ fn write_tree(cfg: &SynthConfig, tasks: &[Task], dir: &Path) -> Result<(), Synth
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::load_dataset;
-    use crate::gt::GroundTruth;
+    use tooltrain_rollout::dataset::load_dataset;
+    use tooltrain_rollout::gt::GroundTruth;
 
     fn cfg() -> SynthConfig {
         SynthConfig::default()
@@ -3013,8 +3013,8 @@ mod tests {
     fn teacher_tool_calls_read_the_buggy_code() {
         // The oracle's call for each GT location returns the code with the buggy line
         // that the patch removes.
-        use crate::policy::call_for;
-        use crate::tools::{execute, ToolLimits};
+        use tooltrain_rollout::policy::call_for;
+        use tooltrain_rollout::tools::{execute, ToolLimits};
         let c = SynthConfig { gt_max: 3, ..cfg() };
         for i in 0..20 {
             let t = make_task(&c, i);

@@ -4,6 +4,9 @@
 //! deserialised into a typed config whose structs deny unknown keys. Errors name the
 //! file and the key path (`policy.bm25.k3: unknown field ...`). Relative paths in a
 //! config are relative to the working directory.
+//!
+//! A trainer resuming a run compares its config with the checkpoint's
+//! ([`resume_conflicts`]): keys that change the run's trajectory must be equal.
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
@@ -103,6 +106,39 @@ pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String> {
     toml::to_string_pretty(cfg).map_err(|e| anyhow!("printing the config: {e}"))
 }
 
+/// The keys (top level) in which `saved` and `now` differ, ignoring `free` keys, as
+/// `key: old -> new` lines; empty when a run with `now` continues one with `saved`.
+pub fn resume_conflicts(saved: &Table, now: &Table, free: &[&str]) -> Vec<String> {
+    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+    keys.into_iter()
+        .filter(|k| !free.contains(&k.as_str()) && saved.get(*k) != now.get(*k))
+        .map(|k| format!("{k}: {} -> {}", show(saved.get(k)), show(now.get(k))))
+        .collect()
+}
+
+/// Fails unless `now` would continue the run whose config is in `path` (see
+/// [`resume_conflicts`]); `what` names the run in the message.
+pub fn check_resume<T: Serialize>(path: &Path, now: &T, free: &[&str], what: &str) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let now = Table::try_from(now).map_err(|e| anyhow!("config to TOML: {e}"))?;
+    let differ = resume_conflicts(&saved, &now, free);
+    if !differ.is_empty() {
+        bail!(
+            "cannot resume {what}: the config differs from the one it was started with in keys \
+             that change the run ({}); only {} may change",
+            differ.join(", "),
+            if free.is_empty() { "nothing".to_string() } else { free.join(", ") }
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +207,22 @@ mod tests {
         // The printed config parses back to the same value.
         let back: Outer = toml::from_str(&to_toml(&c).unwrap()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn resume_conflicts_name_changed_keys_but_not_free_ones() {
+        let a: Table = toml::from_str("lr = 1e-5\nout = \"a\"\nsteps = 3").unwrap();
+        let b: Table = toml::from_str("lr = 2e-5\nout = \"b\"\nseed = 1\nsteps = 3").unwrap();
+        assert_eq!(
+            resume_conflicts(&a, &b, &["out"]),
+            vec!["lr: 0.00001 -> 0.00002".to_string(), "seed: (unset) -> 1".to_string()]
+        );
+        assert!(resume_conflicts(&a, &a, &[]).is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.toml");
+        std::fs::write(&p, "steps = 3\n[inner]\nk1 = 1.0\nname = \"\"\nlist = []\n").unwrap();
+        let now = Outer { steps: 3, ..Default::default() };
+        let e = check_resume(&p, &now, &[], "run x").unwrap_err().to_string();
+        assert!(e.contains("cannot resume run x") && e.contains("inner"), "{e}");
     }
 }

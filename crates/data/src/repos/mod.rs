@@ -1,6 +1,6 @@
 //! Source trees of benchmark instances: `tooltrain repos prepare` materialises each
 //! instance's repository at its `base_commit` as `<repos-dir>/<instance_id>/`
-//! ([`prepare`]), and [`gtcheck`] compares ground truth derived on those trees with a
+//! ([`prepare`]), and [`crate::gtcheck`] compares ground truth derived on those trees with a
 //! shipped ground-truth file.
 //!
 //! # Layout of a repos directory
@@ -88,11 +88,10 @@
 pub mod archive;
 pub mod fit;
 pub mod git;
-pub mod gtcheck;
 pub mod pypi;
 pub mod version;
 
-use crate::dataset::Instance;
+use tooltrain_rollout::dataset::{valid_instance_id, Instance};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -284,16 +283,6 @@ pub fn read_marker(repos_dir: &Path, id: &str) -> Option<Marker> {
     }
     let text = std::fs::read_to_string(marker_path(repos_dir, id)).ok()?;
     serde_json::from_str(&text).ok()
-}
-
-/// An instance id that is safe as a directory name.
-pub fn valid_instance_id(id: &str) -> bool {
-    !id.is_empty()
-        && !id.starts_with('.')
-        && id.len() <= 200
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
 }
 
 /// What happened to one instance.
@@ -637,7 +626,7 @@ fn make_one(ctx: &Ctx, inst: &Instance, t0: Instant) -> Result<Marker, String> {
         tool: concat!("tooltrain-rollout ", env!("CARGO_PKG_VERSION")).into(),
     };
     let json = serde_json::to_string_pretty(&m).map_err(|e| e.to_string())?;
-    crate::write_atomic(&marker, json.as_bytes())
+    tooltrain_util::write_atomic(&marker, json.as_bytes())
         .map_err(|e| format!("{}: {e}", marker.display()))?;
     Ok(m)
 }
@@ -762,7 +751,7 @@ pub fn prepare(
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| err("report", &e))?;
     let report_path = dir.join("prepare-report.json");
-    crate::write_atomic(&report_path, json.as_bytes())
+    tooltrain_util::write_atomic(&report_path, json.as_bytes())
         .map_err(|e| err(&report_path.display().to_string(), &e))?;
     write_pypi_manifest(dir, instances).map_err(PrepareError)?;
     Ok(report)
@@ -808,7 +797,7 @@ fn write_pypi_manifest(dir: &Path, instances: &[Instance]) -> Result<(), String>
     if changed {
         let mut json = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
         json.push('\n');
-        crate::write_atomic(&path, json.as_bytes())
+        tooltrain_util::write_atomic(&path, json.as_bytes())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
@@ -856,8 +845,5 @@ mod tests {
 
     #[test]
     fn ids_must_be_directory_names() {
-        assert!(valid_instance_id("psf__requests-2317"));
-        assert!(!valid_instance_id("../x") && !valid_instance_id(".hidden"));
-        assert!(!valid_instance_id("a/b") && !valid_instance_id(""));
     }
 }

@@ -12,14 +12,37 @@
 //! - `summary.json`: sampled / kept counts, the reward histogram, failures.
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tooltrain_model::Tokenizer;
-use tooltrain_rollout::episode::{EpisodeConfig, Renderer, Trajectory};
-use tooltrain_rollout::eval::{build_policy, run_batches, select, DataConfig, PolicyConfig};
+use crate::episode::{EpisodeConfig, Renderer, Trajectory};
+use crate::eval::{build_policy, run_batches, select, DataConfig, PolicyConfig};
+
+/// One line of `sft.jsonl`: a kept trajectory as the tokens the student model sees and
+/// its loss mask (1 on tokens the assistant generated). `tooltrain sample` writes it and
+/// `train-sft` reads it; hand-made files may leave out everything but the token lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SftRecord {
+    /// The benchmark instance it was sampled for.
+    #[serde(default)]
+    pub instance_id: String,
+    /// Sample index of the instance.
+    #[serde(default)]
+    pub sample: i64,
+    /// Reward of the trajectory.
+    #[serde(default)]
+    pub reward: Option<f64>,
+    /// The conversation as chat messages (for reading; training uses the tokens).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<Value>,
+    /// Token ids of the whole conversation.
+    pub input_ids: Vec<u32>,
+    /// 1 on tokens the assistant generated (trained on), 0 elsewhere.
+    pub loss_mask: Vec<u8>,
+}
 
 /// Which trajectories become SFT examples.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -69,7 +92,7 @@ impl Default for SampleConfig {
             dedup: true,
             policy: PolicyConfig::default(),
             episode: EpisodeConfig {
-                candidates: tooltrain_rollout::episode::Candidates::GtPlusRandom,
+                candidates: crate::episode::Candidates::GtPlusRandom,
                 ..EpisodeConfig::default()
             },
         }
@@ -249,19 +272,19 @@ pub fn run_sample(
     let mut text = String::new();
     for t in &kept {
         let rec = t.tokens.as_ref().expect("kept trajectories have tokens");
-        let line = json!({
-            "instance_id": t.instance_id,
-            "sample": t.sample,
-            "reward": t.reward,
-            "messages": t.messages,
-            "input_ids": rec.tokens,
-            "loss_mask": rec.loss_mask,
-        });
-        text.push_str(&line.to_string());
+        let line = SftRecord {
+            instance_id: t.instance_id.clone(),
+            sample: t.sample as i64,
+            reward: t.reward,
+            messages: t.messages.clone(),
+            input_ids: rec.tokens.clone(),
+            loss_mask: rec.loss_mask.clone(),
+        };
+        text.push_str(&serde_json::to_string(&line).map_err(|e| e.to_string())?);
         text.push('\n');
     }
     let write = |name: &str, bytes: &[u8]| {
-        tooltrain_model::error::write_atomic_io(&cfg.out.join(name), bytes)
+        crate::write_atomic(&cfg.out.join(name), bytes)
             .map_err(|e| format!("{}: {e}", cfg.out.join(name).display()))
     };
     write("sft.jsonl", text.as_bytes())?;
@@ -338,7 +361,7 @@ pub fn keep(all: &[Trajectory], rule: KeepRule, dedup: bool) -> (Vec<&Trajectory
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tooltrain_rollout::episode::TokenRecord;
+    use crate::episode::TokenRecord;
 
     fn t(id: &str, sample: usize, reward: f64, hits: usize, tokens: Vec<u32>) -> Trajectory {
         Trajectory {

@@ -1,6 +1,6 @@
 //! Agreement of derived ground truth with a shipped one (`tooltrain gt-check`): for each
 //! instance whose tree exists under a repos directory, index the tree, derive the
-//! locations of the gold patch ([`crate::gt::locations_from_patch`]) and compare them
+//! locations of the gold patch ([`tooltrain_rollout::gt::locations_from_patch`]) and compare them
 //! with the shipped file's (`gt_verified_repodeepsearch.json`).
 //!
 //! The gold patch's line numbers are those of the base commit. A tree made from a
@@ -13,11 +13,11 @@
 //! recall = |derived ∩ shipped| / |shipped| (micro-averaged, locations compared as
 //! `file::name` keys).
 
-use super::fit::{patch_hunks, relocate_patch, Relocation};
-use super::read_marker;
-use crate::dataset::Instance;
-use crate::gt::{locations_from_patch, GroundTruth, Location};
-use crate::index::RepoIndex;
+use crate::repos::fit::{patch_hunks, relocate_patch, Relocation};
+use crate::repos::read_marker;
+use tooltrain_rollout::dataset::Instance;
+use tooltrain_rollout::gt::{locations_from_patch, GroundTruth, Location};
+use tooltrain_rollout::index::RepoIndex;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -98,7 +98,7 @@ fn files(keys: &[String]) -> BTreeSet<String> {
 pub fn gt_check(dataset: &[Instance], repos_dir: &Path, shipped: &GroundTruth) -> GtCheckReport {
     let with_tree: Vec<&Instance> = dataset
         .iter()
-        .filter(|i| super::valid_instance_id(&i.instance_id))
+        .filter(|i| tooltrain_rollout::dataset::valid_instance_id(&i.instance_id))
         .filter(|i| repos_dir.join(&i.instance_id).is_dir())
         .collect();
     let mut instances: Vec<Compared> = with_tree
@@ -111,7 +111,7 @@ pub fn gt_check(dataset: &[Instance], repos_dir: &Path, shipped: &GroundTruth) -
             let shipped = keys(gt);
             let (patch, relocation) = match patch_hunks(&inst.patch) {
                 Ok(h) => relocate_patch(&h, |p| {
-                    super::archive::clean_path(p).and_then(|p| std::fs::read(root.join(p)).ok())
+                    crate::repos::archive::clean_path(p).and_then(|p| std::fs::read(root.join(p)).ok())
                 }),
                 Err(_) => (inst.patch.clone(), Relocation::default()),
             };

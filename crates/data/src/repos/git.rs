@@ -5,7 +5,7 @@
 
 use super::archive;
 use super::{Ctx, Provenance};
-use crate::dataset::Instance;
+use tooltrain_rollout::dataset::Instance;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 

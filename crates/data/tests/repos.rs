@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tooltrain_rollout::dataset::{load_dataset, Instance};
-use tooltrain_rollout::repos::fit::{patch_fit, patch_hunks, scored_paths};
-use tooltrain_rollout::repos::pypi::sha256_file;
-use tooltrain_rollout::repos::{
+use tooltrain_data::repos::fit::{patch_fit, patch_hunks, scored_paths};
+use tooltrain_data::repos::pypi::sha256_file;
+use tooltrain_data::repos::{
     self, read_marker, Outcome, PinnedRelease, PrepareOptions, PrepareReport, Provenance,
     SourceKind, Status,
 };
@@ -451,9 +451,8 @@ fn pypi_wheel_is_mapped_into_a_src_layout() {
     assert!(fit.exact());
 }
 
-fn shared_verified() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/swebench/swebench_verified.jsonl")
+fn swebench_verified() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/swebench/swebench_verified.jsonl")
 }
 
 /// Real PyPI: two CI instances searched from scratch (no manifest): every gold-patch
@@ -468,7 +467,7 @@ fn pypi_real_instances() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let data = shared_verified();
+    let data = swebench_verified();
     let dataset = load_dataset(&data).unwrap();
     let ids = [
         "psf__requests-2317".to_string(),

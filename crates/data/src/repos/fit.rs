@@ -9,7 +9,7 @@
 //! the same way in the file at the new path. Only files that the patch modifies (they
 //! exist before and after) are scored; files it creates or deletes are not.
 
-use crate::patch::{parse_range, strip_prefix_path};
+use tooltrain_rollout::patch::{parse_range, strip_prefix_path};
 use serde::{Deserialize, Serialize};
 
 /// One hunk: where it starts and its two sides.
@@ -442,8 +442,8 @@ mod tests {
         let (p, r) = relocate_patch(&hunks, |f| (f == "m.py").then(|| OLD.as_bytes().to_vec()));
         assert_eq!((r.moved, r.unplaced), (0, 0));
         assert_eq!(
-            crate::patch::parse_patch(&p).unwrap(),
-            crate::patch::parse_patch(PATCH).unwrap()
+            tooltrain_rollout::patch::parse_patch(&p).unwrap(),
+            tooltrain_rollout::patch::parse_patch(PATCH).unwrap()
         );
     }
 
