@@ -57,6 +57,141 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// The `model_type` of a HF config, read first so an unsupported architecture is named
+/// before any missing field.
+#[derive(Deserialize)]
+struct ModelType {
+    model_type: String,
+}
+
+/// The fields of a HF `config.json` that a [`ModelConfig`] is made from; missing
+/// optional fields take the HF defaults. Unknown fields are ignored (HF configs carry
+/// many that do not change the network).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub vocab_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    /// Default: `num_attention_heads` (no grouped-query attention).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Default: `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// Default: `rope_parameters.rope_theta`, else 10000.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeScaling>,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// One id or a list.
+    #[serde(default)]
+    pub eos_token_id: Option<EosTokenIds>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+
+/// `rope_scaling` / `rope_parameters`: only the default (unscaled) RoPE is supported.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeScaling {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// `eos_token_id`: HF allows one id or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EosTokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl HfConfig {
+    /// The model config of architecture `arch`, after checking that the network is one
+    /// this crate implements.
+    pub fn validate(self, arch: Arch) -> Result<ModelConfig> {
+        let heads = self.num_attention_heads;
+        let kv_heads = self.num_key_value_heads.unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 {
+            return Err(Error::Invalid("head counts must be positive".into()));
+        }
+        if heads % kv_heads != 0 {
+            return Err(Error::Invalid(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )));
+        }
+        let head_dim = self.head_dim.unwrap_or(self.hidden_size / heads);
+        if head_dim % 2 != 0 {
+            return Err(Error::Invalid(format!("head_dim {head_dim} must be even")));
+        }
+        for s in [&self.rope_scaling, &self.rope_parameters].into_iter().flatten() {
+            let ty = s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("default");
+            if ty != "default" {
+                return Err(Error::Unsupported(format!("rope scaling type `{ty}`")));
+            }
+        }
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(Error::Unsupported(format!("hidden_act `{act}` (only silu)")));
+        }
+        if self.use_sliding_window == Some(true) {
+            return Err(Error::Unsupported("sliding-window attention".into()));
+        }
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
+            return Err(Error::Invalid(
+                "vocab_size, hidden_size and num_hidden_layers must be positive".into(),
+            ));
+        }
+        let rope_theta = self
+            .rope_theta
+            .or_else(|| self.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(10000.0);
+        Ok(ModelConfig {
+            arch,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(32768),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            attention_bias: arch == Arch::Qwen2 || self.attention_bias.unwrap_or(false),
+            bos_token_id: self.bos_token_id,
+            eos_token_ids: match self.eos_token_id {
+                Some(EosTokenIds::One(id)) => vec![id],
+                Some(EosTokenIds::Many(ids)) => ids,
+                None => vec![],
+            },
+        })
+    }
+}
+
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -69,13 +204,11 @@ impl ModelConfig {
         })
     }
 
-    /// Parses a HF config from JSON.
+    /// Parses a HF config from JSON ([`HfConfig`], then [`HfConfig::validate`]).
     pub fn from_json(v: &Value) -> Result<Self> {
-        let model_type = v
-            .get("model_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::Invalid("missing string field `model_type`".into()))?;
-        let arch = match model_type {
+        let kind: ModelType = serde_json::from_value(v.clone())
+            .map_err(|e| Error::Invalid(format!("`model_type`: {e}")))?;
+        let arch = match kind.model_type.as_str() {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
@@ -85,106 +218,9 @@ impl ModelConfig {
                 )))
             }
         };
-        let usize_field = |k: &str| -> Result<usize> {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .ok_or_else(|| Error::Invalid(format!("missing or non-integer field `{k}`")))
-        };
-        let opt_usize = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
-        let hidden_size = usize_field("hidden_size")?;
-        let num_attention_heads = usize_field("num_attention_heads")?;
-        let num_key_value_heads = opt_usize("num_key_value_heads").unwrap_or(num_attention_heads);
-        if num_attention_heads == 0 || num_key_value_heads == 0 {
-            return Err(Error::Invalid("head counts must be positive".into()));
-        }
-        if num_attention_heads % num_key_value_heads != 0 {
-            return Err(Error::Invalid(format!(
-                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
-            )));
-        }
-        let head_dim = opt_usize("head_dim").unwrap_or(hidden_size / num_attention_heads);
-        if head_dim % 2 != 0 {
-            return Err(Error::Invalid(format!("head_dim {head_dim} must be even")));
-        }
-        let rope_params = v.get("rope_parameters");
-        let rope_theta = v
-            .get("rope_theta")
-            .and_then(Value::as_f64)
-            .or_else(|| {
-                rope_params
-                    .and_then(|r| r.get("rope_theta"))
-                    .and_then(Value::as_f64)
-            })
-            .unwrap_or(10000.0);
-        for scaling in [v.get("rope_scaling"), rope_params] {
-            if let Some(s) = scaling.filter(|s| !s.is_null()) {
-                let ty = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                if ty != "default" {
-                    return Err(Error::Unsupported(format!("rope scaling type `{ty}`")));
-                }
-            }
-        }
-        if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(Error::Unsupported(format!(
-                    "hidden_act `{act}` (only silu)"
-                )));
-            }
-        }
-        if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
-            return Err(Error::Unsupported("sliding-window attention".into()));
-        }
-        let eos_token_ids = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect(),
-            _ => vec![],
-        };
-        let cfg = ModelConfig {
-            arch,
-            vocab_size: usize_field("vocab_size")?,
-            hidden_size,
-            intermediate_size: usize_field("intermediate_size")?,
-            num_hidden_layers: usize_field("num_hidden_layers")?,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
-            rms_norm_eps: v
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
-            rope_theta,
-            max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(32768),
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            attention_bias: match arch {
-                Arch::Qwen2 => true,
-                _ => v
-                    .get("attention_bias")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-            },
-            bos_token_id: v
-                .get("bos_token_id")
-                .and_then(Value::as_u64)
-                .map(|x| x as u32),
-            eos_token_ids,
-        };
-        if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.num_hidden_layers == 0 {
-            return Err(Error::Invalid(
-                "vocab_size, hidden_size and num_hidden_layers must be positive".into(),
-            ));
-        }
-        Ok(cfg)
+        let hf: HfConfig =
+            serde_json::from_value(v.clone()).map_err(|e| Error::Invalid(e.to_string()))?;
+        hf.validate(arch)
     }
 
     /// The HF `config.json` this configuration saves as (loadable by transformers and vLLM).

@@ -402,9 +402,6 @@ pub fn run_episodes(
         .as_array()
         .cloned()
         .unwrap_or_default();
-    let limits = ToolLimits {
-        max_code_chars: cfg.max_code_chars,
-    };
     let mut lives: Vec<Live> = jobs
         .iter()
         .map(|j| Live {
@@ -424,89 +421,11 @@ pub fn run_episodes(
             finished: false,
         })
         .collect();
-
-    // Candidate files.
     match cfg.candidates {
-        Candidates::GtPlusRandom => {
-            for (live, job) in lives.iter_mut().zip(jobs) {
-                match &job.gt {
-                    Some(gt) => {
-                        live.traj.candidate_files =
-                            gt_plus_random(&job.index, gt, cfg.num_candidates, job.seed)
-                    }
-                    None => {
-                        live.traj.error =
-                            Some("candidates = gt_plus_random needs ground truth".into());
-                        live.finished = true;
-                    }
-                }
-            }
-        }
-        Candidates::FileStage => {
-            let file_msgs: Vec<Vec<Value>> = jobs
-                .iter()
-                .map(|j| {
-                    vec![
-                        json!({"role": "system", "content": prompts::FILE_SYSTEM}),
-                        json!({"role": "user", "content": prompts::file_user(&j.instance.problem_statement, &j.index)}),
-                    ]
-                })
-                .collect();
-            let prompt_tokens: Vec<Option<Vec<u32>>> = file_msgs
-                .iter()
-                .map(|m| {
-                    renderer
-                        .and_then(|r| r.render(m, &[], true).ok().and_then(|t| r.encode(&t).ok()))
-                })
-                .collect();
-            let reqs: Vec<TurnRequest> = jobs
-                .iter()
-                .zip(&file_msgs)
-                .zip(&prompt_tokens)
-                .map(|((j, m), t)| TurnRequest {
-                    task: TaskView {
-                        instance: &j.instance,
-                        index: &j.index,
-                        candidate_files: &[],
-                        gt: j.gt.as_deref(),
-                    },
-                    stage: Stage::FileLevel,
-                    messages: m,
-                    tools: &[],
-                    prompt_tokens: t.as_deref(),
-                    max_new_tokens: cfg.max_answer_tokens,
-                    seed: j.seed,
-                })
-                .collect();
-            let replies = policy.respond(&reqs);
-            for (((live, job), mut msgs), reply) in
-                lives.iter_mut().zip(jobs).zip(file_msgs).zip(replies)
-            {
-                match reply {
-                    Ok(r) => {
-                        let files: Vec<String> = parse_answer(&r.text)
-                            .files
-                            .into_iter()
-                            .filter(|f| job.index.file(f).is_some())
-                            .take(cfg.num_candidates)
-                            .collect();
-                        msgs.push(json!({"role": "assistant", "content": r.text}));
-                        live.traj.candidate_files = files.clone();
-                        live.traj.file_stage = Some(FileStage {
-                            messages: msgs,
-                            files,
-                        });
-                    }
-                    Err(e) => {
-                        live.traj.error = Some(format!("file-level stage: {e}"));
-                        live.finished = true;
-                    }
-                }
-            }
-        }
+        Candidates::GtPlusRandom => gt_plus_random_candidates(&mut lives, jobs, cfg),
+        Candidates::FileStage => file_stage(&mut lives, jobs, policy, renderer, cfg),
     }
-
-    // Function-level prompt.
+    // The function-level prompt.
     for (live, job) in lives.iter_mut().zip(jobs) {
         if live.finished {
             continue;
@@ -517,122 +436,26 @@ pub fn run_episodes(
                 &job.instance.problem_statement, &job.index, &live.traj.candidate_files)}),
         ];
     }
-
     // Lock-step turns: search turns, then the summary.
     loop {
-        let mut batch: Vec<usize> = Vec::new();
-        let mut prompts_tok: Vec<Option<Vec<u32>>> = Vec::new();
-        let mut budgets: Vec<usize> = Vec::new();
-        for (i, live) in lives.iter_mut().enumerate() {
-            if live.finished {
-                continue;
-            }
-            if !live.done_search && live.traj.turns >= cfg.max_turns {
-                live.done_search = true;
-            }
-            match prepare_turn(live, renderer, &schemas, cfg) {
-                Ok((tokens, budget)) => {
-                    batch.push(i);
-                    prompts_tok.push(tokens);
-                    budgets.push(budget);
-                }
-                Err(e) => {
-                    live.traj.error = Some(e);
-                    live.finished = true;
-                }
-            }
-        }
-        if batch.is_empty() {
+        let pending = prepare_turns(&mut lives, renderer, &schemas, cfg);
+        if pending.is_empty() {
             break;
         }
-        let batch_idx = batch;
-        let replies = {
-            let reqs: Vec<TurnRequest> = batch_idx
-                .iter()
-                .zip(&prompts_tok)
-                .zip(&budgets)
-                .map(|((&i, t), &b)| {
-                    let (live, job) = (&lives[i], &jobs[i]);
-                    TurnRequest {
-                        task: TaskView {
-                            instance: &job.instance,
-                            index: &job.index,
-                            candidate_files: &live.traj.candidate_files,
-                            gt: job.gt.as_deref(),
-                        },
-                        stage: if live.done_search {
-                            Stage::Summary
-                        } else {
-                            Stage::Search {
-                                turn: live.traj.turns,
-                            }
-                        },
-                        messages: &live.traj.messages,
-                        tools: if live.done_search { &[] } else { &schemas },
-                        prompt_tokens: t.as_deref(),
-                        max_new_tokens: b,
-                        seed: job
-                            .seed
-                            .wrapping_mul(1_000_003)
-                            .wrapping_add(live.traj.turns as u64 + 1),
-                    }
-                })
-                .collect();
-            policy.respond(&reqs)
-        };
-        for (&i, reply) in batch_idx.iter().zip(replies) {
-            let live = &mut lives[i];
-            let job = &jobs[i];
-            let reply = match reply {
-                Ok(r) => r,
+        let reqs: Vec<TurnRequest> = pending
+            .iter()
+            .map(|(i, tokens, budget)| turn_request(&lives[*i], &jobs[*i], &schemas, tokens, *budget))
+            .collect();
+        let replies = policy.respond(&reqs);
+        drop(reqs);
+        for ((i, _, _), reply) in pending.iter().zip(replies) {
+            let live = &mut lives[*i];
+            match reply {
+                Ok(r) => apply_reply(live, &jobs[*i], renderer, &schemas, cfg, r),
                 Err(e) => {
                     live.traj.error = Some(format!("policy: {e}"));
                     live.finished = true;
-                    continue;
                 }
-            };
-            live.traj
-                .messages
-                .push(json!({"role": "assistant", "content": reply.text}));
-            if let (Some(r), Some(ts)) = (renderer, live.tokens.as_mut()) {
-                if let Err(e) = ts.push_reply(r, &live.traj.messages, &schemas, &reply) {
-                    live.traj.error = Some(e);
-                    live.finished = true;
-                    continue;
-                }
-            }
-            if live.done_search {
-                finish(live, job, renderer, &schemas, cfg, &reply.text);
-                continue;
-            }
-            live.traj.turns += 1;
-            let turn = parse_turn(&reply.text);
-            let mut obs: Vec<String> = Vec::new();
-            for call in turn.ok_calls() {
-                if matches!(call, tools::ToolCall::Exit) {
-                    continue;
-                }
-                let out = tools::execute(&job.index, call, limits);
-                live.traj.tool_calls += 1;
-                live.traj.tool_hits += out.found as usize;
-                obs.push(out.observation);
-                // One tool at a time: later calls of the same turn are not executed.
-                break;
-            }
-            if turn.exit {
-                live.traj.exited = true;
-                live.done_search = true;
-            }
-            if obs.is_empty() && !turn.exit {
-                live.traj.invalid_turns += 1;
-                if let Some(e) = turn.error() {
-                    obs.push(e.observation());
-                }
-            }
-            for o in obs {
-                live.traj
-                    .messages
-                    .push(json!({"role": "tool", "content": o}));
             }
         }
     }
@@ -640,6 +463,205 @@ pub fn run_episodes(
         on_done(&live.traj);
     }
     lives.into_iter().map(|l| l.traj).collect()
+}
+
+/// Candidate files from the ground truth plus seeded random ones (the paper's training
+/// prompts); an episode without ground truth fails.
+fn gt_plus_random_candidates(lives: &mut [Live], jobs: &[EpisodeJob], cfg: &EpisodeConfig) {
+    for (live, job) in lives.iter_mut().zip(jobs) {
+        match &job.gt {
+            Some(gt) => {
+                live.traj.candidate_files =
+                    gt_plus_random(&job.index, gt, cfg.num_candidates, job.seed)
+            }
+            None => {
+                live.traj.error = Some("candidates = gt_plus_random needs ground truth".into());
+                live.finished = true;
+            }
+        }
+    }
+}
+
+/// The file-level stage (§5.5): one batched turn that names the candidate files.
+fn file_stage(
+    lives: &mut [Live],
+    jobs: &[EpisodeJob],
+    policy: &dyn Policy,
+    renderer: Option<&Renderer>,
+    cfg: &EpisodeConfig,
+) {
+    let file_msgs: Vec<Vec<Value>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                json!({"role": "system", "content": prompts::FILE_SYSTEM}),
+                json!({"role": "user", "content": prompts::file_user(&j.instance.problem_statement, &j.index)}),
+            ]
+        })
+        .collect();
+    let prompt_tokens: Vec<Option<Vec<u32>>> = file_msgs
+        .iter()
+        .map(|m| renderer.and_then(|r| r.render(m, &[], true).ok().and_then(|t| r.encode(&t).ok())))
+        .collect();
+    let reqs: Vec<TurnRequest> = jobs
+        .iter()
+        .zip(&file_msgs)
+        .zip(&prompt_tokens)
+        .map(|((j, m), t)| TurnRequest {
+            task: TaskView {
+                instance: &j.instance,
+                index: &j.index,
+                candidate_files: &[],
+                gt: j.gt.as_deref(),
+            },
+            stage: Stage::FileLevel,
+            messages: m,
+            tools: &[],
+            prompt_tokens: t.as_deref(),
+            max_new_tokens: cfg.max_answer_tokens,
+            seed: j.seed,
+        })
+        .collect();
+    let replies = policy.respond(&reqs);
+    drop(reqs);
+    for (((live, job), mut msgs), reply) in lives.iter_mut().zip(jobs).zip(file_msgs).zip(replies) {
+        match reply {
+            Ok(r) => {
+                let files: Vec<String> = parse_answer(&r.text)
+                    .files
+                    .into_iter()
+                    .filter(|f| job.index.file(f).is_some())
+                    .take(cfg.num_candidates)
+                    .collect();
+                msgs.push(json!({"role": "assistant", "content": r.text}));
+                live.traj.candidate_files = files.clone();
+                live.traj.file_stage = Some(FileStage {
+                    messages: msgs,
+                    files,
+                });
+            }
+            Err(e) => {
+                live.traj.error = Some(format!("file-level stage: {e}"));
+                live.finished = true;
+            }
+        }
+    }
+}
+
+/// The episodes that take a turn now, with their prompt tokens and token budgets; an
+/// episode whose turn cannot be prepared fails.
+fn prepare_turns(
+    lives: &mut [Live],
+    renderer: Option<&Renderer>,
+    schemas: &[Value],
+    cfg: &EpisodeConfig,
+) -> Vec<(usize, Option<Vec<u32>>, usize)> {
+    let mut pending = Vec::new();
+    for (i, live) in lives.iter_mut().enumerate() {
+        if live.finished {
+            continue;
+        }
+        if !live.done_search && live.traj.turns >= cfg.max_turns {
+            live.done_search = true;
+        }
+        match prepare_turn(live, renderer, schemas, cfg) {
+            Ok((tokens, budget)) => pending.push((i, tokens, budget)),
+            Err(e) => {
+                live.traj.error = Some(e);
+                live.finished = true;
+            }
+        }
+    }
+    pending
+}
+
+/// The policy request of an episode's next turn.
+fn turn_request<'a>(
+    live: &'a Live,
+    job: &'a EpisodeJob,
+    schemas: &'a [Value],
+    tokens: &'a Option<Vec<u32>>,
+    budget: usize,
+) -> TurnRequest<'a> {
+    TurnRequest {
+        task: TaskView {
+            instance: &job.instance,
+            index: &job.index,
+            candidate_files: &live.traj.candidate_files,
+            gt: job.gt.as_deref(),
+        },
+        stage: if live.done_search {
+            Stage::Summary
+        } else {
+            Stage::Search {
+                turn: live.traj.turns,
+            }
+        },
+        messages: &live.traj.messages,
+        tools: if live.done_search { &[] } else { schemas },
+        prompt_tokens: tokens.as_deref(),
+        max_new_tokens: budget,
+        seed: job
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(live.traj.turns as u64 + 1),
+    }
+}
+
+/// Records a reply: the summary finishes the episode; a search turn runs its first
+/// valid tool call (one tool a turn) and adds the observation, or an error observation.
+fn apply_reply(
+    live: &mut Live,
+    job: &EpisodeJob,
+    renderer: Option<&Renderer>,
+    schemas: &[Value],
+    cfg: &EpisodeConfig,
+    reply: TurnReply,
+) {
+    live.traj
+        .messages
+        .push(json!({"role": "assistant", "content": reply.text}));
+    if let (Some(r), Some(ts)) = (renderer, live.tokens.as_mut()) {
+        if let Err(e) = ts.push_reply(r, &live.traj.messages, schemas, &reply) {
+            live.traj.error = Some(e);
+            live.finished = true;
+            return;
+        }
+    }
+    if live.done_search {
+        finish(live, job, renderer, schemas, cfg, &reply.text);
+        return;
+    }
+    live.traj.turns += 1;
+    let turn = parse_turn(&reply.text);
+    let mut obs: Vec<String> = Vec::new();
+    let limits = ToolLimits {
+        max_code_chars: cfg.max_code_chars,
+    };
+    if let Some(call) = turn
+        .ok_calls()
+        .find(|c| !matches!(c, tools::ToolCall::Exit))
+    {
+        let out = tools::execute(&job.index, call, limits);
+        live.traj.tool_calls += 1;
+        live.traj.tool_hits += out.found as usize;
+        obs.push(out.observation);
+    }
+    if turn.exit {
+        live.traj.exited = true;
+        live.done_search = true;
+    }
+    if obs.is_empty() && !turn.exit {
+        live.traj.invalid_turns += 1;
+        if let Some(e) = turn.error() {
+            obs.push(e.observation());
+        }
+    }
+    for o in obs {
+        live.traj
+            .messages
+            .push(json!({"role": "tool", "content": o}));
+    }
 }
 
 /// Adds the summary request when the search is over, renders the conversation up to the

@@ -5,9 +5,10 @@
 //! Output directory of a run:
 //! - `trajectories.jsonl`: one [`Trajectory`] a line (messages, tokens and loss mask
 //!   when a tokenizer renders the episodes, reward, counters, error);
-//! - `predictions.jsonl`: `instance_id`, `found_files`, `found_related_locs` (per found
-//!   file, its `function: name` / `class: Name` lines, as Agentless/LocAgent write them)
-//!   and `found_locations` (`file::name`);
+//! - `predictions.jsonl`: one [`PredictionLine`] a line: `instance_id`, `found_files`,
+//!   `found_related_locs` (per found file, one `function: name` line for each name
+//!   located in it, as Agentless/LocAgent write them; names of classes and methods
+//!   alike) and `found_locations` (`file::name`);
 //! - `metrics.json`: the [`Report`] (file / function / strict function level, percent,
 //!   averaged over ALL selected instances: failures count 0), failures and run facts;
 //! - `table.txt`: the table as printed.
@@ -279,7 +280,8 @@ pub fn load_index(data: &DataConfig, inst: &Instance) -> Result<RepoIndex, Strin
     Ok(RepoIndex::build(&root))
 }
 
-/// Builds the policy a config names. `tokenizer_hint` is the renderer's tokenizer.
+/// Builds the policy a config names, with the tokenizer of its model when it has one
+/// (the local-model policy), which then renders the episodes.
 pub fn build_policy(
     cfg: &PolicyConfig,
 ) -> Result<(Box<dyn Policy>, Option<Arc<Tokenizer>>), String> {
@@ -437,34 +439,56 @@ pub fn episode_seed(seed: u64, id: &str, sample: usize) -> u64 {
     )
 }
 
-/// The prediction line of a trajectory.
-pub fn prediction_json(t: &Trajectory) -> serde_json::Value {
-    let mut files: Vec<String> = t.files.clone();
-    for l in &t.locations {
-        let f = Location::parse(l).file;
-        if !files.contains(&f) {
-            files.push(f);
+/// One line of `predictions.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionLine {
+    pub instance_id: String,
+    /// Files of the answer, in order (file-only locations and files of named ones).
+    pub found_files: Vec<String>,
+    /// Per found file, its named locations as `function: name` lines.
+    pub found_related_locs: Vec<String>,
+    /// The answer's locations, `file::name` or `file`.
+    pub found_locations: Vec<String>,
+}
+
+impl PredictionLine {
+    /// The prediction line of a trajectory.
+    pub fn of(t: &Trajectory) -> PredictionLine {
+        let mut files: Vec<String> = t.files.clone();
+        for l in &t.locations {
+            let f = Location::parse(l).file;
+            if !files.contains(&f) {
+                files.push(f);
+            }
+        }
+        let related: Vec<String> = files
+            .iter()
+            .map(|f| {
+                t.locations
+                    .iter()
+                    .map(|l| Location::parse(l))
+                    .filter(|l| &l.file == f)
+                    .filter_map(|l| l.name)
+                    .map(|n| format!("function: {n}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect();
+        PredictionLine {
+            instance_id: t.instance_id.clone(),
+            found_files: files,
+            found_related_locs: related,
+            found_locations: t.locations.clone(),
         }
     }
-    let related: Vec<String> = files
-        .iter()
-        .map(|f| {
-            t.locations
-                .iter()
-                .map(|l| Location::parse(l))
-                .filter(|l| &l.file == f)
-                .filter_map(|l| l.name)
-                .map(|n| format!("function: {n}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .collect();
-    json!({
-        "instance_id": t.instance_id,
-        "found_files": files,
-        "found_related_locs": related,
-        "found_locations": t.locations,
-    })
+
+    /// What the metrics score.
+    pub fn prediction(&self) -> Prediction {
+        Prediction {
+            found_files: self.found_files.clone(),
+            found_locations: self.found_locations.clone(),
+        }
+    }
 }
 
 /// What an eval run produced.
@@ -546,17 +570,11 @@ pub fn run_eval(
                 if let Some(e) = &t.error {
                     failures.insert(t.instance_id.clone(), e.clone());
                 }
-                let p = prediction_json(&t);
-                preds.insert(
-                    t.instance_id.clone(),
-                    Prediction {
-                        found_files: serde_json::from_value(p["found_files"].clone())
-                            .unwrap_or_default(),
-                        found_locations: t.locations.clone(),
-                    },
-                );
-                if let Err(e) = writeln!(pred_w, "{p}") {
-                    io_err.get_or_insert(e.to_string());
+                let p = PredictionLine::of(&t);
+                preds.insert(t.instance_id.clone(), p.prediction());
+                let line = serde_json::to_string(&p).map_err(|e| e.to_string());
+                if let Err(e) = line.and_then(|l| writeln!(pred_w, "{l}").map_err(|e| e.to_string())) {
+                    io_err.get_or_insert(e);
                 }
             }
             match serde_json::to_string(&t) {

@@ -50,11 +50,11 @@
 //! - `extra_body` (`{}`): a JSON object merged into the request.
 
 use crate::policy::{Policy, PolicyError, TurnReply, TurnRequest};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
+use tooltrain_util::retry::{retry, Attempt, Backoff};
 
 /// Role under which tool observations are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -174,6 +174,8 @@ pub struct OpenAiPolicy {
     url: String,
     api_key: Option<String>,
     agent: ureq::Agent,
+    /// `concurrency` threads that send a batch's requests.
+    pool: rayon::ThreadPool,
 }
 
 impl std::fmt::Debug for OpenAiPolicy {
@@ -190,6 +192,75 @@ impl std::fmt::Debug for OpenAiPolicy {
 enum Failure {
     Retry { msg: String, after: Option<f64> },
     Fatal(String),
+}
+
+/// The typed part of a chat-completions request body; the token cap (under a
+/// configured field name) and `extra_body` are merged into its JSON afterwards.
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a [Value]>,
+}
+
+/// A chat-completions response (the parts the policy reads).
+#[derive(Deserialize)]
+struct ChatResponse {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    message: Option<ReplyMessage>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ReplyMessage {
+    #[serde(default)]
+    content: Value,
+    #[serde(default)]
+    tool_calls: Vec<ReplyToolCall>,
+}
+
+/// A structured tool call: `{"function": {"name", "arguments"}}`, or the two keys at
+/// the top level.
+#[derive(Deserialize)]
+struct ReplyToolCall {
+    #[serde(default)]
+    function: Option<ReplyFunction>,
+    #[serde(flatten)]
+    direct: ReplyFunction,
+}
+
+#[derive(Deserialize)]
+struct ReplyFunction {
+    #[serde(default)]
+    name: Option<Value>,
+    /// A JSON string (OpenAI), or an object (some servers).
+    #[serde(default)]
+    arguments: Option<Value>,
+}
+
+/// The text form of a tool call that [`crate::toolcall::parse_turn`] reads.
+#[derive(Serialize)]
+struct ToolCallText {
+    name: Value,
+    arguments: Value,
 }
 
 impl OpenAiPolicy {
@@ -214,11 +285,17 @@ impl OpenAiPolicy {
             .max_idle_connections(cfg.concurrency.max(10))
             .build()
             .into();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.concurrency.max(1))
+            .thread_name(|i| format!("openai-{i}"))
+            .build()
+            .map_err(|e| PolicyError(format!("starting the request threads: {e}")))?;
         Ok(OpenAiPolicy {
             cfg,
             url,
             api_key,
             agent,
+            pool,
         })
     }
 
@@ -240,28 +317,20 @@ impl OpenAiPolicy {
     /// The JSON body of the request for one turn.
     pub fn request_body(&self, r: &TurnRequest<'_>) -> Value {
         let cfg = &self.cfg;
-        let mut b = Map::new();
-        b.insert("model".into(), cfg.model.clone().into());
-        b.insert("messages".into(), Value::Array(self.messages(r.messages)));
-        let max = cfg
-            .max_tokens
-            .map_or(r.max_new_tokens, |m| m.min(r.max_new_tokens));
+        let typed = ChatRequest {
+            model: &cfg.model,
+            messages: self.messages(r.messages),
+            temperature: cfg.temperature,
+            top_p: cfg.top_p,
+            stop: &cfg.stop,
+            seed: cfg.send_seed.then_some(r.seed & 0x7fff_ffff),
+            tools: (cfg.send_tools && !r.tools.is_empty()).then_some(r.tools),
+        };
+        let Ok(Value::Object(mut b)) = serde_json::to_value(&typed) else {
+            unreachable!("a struct serialises to a JSON object")
+        };
+        let max = cfg.max_tokens.map_or(r.max_new_tokens, |m| m.min(r.max_new_tokens));
         b.insert(cfg.max_tokens_field.clone(), max.into());
-        if let Some(t) = cfg.temperature {
-            b.insert("temperature".into(), t.into());
-        }
-        if let Some(p) = cfg.top_p {
-            b.insert("top_p".into(), p.into());
-        }
-        if !cfg.stop.is_empty() {
-            b.insert("stop".into(), cfg.stop.clone().into());
-        }
-        if cfg.send_seed {
-            b.insert("seed".into(), (r.seed & 0x7fff_ffff).into());
-        }
-        if cfg.send_tools && !r.tools.is_empty() {
-            b.insert("tools".into(), Value::Array(r.tools.to_vec()));
-        }
         for (k, v) in &cfg.extra_body {
             b.insert(k.clone(), v.clone());
         }
@@ -311,35 +380,18 @@ impl OpenAiPolicy {
     /// One turn: the request with its retries.
     fn call(&self, r: &TurnRequest<'_>) -> Result<TurnReply, PolicyError> {
         let body = self.request_body(r);
-        let mut attempt = 0u32;
-        loop {
-            match self.attempt(&body) {
-                Ok(reply) => return Ok(reply),
-                Err(Failure::Fatal(msg)) => return Err(self.error(&msg, attempt)),
-                Err(Failure::Retry { msg, after }) => {
-                    if attempt >= self.cfg.max_retries {
-                        return Err(self.error(&msg, attempt));
-                    }
-                    let wait = match after {
-                        Some(s) => s.min(600.0),
-                        None => self.backoff(attempt),
-                    };
-                    std::thread::sleep(Duration::from_secs_f64(wait));
-                    attempt += 1;
-                }
-            }
-        }
-    }
-
-    /// Seconds to wait before retry `attempt + 1`: exponential, capped, equal jitter.
-    fn backoff(&self, attempt: u32) -> f64 {
-        use std::hash::{BuildHasher, Hasher};
-        let d = (self.cfg.retry_base_secs * 2f64.powi(attempt.min(30) as i32))
-            .min(self.cfg.max_backoff_secs);
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(attempt);
-        let u = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
-        d * (0.5 + 0.5 * u)
+        let backoff = Backoff {
+            max_retries: self.cfg.max_retries,
+            base_secs: self.cfg.retry_base_secs,
+            max_secs: self.cfg.max_backoff_secs,
+            jitter: true,
+        };
+        retry(&backoff, |_| match self.attempt(&body) {
+            Ok(reply) => Attempt::Done(reply),
+            Err(Failure::Fatal(msg)) => Attempt::Fatal(msg),
+            Err(Failure::Retry { msg, after }) => Attempt::Retry { error: msg, after },
+        })
+        .map_err(|(msg, retries)| self.error(&msg, retries))
     }
 
     fn attempt(&self, body: &Value) -> Result<TurnReply, Failure> {
@@ -442,39 +494,40 @@ fn cut(s: &str, n: usize) -> String {
 
 /// The reply of a successful response body (see the module documentation).
 fn parse_reply(body: &str) -> Result<TurnReply, String> {
-    let v: Value = serde_json::from_str(body)
+    let v: ChatResponse = serde_json::from_str(body)
         .map_err(|e| format!("invalid JSON in the response ({e}): {}", cut(body, 200)))?;
-    let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
-        return Err(match v.get("error") {
+    let Some(choice) = v.choices.into_iter().next() else {
+        return Err(match v.error {
             Some(_) => format!("error in the response: {}", server_message(body)),
             None => format!("no choices in the response: {}", cut(body, 200)),
         });
     };
-    let msg = choice.get("message").unwrap_or(&Value::Null);
-    let mut text = content_text(msg.get("content").unwrap_or(&Value::Null));
-    if let Some(calls) = msg.get("tool_calls").and_then(Value::as_array) {
-        for call in calls {
-            let f = call.get("function").unwrap_or(call);
-            let name = f.get("name").cloned().unwrap_or(Value::Null);
-            let args = match f.get("arguments") {
-                Some(Value::String(s)) => {
-                    serde_json::from_str::<Value>(s).unwrap_or_else(|_| Value::String(s.clone()))
-                }
-                Some(other) => other.clone(),
-                None => Value::Object(Map::new()),
-            };
-            let obj = serde_json::json!({"name": name, "arguments": args});
-            if !text.is_empty() && !text.ends_with('\n') {
-                text.push('\n');
-            }
-            text.push_str(&format!("<tool_call>\n{obj}\n</tool_call>"));
+    let (content, calls) = choice
+        .message
+        .map_or((Value::Null, Vec::new()), |m| (m.content, m.tool_calls));
+    let mut text = content_text(&content);
+    for call in calls {
+        let f = call.function.unwrap_or(call.direct);
+        let args = match f.arguments {
+            Some(Value::String(s)) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+            Some(other) => other,
+            None => Value::Object(Map::new()),
+        };
+        let obj = ToolCallText {
+            name: f.name.unwrap_or(Value::Null),
+            arguments: args,
+        };
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
         }
+        let json = serde_json::to_string(&obj).map_err(|e| e.to_string())?;
+        text.push_str(&format!("<tool_call>\n{json}\n</tool_call>"));
     }
     Ok(TurnReply {
         text,
         tokens: None,
         logprobs: None,
-        truncated: choice.get("finish_reason").and_then(Value::as_str) == Some("length"),
+        truncated: choice.finish_reason.as_deref() == Some("length"),
     })
 }
 
@@ -484,30 +537,9 @@ impl Policy for OpenAiPolicy {
     }
 
     fn respond(&self, requests: &[TurnRequest<'_>]) -> Vec<Result<TurnReply, PolicyError>> {
-        let n = requests.len();
-        let results: Vec<Mutex<Option<Result<TurnReply, PolicyError>>>> =
-            (0..n).map(|_| Mutex::new(None)).collect();
-        let next = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..self.cfg.concurrency.min(n) {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        break;
-                    }
-                    let r = self.call(&requests[i]);
-                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                });
-            }
-        });
-        results
-            .into_iter()
-            .map(|m| {
-                m.into_inner()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .unwrap_or_else(|| Err(self.error("the request was not sent", 0)))
-            })
-            .collect()
+        // At most `concurrency` requests in flight; replies in request order.
+        self.pool
+            .install(|| requests.par_iter().with_max_len(1).map(|r| self.call(r)).collect())
     }
 }
 
@@ -520,7 +552,8 @@ mod tests {
     use crate::toolcall::parse_turn;
     use crate::tools::ToolCall;
     use serde_json::json;
-    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
     /// What the test server answers to one request.
