@@ -292,13 +292,151 @@ impl CausalLM {
             return Ok(out);
         }
         let dev = self.device();
+        let mut plan = PrefixPlan::new(prompts, reuse.as_deref_mut());
+        let Prefill { mut cache, mut last } =
+            self.prefill(prompts, &mut plan, params, reuse.as_deref_mut())?;
+        let w = self.lm_head_weight(false);
+        let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
+            .map(|i| rand::rngs::StdRng::seed_from_u64(params.seed.wrapping_add(i as u64)))
+            .collect();
+        // Active rows: (sequence index, its padding `pad`, next position); the row's keys
+        // at `pre[i]..width + pad` are masked (other rows' prefixes, padding).
+        let mut active: Vec<(usize, usize, usize)> =
+            (0..b).map(|i| (i, plan.pads[i], plan.lens[i])).collect();
+        for step in 0..params.max_new_tokens {
+            let logits: Vec<Vec<f32>> = last.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
+            let mut next = Vec::with_capacity(active.len());
+            let mut keep = Vec::with_capacity(active.len());
+            for (r, &(i, pad, pos)) in active.iter().enumerate() {
+                let tok = sample(&logits[r], params, &mut rngs[i]);
+                let done = record_token(&mut out[i], tok, &logits[r], params, tokenizer)?;
+                if !done && step + 1 < params.max_new_tokens {
+                    keep.push((r, (i, pad, pos + 1)));
+                    next.push(tok);
+                }
+            }
+            // Rows that end here: keep their keys and values for a later prompt.
+            if let Some(pc) = reuse.as_deref_mut() {
+                let kept: Vec<usize> = keep.iter().map(|(r, _)| *r).collect();
+                let cached = cache.len();
+                for (r, &(i, pad, _)) in active.iter().enumerate() {
+                    if kept.contains(&r) {
+                        continue;
+                    }
+                    // The prompt and the sampled tokens fed so far (all but the last).
+                    let kv = cache.extract_row(r, &[(0, plan.pre[i]), (plan.width + pad, cached)])?;
+                    let fed = out[i].tokens.len() - 1;
+                    pc.entries.push(CachedSeq {
+                        tokens: [&prompts[i][..], &out[i].tokens[..fed]].concat(),
+                        kv,
+                        round: pc.round,
+                    });
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            if keep.len() < active.len() {
+                let rows =
+                    Tensor::new(keep.iter().map(|(r, _)| *r as u32).collect::<Vec<_>>(), dev)?;
+                cache.select_rows(&rows)?;
+            }
+            active = keep.into_iter().map(|(_, a)| a).collect();
+            let layout = decode_layout(&active, &plan, cache.len() + 1, dev)?;
+            let x = Tensor::from_vec(next, (active.len(), 1), dev)?;
+            last = self.forward_cached(&x, &layout, &mut cache)?.squeeze(1)?;
+        }
+        Ok(out)
+    }
+
+    /// Computes every prompt's suffix after its cached prefix (taken from the cache, or
+    /// the batch's shared prefix computed once) and returns the cache with the last
+    /// position's hidden state of each row.
+    fn prefill(
+        &self,
+        prompts: &[Vec<u32>],
+        plan: &mut PrefixPlan,
+        params: &SamplingParams,
+        reuse: Option<&mut PrefixCache>,
+    ) -> Result<Prefill> {
+        // The taken entries are copied into the batch's cache and freed here.
+        let taken = std::mem::take(&mut plan.taken);
+        let dev = self.device();
+        let b = prompts.len();
+        let (pre, width, pads, lens) = (&plan.pre, plan.width, &plan.pads, &plan.lens);
+        let p = plan.suffix_len;
+        let mut ids = Vec::with_capacity(b * p);
+        for (i, pr) in prompts.iter().enumerate() {
+            ids.extend(std::iter::repeat_n(0u32, pads[i]));
+            ids.extend(&pr[pre[i]..]);
+        }
+        let ids = Tensor::from_vec(ids, (b, p), dev)?;
+        let reserve = p + params.max_new_tokens;
+        let mut cache = KvCache::reserving(reserve);
+        if let Some(pc) = reuse {
+            pc.reused_tokens += pre.iter().sum::<usize>() as u64;
+            pc.computed_tokens += (0..b).map(|i| lens[i] - pre[i]).sum::<usize>() as u64;
+        }
+        if width == 0 {
+            let layout = SeqLayout::left_padded(lens, p, dev)?;
+            let hid = self.forward_cached(&ids, &layout, &mut cache)?;
+            let last = hid.narrow(1, p - 1, 1)?.squeeze(1)?;
+            return Ok(Prefill { cache, last });
+        }
+        if plan.shared > 0 {
+            let prefix = Tensor::new(&prompts[0][..plan.shared], dev)?.unsqueeze(0)?;
+            let layout = SeqLayout::left_padded(&[plan.shared], plan.shared, dev)?;
+            self.forward_cached(&prefix, &layout, &mut cache)?;
+            cache.select_rows(&Tensor::zeros(b, DType::U32, dev)?)?;
+        } else {
+            let rows: Vec<_> = taken
+                .iter()
+                .zip(pre)
+                .map(|(t, &n)| t.as_ref().map(|e| (e.kv.as_slice(), n)))
+                .collect();
+            cache = KvCache::from_rows(&rows, width, reserve)?;
+        }
+        drop(taken);
+        // The suffixes attend to the cached prefixes and to themselves, in chunks of
+        // query rows that bound the `[b, heads, rows, keys]` scores to ~256 MB.
+        let heads = self.config().num_attention_heads;
+        let rows = ((1usize << 26) / (b * heads * (width + p))).max(16).min(p);
+        let mut hid = None;
+        for c0 in (0..p).step_by(rows) {
+            let c1 = (c0 + rows).min(p);
+            let layout = suffix_layout(pre, width, pads, c0, c1, dev)?;
+            hid = Some(self.forward_cached(&ids.narrow(1, c0, c1 - c0)?, &layout, &mut cache)?);
+        }
+        let hid = hid.expect("p >= 1");
+        let n = hid.dim(1)?;
+        let last = hid.narrow(1, n - 1, 1)?.squeeze(1)?;
+        Ok(Prefill { cache, last })
+    }
+}
+
+/// Where each prompt of a batch starts computing: row `r` has a cached prefix
+/// `0..pre[r]` (from a [`PrefixCache`] entry in `taken[r]`, or the `shared` prefix of all
+/// prompts), then a suffix left-padded by `pads[r]` to `suffix_len` tokens.
+struct PrefixPlan {
+    lens: Vec<usize>,
+    taken: Vec<Option<CachedSeq>>,
+    pre: Vec<usize>,
+    shared: usize,
+    width: usize,
+    suffix_len: usize,
+    pads: Vec<usize>,
+}
+
+impl PrefixPlan {
+    /// Each prompt's longest cached prefix from `reuse` (taken out of it), else the prefix
+    /// all prompts share (a system prompt; one prompt sampled several times). Each prompt
+    /// keeps at least its last token to compute.
+    fn new(prompts: &[Vec<u32>], reuse: Option<&mut PrefixCache>) -> PrefixPlan {
+        let b = prompts.len();
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        // Each row's cached prefix `0..pre[r]`: from `reuse`, else the prefix that all
-        // prompts share (a system prompt; one prompt sampled several times), computed once.
-        // Each prompt keeps at least its last token to compute.
         let mut taken: Vec<Option<CachedSeq>> = (0..b).map(|_| None).collect();
         let mut pre = vec![0usize; b];
-        if let Some(pc) = reuse.as_deref_mut() {
+        if let Some(pc) = reuse {
             for (i, pr) in prompts.iter().enumerate() {
                 if let Some((e, n)) = pc.best(pr) {
                     let n = n.min(lens[i] - 1);
@@ -318,136 +456,69 @@ impl CausalLM {
             }
         }
         let width = *pre.iter().max().expect("non-empty");
-        // The suffixes after the prefixes, left-padded to `p` tokens.
-        let p = (0..b).map(|i| lens[i] - pre[i]).max().expect("non-empty");
-        let pads: Vec<usize> = (0..b).map(|i| p - (lens[i] - pre[i])).collect();
-        let mut ids = Vec::with_capacity(b * p);
-        for (i, pr) in prompts.iter().enumerate() {
-            ids.extend(std::iter::repeat_n(0u32, pads[i]));
-            ids.extend(&pr[pre[i]..]);
+        let suffix_len = (0..b).map(|i| lens[i] - pre[i]).max().expect("non-empty");
+        let pads = (0..b).map(|i| suffix_len - (lens[i] - pre[i])).collect();
+        PrefixPlan {
+            lens,
+            taken,
+            pre,
+            shared,
+            width,
+            suffix_len,
+            pads,
         }
-        let ids = Tensor::from_vec(ids, (b, p), dev)?;
-        let reserve = p + params.max_new_tokens;
-        let mut cache = KvCache::reserving(reserve);
-        if let Some(pc) = reuse.as_deref_mut() {
-            pc.reused_tokens += pre.iter().sum::<usize>() as u64;
-            pc.computed_tokens += (0..b).map(|i| lens[i] - pre[i]).sum::<usize>() as u64;
-        }
-        let mut last = if width == 0 {
-            let layout = SeqLayout::left_padded(&lens, p, dev)?;
-            let hid = self.forward_cached(&ids, &layout, &mut cache)?;
-            hid.narrow(1, p - 1, 1)?.squeeze(1)?
-        } else {
-            if shared > 0 {
-                let prefix = Tensor::new(&prompts[0][..shared], dev)?.unsqueeze(0)?;
-                let layout = SeqLayout::left_padded(&[shared], shared, dev)?;
-                self.forward_cached(&prefix, &layout, &mut cache)?;
-                cache.select_rows(&Tensor::zeros(b, DType::U32, dev)?)?;
-            } else {
-                let rows: Vec<_> = taken
-                    .iter()
-                    .zip(&pre)
-                    .map(|(t, &n)| t.as_ref().map(|e| (e.kv.as_slice(), n)))
-                    .collect();
-                cache = KvCache::from_rows(&rows, width, reserve)?;
-                drop(taken);
-            }
-            // The suffixes attend to the cached prefixes and to themselves, in chunks of
-            // query rows that bound the `[b, heads, rows, keys]` scores to ~256 MB.
-            let heads = self.config().num_attention_heads;
-            let rows = ((1usize << 26) / (b * heads * (width + p))).max(16).min(p);
-            let mut hid = None;
-            for c0 in (0..p).step_by(rows) {
-                let c1 = (c0 + rows).min(p);
-                let layout = suffix_layout(&pre, width, &pads, c0, c1, dev)?;
-                hid =
-                    Some(self.forward_cached(&ids.narrow(1, c0, c1 - c0)?, &layout, &mut cache)?);
-            }
-            let hid = hid.expect("p >= 1");
-            let n = hid.dim(1)?;
-            hid.narrow(1, n - 1, 1)?.squeeze(1)?
-        };
-        let w = self.lm_head_weight(false);
-        let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
-            .map(|i| rand::rngs::StdRng::seed_from_u64(params.seed.wrapping_add(i as u64)))
-            .collect();
-        // Active rows: (sequence index, its padding `pad`, next position); the row's keys
-        // at `pre[i]..width + pad` are masked (other rows' prefixes, padding).
-        let mut active: Vec<(usize, usize, usize)> =
-            (0..b).map(|i| (i, pads[i], lens[i])).collect();
-        for step in 0..params.max_new_tokens {
-            let logits: Vec<Vec<f32>> = last.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
-            let mut next = Vec::with_capacity(active.len());
-            let mut keep = Vec::with_capacity(active.len());
-            for (r, &(i, pad, pos)) in active.iter().enumerate() {
-                let tok = sample(&logits[r], params, &mut rngs[i]);
-                let g = &mut out[i];
-                g.tokens.push(tok);
-                g.logprobs.push(log_softmax_at(&logits[r], tok));
-                let mut done = false;
-                if params.stop_token_ids.contains(&tok) {
-                    g.finish = FinishReason::StopToken;
-                    done = true;
-                } else if let (false, Some(t)) = (params.stop_strings.is_empty(), tokenizer) {
-                    let text = t.decode(&g.tokens, false)?;
-                    if params
-                        .stop_strings
-                        .iter()
-                        .any(|s| text.contains(s.as_str()))
-                    {
-                        g.finish = FinishReason::StopString;
-                        done = true;
-                    }
-                }
-                if !done && step + 1 < params.max_new_tokens {
-                    keep.push((r, (i, pad, pos + 1)));
-                    next.push(tok);
-                }
-            }
-            // Rows that end here: keep their keys and values for a later prompt.
-            if let Some(pc) = reuse.as_deref_mut() {
-                let kept: Vec<usize> = keep.iter().map(|(r, _)| *r).collect();
-                let cached = cache.len();
-                for (r, &(i, pad, _)) in active.iter().enumerate() {
-                    if kept.contains(&r) {
-                        continue;
-                    }
-                    // The prompt and the sampled tokens fed so far (all but the last).
-                    let kv = cache.extract_row(r, &[(0, pre[i]), (width + pad, cached)])?;
-                    let fed = out[i].tokens.len() - 1;
-                    pc.entries.push(CachedSeq {
-                        tokens: [&prompts[i][..], &out[i].tokens[..fed]].concat(),
-                        kv,
-                        round: pc.round,
-                    });
-                }
-            }
-            if keep.is_empty() {
-                break;
-            }
-            if keep.len() < active.len() {
-                let rows =
-                    Tensor::new(keep.iter().map(|(r, _)| *r as u32).collect::<Vec<_>>(), dev)?;
-                cache.select_rows(&rows)?;
-            }
-            active = keep.into_iter().map(|(_, a)| a).collect();
-            // One new token per row, attending to all non-padding cached keys.
-            let s = cache.len() + 1;
-            let nb = active.len();
-            let mut mask = vec![0f32; nb * s];
-            let mut pos = Vec::with_capacity(nb);
-            for (r, &(i, pad, ps)) in active.iter().enumerate() {
-                mask[r * s + pre[i]..r * s + width + pad].fill(f32::NEG_INFINITY);
-                pos.push((ps - 1) as f32);
-            }
-            let layout = SeqLayout {
-                positions: Tensor::from_vec(pos, (nb, 1), dev)?,
-                mask: Tensor::from_vec(mask, (nb, 1, 1, s), dev)?,
-                segments: vec![vec![Some(0)]; nb],
-            };
-            let x = Tensor::from_vec(next, (nb, 1), dev)?;
-            last = self.forward_cached(&x, &layout, &mut cache)?.squeeze(1)?;
-        }
-        Ok(out)
     }
+}
+
+/// The KV cache after the prompts, and each row's last hidden state.
+struct Prefill {
+    cache: KvCache,
+    last: Tensor,
+}
+
+/// Appends a sampled token and its log-prob to `g`; true when the sequence ends on it (a
+/// stop token or a stop string).
+fn record_token(
+    g: &mut Generation,
+    tok: u32,
+    logits: &[f32],
+    params: &SamplingParams,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<bool> {
+    g.tokens.push(tok);
+    g.logprobs.push(log_softmax_at(logits, tok));
+    if params.stop_token_ids.contains(&tok) {
+        g.finish = FinishReason::StopToken;
+        return Ok(true);
+    }
+    if let (false, Some(t)) = (params.stop_strings.is_empty(), tokenizer) {
+        let text = t.decode(&g.tokens, false)?;
+        if params.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+            g.finish = FinishReason::StopString;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Layout of one decoding step: one new token per active row, attending to all of the
+/// `s` keys but the ones of other rows' prefixes and its own padding.
+fn decode_layout(
+    active: &[(usize, usize, usize)],
+    plan: &PrefixPlan,
+    s: usize,
+    dev: &candle_core::Device,
+) -> Result<SeqLayout> {
+    let nb = active.len();
+    let mut mask = vec![0f32; nb * s];
+    let mut pos = Vec::with_capacity(nb);
+    for (r, &(i, pad, ps)) in active.iter().enumerate() {
+        mask[r * s + plan.pre[i]..r * s + plan.width + pad].fill(f32::NEG_INFINITY);
+        pos.push((ps - 1) as f32);
+    }
+    Ok(SeqLayout {
+        positions: Tensor::from_vec(pos, (nb, 1), dev)?,
+        mask: Tensor::from_vec(mask, (nb, 1, 1, s), dev)?,
+        segments: vec![vec![Some(0)]; nb],
+    })
 }
