@@ -270,13 +270,30 @@ struct TokenState {
     anchor: Option<String>,
 }
 
+/// Tokens kept free after the answer's prompt for what the chat template writes after
+/// the answer (its end-of-turn marker and a newline), so that a finished record stays
+/// within `max_context_tokens`.
+const TAIL_TOKENS: usize = 8;
+
 impl TokenState {
     /// Appends the part of `rendered` beyond what is recorded, as non-generated tokens.
     fn extend_to(&mut self, r: &Renderer, rendered: &str) -> Result<(), String> {
-        let new = self.delta(rendered)?.to_string();
-        self.push(&r.encode(&new)?, 0, None);
-        self.text.push_str(&new);
+        let (new, ids) = self.pending(r, rendered)?;
+        self.commit(&new, &ids);
         Ok(())
+    }
+
+    /// The text and tokens that [`TokenState::extend_to`] would append, not yet recorded.
+    fn pending(&self, r: &Renderer, rendered: &str) -> Result<(String, Vec<u32>), String> {
+        let new = self.delta(rendered)?.to_string();
+        let ids = r.encode(&new)?;
+        Ok((new, ids))
+    }
+
+    /// Records what [`TokenState::pending`] returned, as non-generated tokens.
+    fn commit(&mut self, text: &str, ids: &[u32]) {
+        self.push(ids, 0, None);
+        self.text.push_str(text);
     }
 
     /// The part of a fresh rendering that follows what is recorded: the suffix after the
@@ -310,12 +327,15 @@ impl TokenState {
 
     /// Records an assistant reply. Model tokens are kept as sampled; a text reply is
     /// tokenised as its content plus the end-of-turn marker the template writes.
+    /// A text reply longer than `budget` tokens (the turn's cap) fails: recording it
+    /// would overrun the context budget.
     fn push_reply(
         &mut self,
         r: &Renderer,
         messages_with_reply: &[Value],
         tools: &[Value],
         reply: &TurnReply,
+        budget: usize,
     ) -> Result<(), String> {
         if let Some(ids) = &reply.tokens {
             let lp = reply.logprobs.as_deref().filter(|l| l.len() == ids.len());
@@ -344,7 +364,15 @@ impl TokenState {
             );
         }
         let generated = format!("{content}{}", closes.unwrap_or(""));
-        self.push(&r.encode(&generated)?, 1, None);
+        let ids = r.encode(&generated)?;
+        if ids.len() > budget {
+            return Err(format!(
+                "the policy's reply is {} tokens, more than the {budget} this turn allows \
+                 (max_new_tokens, or what the context budget leaves)",
+                ids.len()
+            ));
+        }
+        self.push(&ids, 1, None);
         self.text.push_str(&generated);
         self.anchor = Some(generated);
         Ok(())
@@ -448,10 +476,10 @@ pub fn run_episodes(
             .collect();
         let replies = policy.respond(&reqs);
         drop(reqs);
-        for ((i, _, _), reply) in pending.iter().zip(replies) {
+        for ((i, _, budget), reply) in pending.iter().zip(replies) {
             let live = &mut lives[*i];
             match reply {
-                Ok(r) => apply_reply(live, &jobs[*i], renderer, &schemas, cfg, r),
+                Ok(r) => apply_reply(live, &jobs[*i], renderer, &schemas, cfg, r, *budget),
                 Err(e) => {
                     live.traj.error = Some(format!("policy: {e}"));
                     live.finished = true;
@@ -617,12 +645,13 @@ fn apply_reply(
     schemas: &[Value],
     cfg: &EpisodeConfig,
     reply: TurnReply,
+    budget: usize,
 ) {
     live.traj
         .messages
         .push(json!({"role": "assistant", "content": reply.text}));
     if let (Some(r), Some(ts)) = (renderer, live.tokens.as_mut()) {
-        if let Err(e) = ts.push_reply(r, &live.traj.messages, schemas, &reply) {
+        if let Err(e) = ts.push_reply(r, &live.traj.messages, schemas, &reply, budget) {
             live.traj.error = Some(e);
             live.finished = true;
             return;
@@ -694,17 +723,29 @@ fn prepare_turn(
         let (Some(r), Some(ts)) = (renderer, live.tokens.as_mut()) else {
             return Ok((None, budget));
         };
+        // The next prompt is recorded only once it is known to fit the context budget:
+        // a prompt recorded and then abandoned would leave a dangling generation header.
         let text = r.render(&live.traj.messages, schemas, true)?;
-        ts.extend_to(r, &text)?;
-        let used = ts.rec.tokens.len();
-        if live.done_search {
-            let left = cfg.max_context_tokens.saturating_sub(used).max(1);
-            return Ok((Some(ts.rec.tokens.clone()), budget.min(left)));
+        let (delta, ids) = ts.pending(r, &text)?;
+        let used = ts.rec.tokens.len() + ids.len();
+        let left = if live.done_search {
+            // Room for what the template writes after the answer (end-of-turn marker).
+            cfg.max_context_tokens.saturating_sub(used + TAIL_TOKENS)
+        } else {
+            // Keep room for the summary request and its answer.
+            let reserve = cfg.max_answer_tokens + 256;
+            cfg.max_context_tokens.saturating_sub(used + reserve)
+        };
+        if live.done_search && left == 0 {
+            return Err(format!(
+                "the conversation does not fit the context budget: the prompt for the answer \
+                 needs {used} tokens (after {} search turns), and max_context_tokens = {} \
+                 leaves no room to answer",
+                live.traj.turns, cfg.max_context_tokens
+            ));
         }
-        // Keep room for the summary request and its answer.
-        let reserve = cfg.max_answer_tokens + 256;
-        let left = cfg.max_context_tokens.saturating_sub(used + reserve);
-        if left >= 16 {
+        if live.done_search || left >= 16 {
+            ts.commit(&delta, &ids);
             return Ok((Some(ts.rec.tokens.clone()), budget.min(left)));
         }
         live.traj.context_exhausted = true;

@@ -376,3 +376,48 @@ fn template_without_tools_gets_the_schemas_in_the_system_message() {
         assistant
     );
 }
+
+/// Every context budget, from one that cannot hold the prompt to one that holds the
+/// whole episode: a record never exceeds its budget, repeats no tool response and
+/// re-renders to itself (drift 0); a prompt that cannot fit fails with a message that
+/// says so.
+#[test]
+fn context_budget_never_corrupts_the_record() {
+    let Some(tok) = qwen() else { return };
+    let r = Renderer::new(tok.clone()).unwrap();
+    let gt = [
+        "shop/cart.py::Cart.total",
+        "shop/parse.py::Parser.parse",
+        "shop/cart.py::helper",
+    ];
+    let full = &run(&[job(&gt, 1)], &Oracle::default(), Some(&r), &cfg())[0];
+    let full_len = full.tokens.as_ref().unwrap().tokens.len();
+    let (mut exhausted, mut too_small) = (0, 0);
+    for budget in (300..full_len + 400).step_by(23) {
+        let c = EpisodeConfig {
+            max_context_tokens: budget,
+            max_answer_tokens: 120,
+            ..cfg()
+        };
+        let t = &run(&[job(&gt, 1)], &Oracle::default(), Some(&r), &c)[0];
+        if let Some(e) = &t.error {
+            // The scripted oracle writes its reply whatever the turn's cap; a reply that
+            // would overrun the budget fails the episode instead of being recorded.
+            assert!(
+                e.contains("does not fit the context budget") || e.contains("this turn allows"),
+                "budget {budget}: {e}"
+            );
+            too_small += e.contains("does not fit") as usize;
+            continue;
+        }
+        let rec = t.tokens.as_ref().unwrap();
+        assert!(rec.tokens.len() <= budget, "budget {budget}: {} tokens", rec.tokens.len());
+        assert_eq!(rec.drift, 0, "budget {budget}");
+        let text = tok.decode(&rec.tokens, false).unwrap();
+        let tools = t.messages.iter().filter(|m| m["role"] == "tool").count();
+        assert_eq!(text.matches("<tool_response>").count(), tools, "budget {budget}: {text}");
+        assert_eq!(text.matches("<|im_start|>assistant").count(), t.turns + 1, "budget {budget}");
+        exhausted += t.context_exhausted as usize;
+    }
+    assert!(too_small > 0 && exhausted > 0, "{too_small} too small, {exhausted} exhausted");
+}
