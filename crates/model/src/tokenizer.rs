@@ -184,6 +184,19 @@ impl Tokenizer {
         write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
     }
 
+    /// A fingerprint of the vocabulary, merges, special tokens and chat template: equal
+    /// for tokenizers that turn every conversation into the same ids (FNV-1a over the
+    /// serialised tokenizer and the template source).
+    pub fn fingerprint(&self) -> Result<u64> {
+        let tj = self
+            .inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let tpl = self.template.as_ref().map_or("", |t| t.source.as_str());
+        let h = tooltrain_util::fnv1a(0, tj.bytes());
+        Ok(tooltrain_util::fnv1a(h, tpl.bytes()))
+    }
+
     /// Token ids of `text`, without special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self

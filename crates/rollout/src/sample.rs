@@ -10,6 +10,11 @@
 //! - `sft.jsonl`: the kept examples, `{"instance_id", "sample", "reward", "messages",
 //!   "input_ids", "loss_mask"}`, rebuilt from all trajectories at the end (atomically).
 //! - `summary.json`: sampled / kept counts, the reward histogram, failures.
+//! - `run.json`: the settings that define the run (policy, the student tokenizer's
+//!   fingerprint, episode settings, seed, data sources). A rerun into the same directory
+//!   resumes only when they are equal; `samples`, the instance selection, the keep rule
+//!   and `batch_size` may change (more samples or instances extend the run).
+//! - `.tooltrain.lock`: held while a run writes here; a second run fails at once.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -165,6 +170,64 @@ fn read_existing(path: &Path) -> Result<Vec<Trajectory>, String> {
         .collect()
 }
 
+/// The settings that define a sampling run's trajectories (see the module docs).
+fn run_identity(cfg: &SampleConfig, policy: &str, tok: &Tokenizer) -> Result<Value, String> {
+    let fp = tok.fingerprint().map_err(|e| format!("tokenizer: {e}"))?;
+    let to = |v: Result<Value, serde_json::Error>| v.map_err(|e| e.to_string());
+    Ok(json!({
+        "policy": policy,
+        "policy_config": to(serde_json::to_value(&cfg.policy))?,
+        "tokenizer": format!("{fp:016x}"),
+        "episode": to(serde_json::to_value(&cfg.episode))?,
+        "seed": cfg.seed,
+        "dataset": cfg.data.dataset,
+        "gt": cfg.data.gt,
+        "repos_dir": cfg.data.repos_dir,
+    }))
+}
+
+/// Writes `identity` to `path` for a fresh run; for a run that resumes earlier
+/// trajectories, fails naming every setting that differs from the recorded ones.
+fn check_identity(path: &Path, identity: &Value, resuming: bool) -> Result<(), String> {
+    let recorded: Option<Value> = match std::fs::read_to_string(path) {
+        Ok(t) => Some(serde_json::from_str(&t).map_err(|e| format!("{}: {e}", path.display()))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if resuming {
+        let Some(old) = recorded else {
+            return Err(format!(
+                "{} holds trajectories but no run.json, so it cannot be checked that they \
+                 come from the same settings; use another output directory",
+                path.parent().unwrap_or(path).display()
+            ));
+        };
+        let (Some(old), Some(new)) = (old.as_object(), identity.as_object()) else {
+            return Err(format!("{}: not a JSON object", path.display()));
+        };
+        let differ: Vec<&str> = new
+            .keys()
+            .chain(old.keys())
+            .filter(|k| old.get(*k) != new.get(*k))
+            .map(String::as_str)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !differ.is_empty() {
+            return Err(format!(
+                "cannot resume the sampling run in {}: its trajectories were sampled with other \
+                 settings ({} differ from {}); use another output directory",
+                path.parent().unwrap_or(path).display(),
+                differ.join(", "),
+                path.display()
+            ));
+        }
+        return Ok(());
+    }
+    let text = serde_json::to_string_pretty(identity).map_err(|e| e.to_string())?;
+    crate::write_atomic(path, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Runs rejection sampling. `on_start(total new episodes)`, `on_done(trajectory)`.
 pub fn run_sample(
     cfg: &SampleConfig,
@@ -187,10 +250,12 @@ pub fn run_sample(
             )
         }
     };
+    let identity = run_identity(cfg, &policy.name(), &tok)?;
     let renderer = Renderer::new(tok).map_err(|e| format!("tokenizer: {e}"))?;
-    std::fs::create_dir_all(&cfg.out).map_err(|e| format!("{}: {e}", cfg.out.display()))?;
+    let _lock = tooltrain_util::RunLock::acquire(&cfg.out, "tooltrain sample")?;
     let traj_path = cfg.out.join("trajectories.jsonl");
     let existing = read_existing(&traj_path)?;
+    check_identity(&cfg.out.join("run.json"), &identity, !existing.is_empty())?;
     let done: HashSet<(String, usize)> = existing
         .iter()
         .map(|t| (t.instance_id.clone(), t.sample))
