@@ -2,7 +2,7 @@
 
 use tooltrain_train::config::{self, ConfigArgs};
 use tooltrain_util::Progress;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
 use tooltrain_rollout::eval::{run_eval, EvalConfig, PolicyKind};
 
@@ -82,5 +82,18 @@ pub fn run(a: Args) -> Result<()> {
         println!("  failed {id}: {e}");
     }
     println!("outputs in {}", cfg.out.display());
+    if summary.episodes > 0 && summary.failed_episodes == summary.episodes {
+        let first = summary
+            .failures
+            .iter()
+            .next()
+            .map(|(id, e)| format!("; the first: {id}: {e}"))
+            .unwrap_or_default();
+        bail!(
+            "every episode failed ({} of {}){first}",
+            summary.failed_episodes,
+            summary.episodes
+        );
+    }
     Ok(())
 }

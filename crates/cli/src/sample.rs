@@ -3,7 +3,7 @@
 
 use tooltrain_train::config::{self, ConfigArgs};
 use tooltrain_util::Progress;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use tooltrain_rollout::sample::{run_sample, SampleConfig};
 
 #[derive(clap::Args, Debug)]
@@ -38,5 +38,13 @@ pub fn run(a: Args) -> Result<()> {
         s.reward_histogram
     );
     println!("SFT dataset: {}", cfg.out.join("sft.jsonl").display());
+    if s.sampled > 0 && s.failed == s.sampled {
+        bail!(
+            "every episode failed ({} of {}): see the `error` of each line of {}",
+            s.failed,
+            s.sampled,
+            cfg.out.join("trajectories.jsonl").display()
+        );
+    }
     Ok(())
 }

@@ -282,3 +282,85 @@ fn swebench_ci_subset_oracle_scores_100_and_bm25_runs() {
     let f = m["report"]["file"]["acc"][2].as_f64().unwrap();
     assert!(f > 0.0 && f <= 100.0, "BM25 file Acc@5 {f}");
 }
+
+/// Instance ids that would leave `repos_dir` are per-instance failures (never indexed);
+/// a run where every episode fails, or that has no instance, exits non-zero; a second
+/// run on a locked output directory fails naming the holder.
+#[test]
+fn unsafe_ids_failed_runs_and_locked_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ds, gt, repos) = bench(dir.path());
+    // A secret tree beside repos_dir that `../secret` would reach.
+    std::fs::create_dir_all(dir.path().join("secret")).unwrap();
+    std::fs::write(dir.path().join("secret/key.py"), "def key():\n    pass\n").unwrap();
+    let evil = dir.path().join("evil.jsonl");
+    let line = |id: &str| {
+        serde_json::json!({"instance_id": id, "repo": "o/r", "base_commit": "c", "problem_statement": "key() leaks", "patch": ""}).to_string()
+    };
+    std::fs::write(&evil, format!("{}\n{}\n", line("../secret"), line("/abs"))).unwrap();
+    let out = dir.path().join("evil-out");
+    let mut c = bin();
+    c.args(["eval", "--policy", "bm25"])
+        .arg("--dataset")
+        .arg(&evil)
+        .arg("--repos-dir")
+        .arg(&repos)
+        .arg("--out")
+        .arg(&out);
+    let e = run_err(&mut c);
+    assert!(e.contains("every episode failed (2 of 2)"), "{e}");
+    let m = metrics(&out);
+    let f = m["failures"]["../secret"].as_str().unwrap();
+    assert!(f.contains("cannot name a directory"), "{f}");
+    let trajs = std::fs::read_to_string(out.join("trajectories.jsonl")).unwrap();
+    assert!(!trajs.contains("key.py"), "{trajs}");
+
+    // A wrong --repos-dir: every tree missing.
+    let mut c = bin();
+    c.args(["eval", "--policy", "oracle"])
+        .arg("--dataset")
+        .arg(&ds)
+        .arg("--gt")
+        .arg(&gt)
+        .arg("--repos-dir")
+        .arg(dir.path().join("nowhere"))
+        .arg("--out")
+        .arg(dir.path().join("o2"));
+    let e = run_err(&mut c);
+    assert!(e.contains("every episode failed (3 of 3)") && e.contains("missing"), "{e}");
+
+    // An empty dataset.
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let mut c = bin();
+    c.args(["eval", "--policy", "oracle"])
+        .arg("--dataset")
+        .arg(&empty)
+        .arg("--repos-dir")
+        .arg(&repos)
+        .arg("--out")
+        .arg(dir.path().join("o3"));
+    let e = run_err(&mut c);
+    assert!(e.contains("no instance to run"), "{e}");
+
+    // A held lock.
+    let locked = dir.path().join("o4");
+    std::fs::create_dir_all(&locked).unwrap();
+    let lock = locked.join(".tooltrain.lock");
+    std::fs::write(&lock, "`tooltrain eval` (pid 777, started at unix time 0)").unwrap();
+    let held = std::fs::File::open(&lock).unwrap();
+    fs2::FileExt::lock_exclusive(&held).unwrap();
+    let mut c = bin();
+    c.args(["eval", "--policy", "oracle"])
+        .arg("--dataset")
+        .arg(&ds)
+        .arg("--gt")
+        .arg(&gt)
+        .arg("--repos-dir")
+        .arg(&repos)
+        .arg("--out")
+        .arg(&locked);
+    let e = run_err(&mut c);
+    assert!(e.contains("in use by `tooltrain eval` (pid 777"), "{e}");
+    assert!(!locked.join("trajectories.jsonl.partial").exists());
+}

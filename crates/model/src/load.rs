@@ -58,7 +58,17 @@ fn read_safetensors_dir(dir: &Path, device: &Device) -> Result<BTreeMap<String, 
         let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
         names.sort();
         names.dedup();
-        names.into_iter().map(|n| dir.join(n)).collect()
+        let mut files = Vec::with_capacity(names.len());
+        for n in names {
+            if !is_plain_file_name(n) {
+                return Err(Error::bad_file(
+                    &index,
+                    format!("shard `{n}` is not a file name inside the checkpoint directory"),
+                ));
+            }
+            files.push(dir.join(n));
+        }
+        files
     } else {
         vec![dir.join("model.safetensors")]
     };
@@ -73,8 +83,47 @@ fn read_safetensors_dir(dir: &Path, device: &Device) -> Result<BTreeMap<String, 
     Ok(out)
 }
 
+/// A shard name that stays inside its directory: one normal path component.
+fn is_plain_file_name(n: &str) -> bool {
+    let mut c = Path::new(n).components();
+    matches!((c.next(), c.next()), (Some(std::path::Component::Normal(_)), None))
+}
+
+/// Files of an earlier checkpoint in `dir` that would make it load as something else than
+/// what [`save`] writes: a shard index (it takes precedence over `model.safetensors`) and
+/// its shards, a `chat_template.jinja` (it takes precedence over the template saved in
+/// `tokenizer_config.json`), and, when no tokenizer is saved, the tokenizer files.
+fn remove_stale(dir: &Path, with_tokenizer: bool) -> Result<()> {
+    let index = dir.join("model.safetensors.index.json");
+    let mut stale = vec![dir.join("chat_template.jinja")];
+    if let Ok(text) = std::fs::read_to_string(&index) {
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            let shards = v.get("weight_map").and_then(Value::as_object);
+            for n in shards.into_iter().flat_map(|m| m.values()).filter_map(Value::as_str) {
+                if is_plain_file_name(n) && n != "model.safetensors" {
+                    stale.push(dir.join(n));
+                }
+            }
+        }
+        stale.push(index);
+    }
+    if !with_tokenizer {
+        stale.extend(["tokenizer.json", "tokenizer_config.json"].map(|f| dir.join(f)));
+    }
+    for p in stale {
+        match std::fs::remove_file(&p) {
+            Ok(()) => tracing::info!("removed stale {}", p.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&p, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Saves the model in HF format into `dir`: `config.json`, `model.safetensors` (in the
-/// model's dtype) and the tokenizer files. Every file is written atomically.
+/// model's dtype) and the tokenizer files. Every file is written atomically, and files of
+/// an earlier checkpoint there that would change what loads are removed, so the directory
+/// loads as exactly what was saved.
 pub fn save(model: &CausalLM, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let dtype_name = match model.dtype() {
@@ -103,6 +152,7 @@ pub fn save(model: &CausalLM, tokenizer: Option<&Tokenizer>, dir: &Path) -> Resu
             .map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
+    remove_stale(dir, tokenizer.is_some())?;
     let cfg = serde_json::to_string_pretty(&model.config().to_json(dtype_name)).expect("json");
     write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
     if let Some(t) = tokenizer {
@@ -296,4 +346,60 @@ fn gguf_to_hf_name(name: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{idx}.{mapped}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> CausalLM {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fixtures/tiny-qwen2/config.json");
+        let cfg = crate::ModelConfig::from_file(&p).unwrap();
+        CausalLM::new_random(&cfg, DType::F32, &Device::Cpu, 5).unwrap()
+    }
+
+    #[test]
+    fn a_save_over_another_checkpoint_loads_as_what_was_saved() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        // An earlier sharded checkpoint with a tokenizer and a template file.
+        let other = CausalLM::new_random(tiny().config(), DType::F32, &Device::Cpu, 9).unwrap();
+        save(&other, None, dir).unwrap();
+        std::fs::rename(dir.join("model.safetensors"), dir.join("model-00001-of-00001.safetensors")).unwrap();
+        let names: Vec<String> = other.hf_tensors().unwrap().keys().cloned().collect();
+        let map: serde_json::Map<String, Value> = names
+            .iter()
+            .map(|n| (n.clone(), Value::from("model-00001-of-00001.safetensors")))
+            .collect();
+        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string()).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+        std::fs::write(dir.join("chat_template.jinja"), "x").unwrap();
+        let m = tiny();
+        save(&m, None, dir).unwrap();
+        let back = load(dir, DType::F32, &Device::Cpu).unwrap();
+        assert!(back.tokenizer.is_none());
+        let (a, b) = (m.hf_tensors().unwrap(), back.model.hf_tensors().unwrap());
+        assert_eq!(a.len(), b.len());
+        for (k, t) in &a {
+            let diff = (t - &b[k]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{k}");
+        }
+        for stale in ["model.safetensors.index.json", "model-00001-of-00001.safetensors", "tokenizer.json", "chat_template.jinja"] {
+            assert!(!dir.join(stale).exists(), "{stale}");
+        }
+    }
+
+    #[test]
+    fn a_shard_index_cannot_name_files_outside_its_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("ck");
+        save(&tiny(), None, &dir).unwrap();
+        for bad in ["../model.safetensors", "/etc/passwd", "a/../../b.safetensors"] {
+            let idx = serde_json::json!({"weight_map": {"lm_head.weight": bad}});
+            std::fs::write(dir.join("model.safetensors.index.json"), idx.to_string()).unwrap();
+            let e = load(&dir, DType::F32, &Device::Cpu).err().unwrap().to_string();
+            assert!(e.contains("not a file name inside"), "{bad}: {e}");
+        }
+        assert!(is_plain_file_name("model-00001-of-00002.safetensors"));
+    }
 }

@@ -235,6 +235,13 @@ pub fn select(data: &DataConfig) -> Result<Selection, String> {
     if data.limit > 0 {
         chosen.truncate(data.limit);
     }
+    if chosen.is_empty() {
+        return Err(format!(
+            "no instance to run: {} selects none (an empty dataset, or `instances` / `limit` \
+             select nothing)",
+            data.dataset.display()
+        ));
+    }
     let (gt, derive_gt) = match &data.gt {
         Some(p) => {
             let g = GroundTruth::load(p).map_err(|e| e.to_string())?;
@@ -259,6 +266,14 @@ pub fn select(data: &DataConfig) -> Result<Selection, String> {
 /// The index of an instance's tree (`repos_dir/<instance_id>`), through the cache when
 /// the tree has a `repos prepare` marker (`<instance_id>.source.json`) to key it.
 pub fn load_index(data: &DataConfig, inst: &Instance) -> Result<RepoIndex, String> {
+    if !crate::dataset::valid_instance_id(&inst.instance_id) {
+        return Err(format!(
+            "instance id {:?} cannot name a directory under {} (letters, digits, `-_.+`, no \
+             leading `.`)",
+            inst.instance_id,
+            data.repos_dir.display()
+        ));
+    }
     let root = data.repos_dir.join(&inst.instance_id);
     if !root.is_dir() {
         return Err(format!(
@@ -506,6 +521,8 @@ pub struct EvalSummary {
     pub invalid_turn_rate: f64,
     /// Episodes whose re-rendered tokens differ from the recorded ones.
     pub drift_episodes: usize,
+    /// Episodes that failed (all samples; they score 0).
+    pub failed_episodes: usize,
     pub seconds: f64,
 }
 
@@ -529,7 +546,9 @@ pub fn run_eval(
         (None, None) => None,
     };
     let renderer = tok.map(Renderer::new).transpose()?;
-    std::fs::create_dir_all(&cfg.out).map_err(|e| format!("{}: {e}", cfg.out.display()))?;
+    // One run at a time writes here; `*.partial` files an interrupted run left are
+    // replaced (they are renamed into place only when complete).
+    let _lock = tooltrain_util::RunLock::acquire(&cfg.out, "tooltrain eval")?;
     let part = |name: &str| cfg.out.join(format!("{name}.partial"));
     let open = |name: &str| {
         std::fs::File::create(part(name))
@@ -543,8 +562,8 @@ pub fn run_eval(
     let mut preds: BTreeMap<String, Prediction> = BTreeMap::new();
     let mut gt_seen: BTreeMap<String, Vec<Location>> = sel.gt.clone();
     let mut failures = BTreeMap::new();
-    let (mut n, mut reward, mut turns, mut calls, mut invalid, mut drift) =
-        (0usize, 0.0, 0usize, 0usize, 0usize, 0usize);
+    let (mut n, mut reward, mut turns, mut calls, mut invalid, mut drift, mut failed) =
+        (0usize, 0.0, 0usize, 0usize, 0usize, 0usize, 0usize);
     let mut io_err: Option<String> = None;
     run_batches(
         &sel,
@@ -563,6 +582,7 @@ pub fn run_eval(
             calls += t.tool_calls;
             invalid += t.invalid_turns;
             drift += t.tokens.as_ref().is_some_and(|r| r.drift > 0) as usize;
+            failed += t.error.is_some() as usize;
             if let (true, Some(gt)) = (sel.derive_gt, gt) {
                 gt_seen.insert(t.instance_id.clone(), gt.to_vec());
             }
@@ -636,6 +656,7 @@ pub fn run_eval(
         mean_tool_calls: calls as f64 / d,
         invalid_turn_rate: invalid as f64 / (turns.max(1) as f64),
         drift_episodes: drift,
+        failed_episodes: failed,
         seconds: t0.elapsed().as_secs_f64(),
     };
     let mut metrics = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
