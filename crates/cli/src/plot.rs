@@ -143,17 +143,22 @@ pub fn parse_metrics(text: &str, origin: &str, x_key: &str) -> Result<Metrics> {
     Ok(out)
 }
 
+/// The largest magnitude an axis reaches: spans and paddings up to 4x this stay finite
+/// (an infinite axis range makes the tick search of the plotting library loop forever).
+const AXIS_LIMIT: f64 = f64::MAX / 8.0;
+
 /// `lo..hi` covering `vals`, padded by `pad` of the span (a flat series gets a unit
-/// or 10% margin).
+/// or 10% margin); always finite, values beyond [`AXIS_LIMIT`] are clipped.
 fn range(vals: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
     for v in vals {
         lo = lo.min(v);
         hi = hi.max(v);
     }
-    if !lo.is_finite() {
+    if !lo.is_finite() || !hi.is_finite() {
         return (0.0, 1.0);
     }
+    let (lo, hi) = (lo.clamp(-AXIS_LIMIT, AXIS_LIMIT), hi.clamp(-AXIS_LIMIT, AXIS_LIMIT));
     if hi - lo <= f64::EPSILON * lo.abs().max(1.0) {
         let m = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
         return (lo - m, hi + m);
@@ -387,5 +392,26 @@ mod tests {
         let f = tick_format(1e-6, 1e-5);
         assert!(f(&5e-6).contains('e'), "{}", f(&5e-6));
         assert_eq!(range([3.0, 3.0].into_iter(), 0.1), (2.7, 3.3));
+    }
+
+    #[test]
+    fn extreme_values_give_finite_axes_and_render() {
+        for (lo, hi) in [(0.0, 1.75e308), (-f64::MAX, f64::MAX), (1e-320, 2e-320), (5.0, 5.0)] {
+            let (a, b) = range([lo, hi].into_iter(), 0.06);
+            assert!(a.is_finite() && b.is_finite() && a < b, "{lo} {hi}: {a} {b}");
+            assert!((b - a).is_finite(), "{lo} {hi}");
+        }
+        // Rendering finishes (it used to loop forever on a loss near f64::MAX).
+        let m = parse_metrics("{\"step\": 1, \"loss\": 1.75e308}\n{\"step\": 2, \"loss\": 0}\n", "m", "step").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("c.png");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(render(&m, &["loss".to_string()], &o, Layout::default()).map_err(|e| e.to_string()));
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("render hangs");
+        r.unwrap();
+        assert!(out.exists());
     }
 }
