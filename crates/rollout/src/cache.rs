@@ -86,7 +86,10 @@ pub fn load(path: &Path, key: &str) -> Result<RepoIndex, String> {
             text: f.text.into_owned(),
         })
         .collect();
-    Ok(RepoIndex { files })
+    Ok(RepoIndex {
+        files,
+        skipped: Vec::new(),
+    })
 }
 
 /// Write `index` as the cache file `path` (temp file in the same directory, then rename).

@@ -22,7 +22,14 @@
 //!   direct children of the module (or of a parse-error node at module level).
 //! - **Walking** skips hidden directories and files (name starting with `.`) and never
 //!   follows symlinks (neither to files nor to directories), so nothing outside the
-//!   repository root is read. Non-UTF-8 bytes are decoded lossily.
+//!   repository root is read. **Hard links are not followed either**: a file with more
+//!   than one link may be another name of a file outside the repository, so it is
+//!   skipped and counted in [`RepoIndex::skipped`] (trees made by `repos prepare` have
+//!   none: archive link entries are not extracted).
+//! - **Encodings**: a file that is not UTF-8 is decoded by its PEP 263 coding
+//!   declaration (`# -*- coding: latin-1 -*-` in the first two lines); one without a
+//!   declaration, with an unknown encoding, or with bytes its encoding cannot decode is
+//!   skipped and counted in [`RepoIndex::skipped`]: no name is ever indexed mangled.
 //! - In the serialised form (`{"files": [{"path", "classes", "functions"}]}`) the imports
 //!   and the text are skipped.
 
@@ -68,6 +75,57 @@ pub struct FileIndex {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepoIndex {
     pub files: Vec<FileIndex>,
+    /// `*.py` files left out when the index was built, with the reason (undecodable,
+    /// hard-linked). Not kept in the index cache.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<(String, String)>,
+}
+
+/// The text of a Python source file: UTF-8, or decoded by its PEP 263 coding
+/// declaration; `Err` says why it cannot be decoded without mangling.
+pub fn decode_source(bytes: &[u8]) -> Result<std::borrow::Cow<'_, str>, String> {
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        return Ok(std::borrow::Cow::Borrowed(s));
+    }
+    let Some(label) = coding_declaration(bytes) else {
+        return Err("not UTF-8 and no PEP 263 coding declaration".into());
+    };
+    let norm = label.to_ascii_lowercase().replace('_', "-");
+    let norm = match norm.as_str() {
+        "latin-1" | "iso-latin-1" | "l1" => "iso-8859-1".to_string(),
+        "utf8" => "utf-8".to_string(),
+        _ => norm,
+    };
+    let Some(enc) = encoding_rs::Encoding::for_label(norm.as_bytes()) else {
+        return Err(format!("unknown coding {label:?}"));
+    };
+    enc.decode_without_bom_handling_and_without_replacement(bytes)
+        .map(|s| std::borrow::Cow::Owned(s.into_owned()))
+        .ok_or_else(|| format!("bytes that are not valid {label}"))
+}
+
+/// The encoding named by a PEP 263 declaration in the first two lines: a comment line
+/// matching `coding[:=]\s*([-\w.]+)`.
+fn coding_declaration(bytes: &[u8]) -> Option<String> {
+    for line in bytes.split(|&b| b == b'\n').take(2) {
+        let line = String::from_utf8_lossy(line);
+        let t = line.trim_start_matches([' ', '\t', '\x0c']);
+        if !t.starts_with('#') {
+            continue;
+        }
+        let Some(i) = t.find("coding") else { continue };
+        let rest = &t[i + "coding".len()..];
+        let Some(rest) = rest.strip_prefix([':', '=']) else { continue };
+        let name: String = rest
+            .trim_start_matches([' ', '\t'])
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+            .collect();
+        if !name.is_empty() {
+            return Some(name);
+        }
+    }
+    None
 }
 
 fn new_parser() -> Parser {
@@ -91,8 +149,9 @@ impl FileIndex {
         Self::parse_with(&mut new_parser(), path.into(), bytes, true)
     }
 
+    /// A file whose bytes cannot be decoded ([`decode_source`]) is indexed with no text.
     fn parse_with(parser: &mut Parser, path: String, bytes: &[u8], full: bool) -> FileIndex {
-        let text = String::from_utf8_lossy(bytes).into_owned();
+        let text = decode_source(bytes).map(|t| t.into_owned()).unwrap_or_default();
         let mut out = FileIndex {
             path,
             classes: Vec::new(),
@@ -517,6 +576,20 @@ fn join(prefix: &str, name: &str) -> String {
     }
 }
 
+/// Whether a regular file has more than one hard link.
+fn hard_linked(p: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.nlink() > 1)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = p;
+        false
+    }
+}
+
 /// Collect repository-relative paths of `*.py` files under `root`, sorted; hidden entries
 /// and symlinks are skipped. Unreadable directories are skipped silently.
 pub fn python_files(root: &Path) -> Vec<(String, PathBuf)> {
@@ -555,21 +628,46 @@ impl RepoIndex {
     /// read are indexed as empty; nothing aborts the walk.
     pub fn build(root: &Path) -> RepoIndex {
         let paths = python_files(root);
-        let files = paths
+        let results: Vec<Result<FileIndex, (String, String)>> = paths
             .par_iter()
             .map_init(new_parser, |parser, (rel, abs)| {
+                if hard_linked(abs) {
+                    return Err((rel.clone(), "hard-linked (another name may be outside the repository)".into()));
+                }
                 let bytes = std::fs::read(abs).unwrap_or_default();
-                FileIndex::parse_with(parser, rel.clone(), &bytes, false)
+                if let Err(why) = decode_source(&bytes) {
+                    return Err((rel.clone(), why));
+                }
+                Ok(FileIndex::parse_with(parser, rel.clone(), &bytes, false))
             })
             .collect();
-        RepoIndex { files }
+        let mut index = RepoIndex::default();
+        for r in results {
+            match r {
+                Ok(f) => index.files.push(f),
+                Err(s) => index.skipped.push(s),
+            }
+        }
+        if !index.skipped.is_empty() {
+            tracing::warn!(
+                "{}: {} Python file(s) skipped (first: {} - {})",
+                root.display(),
+                index.skipped.len(),
+                index.skipped[0].0,
+                index.skipped[0].1
+            );
+        }
+        index
     }
 
     /// Build from already-indexed files (sorted by path; first of equal paths kept).
     pub fn from_files(mut files: Vec<FileIndex>) -> RepoIndex {
         files.sort_by(|a, b| a.path.cmp(&b.path));
         files.dedup_by(|b, a| a.path == b.path);
-        RepoIndex { files }
+        RepoIndex {
+            files,
+            skipped: Vec::new(),
+        }
     }
 
     /// The file at exactly this repository-relative path.
@@ -649,6 +747,54 @@ pub fn render_tree<'a>(paths: impl IntoIterator<Item = &'a str>, hide_tests: boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pep263_sources_decode_and_undecodable_ones_are_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let w = |name: &str, bytes: &[u8]| std::fs::write(d.path().join(name), bytes).unwrap();
+        w("latin.py", b"# -*- coding: latin-1 -*-\nclass Caf\xe9:\n    def cr\xe8me(self):\n        pass\n");
+        w("cp.py", b"#!/usr/bin/env python\n# vim: set fileencoding=cp1252 :\ndef na\xefve():\n    pass\n");
+        w("plain.py", "class Caf\u{e9}Ok:\n    pass\n".as_bytes());
+        w("nodecl.py", b"class Caf\xe9:\n    pass\n");
+        w("unknown.py", b"# coding: klingon\nclass Caf\xe9:\n    pass\n");
+        w("badutf8.py", b"# coding: utf-8\nclass Caf\xe9:\n    pass\n");
+        let idx = RepoIndex::build(d.path());
+        let names = |p: &str| {
+            let f = idx.file(p).unwrap();
+            let mut v: Vec<String> = f.classes.iter().map(|c| c.name.clone()).collect();
+            v.extend(f.functions.iter().map(|f| f.name.clone()));
+            v.extend(f.classes.iter().flat_map(|c| c.methods.iter().map(|m| m.name.clone())));
+            v
+        };
+        assert_eq!(names("latin.py"), vec!["Caf\u{e9}", "cr\u{e8}me"]);
+        assert_eq!(names("cp.py"), vec!["na\u{ef}ve"]);
+        assert_eq!(names("plain.py"), vec!["Caf\u{e9}Ok"]);
+        let mut skipped: Vec<&str> = idx.skipped.iter().map(|(p, _)| p.as_str()).collect();
+        skipped.sort();
+        assert_eq!(skipped, vec!["badutf8.py", "nodecl.py", "unknown.py"]);
+        for f in &idx.files {
+            for c in &f.classes {
+                assert!(!c.name.contains('\u{fffd}') && c.name != "Caf", "{}", c.name);
+            }
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn hard_links_are_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("secret.py");
+        std::fs::write(&outside, "def secret():\n    pass\n").unwrap();
+        let repo = d.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        std::fs::write(repo.join("a.py"), "def a():\n    pass\n").unwrap();
+        std::fs::hard_link(&outside, repo.join("link.py")).unwrap();
+        let idx = RepoIndex::build(&repo);
+        assert!(idx.file("a.py").is_some());
+        assert!(idx.file("link.py").is_none());
+        assert_eq!(idx.skipped.len(), 1);
+        assert!(idx.skipped[0].1.contains("hard-linked"));
+    }
 
     #[test]
     fn one_test_path_rule() {

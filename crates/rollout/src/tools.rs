@@ -45,9 +45,35 @@ impl ToolCall {
         }
     }
 
+    /// The arguments, by name.
+    fn args(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            ToolCall::GetCodeOfClass { file_name, class_name } => {
+                vec![("file_name", file_name), ("class_name", class_name)]
+            }
+            ToolCall::GetCodeOfFileFunction { file_name, func_name } => {
+                vec![("file_name", file_name), ("func_name", func_name)]
+            }
+            ToolCall::GetCodeOfClassFunction { file_name, class_name, func_name } => vec![
+                ("file_name", file_name),
+                ("class_name", class_name),
+                ("func_name", func_name),
+            ],
+            ToolCall::Exit => vec![],
+        }
+    }
+
     /// The call as one line, e.g. `get_code_of_class(file_name="a.py", class_name="A")`.
+    /// An argument longer than [`MAX_ARG_CHARS`] is shown cut, with its length.
     pub fn display(&self) -> String {
-        let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let q = |s: &str| match s.char_indices().nth(MAX_ARG_CHARS) {
+            None => serde_json::to_string(s).unwrap_or_default(),
+            Some((i, _)) => format!(
+                "{}... ({} characters)",
+                serde_json::to_string(&s[..i]).unwrap_or_default(),
+                s.chars().count()
+            ),
+        };
         match self {
             ToolCall::GetCodeOfClass {
                 file_name,
@@ -82,6 +108,10 @@ impl ToolCall {
         }
     }
 }
+
+/// The longest argument a tool takes: no path or name in a repository is longer, and an
+/// observation never echoes more of one.
+pub const MAX_ARG_CHARS: usize = 256;
 
 /// Limits for tool output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +245,16 @@ pub fn execute(index: &RepoIndex, call: &ToolCall, limits: ToolLimits) -> ToolOu
         | ToolCall::GetCodeOfFileFunction { file_name, .. }
         | ToolCall::GetCodeOfClassFunction { file_name, .. } => file_name,
     };
+    if let Some((name, v)) = call.args().into_iter().find(|(_, v)| v.chars().count() > MAX_ARG_CHARS) {
+        return miss(
+            call,
+            format!(
+                "Invalid {name}: it is {} characters long; paths and names are at most \
+                 {MAX_ARG_CHARS} characters.",
+                v.chars().count()
+            ),
+        );
+    }
     let path = match check_path(file_name) {
         Ok(p) => p,
         Err(msg) => return miss(call, msg),
@@ -365,6 +405,25 @@ pub fn tool_schemas() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_arguments_are_not_echoed() {
+        let idx = RepoIndex::from_files(vec![FileIndex::parse("a.py", b"class A:\n    pass\n")]);
+        let huge = "x".repeat(2_000_000);
+        for call in [
+            ToolCall::GetCodeOfClass { file_name: huge.clone(), class_name: "A".into() },
+            ToolCall::GetCodeOfClass { file_name: "a.py".into(), class_name: huge.clone() },
+            ToolCall::GetCodeOfClassFunction { file_name: "a.py".into(), class_name: "A".into(), func_name: huge.clone() },
+        ] {
+            let out = execute(&idx, &call, ToolLimits::default());
+            assert!(!out.found);
+            assert!(out.observation.len() < 2_000, "{} bytes", out.observation.len());
+            assert!(out.observation.contains("2000000 characters"), "{}", out.observation);
+        }
+        // A normal call is shown whole.
+        let ok = ToolCall::GetCodeOfClass { file_name: "a.py".into(), class_name: "A".into() };
+        assert_eq!(ok.display(), "get_code_of_class(file_name=\"a.py\", class_name=\"A\")");
+    }
     use crate::index::FileIndex;
 
     fn idx() -> RepoIndex {
