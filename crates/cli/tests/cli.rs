@@ -1,29 +1,16 @@
 //! End-to-end tests of the `tooltrain` binary against the committed tiny fixture and,
 //! when fetched, the SmolLM2 GGUF.
 
+mod common;
+use common::{root, stderr, tooltrain};
+
 use candle_core::{Device, Tensor};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::PathBuf;
+use std::process::Output;
 
 fn fixture() -> PathBuf {
     root().join("data/fixtures/tiny-qwen2")
-}
-
-fn tooltrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tooltrain"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run tooltrain")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Fails the test, showing stderr, unless the command succeeded.

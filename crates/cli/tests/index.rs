@@ -1,19 +1,13 @@
 //! `tooltrain index` on the committed fixture tree of `crates/rollout`.
 
+mod common;
+use common::{tooltrain};
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn fixture_repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../rollout/tests/fixtures/repo")
-}
-
-fn tooltrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tooltrain"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run tooltrain")
 }
 
 fn file<'a>(v: &'a Value, path: &str) -> &'a Value {

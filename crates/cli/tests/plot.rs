@@ -1,20 +1,10 @@
 //! `tooltrain plot` end to end: a generated metrics file to a PNG, decoded and checked.
 
+mod common;
+use common::{stderr, tooltrain};
+
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn tooltrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tooltrain"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run tooltrain")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// 40 steps of a made-up run: loss and reward every step, val_loss every 5 steps,
 /// a constant lr, a string key that is not plotted.

@@ -2,28 +2,12 @@
 //! (file://), bad input, and the committed CI set (`data/ci`, trees in
 //! `assets/repos-ci/` made by `scripts/prepare-ci-repos.sh`).
 
+mod common;
+use common::{root, text, tooltrain};
+
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tooltrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tooltrain"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run tooltrain")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+use std::path::Path;
+use std::process::Command;
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")

@@ -1,23 +1,13 @@
 //! `tooltrain synth` end to end: the written dataset, ground truth and trees load with
 //! the rollout crate's loaders and agree with each other; same seed, same bytes.
 
+mod common;
+use common::{stderr, tooltrain};
+
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 use tooltrain_rollout::gt::{locations_from_patch, GroundTruth};
 use tooltrain_rollout::{load_dataset, RepoIndex};
-
-fn tooltrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tooltrain"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run tooltrain")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// Every file under `root`, relative path -> bytes.
 fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
