@@ -27,9 +27,11 @@
 //!   skipped and counted in [`RepoIndex::skipped`] (trees made by `repos prepare` have
 //!   none: archive link entries are not extracted).
 //! - **Encodings**: a file that is not UTF-8 is decoded by its PEP 263 coding
-//!   declaration (`# -*- coding: latin-1 -*-` in the first two lines); one without a
-//!   declaration, with an unknown encoding, or with bytes its encoding cannot decode is
-//!   skipped and counted in [`RepoIndex::skipped`]: no name is ever indexed mangled.
+//!   declaration (`# -*- coding: latin-1 -*-` in the first two lines). Without one (or
+//!   with an unknown encoding, or bytes the encoding cannot decode) the bytes that are
+//!   not UTF-8 are replaced; when one of them stands on a `class`/`def` line the file is
+//!   skipped and counted in [`RepoIndex::skipped`], so no name is ever indexed mangled
+//!   (bad bytes in strings and comments elsewhere do not matter).
 //! - In the serialised form (`{"files": [{"path", "classes", "functions"}]}`) the imports
 //!   and the text are skipped.
 
@@ -143,15 +145,27 @@ impl FileIndex {
         Self::parse_with(&mut new_parser(), path.into(), bytes, false)
     }
 
+    /// Whether a replaced byte (U+FFFD) stands on the line of a class or function
+    /// definition, where it would mangle a name.
+    fn definition_lines_replaced(&self) -> bool {
+        let lines: Vec<&str> = self.text.lines().collect();
+        let bad = |l: usize| lines.get(l.wrapping_sub(1)).is_some_and(|s| s.contains('\u{fffd}'));
+        self.classes.iter().any(|c| bad(c.start_line) || c.methods.iter().any(|m| bad(m.start_line)))
+            || self.functions.iter().any(|f| bad(f.start_line))
+    }
+
     /// Like [`FileIndex::parse`] but always parsing the whole text with tree-sitter
     /// (no skeleton): the reference the skeleton path is tested against.
     pub fn parse_full(path: impl Into<String>, bytes: &[u8]) -> FileIndex {
         Self::parse_with(&mut new_parser(), path.into(), bytes, true)
     }
 
-    /// A file whose bytes cannot be decoded ([`decode_source`]) is indexed with no text.
+    /// Bytes that [`decode_source`] cannot decode are replaced (U+FFFD).
     fn parse_with(parser: &mut Parser, path: String, bytes: &[u8], full: bool) -> FileIndex {
-        let text = decode_source(bytes).map(|t| t.into_owned()).unwrap_or_default();
+        let text = match decode_source(bytes) {
+            Ok(t) => t.into_owned(),
+            Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+        };
         let mut out = FileIndex {
             path,
             classes: Vec::new(),
@@ -635,10 +649,13 @@ impl RepoIndex {
                     return Err((rel.clone(), "hard-linked (another name may be outside the repository)".into()));
                 }
                 let bytes = std::fs::read(abs).unwrap_or_default();
-                if let Err(why) = decode_source(&bytes) {
-                    return Err((rel.clone(), why));
+                let f = FileIndex::parse_with(parser, rel.clone(), &bytes, false);
+                match decode_source(&bytes) {
+                    Err(why) if f.definition_lines_replaced() => {
+                        Err((rel.clone(), format!("{why}, on a class or def line")))
+                    }
+                    _ => Ok(f),
                 }
-                Ok(FileIndex::parse_with(parser, rel.clone(), &bytes, false))
             })
             .collect();
         let mut index = RepoIndex::default();
@@ -758,6 +775,8 @@ mod tests {
         w("nodecl.py", b"class Caf\xe9:\n    pass\n");
         w("unknown.py", b"# coding: klingon\nclass Caf\xe9:\n    pass\n");
         w("badutf8.py", b"# coding: utf-8\nclass Caf\xe9:\n    pass\n");
+        // Bad bytes only in a string: indexed (names intact).
+        w("strings.py", b"def helper():\n    return \"caf\xe9\"\n");
         let idx = RepoIndex::build(d.path());
         let names = |p: &str| {
             let f = idx.file(p).unwrap();
@@ -769,6 +788,7 @@ mod tests {
         assert_eq!(names("latin.py"), vec!["Caf\u{e9}", "cr\u{e8}me"]);
         assert_eq!(names("cp.py"), vec!["na\u{ef}ve"]);
         assert_eq!(names("plain.py"), vec!["Caf\u{e9}Ok"]);
+        assert_eq!(names("strings.py"), vec!["helper"]);
         let mut skipped: Vec<&str> = idx.skipped.iter().map(|(p, _)| p.as_str()).collect();
         skipped.sort();
         assert_eq!(skipped, vec!["badutf8.py", "nodecl.py", "unknown.py"]);
