@@ -15,6 +15,10 @@ if ! "$PY" -c "import torch, transformers" 2>/dev/null; then
   exit 1
 fi
 cargo build --release -p tooltrain-model --bench train_gen >&2
+# The machine: every figure is only comparable on the same one.
+cpu="$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)"
+simd="$(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')"
+echo "machine: ${cpu:-unknown CPU}, $(nproc) cores; CPU SIMD: ${simd:-none of avx2/avx512f}"
 # Rounds alternate the two implementations, so that drift in the machine's speed (a
 # shared 2-core VM varies by 10-15% over minutes) hits both; the medians are compared.
 ROUNDS="${ROUNDS:-3}"
@@ -37,4 +41,5 @@ for key, what in (("train_tokens_per_s", "train"), ("gen_tokens_per_s", "generat
     print(f"{what} tokens/s ratio (tooltrain / pytorch): {a / b:.2f}x "
           f"(medians {a:.0f} vs {b:.0f} over {len(ours)} rounds; per round {per_round}; "
           f"{ours[0]['threads']} threads)")
+print(f"SIMD: tooltrain {ours[0].get('simd', '?')}; pytorch {theirs[0].get('simd', '?')}")
 PY

@@ -112,6 +112,7 @@ def main():
                 "train_tokens_per_s": round(train_tps, 2),
                 "gen_tokens_per_s": round(gen_tps, 2),
                 "threads": torch.get_num_threads(),
+                "simd": torch.backends.cpu.get_cpu_capability() if dev.type == "cpu" else str(dev),
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
                 "device": str(dev),

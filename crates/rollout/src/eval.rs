@@ -526,6 +526,99 @@ pub struct EvalSummary {
     pub seconds: f64,
 }
 
+/// A JSONL output written to `NAME.partial` and renamed to `NAME` once complete; the
+/// first write error is kept and reported at the end.
+struct PartialJsonl {
+    w: std::io::BufWriter<std::fs::File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    err: Option<String>,
+}
+
+impl PartialJsonl {
+    fn create(dir: &Path, name: &str) -> Result<PartialJsonl, String> {
+        let tmp = dir.join(format!("{name}.partial"));
+        let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        Ok(PartialJsonl {
+            w: std::io::BufWriter::new(f),
+            tmp,
+            path: dir.join(name),
+            err: None,
+        })
+    }
+
+    fn write<T: Serialize>(&mut self, v: &T) {
+        if self.err.is_some() {
+            return;
+        }
+        let r = serde_json::to_string(v)
+            .map_err(|e| e.to_string())
+            .and_then(|l| writeln!(self.w, "{l}").map_err(|e| e.to_string()));
+        if let Err(e) = r {
+            self.err = Some(format!("{}: {e}", self.tmp.display()));
+        }
+    }
+
+    /// Flushes, syncs and renames into place.
+    fn finish(self) -> Result<(), String> {
+        if let Some(e) = self.err {
+            return Err(e);
+        }
+        let path = self.path;
+        self.w
+            .into_inner()
+            .map_err(|e| e.to_string())
+            .and_then(|f| f.sync_all().map_err(|e| e.to_string()))
+            .and_then(|()| std::fs::rename(&self.tmp, &path).map_err(|e| e.to_string()))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// What an eval run adds up over its episodes.
+#[derive(Default)]
+struct Tally {
+    n: usize,
+    reward: f64,
+    turns: usize,
+    calls: usize,
+    invalid: usize,
+    drift: usize,
+    failed: usize,
+    /// Sample 0 of each instance: its prediction, or its failure.
+    preds: BTreeMap<String, Prediction>,
+    failures: BTreeMap<String, String>,
+}
+
+impl Tally {
+    fn add(&mut self, t: &Trajectory) {
+        self.n += 1;
+        self.reward += t.reward.unwrap_or(0.0);
+        self.turns += t.turns;
+        self.calls += t.tool_calls;
+        self.invalid += t.invalid_turns;
+        self.drift += t.tokens.as_ref().is_some_and(|r| r.drift > 0) as usize;
+        self.failed += t.error.is_some() as usize;
+        if let (0, Some(e)) = (t.sample, &t.error) {
+            self.failures.insert(t.instance_id.clone(), e.clone());
+        }
+    }
+}
+
+/// The tokenizer that renders an eval's episodes: the model policy's own, else the
+/// configured one, else none (text only).
+fn eval_tokenizer(
+    cfg: &EvalConfig,
+    model_tok: Option<Arc<Tokenizer>>,
+) -> Result<Option<Arc<Tokenizer>>, String> {
+    Ok(match (model_tok, &cfg.tokenizer) {
+        (Some(t), _) => Some(t),
+        (None, Some(dir)) => Some(Arc::new(
+            Tokenizer::from_dir(dir).map_err(|e| format!("tokenizer {}: {e}", dir.display()))?,
+        )),
+        (None, None) => None,
+    })
+}
+
 /// Runs an eval: all selected instances, `samples` episodes each (sample 0 is scored
 /// in the table; every sample's reward is in the means), writing the outputs under
 /// `cfg.out`. `on_done` is called after each episode (for a progress bar).
@@ -538,33 +631,15 @@ pub fn run_eval(
     let t0 = std::time::Instant::now();
     let sel = select(&cfg.data)?;
     let (policy, model_tok) = build_policy(&cfg.policy)?;
-    let tok = match (&model_tok, &cfg.tokenizer) {
-        (Some(t), _) => Some(t.clone()),
-        (None, Some(dir)) => Some(Arc::new(
-            Tokenizer::from_dir(dir).map_err(|e| format!("tokenizer {}: {e}", dir.display()))?,
-        )),
-        (None, None) => None,
-    };
-    let renderer = tok.map(Renderer::new).transpose()?;
+    let renderer = eval_tokenizer(cfg, model_tok)?.map(Renderer::new).transpose()?;
     // One run at a time writes here; `*.partial` files an interrupted run left are
     // replaced (they are renamed into place only when complete).
     let _lock = tooltrain_util::RunLock::acquire(&cfg.out, "tooltrain eval")?;
-    let part = |name: &str| cfg.out.join(format!("{name}.partial"));
-    let open = |name: &str| {
-        std::fs::File::create(part(name))
-            .map(std::io::BufWriter::new)
-            .map_err(|e| format!("{}: {e}", part(name).display()))
-    };
-    let mut traj_w = open("trajectories.jsonl")?;
-    let mut pred_w = open("predictions.jsonl")?;
+    let mut traj_w = PartialJsonl::create(&cfg.out, "trajectories.jsonl")?;
+    let mut pred_w = PartialJsonl::create(&cfg.out, "predictions.jsonl")?;
     on_start(sel.instances.len() * cfg.samples);
-
-    let mut preds: BTreeMap<String, Prediction> = BTreeMap::new();
     let mut gt_seen: BTreeMap<String, Vec<Location>> = sel.gt.clone();
-    let mut failures = BTreeMap::new();
-    let (mut n, mut reward, mut turns, mut calls, mut invalid, mut drift, mut failed) =
-        (0usize, 0.0, 0usize, 0usize, 0usize, 0usize, 0usize);
-    let mut io_err: Option<String> = None;
+    let mut tally = Tally::default();
     run_batches(
         &sel,
         &cfg.data,
@@ -576,55 +651,21 @@ pub fn run_eval(
         &cfg.episode,
         &|_, _| false,
         &mut |t, gt| {
-            n += 1;
-            reward += t.reward.unwrap_or(0.0);
-            turns += t.turns;
-            calls += t.tool_calls;
-            invalid += t.invalid_turns;
-            drift += t.tokens.as_ref().is_some_and(|r| r.drift > 0) as usize;
-            failed += t.error.is_some() as usize;
+            tally.add(&t);
             if let (true, Some(gt)) = (sel.derive_gt, gt) {
                 gt_seen.insert(t.instance_id.clone(), gt.to_vec());
             }
             if t.sample == 0 {
-                if let Some(e) = &t.error {
-                    failures.insert(t.instance_id.clone(), e.clone());
-                }
                 let p = PredictionLine::of(&t);
-                preds.insert(t.instance_id.clone(), p.prediction());
-                let line = serde_json::to_string(&p).map_err(|e| e.to_string());
-                if let Err(e) = line.and_then(|l| writeln!(pred_w, "{l}").map_err(|e| e.to_string())) {
-                    io_err.get_or_insert(e);
-                }
+                tally.preds.insert(t.instance_id.clone(), p.prediction());
+                pred_w.write(&p);
             }
-            match serde_json::to_string(&t) {
-                Ok(line) => {
-                    if let Err(e) = writeln!(traj_w, "{line}") {
-                        io_err.get_or_insert(e.to_string());
-                    }
-                }
-                Err(e) => {
-                    io_err.get_or_insert(e.to_string());
-                }
-            }
+            traj_w.write(&t);
             on_done(&t);
         },
     );
-    if let Some(e) = io_err {
-        return Err(format!("writing outputs under {}: {e}", cfg.out.display()));
-    }
-    for (w, name) in [
-        (traj_w, "trajectories.jsonl"),
-        (pred_w, "predictions.jsonl"),
-    ] {
-        w.into_inner()
-            .map_err(|e| e.to_string())
-            .and_then(|f| f.sync_all().map_err(|e| e.to_string()))
-            .and_then(|()| {
-                std::fs::rename(part(name), cfg.out.join(name)).map_err(|e| e.to_string())
-            })
-            .map_err(|e| format!("{}: {e}", cfg.out.join(name).display()))?;
-    }
+    traj_w.finish()?;
+    pred_w.finish()?;
     // Denominator: every selected instance (no GT = empty GT = 0).
     let missing_gt: Vec<String> = sel
         .instances
@@ -637,43 +678,41 @@ pub fn run_eval(
             .instances
             .iter()
             .map(|i| {
-                (
-                    i.instance_id.clone(),
-                    gt_seen.get(&i.instance_id).cloned().unwrap_or_default(),
-                )
+                let locs = gt_seen.get(&i.instance_id).cloned().unwrap_or_default();
+                (i.instance_id.clone(), locs)
             })
             .collect(),
     };
-    let report = evaluate(&preds, &gt);
-    let d = n.max(1) as f64;
+    let d = tally.n.max(1) as f64;
     let summary = EvalSummary {
-        report,
-        failures,
+        report: evaluate(&tally.preds, &gt),
+        failures: tally.failures,
         missing_gt,
-        episodes: n,
-        mean_reward: reward / d,
-        mean_turns: turns as f64 / d,
-        mean_tool_calls: calls as f64 / d,
-        invalid_turn_rate: invalid as f64 / (turns.max(1) as f64),
-        drift_episodes: drift,
-        failed_episodes: failed,
+        episodes: tally.n,
+        mean_reward: tally.reward / d,
+        mean_turns: tally.turns as f64 / d,
+        mean_tool_calls: tally.calls as f64 / d,
+        invalid_turn_rate: tally.invalid as f64 / (tally.turns.max(1) as f64),
+        drift_episodes: tally.drift,
+        failed_episodes: tally.failed,
         seconds: t0.elapsed().as_secs_f64(),
     };
-    let mut metrics = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
-    metrics["policy"] = json!(policy.name());
+    write_eval_outputs(cfg, &summary, &policy.name())?;
+    Ok(summary)
+}
+
+/// `metrics.json` (the summary, the policy, the config) and `table.txt`.
+fn write_eval_outputs(cfg: &EvalConfig, summary: &EvalSummary, policy: &str) -> Result<(), String> {
+    let mut metrics = serde_json::to_value(summary).map_err(|e| e.to_string())?;
+    metrics["policy"] = json!(policy);
     metrics["config"] = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
     let write = |name: &str, bytes: &[u8]| {
         crate::write_atomic(&cfg.out.join(name), bytes)
             .map_err(|e| format!("{}: {e}", cfg.out.join(name).display()))
     };
-    write(
-        "metrics.json",
-        serde_json::to_string_pretty(&metrics)
-            .map_err(|e| e.to_string())?
-            .as_bytes(),
-    )?;
-    write("table.txt", summary.report.table().as_bytes())?;
-    Ok(summary)
+    let text = serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?;
+    write("metrics.json", text.as_bytes())?;
+    write("table.txt", summary.report.table().as_bytes())
 }
 
 /// Reads a run's `metrics.json` back (for tests and tools).

@@ -238,18 +238,7 @@ pub fn run_sample(
     let t0 = std::time::Instant::now();
     let sel = select(&cfg.data)?;
     let (policy, model_tok) = build_policy(&cfg.policy)?;
-    let tok = match (&cfg.tokenizer, model_tok) {
-        (Some(dir), _) => Arc::new(
-            Tokenizer::from_dir(dir).map_err(|e| format!("tokenizer {}: {e}", dir.display()))?,
-        ),
-        (None, Some(t)) => t,
-        (None, None) => {
-            return Err(
-                "tokenizer: missing (the student's tokenizer directory; SFT examples are stored as its token ids)"
-                    .into(),
-            )
-        }
-    };
+    let tok = student_tokenizer(cfg, model_tok)?;
     let identity = run_identity(cfg, &policy.name(), &tok)?;
     let renderer = Renderer::new(tok).map_err(|e| format!("tokenizer: {e}"))?;
     let _lock = tooltrain_util::RunLock::acquire(&cfg.out, "tooltrain sample")?;
@@ -334,8 +323,37 @@ pub fn run_sample(
     let (kept, mut summary) = keep(&all, cfg.keep, cfg.dedup);
     summary.instances = sel.instances.len();
     summary.resumed = resumed;
+    summary.seconds = t0.elapsed().as_secs_f64();
+    write_dataset(cfg, &kept, &summary, &policy.name())?;
+    Ok(summary)
+}
+
+/// The student's tokenizer: the configured directory, else the model policy's own.
+fn student_tokenizer(
+    cfg: &SampleConfig,
+    model_tok: Option<Arc<Tokenizer>>,
+) -> Result<Arc<Tokenizer>, String> {
+    match (&cfg.tokenizer, model_tok) {
+        (Some(dir), _) => Ok(Arc::new(
+            Tokenizer::from_dir(dir).map_err(|e| format!("tokenizer {}: {e}", dir.display()))?,
+        )),
+        (None, Some(t)) => Ok(t),
+        (None, None) => Err(
+            "tokenizer: missing (the student's tokenizer directory; SFT examples are stored as its token ids)"
+                .into(),
+        ),
+    }
+}
+
+/// `sft.jsonl` (the kept trajectories as [`SftRecord`]s) and `summary.json`, atomically.
+fn write_dataset(
+    cfg: &SampleConfig,
+    kept: &[&Trajectory],
+    summary: &SampleSummary,
+    policy: &str,
+) -> Result<(), String> {
     let mut text = String::new();
-    for t in &kept {
+    for t in kept {
         let rec = t.tokens.as_ref().expect("kept trajectories have tokens");
         let line = SftRecord {
             instance_id: t.instance_id.clone(),
@@ -353,17 +371,11 @@ pub fn run_sample(
             .map_err(|e| format!("{}: {e}", cfg.out.join(name).display()))
     };
     write("sft.jsonl", text.as_bytes())?;
-    summary.seconds = t0.elapsed().as_secs_f64();
-    let mut s = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
-    s["policy"] = json!(policy.name());
+    let mut s = serde_json::to_value(summary).map_err(|e| e.to_string())?;
+    s["policy"] = json!(policy);
     s["keep"] = serde_json::to_value(cfg.keep).map_err(|e| e.to_string())?;
-    write(
-        "summary.json",
-        serde_json::to_string_pretty(&s)
-            .map_err(|e| e.to_string())?
-            .as_bytes(),
-    )?;
-    Ok(summary)
+    let text = serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?;
+    write("summary.json", text.as_bytes())
 }
 
 /// Applies the keep rule and de-duplication to all trajectories (sorted by instance,

@@ -1,7 +1,7 @@
 //! The RepoSearcher tools (`docs/reposearcher.md` §3): execution against a [`RepoIndex`], miss
 //! observations, output formatting and limits, and the tools' JSON schemas.
 
-use crate::index::{FileIndex, RepoIndex};
+use crate::index::{ClassEntry, FileIndex, RepoIndex};
 use serde_json::{json, Value};
 
 /// Tool names, exactly as the model sees them.
@@ -267,100 +267,109 @@ pub fn execute(index: &RepoIndex, call: &ToolCall, limits: ToolLimits) -> ToolOu
             ),
         );
     };
-    match call {
-        ToolCall::GetCodeOfClass { class_name, .. } => match file.class(class_name) {
-            Some(c) => found(call, &file.lines(c.start_line, c.end_line), limits),
-            None => {
-                let mut msg = format!("Class {class_name:?} was not found in file {path:?}.");
-                if file.function(class_name).is_some() {
-                    msg.push_str(&format!(
-                        " {class_name:?} is a module-level function of this file: use get_code_of_file_function(file_name, func_name)."
-                    ));
-                } else if let Some(owner) = method_owner(file, class_name) {
-                    msg.push_str(&format!(
-                        " {class_name:?} is a method of class {owner:?}: use get_code_of_class_function(file_name, class_name, func_name)."
-                    ));
-                }
-                msg.push_str(&format!(
-                    " Classes in this file: {}.",
-                    list(file.classes.iter().map(|c| c.name.clone()))
-                ));
-                miss(call, msg)
-            }
-        },
-        ToolCall::GetCodeOfFileFunction { func_name, .. } => match file.function(func_name) {
-            Some(f) => found(call, &file.lines(f.start_line, f.end_line), limits),
-            None => {
-                let mut msg =
-                    format!("Module-level function {func_name:?} was not found in file {path:?}.");
-                let (cls, meth) = match func_name.rsplit_once('.') {
-                    Some((c, m)) => (Some(c), m),
-                    None => (None, func_name.as_str()),
-                };
-                if let Some(owner) = cls
-                    .and_then(|c| file.class(c))
-                    .filter(|c| c.methods.iter().any(|m| m.name == meth))
-                    .map(|c| c.name.as_str())
-                    .or_else(|| method_owner(file, meth))
-                {
-                    msg.push_str(&format!(
-                        " {meth:?} is a method of class {owner:?}: use get_code_of_class_function(file_name, class_name, func_name) for methods."
-                    ));
-                } else if file.class(func_name).is_some() {
-                    msg.push_str(&format!(
-                        " {func_name:?} is a class: use get_code_of_class(file_name, class_name)."
-                    ));
-                }
-                msg.push_str(&format!(
-                    " Module-level functions in this file: {}.",
-                    list(file.functions.iter().map(|f| f.name.clone()))
-                ));
-                miss(call, msg)
-            }
-        },
+    let code = |start: usize, end: usize| found(call, &file.lines(start, end), limits);
+    let res = match call {
+        ToolCall::GetCodeOfClass { class_name, .. } => file
+            .class(class_name)
+            .map(|c| code(c.start_line, c.end_line))
+            .ok_or_else(|| class_miss(file, &path, class_name, None)),
+        ToolCall::GetCodeOfFileFunction { func_name, .. } => file
+            .function(func_name)
+            .map(|f| code(f.start_line, f.end_line))
+            .ok_or_else(|| function_miss(file, &path, func_name)),
         ToolCall::GetCodeOfClassFunction {
             class_name,
             func_name,
             ..
-        } => {
-            let Some(class) = file.class(class_name) else {
-                let mut msg = format!("Class {class_name:?} was not found in file {path:?}.");
-                if file.function(func_name).is_some() {
-                    msg.push_str(&format!(
-                        " {func_name:?} is a module-level function of this file: use get_code_of_file_function(file_name, func_name)."
-                    ));
-                }
+        } => match file.class(class_name) {
+            None => Err(class_miss(file, &path, class_name, Some(func_name))),
+            Some(class) => class
+                .methods
+                .iter()
+                .find(|m| &m.name == func_name)
+                .map(|m| code(m.start_line, m.end_line))
+                .ok_or_else(|| method_miss(file, &path, class, func_name)),
+        },
+        ToolCall::Exit => unreachable!("handled above"),
+    };
+    res.unwrap_or_else(|msg| miss(call, msg))
+}
+
+/// Why class `class_name` is not in `file`, with a hint when the name is something else
+/// there; `method` is the method the call asked for (get_code_of_class_function).
+fn class_miss(file: &FileIndex, path: &str, class_name: &str, method: Option<&str>) -> String {
+    let mut msg = format!("Class {class_name:?} was not found in file {path:?}.");
+    match method {
+        None if file.function(class_name).is_some() => msg.push_str(&format!(
+            " {class_name:?} is a module-level function of this file: use get_code_of_file_function(file_name, func_name)."
+        )),
+        None => {
+            if let Some(owner) = method_owner(file, class_name) {
                 msg.push_str(&format!(
-                    " Classes in this file: {}.",
-                    list(file.classes.iter().map(|c| c.name.clone()))
+                    " {class_name:?} is a method of class {owner:?}: use get_code_of_class_function(file_name, class_name, func_name)."
                 ));
-                return miss(call, msg);
-            };
-            match class.methods.iter().find(|m| &m.name == func_name) {
-                Some(m) => found(call, &file.lines(m.start_line, m.end_line), limits),
-                None => {
-                    let mut msg = format!(
-                        "Method {func_name:?} was not found in class {:?} of file {path:?}.",
-                        class.name
-                    );
-                    if file.function(func_name).is_some() {
-                        msg.push_str(&format!(
-                            " {func_name:?} is a module-level function of this file: use get_code_of_file_function(file_name, func_name)."
-                        ));
-                    } else if let Some(owner) = method_owner(file, func_name) {
-                        msg.push_str(&format!(" It is a method of class {owner:?}."));
-                    }
-                    msg.push_str(&format!(
-                        " Methods of {:?}: {}.",
-                        class.name,
-                        list(class.methods.iter().map(|m| m.name.clone()))
-                    ));
-                    miss(call, msg)
-                }
             }
         }
-        ToolCall::Exit => unreachable!("handled above"),
+        Some(func_name) if file.function(func_name).is_some() => msg.push_str(&format!(
+            " {func_name:?} is a module-level function of this file: use get_code_of_file_function(file_name, func_name)."
+        )),
+        Some(_) => {}
     }
+    msg.push_str(&format!(
+        " Classes in this file: {}.",
+        list(file.classes.iter().map(|c| c.name.clone()))
+    ));
+    msg
+}
+
+/// Why module-level function `func_name` is not in `file`, with a hint when it is a
+/// method (also written `Class.method`) or a class.
+fn function_miss(file: &FileIndex, path: &str, func_name: &str) -> String {
+    let mut msg = format!("Module-level function {func_name:?} was not found in file {path:?}.");
+    let (cls, meth) = match func_name.rsplit_once('.') {
+        Some((c, m)) => (Some(c), m),
+        None => (None, func_name),
+    };
+    if let Some(owner) = cls
+        .and_then(|c| file.class(c))
+        .filter(|c| c.methods.iter().any(|m| m.name == meth))
+        .map(|c| c.name.as_str())
+        .or_else(|| method_owner(file, meth))
+    {
+        msg.push_str(&format!(
+            " {meth:?} is a method of class {owner:?}: use get_code_of_class_function(file_name, class_name, func_name) for methods."
+        ));
+    } else if file.class(func_name).is_some() {
+        msg.push_str(&format!(
+            " {func_name:?} is a class: use get_code_of_class(file_name, class_name)."
+        ));
+    }
+    msg.push_str(&format!(
+        " Module-level functions in this file: {}.",
+        list(file.functions.iter().map(|f| f.name.clone()))
+    ));
+    msg
+}
+
+/// Why method `func_name` is not in `class`, with a hint when it is elsewhere.
+fn method_miss(file: &FileIndex, path: &str, class: &ClassEntry, func_name: &str) -> String {
+    let mut msg = format!(
+        "Method {func_name:?} was not found in class {:?} of file {path:?}.",
+        class.name
+    );
+    if file.function(func_name).is_some() {
+        msg.push_str(&format!(
+            " {func_name:?} is a module-level function of this file: use get_code_of_file_function(file_name, func_name)."
+        ));
+    } else if let Some(owner) = method_owner(file, func_name) {
+        msg.push_str(&format!(" It is a method of class {owner:?}."));
+    }
+    msg.push_str(&format!(
+        " Methods of {:?}: {}.",
+        class.name,
+        list(class.methods.iter().map(|m| m.name.clone()))
+    ));
+    msg
 }
 
 fn string_prop(desc: &str) -> Value {
