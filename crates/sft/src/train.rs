@@ -481,18 +481,23 @@ pub fn train_with_stop(
     summary.tokens = s.state.tokens;
     summary.tokens_per_s = run_tokens as f64 / run_train_s.max(1e-9);
     if summary.stopped.is_none() {
-        if total == 0 {
-            say(&s.pb, "max_steps = 0: exporting the initial model".into());
-        } else if run_tokens == 0 {
-            // Resumed a finished run: nothing to train, the checkpoint is the final state.
-            say(&s.pb, format!("the run was complete ({} steps)", s.state.step));
-        }
-        let dir = run.export_final(|d| Ok(tooltrain_model::save(&s.model, s.tokenizer.as_ref(), d)?))?;
-        say(&s.pb, format!("final model in {}", dir.display()));
-        summary.final_dir = Some(dir);
+        summary.final_dir = Some(export(&s, &run, run_tokens)?);
     }
     s.pb.finish();
     Ok(summary)
+}
+
+/// Exports the final model (`OUT/final`) of a completed run.
+fn export(s: &Session, run: &RunDir, run_tokens: u64) -> Result<PathBuf> {
+    if s.state.total_steps == 0 {
+        say(&s.pb, "max_steps = 0: exporting the initial model".into());
+    } else if run_tokens == 0 {
+        // Resumed a finished run: nothing to train, the checkpoint is the final state.
+        say(&s.pb, format!("the run was complete ({} steps)", s.state.step));
+    }
+    let dir = run.export_final(|d| Ok(tooltrain_model::save(&s.model, s.tokenizer.as_ref(), d)?))?;
+    say(&s.pb, format!("final model in {}", dir.display()));
+    Ok(dir)
 }
 
 /// One line of `metrics.jsonl` (see the crate docs).
