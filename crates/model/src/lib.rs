@@ -13,7 +13,7 @@
 //! | per-token log-probs and entropy, vocabulary-chunked | [`chunked_logprobs`], [`CausalLM::score`] |
 //! | batched sampling (shared prefixes computed once) | [`CausalLM::generate`], [`SamplingParams`] |
 //! | reusing earlier turns' keys and values (multi-turn episodes) | [`CausalLM::generate_reusing`], [`PrefixCache`] |
-//! | CPU kernels (AVX2 chosen at run time) | `kernels.rs` (private) |
+//! | CPU kernels (AVX2 chosen at run time) | `kernels/` (private): `mod.rs` (dispatch, shared helpers), `norm.rs`, `bias.rs`, `softmax.rs`, `swiglu.rs`, `rope.rs`, `cross_entropy.rs`, `attention.rs`, `decode_attention.rs`, `reduce.rs` |
 //! | AdamW, clipping, LR schedules | [`AdamW`], [`clip_grad_norm`], [`LrSchedule`] |
 
 pub mod config;

@@ -1,0 +1,328 @@
+//! Cross-entropy: per-row negative log-likelihood of given logits ([`Nll`]), and fused with
+//! the output projection so that the logits never become a graph tensor ([`LinearNll`]).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{fold_lanes, max_of, mm_par, slice, softmax_in_place, Elem, LANES};
+
+/// Per-row negative log-likelihood `lse(z) - z[target]` of `logits: [n, v]` against
+/// `targets: [n]` (u32); rows whose target is `ignore` give 0.
+pub(crate) struct Nll {
+    pub ignore: Option<u32>,
+}
+
+/// `lse(z) - z[t]` of one row of logits.
+fn row_nll<T: Elem>(z: &[T], t: usize) -> T {
+    row_lse(z) - z[t]
+}
+
+/// `log(sum(exp(z)))` of one row.
+fn row_lse<T: Elem>(z: &[T]) -> T {
+    fast!({
+        let mx = max_of(z);
+        let mut acc = [T::zero(); LANES];
+        let n = z.len() / LANES * LANES;
+        for c in z[..n].chunks_exact(LANES) {
+            for l in 0..LANES {
+                acc[l] = acc[l] + (c[l] - mx).fexp();
+            }
+        }
+        let tail = z[n..].iter().fold(T::zero(), |s, &x| s + (x - mx).fexp());
+        mx + fold_lanes(acc, tail, |a, b| a + b).ln()
+    })
+}
+
+/// Turns one row of logits into the gradient `g * (softmax(z) - onehot(t))`, in place.
+fn row_nll_grad<T: Elem>(z: &mut [T], t: usize, g: T) {
+    fast!(softmax_in_place(z, g));
+    z[t] = z[t] - g;
+}
+
+fn check_targets(tg: &[u32], v: usize, ignore: Option<u32>) -> Result<()> {
+    match tg.iter().find(|&&t| Some(t) != ignore && t as usize >= v) {
+        Some(bad) => bail!("cross-entropy: target {bad} outside the vocabulary of {v}"),
+        None => Ok(()),
+    }
+}
+
+fn nll_fwd<T: Elem>(
+    z: &CpuStorage,
+    lz: &Layout,
+    tg: &[u32],
+    ignore: Option<u32>,
+) -> Result<(CpuStorage, Shape)> {
+    let zs = slice::<T>(z, lz, "cross-entropy")?;
+    let (n, v) = lz.shape().dims2()?;
+    check_targets(tg, v, ignore)?;
+    let mut out = vec![T::zero(); n];
+    out.par_iter_mut()
+        .zip(zs.par_chunks(v))
+        .zip(tg.par_iter())
+        .for_each(|((o, z), &t)| {
+            if Some(t) != ignore {
+                *o = row_nll(z, t as usize);
+            }
+        });
+    Ok((T::to_cpu_storage_owned(out), Shape::from(n)))
+}
+
+fn u32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    slice::<u32>(s, l, "targets")
+}
+
+impl CustomOp2 for Nll {
+    fn name(&self) -> &'static str {
+        "nll-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        z: &CpuStorage,
+        lz: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let tg = u32s(t, lt)?;
+        dispatch!(z.dtype(), nll_fwd(z, lz, tg, self.ignore))
+    }
+    fn bwd(
+        &self,
+        z: &Tensor,
+        t: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dz = z.detach().apply_op3_no_bwd(
+            t,
+            &g.contiguous()?,
+            &NllBwd {
+                ignore: self.ignore,
+            },
+        )?;
+        Ok((Some(dz), None))
+    }
+}
+
+struct NllBwd {
+    ignore: Option<u32>,
+}
+
+fn nll_bwd<T: Elem>(
+    z: &CpuStorage,
+    lz: &Layout,
+    tg: &[u32],
+    g: &CpuStorage,
+    lg: &Layout,
+    ignore: Option<u32>,
+) -> Result<(CpuStorage, Shape)> {
+    let (zs, gs) = (
+        slice::<T>(z, lz, "cross-entropy bwd")?,
+        slice::<T>(g, lg, "cross-entropy bwd")?,
+    );
+    let (_, v) = lz.shape().dims2()?;
+    let mut dz = vec![T::zero(); zs.len()];
+    dz.par_chunks_mut(v)
+        .zip(zs.par_chunks(v))
+        .zip(tg.par_iter().zip(gs.par_iter()))
+        .for_each(|((dz, z), (&t, &g))| {
+            if Some(t) != ignore {
+                dz.copy_from_slice(z);
+                row_nll_grad(dz, t as usize, g);
+            }
+        });
+    Ok((T::to_cpu_storage_owned(dz), lz.shape().clone()))
+}
+
+impl CustomOp3 for NllBwd {
+    fn name(&self) -> &'static str {
+        "nll-bwd-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        z: &CpuStorage,
+        lz: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let tg = u32s(t, lt)?;
+        dispatch!(z.dtype(), nll_bwd(z, lz, tg, g, lg, self.ignore))
+    }
+}
+
+// ---------------------------------------------------------------- linear + cross-entropy
+
+/// Per-row negative log-likelihood of `targets` under logits `h @ w^T`
+/// (`h: [n, hidden]`, `w: [vocab, hidden]`), fused so that the logits never become a
+/// graph tensor: the forward keeps them privately for the backward, which turns them
+/// into `dZ` in place and returns `dh = dZ w` and `dw = dZ^T h`.
+pub(crate) struct LinearNll {
+    pub ignore: Option<u32>,
+    pub logits: CachedLogits,
+}
+
+/// The logits `[n, vocab]` of a [`LinearNll`] forward and their per-row log-sum-exp `[n]`,
+/// kept for its backward.
+pub(crate) type CachedLogits = std::sync::Arc<std::sync::Mutex<Option<(CpuStorage, CpuStorage)>>>;
+
+fn linear_nll_fwd<T: Elem>(
+    op: &LinearNll,
+    h: &CpuStorage,
+    lh: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    tg: &[u32],
+) -> Result<(CpuStorage, Shape)> {
+    let (hs, ws) = (
+        slice::<T>(h, lh, "linear-nll")?,
+        slice::<T>(w, lw, "linear-nll")?,
+    );
+    let (n, hd) = lh.shape().dims2()?;
+    let (v, hd2) = lw.shape().dims2()?;
+    if hd != hd2 || tg.len() != n {
+        bail!(
+            "linear-nll: hidden {:?}, weight {:?} and {} targets do not match",
+            lh.dims(),
+            lw.dims(),
+            tg.len()
+        )
+    }
+    check_targets(tg, v, op.ignore)?;
+    let mut z = vec![T::zero(); n * v];
+    if n > 0 {
+        mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
+    }
+    let lse: Vec<T> = z.par_chunks(v).map(row_lse).collect();
+    let out: Vec<T> = (0..n)
+        .map(|i| match tg[i] {
+            t if Some(t) == op.ignore => T::zero(),
+            t => lse[i] - z[i * v + t as usize],
+        })
+        .collect();
+    *op.logits.lock().expect("lock") =
+        Some((T::to_cpu_storage_owned(z), T::to_cpu_storage_owned(lse)));
+    Ok((T::to_cpu_storage_owned(out), Shape::from(n)))
+}
+
+impl CustomOp3 for LinearNll {
+    fn name(&self) -> &'static str {
+        "linear-nll-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        lh: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let tg = u32s(t, lt)?;
+        dispatch!(h.dtype(), linear_nll_fwd(self, h, lh, w, lw, tg))
+    }
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        t: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, hd) = h.dims2()?;
+        let v = w.dim(0)?;
+        // The row gradients travel with the targets: [n] u32 + [n] grad in one op call.
+        let bwd = LinearNllBwd {
+            ignore: self.ignore,
+            logits: self.logits.clone(),
+            targets: t.clone(),
+        };
+        let both = h
+            .detach()
+            .apply_op3_no_bwd(&w.detach(), &g.contiguous()?, &bwd)?;
+        let dh = both.narrow(0, 0, n * hd)?.reshape((n, hd))?;
+        let dw = both.narrow(0, n * hd, v * hd)?.reshape((v, hd))?;
+        Ok((Some(dh), Some(dw), None))
+    }
+}
+
+struct LinearNllBwd {
+    ignore: Option<u32>,
+    logits: CachedLogits,
+    targets: Tensor,
+}
+
+fn linear_nll_bwd<T: Elem>(
+    op: &LinearNllBwd,
+    h: &CpuStorage,
+    lh: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (hs, ws, gs) = (
+        slice::<T>(h, lh, "linear-nll bwd")?,
+        slice::<T>(w, lw, "linear-nll bwd")?,
+        slice::<T>(g, lg, "linear-nll bwd")?,
+    );
+    let (n, hd) = lh.shape().dims2()?;
+    let (v, _) = lw.shape().dims2()?;
+    let (tst, tl) = op.targets.storage_and_layout();
+    let candle_core::Storage::Cpu(tcpu) = &*tst else {
+        bail!("linear-nll: targets must be on the CPU")
+    };
+    let tg = u32s(tcpu, tl)?;
+    // The forward's logits, or recomputed when this backward runs a second time.
+    let (mut z, lse): (Vec<T>, Vec<T>) = match op.logits.lock().expect("lock").take() {
+        Some((z, lse)) => match (T::into_vec(z), T::into_vec(lse)) {
+            (Some(z), Some(lse)) => (z, lse),
+            _ => bail!("linear-nll: cached logits have another dtype"),
+        },
+        None => {
+            let mut z = vec![T::zero(); n * v];
+            if n > 0 {
+                mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
+            }
+            let lse = z.par_chunks(v).map(row_lse).collect();
+            (z, lse)
+        }
+    };
+    // dZ = g * (exp(z - lse) - onehot(t)), in place: one pass over the logits.
+    z.par_chunks_mut(v)
+        .zip(tg.par_iter().zip(gs.par_iter().zip(lse.par_iter())))
+        .for_each(|(z, (&t, (&g, &lse)))| {
+            if Some(t) == op.ignore {
+                z.iter_mut().for_each(|x| *x = T::zero());
+            } else {
+                fast!(z.iter_mut().for_each(|x| *x = (*x - lse).fexp() * g));
+                z[t as usize] = z[t as usize] - g;
+            }
+        });
+    let mut out = vec![T::zero(); n * hd + v * hd];
+    if n > 0 {
+        let (dh, dw) = out.split_at_mut(n * hd);
+        mm_par((n, hd, v), dh, &z, (v, 1), ws, (hd, 1));
+        mm_par((v, hd, n), dw, &z, (1, v), hs, (hd, 1));
+    }
+    let len = out.len();
+    Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+}
+
+impl CustomOp3 for LinearNllBwd {
+    fn name(&self) -> &'static str {
+        "linear-nll-bwd-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        lh: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(h.dtype(), linear_nll_bwd(self, h, lh, w, lw, g, lg))
+    }
+}
