@@ -119,6 +119,7 @@ fn main() -> tooltrain_model::Result<()> {
             "impl": "tooltrain-candle",
             "params": model.num_params(),
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "simd": tooltrain_model::simd_summary(),
             "checkpoint": checkpoint,
             "train_step_s": train_s,
             "train_tokens_per_s": (batch * seq) as f64 / train_s,

@@ -13,7 +13,7 @@
 //! | per-token log-probs and entropy, vocabulary-chunked | [`chunked_logprobs`], [`CausalLM::score`] |
 //! | batched sampling (shared prefixes computed once) | [`CausalLM::generate`], [`SamplingParams`] |
 //! | reusing earlier turns' keys and values (multi-turn episodes) | [`CausalLM::generate_reusing`], [`PrefixCache`] |
-//! | CPU kernels (AVX2 chosen at run time) | `kernels/` (private): `mod.rs` (dispatch, shared helpers), `norm.rs`, `bias.rs`, `softmax.rs`, `swiglu.rs`, `rope.rs`, `cross_entropy.rs`, `attention.rs`, `decode_attention.rs`, `reduce.rs` |
+//! | CPU kernels (baseline, AVX2 or AVX-512, chosen at run time: [`simd_level`], capped by `TOOLTRAIN_SIMD`) | `kernels/` (private): `mod.rs` (dispatch, shared helpers), `norm.rs`, `bias.rs`, `softmax.rs`, `swiglu.rs`, `rope.rs`, `cross_entropy.rs`, `attention.rs`, `decode_attention.rs`, `reduce.rs` |
 //! | AdamW, clipping, LR schedules | [`AdamW`], [`clip_grad_norm`], [`LrSchedule`] |
 
 pub mod config;
@@ -36,6 +36,7 @@ pub use load::{load, save, Checkpoint};
 pub use logprobs::{chunked_logprobs, pack_rows, SequenceScores, DEFAULT_VOCAB_CHUNK};
 pub use model::{CausalLM, KvCache, SeqLayout};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+pub use kernels::{detected_simd_level, set_simd_level, simd_level, simd_summary, SimdLevel};
 pub use runtime::tune_runtime;
 pub use tokenizer::{ChatTemplate, Tokenizer};
 

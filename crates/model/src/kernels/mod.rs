@@ -4,7 +4,7 @@
 //!
 //! | op family | file |
 //! |---|---|
-//! | shared: element types, run-time AVX2 (`fast!`), reductions, dtype `dispatch!`, gemm | `mod.rs` |
+//! | shared: element types, run-time SIMD levels (`fast!`: baseline, AVX2, AVX-512), reductions, dtype `dispatch!`, gemm | `mod.rs` |
 //! | RMSNorm | `norm.rs` |
 //! | bias add (its backward: a column sum) | `bias.rs` |
 //! | softmax, plain and scaled + masked | `softmax.rs` |
@@ -76,16 +76,91 @@ impl Elem for f64 {
 
 // ---------------------------------------------------------------- vector width
 
-/// `fast!(expr)` evaluates `expr` compiled for AVX2 (+FMA) when the CPU has it, decided at
-/// run time so that the build stays portable to any x86-64; elsewhere as compiled. Only
-/// the vector width changes: Rust never fuses `a * b + c` on its own and the reductions
-/// below fix their summation order, so both paths give bit-identical results.
+/// The instruction sets the kernels are compiled for, lowest first. [`fast!`] runs a
+/// kernel at the level [`simd_level`] says, chosen at run time, so the build stays
+/// portable to any x86-64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// As compiled for the target (SSE2 on x86-64).
+    Baseline = 0,
+    /// AVX2 with FMA (256-bit vectors).
+    Avx2 = 1,
+    /// AVX-512 (F, BW, VL, DQ; 512-bit vectors).
+    Avx512 = 2,
+}
+
+impl SimdLevel {
+    /// The name `TOOLTRAIN_SIMD` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Baseline => "baseline",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+
+    fn from_u8(v: u8) -> SimdLevel {
+        match v {
+            2 => SimdLevel::Avx512,
+            1 => SimdLevel::Avx2,
+            _ => SimdLevel::Baseline,
+        }
+    }
+}
+
+/// The highest level this CPU supports.
+pub fn detected_simd_level() -> SimdLevel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") && has!("avx2") && has!("fma") {
+            return SimdLevel::Avx512;
+        }
+        if has!("avx2") && has!("fma") {
+            return SimdLevel::Avx2;
+        }
+    }
+    SimdLevel::Baseline
+}
+
+/// The level in use; `u8::MAX` until first read.
+static LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// The level the kernels run at: the CPU's highest, or lower when the environment
+/// variable `TOOLTRAIN_SIMD` (`baseline`, `avx2`, `avx512`) caps it, or what
+/// [`set_simd_level`] chose. Every level gives bit-identical results.
+pub fn simd_level() -> SimdLevel {
+    let v = LEVEL.load(std::sync::atomic::Ordering::Relaxed);
+    if v != u8::MAX {
+        return SimdLevel::from_u8(v);
+    }
+    let cap = match std::env::var("TOOLTRAIN_SIMD").as_deref() {
+        Ok("baseline") | Ok("scalar") => SimdLevel::Baseline,
+        Ok("avx2") => SimdLevel::Avx2,
+        _ => SimdLevel::Avx512,
+    };
+    let level = detected_simd_level().min(cap);
+    LEVEL.store(level as u8, std::sync::atomic::Ordering::Relaxed);
+    level
+}
+
+/// Sets the level for the whole process (at most what the CPU supports) and returns the
+/// one now in effect. For tests and benchmarks that compare levels.
+pub fn set_simd_level(level: SimdLevel) -> SimdLevel {
+    let level = level.min(detected_simd_level());
+    LEVEL.store(level as u8, std::sync::atomic::Ordering::Relaxed);
+    level
+}
+
+/// `fast!(expr)` evaluates `expr` compiled for the widest instruction set of
+/// [`simd_level`]. Only the vector width changes: Rust never fuses `a * b + c` on its own
+/// and the reductions below fix their summation order, so every level gives bit-identical
+/// results.
 ///
-/// The code must be inlined into the `#[target_feature]` function to get the wider
+/// The code must be inlined into the `#[target_feature]` functions to get the wider
 /// vectors: helpers are `#[inline(always)]`, and the macro wraps `expr` in an
-/// `#[inline(always)]` closure. (A plain closure is not inlined when large: LLVM compiles
-/// it once for the baseline target and the AVX2 entry merely jumps to it; measured, every
-/// kernel ran on 128-bit SSE that way until 2026-11-24.)
+/// `#[inline(always)]` closure (a plain closure is not inlined when large: LLVM compiles
+/// it once for the baseline target and the wide entry merely jumps to it).
 macro_rules! fast {
     ($body:expr) => {
         $crate::kernels::run_wide(
@@ -100,15 +175,43 @@ pub(crate) use fast;
 #[inline(always)]
 pub(crate) fn run_wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
-            f()
+    match simd_level() {
+        SimdLevel::Avx512 => {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+            unsafe fn wide512<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: `simd_level` never exceeds what the CPU has.
+            return unsafe { wide512(f) };
         }
-        // SAFETY: the CPU has every feature `wide` is compiled with.
-        return unsafe { wide(f) };
+        SimdLevel::Avx2 => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: as above.
+            return unsafe { wide(f) };
+        }
+        SimdLevel::Baseline => {}
     }
     f()
+}
+
+/// One line on the CPU paths in use: the kernels' level and gemm's matrix kernels
+/// (AVX-512 when the CPU has it: gemm is built with its `x86-v4` kernels, chosen at run
+/// time; `TOOLTRAIN_SIMD` does not change gemm's choice).
+pub fn simd_summary() -> String {
+    #[cfg(target_arch = "x86_64")]
+    let gemm = if std::arch::is_x86_feature_detected!("avx512f") {
+        "avx512f"
+    } else if std::arch::is_x86_feature_detected!("fma") {
+        "fma"
+    } else {
+        "scalar"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let gemm = "native";
+    format!("kernels {}, gemm {gemm}", simd_level().name())
 }
 
 /// Independent accumulators of the reductions: the compiler keeps them in vector
