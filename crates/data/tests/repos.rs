@@ -72,12 +72,22 @@ fn status_of(r: &PrepareReport, id: &str) -> (Status, String) {
     (o.status, o.detail.clone())
 }
 
+/// Taken by every test here, so that they run one at a time: `prepare` holds an flock on
+/// its repos directory, and a process that another test spawns (git) holds a copy of the
+/// lock's descriptor between its fork and its exec, so a test's next run on the same
+/// directory could find the lock still held ("another `repos prepare` is running").
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    M.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn read(p: PathBuf) -> String {
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 #[test]
 fn git_source_checks_out_each_commit_once_per_repo_and_resumes() {
+    let _serial = serial();
     let t = tempfile::tempdir().unwrap();
     let origin = t.path().join("mirror/proj");
     std::fs::create_dir_all(&origin).unwrap();
@@ -274,6 +284,7 @@ const GOLD: &str = "diff --git a/proj/core.py b/proj/core.py\n--- a/proj/core.py
 
 #[test]
 fn pypi_source_picks_the_release_before_the_fix() {
+    let _serial = serial();
     let t = tempfile::tempdir().unwrap();
     let mut fake = FakeProject::new(t.path(), "proj");
     for n in 0..9 {
@@ -414,6 +425,7 @@ fn pypi_source_picks_the_release_before_the_fix() {
 
 #[test]
 fn pypi_wheel_is_mapped_into_a_src_layout() {
+    let _serial = serial();
     let t = tempfile::tempdir().unwrap();
     let mut fake = FakeProject::new(t.path(), "wproj");
     let text = "def g():\n    return 1\n";
@@ -461,6 +473,7 @@ fn swebench_verified() -> PathBuf {
 /// `CI=true`, else skips with a message.
 #[test]
 fn pypi_real_instances() {
+    let _serial = serial();
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     if !(ci || std::env::var("TOOLTRAIN_NET_TESTS").is_ok_and(|v| v == "1")) {
         eprintln!("skipping pypi_real_instances: set TOOLTRAIN_NET_TESTS=1 (or CI=true) to download from PyPI");

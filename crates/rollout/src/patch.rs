@@ -1,6 +1,8 @@
 //! Unified-diff parser for gold patches (`git diff` output, as in SWE-bench's `patch`
 //! field): per file, the removed lines (old-file numbering) and the insertion points of
 //! pure additions. Used to derive ground truth ([`crate::gt::locations_from_patch`]).
+//! Each file also keeps its hunks as they stand ([`Hunk`]: start lines and tagged body
+//! lines), for callers that need the hunks' old and new sides.
 //!
 //! A maximal run of `-`/`+` lines inside a hunk is one *change block*. A block with at
 //! least one `-` line contributes its removed line numbers (what it replaces is where
@@ -28,6 +30,40 @@ pub struct FilePatch {
     pub removed: Vec<usize>,
     /// Pure insertions, in order.
     pub insertions: Vec<Insertion>,
+    /// The hunks as they stand in the patch, in order.
+    pub hunks: Vec<Hunk>,
+}
+
+/// One hunk as it stands in the patch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hunk {
+    /// The header's old start line (with an empty old side, the line after which the new
+    /// lines go).
+    pub old_start: usize,
+    /// The header's new start line.
+    pub new_start: usize,
+    /// The body lines in order: the tag (`' '`, `'-'`, `'+'` or `'\\'`) and the text after
+    /// it (no line end). A context line whose single space was stripped is `(' ', "")`.
+    pub lines: Vec<(char, String)>,
+}
+
+impl Hunk {
+    /// The old side: context and removed lines, in order.
+    pub fn old_side(&self) -> impl Iterator<Item = &str> {
+        self.side('-')
+    }
+
+    /// The new side: context and added lines, in order.
+    pub fn new_side(&self) -> impl Iterator<Item = &str> {
+        self.side('+')
+    }
+
+    fn side(&self, tag: char) -> impl Iterator<Item = &str> {
+        self.lines
+            .iter()
+            .filter(move |(t, _)| *t == ' ' || *t == tag)
+            .map(|(_, l)| l.as_str())
+    }
 }
 
 impl FilePatch {
@@ -101,7 +137,9 @@ pub fn parse_patch(patch: &str) -> Result<Vec<FilePatch>, PatchError> {
         if let Some(rest) = line.strip_prefix("diff --git ") {
             // Paths from the header, overridden by `---`/`+++` when present.
             let (a, b) = match rest.split_once(" b/") {
-                Some((a, b)) => (strip_prefix_path(a), strip_prefix_path(b)),
+                // `b` has lost its `b/` already: put it back, so that a path that itself
+                // starts with `a/` or `b/` keeps it.
+                Some((a, b)) => (strip_prefix_path(a), strip_prefix_path(&format!("b/{b}"))),
                 None => (None, None),
             };
             files.push(FilePatch {
@@ -130,7 +168,8 @@ pub fn parse_patch(patch: &str) -> Result<Vec<FilePatch>, PatchError> {
             continue;
         }
         if line.starts_with("@@ ") {
-            let Some(((old_start, old_count), (_, new_count))) = parse_hunk_header(line) else {
+            let Some(((old_start, old_count), (new_start, new_count))) = parse_hunk_header(line)
+            else {
                 return Err(PatchError {
                     line: i + 1,
                     msg: format!("malformed hunk header {line:?}"),
@@ -142,6 +181,11 @@ pub fn parse_patch(patch: &str) -> Result<Vec<FilePatch>, PatchError> {
                     msg: "hunk before any file header".into(),
                 });
             };
+            f.hunks.push(Hunk {
+                old_start,
+                new_start,
+                lines: vec![],
+            });
             i += 1;
             // Old line number of the next old line; with count 0 the header names the
             // line *after which* the insertion goes.
@@ -198,6 +242,8 @@ pub fn parse_patch(patch: &str) -> Result<Vec<FilePatch>, PatchError> {
                     }
                     _ => {} // `\ No newline at end of file`
                 }
+                let hunk = f.hunks.last_mut().expect("pushed");
+                hunk.lines.push((tag, body.to_string()));
                 i += 1;
             }
             flush(f, &mut block_removed, &mut block_added, old_no);
@@ -241,6 +287,36 @@ mod tests {
         assert_eq!(fs[1].old_path, None);
         assert_eq!(fs[1].path(), "n.py");
         assert_eq!(fs[1].insertions[0].after_old_line, 0);
+    }
+
+    #[test]
+    fn hunks_keep_their_lines_in_order() {
+        let p = "diff --git a/m.py b/m.py\r\n--- a/m.py\r\n+++ b/m.py\r\n@@ -3,4 +3,4 @@ def f():\r\n a\r\n\r\n-b\r\n\\ No newline at end of file\n+B\n c\n@@ -0,0 +9 @@\n+z\n";
+        let fs = parse_patch(p).unwrap();
+        let h = &fs[0].hunks;
+        assert_eq!(h.len(), 2);
+        assert_eq!((h[0].old_start, h[0].new_start), (3, 3));
+        let tags: String = h[0].lines.iter().map(|(t, _)| *t).collect();
+        assert_eq!(tags, "  -\\+ ");
+        assert_eq!(
+            h[0].lines[3],
+            ('\\', " No newline at end of file".to_string())
+        );
+        assert_eq!(h[0].lines[5], (' ', "c".to_string()));
+        assert_eq!(h[0].old_side().collect::<Vec<_>>(), ["a", "", "b", "c"]);
+        assert_eq!(h[0].new_side().collect::<Vec<_>>(), ["a", "", "B", "c"]);
+        assert_eq!((h[1].old_start, h[1].new_start), (0, 9));
+        assert_eq!(h[1].old_side().count(), 0);
+        assert_eq!(h[1].new_side().collect::<Vec<_>>(), ["z"]);
+        // The changes derived from the same body.
+        assert_eq!(fs[0].removed, [5]);
+        assert_eq!(fs[0].insertions.len(), 1);
+        // A file without hunks keeps the paths of its `diff --git` line, whole.
+        let fs = parse_patch("diff --git a/b/x.py b/b/x.py\nold mode 100644\nnew mode 100755\n")
+            .unwrap();
+        assert_eq!(fs[0].old_path.as_deref(), Some("b/x.py"));
+        assert_eq!(fs[0].new_path.as_deref(), Some("b/x.py"));
+        assert!(fs[0].hunks.is_empty());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! How well a source tree matches a gold patch: the patch's hunks with their context
-//! ([`patch_hunks`]) and the pre-/post-image fit of a tree ([`patch_fit`]).
+//! ([`patch_hunks`], read by [`tooltrain_rollout::patch`]) and the pre-/post-image fit of
+//! a tree ([`patch_fit`]).
 //!
 //! A hunk's *old side* is its context and removed lines, its *new side* its context and
 //! added lines. The old side *fits* a file when it occurs there verbatim as consecutive
@@ -9,8 +10,8 @@
 //! the same way in the file at the new path. Only files that the patch modifies (they
 //! exist before and after) are scored; files it creates or deletes are not.
 
-use tooltrain_rollout::patch::{parse_range, strip_prefix_path};
 use serde::{Deserialize, Serialize};
+use tooltrain_rollout::patch::{self, parse_patch, FilePatch};
 
 /// One hunk: where it starts and its two sides.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,105 +38,33 @@ pub struct FileHunks {
     pub hunks: Vec<Hunk>,
 }
 
-/// Parse a unified diff into per-file hunks with their context. Errors name the 1-based
-/// line of the patch.
+/// The per-file hunks of a unified diff, with their context: [`parse_patch`] read it.
+/// Errors name the 1-based line of the patch.
 pub fn patch_hunks(patch: &str) -> Result<Vec<FileHunks>, String> {
-    let lines: Vec<&str> = patch
-        .split('\n')
-        .map(|l| l.strip_suffix('\r').unwrap_or(l))
-        .collect();
-    let mut files: Vec<FileHunks> = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        if let Some(rest) = line.strip_prefix("diff --git ") {
-            let (a, b) = match rest.split_once(" b/") {
-                Some((a, b)) => (strip_prefix_path(a), strip_prefix_path(&format!("b/{b}"))),
-                None => (None, None),
-            };
-            files.push(FileHunks {
-                old_path: a,
-                new_path: b,
-                hunks: vec![],
-            });
-            i += 1;
-            continue;
+    let files = parse_patch(patch).map_err(|e| e.to_string())?;
+    Ok(files.iter().map(FileHunks::from).collect())
+}
+
+impl From<&FilePatch> for FileHunks {
+    fn from(f: &FilePatch) -> Self {
+        FileHunks {
+            old_path: f.old_path.clone(),
+            new_path: f.new_path.clone(),
+            hunks: f.hunks.iter().map(Hunk::from).collect(),
         }
-        if line.starts_with("--- ") && i + 1 < lines.len() && lines[i + 1].starts_with("+++ ") {
-            let reuse = matches!(files.last(), Some(f) if f.hunks.is_empty());
-            if !reuse {
-                files.push(FileHunks::default());
-            }
-            let f = files.last_mut().expect("pushed");
-            f.old_path = strip_prefix_path(&line[4..]);
-            f.new_path = strip_prefix_path(&lines[i + 1][4..]);
-            i += 2;
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("@@ ") {
-            let bad = || format!("patch line {}: malformed hunk header {line:?}", i + 1);
-            let end = rest.find(" @@").ok_or_else(bad)?;
-            let mut parts = rest[..end].split_whitespace();
-            let (old_start, old_count) = parts
-                .next()
-                .and_then(|p| p.strip_prefix('-'))
-                .and_then(parse_range)
-                .ok_or_else(bad)?;
-            let (new_start, new_count) = parts
-                .next()
-                .and_then(|p| p.strip_prefix('+'))
-                .and_then(parse_range)
-                .ok_or_else(bad)?;
-            let f = files
-                .last_mut()
-                .ok_or_else(|| format!("patch line {}: hunk before any file header", i + 1))?;
-            let mut h = Hunk {
-                old_start,
-                new_start,
-                old: vec![],
-                new: vec![],
-                body: vec![],
-            };
-            i += 1;
-            while (h.old.len() < old_count || h.new.len() < new_count) && i < lines.len() {
-                let l = lines[i];
-                if !l.is_empty() || i + 1 < lines.len() {
-                    h.body.push(if l.is_empty() {
-                        " ".into()
-                    } else {
-                        l.to_string()
-                    });
-                }
-                match l.chars().next() {
-                    Some(' ') => {
-                        h.old.push(l[1..].to_string());
-                        h.new.push(l[1..].to_string());
-                    }
-                    // Some tools strip the single space of an empty context line
-                    // (the empty string after the patch's last newline is no line).
-                    None if i + 1 < lines.len() => {
-                        h.old.push(String::new());
-                        h.new.push(String::new());
-                    }
-                    Some('-') => h.old.push(l[1..].to_string()),
-                    Some('+') => h.new.push(l[1..].to_string()),
-                    Some('\\') => {}
-                    None => break,
-                    Some(_) => {
-                        return Err(format!("patch line {}: hunk ends early", i + 1));
-                    }
-                }
-                i += 1;
-            }
-            if h.old.len() != old_count || h.new.len() != new_count {
-                return Err(format!("patch line {i}: patch ends inside a hunk"));
-            }
-            f.hunks.push(h);
-            continue;
-        }
-        i += 1;
     }
-    Ok(files)
+}
+
+impl From<&patch::Hunk> for Hunk {
+    fn from(h: &patch::Hunk) -> Self {
+        Hunk {
+            old_start: h.old_start,
+            new_start: h.new_start,
+            old: h.old_side().map(str::to_string).collect(),
+            new: h.new_side().map(str::to_string).collect(),
+            body: h.lines.iter().map(|(tag, l)| format!("{tag}{l}")).collect(),
+        }
+    }
 }
 
 /// Fit of a tree to a patch: hunk counts over the files the patch modifies.
@@ -412,7 +341,20 @@ mod tests {
         assert_eq!(h[0].hunks[1].new, ["def g():", "    print()", "    pass"]);
         assert_eq!(h[1].old_path, None);
         assert_eq!(scored_paths(&h), ["m.py"]);
-        assert!(patch_hunks("--- a/x\n+++ b/x\n@@ -1,2 +1,2 @@\n a\n").is_err());
+        assert!(patch_hunks("--- a/x\n+++ b/x\n@@ -1,3 +1,3 @@\n a\n").is_err());
+        let e = patch_hunks("--- a/x\n+++ b/x\n@@ -1,3 +1,3 @@\n a\nX\n").unwrap_err();
+        assert!(e.starts_with("patch line 5: hunk ends early"), "{e}");
+        // The `\r\n` of a CRLF patch is no part of the lines.
+        assert_eq!(patch_hunks(&PATCH.replace('\n', "\r\n")).unwrap(), h);
+        // The body keeps `\` lines and gives an empty context line back its space.
+        let nl = "--- a/x\n+++ b/x\n@@ -1,3 +1,3 @@\n a\n\n-b\n\\ No newline at end of file\n+c\n";
+        let b = &patch_hunks(nl).unwrap()[0].hunks[0];
+        assert_eq!(
+            b.body,
+            [" a", " ", "-b", "\\ No newline at end of file", "+c"]
+        );
+        assert_eq!(b.old, ["a", "", "b"]);
+        assert_eq!(b.new, ["a", "", "c"]);
     }
 
     #[test]

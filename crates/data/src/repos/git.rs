@@ -5,9 +5,9 @@
 
 use super::archive;
 use super::{Ctx, Provenance};
-use tooltrain_rollout::dataset::Instance;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use tooltrain_rollout::dataset::Instance;
 
 /// A `git` command with no prompts (a missing repository must fail, not ask for a
 /// password).
@@ -24,7 +24,8 @@ fn git() -> Command {
     c
 }
 
-/// Run a git command; on failure, its last stderr line in the error.
+/// Run a git command; on failure, the line of its stderr that says what failed
+/// ([`failure_line`]) in the error.
 fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     let out = cmd
         .output()
@@ -33,13 +34,27 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
         return Ok(());
     }
     let err = String::from_utf8_lossy(&out.stderr);
-    let last = err
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
+    Err(format!(
+        "{what} failed ({}): {}",
+        out.status,
+        failure_line(&err)
+    ))
+}
+
+/// The line of git's stderr that says what failed: the first line starting with
+/// `fatal:` or `error:` (any case: GitHub's ssh answers `ERROR: Repository not found.`),
+/// else the last non-empty line. Git often ends with advice ("Please make sure you have
+/// the correct access rights / and the repository exists.") that names no cause.
+pub fn failure_line(stderr: &str) -> &str {
+    let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    let says_what = |l: &&str| {
+        let head = l.get(..6).unwrap_or("").to_ascii_lowercase();
+        head == "fatal:" || head == "error:"
+    };
+    lines()
+        .find(says_what)
+        .or_else(|| lines().next_back())
         .unwrap_or("")
-        .trim();
-    Err(format!("{what} failed ({}): {last}", out.status))
 }
 
 /// The clone URL of `owner/name` from a template with `{repo}`, `{owner}`, `{name}`.
@@ -220,5 +235,47 @@ mod tests {
         assert!(valid_repo("scikit-learn/scikit-learn"));
         assert!(!valid_repo("a/../b") && !valid_repo("-x/y") && !valid_repo("nope"));
         assert!(valid_commit("0123abc") && !valid_commit("--upload-pack=x"));
+    }
+
+    #[test]
+    fn failure_line_names_the_cause() {
+        // `git clone git@github.com:o/missing.git`, as captured.
+        let ssh = "Cloning into bare repository '/c/o__missing.git'...\nERROR: Repository not found.\nfatal: Could not read from remote repository.\n\nPlease make sure you have the correct access rights\nand the repository exists.\n";
+        assert_eq!(failure_line(ssh), "ERROR: Repository not found.");
+        // `git clone https://github.com/o/missing.git`.
+        let https = "remote: Repository not found.\nfatal: repository 'https://github.com/o/missing.git/' not found\n";
+        assert_eq!(
+            failure_line(https),
+            "fatal: repository 'https://github.com/o/missing.git/' not found"
+        );
+        // `git fetch origin <commit>` on a server that refuses unadvertised objects:
+        // the first error is the cause, the later fatal its consequence.
+        let fetch = "error: Server does not allow request for unadvertised object 0123abc\nfatal: could not fetch 0123abc from promisor remote\n";
+        assert_eq!(
+            failure_line(fetch),
+            "error: Server does not allow request for unadvertised object 0123abc"
+        );
+        // No fatal/error line: the last non-empty one.
+        assert_eq!(
+            failure_line("warning: x\n  something broke  \n\n"),
+            "something broke"
+        );
+        assert_eq!(failure_line(""), "");
+        assert_eq!(failure_line("é\n"), "é");
+    }
+
+    #[test]
+    fn failed_command_reports_the_fatal_line() {
+        let d = tempfile::tempdir().unwrap();
+        let e = run(
+            git()
+                .arg("-C")
+                .arg(d.path())
+                .args(["rev-parse", "--verify", "HEAD"]),
+            "git rev-parse",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("git rev-parse failed ("), "{e}");
+        assert!(e.contains("fatal: "), "{e}");
     }
 }

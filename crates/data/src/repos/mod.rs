@@ -91,13 +91,14 @@ pub mod git;
 pub mod pypi;
 pub mod version;
 
-use tooltrain_rollout::dataset::{valid_instance_id, Instance};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use tooltrain_rollout::dataset::{valid_instance_id, Instance};
+use tooltrain_util::retry::{retry, Attempt, Backoff};
 
 pub use fit::Fit;
 pub use pypi::PathMapping;
@@ -384,30 +385,9 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// GET with three tries on transport errors, 429 and 5xx.
+    /// GET with three tries on transport errors, 429 and 5xx ([`get_attempt`]).
     fn get(&self, url: &str) -> Result<ureq::http::Response<ureq::Body>, String> {
-        let mut last = String::new();
-        for attempt in 0..3 {
-            if attempt > 0 {
-                std::thread::sleep(Duration::from_secs(2 * attempt));
-            }
-            match self.agent.get(url).call() {
-                Ok(r) => return Ok(r),
-                Err(ureq::Error::StatusCode(c)) if c != 429 && c < 500 => {
-                    return Err(format!("GET {url}: HTTP {c}"))
-                }
-                // Worth another try: the network, timeouts, 429 and 5xx.
-                Err(
-                    e @ (ureq::Error::StatusCode(_)
-                    | ureq::Error::Io(_)
-                    | ureq::Error::Timeout(_)
-                    | ureq::Error::ConnectionFailed
-                    | ureq::Error::HostNotFound),
-                ) => last = format!("GET {url}: {e}"),
-                Err(e) => return Err(format!("GET {url}: {e}")),
-            }
-        }
-        Err(last)
+        retry(&NET_RETRY, |_| get_attempt(url, self.agent.get(url).call())).map_err(|(e, _)| e)
     }
 
     /// The text at a URL (`file://` reads a local file).
@@ -430,12 +410,13 @@ impl<'a> Ctx<'a> {
                 .map(|_| ())
                 .map_err(|e| format!("{p}: {e}"));
         }
-        let mut last = String::new();
-        for attempt in 0..3 {
-            if attempt > 0 {
-                std::thread::sleep(Duration::from_secs(2 * attempt));
-            }
-            let mut resp = self.get(url)?;
+        // Three tries of the transfer: a failed GET (already retried) ends it, a failure
+        // while writing the body is tried again.
+        retry(&NET_RETRY, |_| {
+            let mut resp = match self.get(url) {
+                Ok(r) => r,
+                Err(e) => return Attempt::Fatal(e),
+            };
             let res = std::fs::File::create(to)
                 .map_err(|e| format!("{}: {e}", to.display()))
                 .and_then(|mut f| {
@@ -443,11 +424,41 @@ impl<'a> Ctx<'a> {
                         .map_err(|e| format!("GET {url}: {e}"))
                 });
             match res {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e,
+                Ok(_) => Attempt::Done(()),
+                Err(error) => Attempt::Retry { error, after: None },
             }
+        })
+        .map_err(|(e, _)| e)
+    }
+}
+
+/// Network retries: three tries, waiting 2 s then 4 s.
+const NET_RETRY: Backoff = Backoff {
+    max_retries: 2,
+    base_secs: 2.0,
+    max_secs: 4.0,
+    jitter: false,
+};
+
+/// One GET's outcome as a try: transport errors (the network, timeouts), 429 and 5xx are
+/// worth another; other statuses and errors are not.
+fn get_attempt<T>(url: &str, res: Result<T, ureq::Error>) -> Attempt<T, String> {
+    match res {
+        Ok(r) => Attempt::Done(r),
+        Err(ureq::Error::StatusCode(c)) if c != 429 && c < 500 => {
+            Attempt::Fatal(format!("GET {url}: HTTP {c}"))
         }
-        Err(last)
+        Err(
+            e @ (ureq::Error::StatusCode(_)
+            | ureq::Error::Io(_)
+            | ureq::Error::Timeout(_)
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::HostNotFound),
+        ) => Attempt::Retry {
+            error: format!("GET {url}: {e}"),
+            after: None,
+        },
+        Err(e) => Attempt::Fatal(format!("GET {url}: {e}")),
     }
 }
 
@@ -642,22 +653,8 @@ pub fn prepare(
 ) -> Result<PrepareReport, PrepareError> {
     let t0 = Instant::now();
     let dir = &opts.repos_dir;
-    let err = |what: &str, e: &dyn std::fmt::Display| PrepareError(format!("{what}: {e}"));
-    std::fs::create_dir_all(dir).map_err(|e| err(&dir.display().to_string(), &e))?;
-    let lock_path = dir.join(".prepare.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| err(&lock_path.display().to_string(), &e))?;
-    fs2::FileExt::try_lock_exclusive(&lock).map_err(|_| {
-        PrepareError(format!(
-            "another `repos prepare` is running on {} (lock {} is held)",
-            dir.display(),
-            lock_path.display()
-        ))
-    })?;
+    // Held until the run ends.
+    let _lock = lock_repos_dir(dir)?;
     // Temp trees of earlier runs that died (we hold the lock: nobody else is building).
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -667,8 +664,7 @@ pub fn prepare(
         }
     }
     let ctx = Ctx::new(opts);
-    let stop: Mutex<Option<String>> = Mutex::new(None);
-    let stopped = AtomicBool::new(false);
+    let stop = Stop::default();
     let mut outcomes: Vec<Outcome> = Vec::new();
     for id in unknown_ids {
         let o = Outcome {
@@ -680,56 +676,17 @@ pub fn prepare(
         progress(&o);
         outcomes.push(o);
     }
-    let one = |inst: &Instance| -> Outcome {
-        let t = Instant::now();
-        let id = &inst.instance_id;
-        let out = |status, detail: String| Outcome {
-            instance_id: id.clone(),
-            status,
-            detail,
-            seconds: t.elapsed().as_secs_f64(),
-        };
-        if !valid_instance_id(id) {
-            return out(
-                Status::Failed,
-                "instance id is not usable as a directory name".into(),
-            );
-        }
-        if !opts.force {
-            if let Some(m) = read_marker(dir, id) {
-                return out(Status::Skipped, m.provenance.summary());
-            }
-        }
-        if stopped.load(Ordering::SeqCst) {
-            let why = stop.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            return out(Status::NotStarted, why.unwrap_or_default());
-        }
-        for p in [dir, &opts.cache_dir] {
-            if let Err(e) = check_free_space(p, opts.min_free_gb) {
-                let mut s = stop.lock().unwrap_or_else(|e| e.into_inner());
-                if s.is_none() {
-                    *s = Some(e.clone());
-                }
-                stopped.store(true, Ordering::SeqCst);
-                return out(Status::NotStarted, e);
-            }
-        }
-        match make_one(&ctx, inst, t) {
-            Ok(m) => out(Status::Prepared, m.provenance.summary()),
-            Err(e) => out(Status::Failed, e),
-        }
-    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
         .build()
-        .map_err(|e| err("thread pool", &e))?;
+        .map_err(|e| prepare_error("thread pool", e))?;
     let results: Vec<Outcome> = pool.install(|| {
         use rayon::prelude::*;
         instances
             .par_iter()
             .with_max_len(1)
             .map(|inst| {
-                let o = one(inst);
+                let o = prepare_one(&ctx, inst, &stop);
                 progress(&o);
                 o
             })
@@ -746,15 +703,92 @@ pub fn prepare(
         skipped: count(Status::Skipped),
         failed: count(Status::Failed),
         not_started: count(Status::NotStarted),
-        stopped: stop.into_inner().unwrap_or_else(|e| e.into_inner()),
+        stopped: stop.why.into_inner().unwrap_or_else(|e| e.into_inner()),
         instances: outcomes,
     };
-    let json = serde_json::to_string_pretty(&report).map_err(|e| err("report", &e))?;
+    let json = serde_json::to_string_pretty(&report).map_err(|e| prepare_error("report", e))?;
     let report_path = dir.join("prepare-report.json");
     tooltrain_util::write_atomic(&report_path, json.as_bytes())
-        .map_err(|e| err(&report_path.display().to_string(), &e))?;
+        .map_err(|e| prepare_error(report_path.display(), e))?;
     write_pypi_manifest(dir, instances).map_err(PrepareError)?;
     Ok(report)
+}
+
+fn prepare_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> PrepareError {
+    PrepareError(format!("{what}: {e}"))
+}
+
+/// Create the repos directory and take its lock (`.prepare.lock`): one run at a time.
+/// The lock is held while the returned file is open.
+fn lock_repos_dir(dir: &Path) -> Result<std::fs::File, PrepareError> {
+    std::fs::create_dir_all(dir).map_err(|e| prepare_error(dir.display(), e))?;
+    let lock_path = dir.join(".prepare.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| prepare_error(lock_path.display(), e))?;
+    fs2::FileExt::try_lock_exclusive(&lock).map_err(|_| {
+        PrepareError(format!(
+            "another `repos prepare` is running on {} (lock {} is held)",
+            dir.display(),
+            lock_path.display()
+        ))
+    })?;
+    Ok(lock)
+}
+
+/// Whether the run stopped scheduling instances, and why (the first reason).
+#[derive(Default)]
+struct Stop {
+    why: Mutex<Option<String>>,
+    stopped: AtomicBool,
+}
+
+/// One instance's outcome: failed when its id is unusable, skipped when it has a marker
+/// (unless `force`), not started once the run stopped or when disk space is short
+/// (which stops the run), else prepared or failed by [`make_one`].
+fn prepare_one(ctx: &Ctx, inst: &Instance, stop: &Stop) -> Outcome {
+    let opts = ctx.opts;
+    let dir = &opts.repos_dir;
+    let t = Instant::now();
+    let id = &inst.instance_id;
+    let out = |status, detail: String| Outcome {
+        instance_id: id.clone(),
+        status,
+        detail,
+        seconds: t.elapsed().as_secs_f64(),
+    };
+    if !valid_instance_id(id) {
+        return out(
+            Status::Failed,
+            "instance id is not usable as a directory name".into(),
+        );
+    }
+    if !opts.force {
+        if let Some(m) = read_marker(dir, id) {
+            return out(Status::Skipped, m.provenance.summary());
+        }
+    }
+    if stop.stopped.load(Ordering::SeqCst) {
+        let why = stop.why.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        return out(Status::NotStarted, why.unwrap_or_default());
+    }
+    for p in [dir, &opts.cache_dir] {
+        if let Err(e) = check_free_space(p, opts.min_free_gb) {
+            let mut s = stop.why.lock().unwrap_or_else(|e| e.into_inner());
+            if s.is_none() {
+                *s = Some(e.clone());
+            }
+            stop.stopped.store(true, Ordering::SeqCst);
+            return out(Status::NotStarted, e);
+        }
+    }
+    match make_one(ctx, inst, t) {
+        Ok(m) => out(Status::Prepared, m.provenance.summary()),
+        Err(e) => out(Status::Failed, e),
+    }
 }
 
 /// Merge the PyPI releases of `instances`' markers into `<dir>/pypi-manifest.json`.
@@ -844,6 +878,37 @@ mod tests {
     }
 
     #[test]
-    fn ids_must_be_directory_names() {
+    fn get_retries_transport_errors_429_and_5xx_only() {
+        let kind = |r: Result<(), ureq::Error>| match get_attempt("u", r) {
+            Attempt::Done(()) => "done".to_string(),
+            Attempt::Retry { error, after } => {
+                assert_eq!(after, None);
+                format!("retry {error}")
+            }
+            Attempt::Fatal(e) => format!("fatal {e}"),
+        };
+        use ureq::Error as E;
+        assert_eq!(kind(Ok(())), "done");
+        assert_eq!(kind(Err(E::StatusCode(404))), "fatal GET u: HTTP 404");
+        assert_eq!(kind(Err(E::StatusCode(499))), "fatal GET u: HTTP 499");
+        for retried in [
+            E::StatusCode(429),
+            E::StatusCode(500),
+            E::StatusCode(503),
+            E::Io(std::io::Error::other("reset")),
+            E::Timeout(ureq::Timeout::Global),
+            E::ConnectionFailed,
+            E::HostNotFound,
+        ] {
+            let k = kind(Err(retried));
+            assert!(k.starts_with("retry GET u: "), "{k}");
+        }
+        for fatal in [E::BadUri("x".into()), E::TooManyRedirects, E::TlsRequired] {
+            let k = kind(Err(fatal));
+            assert!(k.starts_with("fatal GET u: "), "{k}");
+        }
+        // Three tries, waiting 2 s then 4 s (as `2 * attempt` did).
+        assert_eq!(NET_RETRY.max_retries + 1, 3);
+        assert_eq!((NET_RETRY.wait_secs(0), NET_RETRY.wait_secs(1)), (2.0, 4.0));
     }
 }

@@ -6,11 +6,11 @@ use super::archive::{self, ArchiveKind};
 use super::fit::{patch_fit, patch_hunks, scored_paths, FileHunks, Fit};
 use super::version::Version;
 use super::{Ctx, PinnedRelease, Provenance};
-use tooltrain_rollout::dataset::Instance;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tooltrain_rollout::dataset::Instance;
 
 /// The PyPI project of a GitHub repository (`owner/name`): the SWE-bench repositories by
 /// table, otherwise the repository name.
@@ -364,126 +364,36 @@ pub fn search_release(
     eval: &mut dyn FnMut(usize) -> Fit,
 ) -> (usize, Vec<(usize, Fit)>) {
     assert!(n > 0, "search_release needs at least one release");
-    struct Memo<'e> {
-        fits: Vec<Option<Fit>>,
-        eval: &'e mut dyn FnMut(usize) -> Fit,
-    }
-    impl Memo<'_> {
-        fn get(&mut self, i: usize) -> Fit {
-            if let Some(f) = self.fits[i] {
-                return f;
-            }
-            let f = (self.eval)(i);
-            self.fits[i] = Some(f);
-            f
-        }
-        fn reads(&self) -> usize {
-            self.fits.iter().filter(|m| m.is_some()).count()
-        }
-        /// First index in [lo, hi) where `pred` holds (hi when none), if monotone.
-        fn first(&mut self, mut lo: usize, mut hi: usize, pred: fn(&Fit) -> bool) -> usize {
-            while lo < hi {
-                let mid = (lo + hi) / 2;
-                if pred(&self.get(mid)) {
-                    hi = mid;
-                } else {
-                    lo = mid + 1;
-                }
-            }
-            lo
-        }
-    }
     let mut memo = Memo {
         fits: vec![None; n],
         eval,
     };
-    let key = fit_key;
+    // 1. The release before the first one holding the fix.
     let fixed_at = memo.first(0, n, |f| f.fixed());
     let mut c = fixed_at.saturating_sub(1);
+    // 2. Uninformative releases misled the search: scan, then search a bracket.
     if !memo.get(c).before() {
-        // Coarse scan: the best release before the fix among evenly spaced ones (and
-        // those already read).
-        // Rounds of finer steps while nothing read is informative and the budget lasts.
-        let mut step = n.div_ceil(8).max(1);
-        loop {
-            for i in (0..n).step_by(step).chain([n - 1]) {
-                if memo.fits[i].is_none() && memo.reads() < max_evals {
-                    memo.get(i);
-                }
-            }
-            let informative = memo.fits.iter().flatten().any(|f| f.before() || f.fixed());
-            if informative || step == 1 || memo.reads() >= max_evals {
-                break;
-            }
-            step = step.div_ceil(2);
-        }
-        let best_before = (0..n)
-            .filter_map(|i| memo.fits[i].map(|f| (i, f)))
-            .filter(|(_, f)| f.before())
-            .max_by_key(|(i, f)| key(*i, f));
-        if let Some((a, _)) = best_before {
-            let b = (a + 1..n).find(|&i| memo.fits[i].is_some()).unwrap_or(n);
-            // The last release before the fix in [a, b): the first one that is not.
-            let end = memo.first(a + 1, b, |f| !f.before());
-            c = end - 1;
-        } else if let Some(j) = (0..n).find(|&i| memo.fits[i].is_some_and(|f| f.fixed())) {
-            // No scanned release is before the fix, but one holds it: the release before
-            // the first one holding it lies between it and the scanned one before it.
-            let p = (0..j).rev().find(|&i| memo.fits[i].is_some()).unwrap_or(0);
-            c = memo.first(p + 1, j, |f| f.fixed()).saturating_sub(1);
-        }
+        coarse_scan(&mut memo, max_evals);
+        c = bracket_candidate(&mut memo).unwrap_or(c);
     }
-    let informative = memo.fits.iter().flatten().any(|f| f.before() || f.fixed());
-    if !informative {
+    if !memo.informative() {
         // Nothing fits anywhere read: centre on the release most like the old side.
         c = (0..n)
             .filter_map(|i| memo.fits[i].map(|f| (f.old_lines_found, i)))
             .max()
             .map_or(c, |(_, i)| i);
     }
+    // 3. Neighbours, then releases further out, while the best is not exact.
     let fc = memo.get(c);
     let mut best = (c, fc);
     if !fc.exact() {
-        let near = [
-            c as isize - 1,
-            c as isize + 1,
-            c as isize - 2,
-            c as isize + 2,
-        ];
-        for j in near {
-            if j < 0 || j as usize >= n {
-                continue;
-            }
-            let j = j as usize;
-            let f = memo.get(j);
-            if key(j, &f) > key(best.0, &best.1) {
-                best = (j, f);
-            }
-        }
-        // Further out from the candidate, newer and older in turn.
-        let mut d = 3;
-        while !best.1.exact() && memo.reads() < max_evals && (d <= c || c + d < n) {
-            for j in [c.checked_add(d).filter(|&j| j < n), c.checked_sub(d)]
-                .into_iter()
-                .flatten()
-            {
-                if memo.fits[j].is_some() || memo.reads() >= max_evals {
-                    continue;
-                }
-                let f = memo.get(j);
-                if key(j, &f) > key(best.0, &best.1) {
-                    best = (j, f);
-                }
-            }
-            d += 1;
-        }
+        read_neighbours(&mut memo, c, &mut best);
+        read_further_out(&mut memo, c, max_evals, &mut best);
     }
     // Any release read may beat the candidate (the scans read many).
     for (i, m) in memo.fits.iter().enumerate() {
         if let Some(f) = m {
-            if key(i, f) > key(best.0, &best.1) {
-                best = (i, *f);
-            }
+            keep_better(&mut best, i, *f);
         }
     }
     let evaluated = memo
@@ -493,6 +403,132 @@ pub fn search_release(
         .filter_map(|(i, m)| m.map(|f| (i, f)))
         .collect();
     (best.0, evaluated)
+}
+
+/// The fits [`search_release`] has read, by release index; each release is read once.
+struct Memo<'e> {
+    fits: Vec<Option<Fit>>,
+    eval: &'e mut dyn FnMut(usize) -> Fit,
+}
+
+impl Memo<'_> {
+    fn get(&mut self, i: usize) -> Fit {
+        if let Some(f) = self.fits[i] {
+            return f;
+        }
+        let f = (self.eval)(i);
+        self.fits[i] = Some(f);
+        f
+    }
+
+    fn reads(&self) -> usize {
+        self.fits.iter().filter(|m| m.is_some()).count()
+    }
+
+    /// A release read is before or after the fix.
+    fn informative(&self) -> bool {
+        self.fits.iter().flatten().any(|f| f.before() || f.fixed())
+    }
+
+    /// First index in [lo, hi) where `pred` holds (hi when none), if monotone.
+    fn first(&mut self, mut lo: usize, mut hi: usize, pred: fn(&Fit) -> bool) -> usize {
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if pred(&self.get(mid)) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        lo
+    }
+}
+
+/// Replace `best` by release `j` when `j` is better ([`fit_key`]).
+fn keep_better(best: &mut (usize, Fit), j: usize, f: Fit) {
+    if fit_key(j, &f) > fit_key(best.0, &best.1) {
+        *best = (j, f);
+    }
+}
+
+/// Read about 8 evenly spaced releases and the newest; while none read is informative
+/// and fewer than `max_evals` were read, twice as many, and so on.
+fn coarse_scan(memo: &mut Memo<'_>, max_evals: usize) {
+    let n = memo.fits.len();
+    let mut step = n.div_ceil(8).max(1);
+    loop {
+        for i in (0..n).step_by(step).chain([n - 1]) {
+            if memo.fits[i].is_none() && memo.reads() < max_evals {
+                memo.get(i);
+            }
+        }
+        if memo.informative() || step == 1 || memo.reads() >= max_evals {
+            break;
+        }
+        step = step.div_ceil(2);
+    }
+}
+
+/// After [`coarse_scan`]: the last release before the fix, by a binary search between
+/// the best release read that is before the fix and the next release read; with none
+/// before the fix, the release before the first one holding it, between that one and
+/// the release read before it. `None` when no release read is informative.
+fn bracket_candidate(memo: &mut Memo<'_>) -> Option<usize> {
+    let n = memo.fits.len();
+    let best_before = (0..n)
+        .filter_map(|i| memo.fits[i].map(|f| (i, f)))
+        .filter(|(_, f)| f.before())
+        .max_by_key(|(i, f)| fit_key(*i, f));
+    if let Some((a, _)) = best_before {
+        let b = (a + 1..n).find(|&i| memo.fits[i].is_some()).unwrap_or(n);
+        // The last release before the fix in [a, b): the first one that is not.
+        let end = memo.first(a + 1, b, |f| !f.before());
+        return Some(end - 1);
+    }
+    let j = (0..n).find(|&i| memo.fits[i].is_some_and(|f| f.fixed()))?;
+    // No release read is before the fix, but one holds it: the release before the first
+    // one holding it lies between it and the release read before it.
+    let p = (0..j).rev().find(|&i| memo.fits[i].is_some()).unwrap_or(0);
+    Some(memo.first(p + 1, j, |f| f.fixed()).saturating_sub(1))
+}
+
+/// Read the two neighbours each side of candidate `c` (nearest first).
+fn read_neighbours(memo: &mut Memo<'_>, c: usize, best: &mut (usize, Fit)) {
+    let n = memo.fits.len();
+    let near = [
+        c as isize - 1,
+        c as isize + 1,
+        c as isize - 2,
+        c as isize + 2,
+    ];
+    for j in near {
+        if j < 0 || j as usize >= n {
+            continue;
+        }
+        let j = j as usize;
+        let f = memo.get(j);
+        keep_better(best, j, f);
+    }
+}
+
+/// Read releases further out from candidate `c`, newer and older in turn, until the best
+/// is exact or `max_evals` releases were read.
+fn read_further_out(memo: &mut Memo<'_>, c: usize, max_evals: usize, best: &mut (usize, Fit)) {
+    let n = memo.fits.len();
+    let mut d = 3;
+    while !best.1.exact() && memo.reads() < max_evals && (d <= c || c + d < n) {
+        for j in [c.checked_add(d).filter(|&j| j < n), c.checked_sub(d)]
+            .into_iter()
+            .flatten()
+        {
+            if memo.fits[j].is_some() || memo.reads() >= max_evals {
+                continue;
+            }
+            let f = memo.get(j);
+            keep_better(best, j, f);
+        }
+        d += 1;
+    }
 }
 
 /// sha256 of a file, lowercase hex.
@@ -581,20 +617,36 @@ pub(super) fn releases(ctx: &Ctx, project: &str) -> Result<Arc<Vec<Release>>, St
     })
 }
 
+/// What [`evaluate`] gives for a release file: its fit, the path mapping, the archive.
+type Scored = (Fit, PathMapping, PathBuf);
+
 /// Fit of one release file to the patch: download, read, map, score.
 fn evaluate(
     ctx: &Ctx,
     f: &DistFile,
     hunks: &[FileHunks],
     gold: &[String],
-) -> Result<(Fit, PathMapping, PathBuf), String> {
+) -> Result<Scored, String> {
     let path = fetch_file(ctx, f)?;
     let cand = read_candidate(&path, &f.filename, &f.packagetype, gold)?;
     let fit = patch_fit(hunks, |p| cand.files.get(p).map(Vec::as_slice));
     Ok((fit, cand.mapping, path))
 }
 
-/// Build `dest` (an empty directory) from the release chosen for `inst`.
+/// The release chosen for an instance.
+struct Chosen {
+    version: String,
+    file: DistFile,
+    fit: Fit,
+    mapping: PathMapping,
+    /// The downloaded archive.
+    path: PathBuf,
+    /// Releases scored while choosing (empty when pinned).
+    evaluated: Vec<Evaluated>,
+}
+
+/// Build `dest` (an empty directory) from the release chosen for `inst`: the pinned one,
+/// else the one [`choose_searched`] finds.
 pub(super) fn prepare(
     ctx: &Ctx,
     inst: &Instance,
@@ -606,148 +658,20 @@ pub(super) fn prepare(
     let project = pinned
         .map(|p| p.project.clone())
         .unwrap_or_else(|| pypi_project(&inst.repo));
-    let mut evaluated: Vec<Evaluated> = Vec::new();
-    let (version, file, fit, mapping, path) = match pinned {
-        Some(pin) => {
-            let from_index = || -> Result<DistFile, String> {
-                let rel = releases(ctx, &project)?;
-                let want = Version::parse(&pin.version);
-                rel.iter()
-                    .find(|r| r.version == pin.version || Some(&r.parsed) == want.as_ref())
-                    .map(|r| r.file.clone())
-                    .ok_or_else(|| {
-                        format!(
-                            "pinned release {project}=={} is not on the index (or has no readable file)",
-                            pin.version
-                        )
-                    })
-            };
-            let pinned_file = match (&pin.filename, &pin.url, &pin.sha256) {
-                (Some(filename), Some(url), Some(sha256)) => Some(DistFile {
-                    filename: filename.clone(),
-                    url: url.clone(),
-                    packagetype: if filename.ends_with(".whl") {
-                        "bdist_wheel".into()
-                    } else {
-                        "sdist".into()
-                    },
-                    sha256: sha256.clone(),
-                    size: 0,
-                    upload_time: String::new(),
-                    yanked: false,
-                }),
-                _ => None,
-            };
-            let (file, (fit, mapping, path)) = match pinned_file {
-                Some(f) => match evaluate(ctx, &f, &hunks, &gold) {
-                    Ok(r) => (f, r),
-                    Err(e) => {
-                        // The pinned URL is a hint (mirrors differ): the same file
-                        // (same sha256) from the index.
-                        let g = from_index().map_err(|e2| format!("{e}; {e2}"))?;
-                        if !g.sha256.eq_ignore_ascii_case(&f.sha256) {
-                            return Err(format!(
-                                "{e}; the index offers {} (sha256 {}) for {project}=={}, not the pinned {} (sha256 {})",
-                                g.filename, g.sha256, pin.version, f.filename, f.sha256
-                            ));
-                        }
-                        let r =
-                            evaluate(ctx, &g, &hunks, &gold).map_err(|e2| format!("{e}; {e2}"))?;
-                        (g, r)
-                    }
-                },
-                None => {
-                    let f = from_index()?;
-                    let r = evaluate(ctx, &f, &hunks, &gold)?;
-                    (f, r)
-                }
-            };
-            (pin.version.clone(), file, fit, mapping, path)
-        }
-        None => {
-            let rel = releases(ctx, &project)?;
-            let mut errors: HashMap<usize, String> = HashMap::new();
-            let mut results: HashMap<usize, (Fit, PathMapping, PathBuf)> = HashMap::new();
-            let mut eval = |i: usize| -> Fit {
-                if let Some(r) = results.get(&i) {
-                    return r.0;
-                }
-                if errors.contains_key(&i) {
-                    return Fit::default();
-                }
-                match evaluate(ctx, &rel[i].file, &hunks, &gold) {
-                    Ok((fit, m, p)) => {
-                        results.insert(i, (fit, m, p));
-                        fit
-                    }
-                    Err(e) => {
-                        errors.insert(i, e);
-                        Fit::default()
-                    }
-                }
-            };
-            // Final releases first; pre-releases too when no final one fits exactly (a
-            // base commit between an rc and the final release).
-            let finals: Vec<usize> = (0..rel.len())
-                .filter(|&i| !rel[i].parsed.is_prerelease())
-                .collect();
-            let all: Vec<usize> = (0..rel.len()).collect();
-            let mut best: Option<(usize, Fit)> = None;
-            for set in [&finals, &all] {
-                if set.is_empty() || best.is_some_and(|(_, f)| f.exact()) {
-                    continue;
-                }
-                if best.is_some() && set.len() == finals.len() {
-                    continue;
-                }
-                let (b, fits) =
-                    search_release(set.len(), ctx.opts.max_candidates, &mut |k| eval(set[k]));
-                let fb = fits
-                    .iter()
-                    .find(|(k, _)| *k == b)
-                    .map(|x| x.1)
-                    .unwrap_or_default();
-                if best.is_none_or(|(i, f)| fit_key(set[b], &fb) > fit_key(i, &f)) {
-                    best = Some((set[b], fb));
-                }
-            }
-            let (best, _) = best.expect("a project has releases");
-            let mut read: Vec<usize> = results.keys().chain(errors.keys()).copied().collect();
-            read.sort_unstable();
-            evaluated = read
-                .iter()
-                .map(|i| Evaluated {
-                    version: rel[*i].version.clone(),
-                    fit: results.get(i).map(|r| r.0).unwrap_or_default(),
-                    error: errors.get(i).cloned(),
-                })
-                .collect();
-            let Some((fit, mapping, path)) = results.remove(&best) else {
-                return Err(format!(
-                    "no release of {project} could be read: {}",
-                    errors.get(&best).cloned().unwrap_or_default()
-                ));
-            };
-            (
-                rel[best].version.clone(),
-                rel[best].file.clone(),
-                fit,
-                mapping,
-                path,
-            )
-        }
+    let chosen = match pinned {
+        Some(pin) => choose_pinned(ctx, &project, pin, &hunks, &gold)?,
+        None => choose_searched(ctx, &project, &hunks, &gold)?,
     };
-    let kind = ArchiveKind::from_filename(&file.filename)
-        .ok_or_else(|| format!("{}: archive format not supported", file.filename))?;
-    let mut n_files = 0usize;
-    let skipped = archive::visit(&path, kind, &mut |p, mode, r| {
-        if let Some(rel) = mapping.apply(p) {
-            archive::write_file(dest, &rel, mode, r)?;
-            n_files += 1;
-        }
-        Ok(())
-    })
-    .map_err(|e| format!("{}: cannot extract: {e}", file.filename))?;
+    let (files_written, entries_skipped) =
+        extract(&chosen.file, &chosen.path, &chosen.mapping, dest)?;
+    let Chosen {
+        version,
+        file,
+        fit,
+        mapping,
+        evaluated,
+        ..
+    } = chosen;
     Ok(Provenance::Pypi {
         project,
         version,
@@ -759,9 +683,239 @@ pub(super) fn prepare(
         fit,
         pinned: pinned.is_some(),
         evaluated,
-        files_written: n_files,
-        entries_skipped: skipped.special + skipped.bad_names,
+        files_written,
+        entries_skipped,
     })
+}
+
+/// Write the files of the archive at `path` into `dest` under their repository paths
+/// (`mapping`); returns the files written and the entries skipped.
+fn extract(
+    file: &DistFile,
+    path: &Path,
+    mapping: &PathMapping,
+    dest: &Path,
+) -> Result<(usize, usize), String> {
+    let kind = ArchiveKind::from_filename(&file.filename)
+        .ok_or_else(|| format!("{}: archive format not supported", file.filename))?;
+    let mut n_files = 0usize;
+    let skipped = archive::visit(path, kind, &mut |p, mode, r| {
+        if let Some(rel) = mapping.apply(p) {
+            archive::write_file(dest, &rel, mode, r)?;
+            n_files += 1;
+        }
+        Ok(())
+    })
+    .map_err(|e| format!("{}: cannot extract: {e}", file.filename))?;
+    Ok((n_files, skipped.special + skipped.bad_names))
+}
+
+/// The pinned release: the manifest's file when it names one (the same file from the
+/// index when its URL fails), else the release's file on the index.
+fn choose_pinned(
+    ctx: &Ctx,
+    project: &str,
+    pin: &PinnedRelease,
+    hunks: &[FileHunks],
+    gold: &[String],
+) -> Result<Chosen, String> {
+    let (file, (fit, mapping, path)) = match pinned_file(pin) {
+        Some(f) => match evaluate(ctx, &f, hunks, gold) {
+            Ok(r) => (f, r),
+            Err(e) => same_file_from_index(ctx, project, pin, &f, e, hunks, gold)?,
+        },
+        None => {
+            let f = file_on_index(ctx, project, pin)?;
+            let r = evaluate(ctx, &f, hunks, gold)?;
+            (f, r)
+        }
+    };
+    Ok(Chosen {
+        version: pin.version.clone(),
+        file,
+        fit,
+        mapping,
+        path,
+        evaluated: Vec::new(),
+    })
+}
+
+/// The file a manifest entry names, when it has filename, URL and sha256.
+fn pinned_file(pin: &PinnedRelease) -> Option<DistFile> {
+    let (Some(filename), Some(url), Some(sha256)) = (&pin.filename, &pin.url, &pin.sha256) else {
+        return None;
+    };
+    Some(DistFile {
+        filename: filename.clone(),
+        url: url.clone(),
+        packagetype: if filename.ends_with(".whl") {
+            "bdist_wheel".into()
+        } else {
+            "sdist".into()
+        },
+        sha256: sha256.clone(),
+        size: 0,
+        upload_time: String::new(),
+        yanked: false,
+    })
+}
+
+/// The index's file of the pinned release.
+fn file_on_index(ctx: &Ctx, project: &str, pin: &PinnedRelease) -> Result<DistFile, String> {
+    let rel = releases(ctx, project)?;
+    let want = Version::parse(&pin.version);
+    rel.iter()
+        .find(|r| r.version == pin.version || Some(&r.parsed) == want.as_ref())
+        .map(|r| r.file.clone())
+        .ok_or_else(|| {
+            format!(
+                "pinned release {project}=={} is not on the index (or has no readable file)",
+                pin.version
+            )
+        })
+}
+
+/// The pinned file `f` could not be read (error `e`): its URL is a hint (mirrors differ),
+/// so take the same file (same sha256) from the index.
+fn same_file_from_index(
+    ctx: &Ctx,
+    project: &str,
+    pin: &PinnedRelease,
+    f: &DistFile,
+    e: String,
+    hunks: &[FileHunks],
+    gold: &[String],
+) -> Result<(DistFile, Scored), String> {
+    let g = file_on_index(ctx, project, pin).map_err(|e2| format!("{e}; {e2}"))?;
+    if !g.sha256.eq_ignore_ascii_case(&f.sha256) {
+        return Err(format!(
+            "{e}; the index offers {} (sha256 {}) for {project}=={}, not the pinned {} (sha256 {})",
+            g.filename, g.sha256, pin.version, f.filename, f.sha256
+        ));
+    }
+    let r = evaluate(ctx, &g, hunks, gold).map_err(|e2| format!("{e}; {e2}"))?;
+    Ok((g, r))
+}
+
+/// The release that fits the gold patch best, searched among the project's releases
+/// ([`search_finals_then_all`]).
+fn choose_searched(
+    ctx: &Ctx,
+    project: &str,
+    hunks: &[FileHunks],
+    gold: &[String],
+) -> Result<Chosen, String> {
+    let rel = releases(ctx, project)?;
+    let mut scoring = Scoring {
+        ctx,
+        rel: &rel,
+        hunks,
+        gold,
+        results: HashMap::new(),
+        errors: HashMap::new(),
+    };
+    let prerelease: Vec<bool> = rel.iter().map(|r| r.parsed.is_prerelease()).collect();
+    let best = search_finals_then_all(&prerelease, ctx.opts.max_candidates, &mut |i| {
+        scoring.fit(i)
+    });
+    let evaluated = scoring.evaluated();
+    let Some((fit, mapping, path)) = scoring.results.remove(&best) else {
+        return Err(format!(
+            "no release of {project} could be read: {}",
+            scoring.errors.get(&best).cloned().unwrap_or_default()
+        ));
+    };
+    Ok(Chosen {
+        version: rel[best].version.clone(),
+        file: rel[best].file.clone(),
+        fit,
+        mapping,
+        path,
+        evaluated,
+    })
+}
+
+/// The releases scored while searching, by index into the release list: each is read
+/// once; one that cannot be read scores [`Fit::default`] and keeps its error.
+struct Scoring<'a, 'c> {
+    ctx: &'a Ctx<'c>,
+    rel: &'a [Release],
+    hunks: &'a [FileHunks],
+    gold: &'a [String],
+    results: HashMap<usize, Scored>,
+    errors: HashMap<usize, String>,
+}
+
+impl Scoring<'_, '_> {
+    fn fit(&mut self, i: usize) -> Fit {
+        if let Some(r) = self.results.get(&i) {
+            return r.0;
+        }
+        if self.errors.contains_key(&i) {
+            return Fit::default();
+        }
+        match evaluate(self.ctx, &self.rel[i].file, self.hunks, self.gold) {
+            Ok((fit, m, p)) => {
+                self.results.insert(i, (fit, m, p));
+                fit
+            }
+            Err(e) => {
+                self.errors.insert(i, e);
+                Fit::default()
+            }
+        }
+    }
+
+    /// The releases read, oldest first.
+    fn evaluated(&self) -> Vec<Evaluated> {
+        let mut read: Vec<usize> = self
+            .results
+            .keys()
+            .chain(self.errors.keys())
+            .copied()
+            .collect();
+        read.sort_unstable();
+        read.iter()
+            .map(|i| Evaluated {
+                version: self.rel[*i].version.clone(),
+                fit: self.results.get(i).map(|r| r.0).unwrap_or_default(),
+                error: self.errors.get(i).cloned(),
+            })
+            .collect()
+    }
+}
+
+/// [`search_release`] over the final releases (`prerelease[i]` false) first, then, when
+/// none fits exactly, over all releases (a base commit between an rc and the final
+/// release); the better of the two candidates ([`fit_key`]). Returns the index into
+/// `prerelease` (releases oldest first, at least one).
+pub fn search_finals_then_all(
+    prerelease: &[bool],
+    max_evals: usize,
+    eval: &mut dyn FnMut(usize) -> Fit,
+) -> usize {
+    let finals: Vec<usize> = (0..prerelease.len()).filter(|&i| !prerelease[i]).collect();
+    let all: Vec<usize> = (0..prerelease.len()).collect();
+    let mut best: Option<(usize, Fit)> = None;
+    for set in [&finals, &all] {
+        if set.is_empty() || best.is_some_and(|(_, f)| f.exact()) {
+            continue;
+        }
+        // No pre-release: the second search would repeat the first.
+        if best.is_some() && set.len() == finals.len() {
+            continue;
+        }
+        let (b, fits) = search_release(set.len(), max_evals, &mut |k| eval(set[k]));
+        let fb = fits
+            .iter()
+            .find(|(k, _)| *k == b)
+            .map(|x| x.1)
+            .unwrap_or_default();
+        if best.is_none_or(|(i, f)| fit_key(set[b], &fb) > fit_key(i, &f)) {
+            best = Some((set[b], fb));
+        }
+    }
+    best.expect("a project has releases").0
 }
 
 #[cfg(test)]
@@ -966,6 +1120,47 @@ mod tests {
         };
         let (best, seen) = search_release(80, 24, &mut |i| fit(i));
         assert_eq!(best, 34, "{seen:?}");
+    }
+
+    #[test]
+    fn pre_releases_join_only_when_no_final_release_is_exact() {
+        // 1.0, 1.1, 2.0rc1, 2.0: the fix lands in 2.0.
+        let pre = [false, false, true, false];
+        let fit = |exact_at: usize| {
+            move |i: usize| {
+                let mut f = Fit {
+                    hunks: 1,
+                    files: 1,
+                    files_present: 1,
+                    ..Fit::default()
+                };
+                match i {
+                    3 => f.post = 1,
+                    _ => {
+                        f.pre = 1;
+                        f.pre_at_line = usize::from(i == exact_at);
+                    }
+                }
+                f
+            }
+        };
+        // 1.1 is exact: the rc is never read.
+        let mut read = vec![];
+        let h = fit(1);
+        let best = search_finals_then_all(&pre, 16, &mut |i| {
+            read.push(i);
+            h(i)
+        });
+        assert_eq!(best, 1);
+        assert!(!read.contains(&2), "{read:?}");
+        // The base commit is between the rc and 2.0: the rc wins.
+        let h = fit(2);
+        assert_eq!(search_finals_then_all(&pre, 16, &mut |i| h(i)), 2);
+        // Only pre-releases.
+        assert_eq!(
+            search_finals_then_all(&[true, true], 16, &mut |_| Fit::default()),
+            1
+        );
     }
 
     #[test]

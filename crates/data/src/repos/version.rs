@@ -1,164 +1,60 @@
-//! PEP 440 versions, parsed far enough to order the releases of the SWE-bench projects:
-//! `[N!]N(.N)*[{a|b|rc}N][.postN][.devN][+local]`, with the spellings PEP 440 normalises
-//! (`alpha`, `beta`, `c`, `pre`, `preview`, `-1` for a post release, `r`/`rev`, a
-//! leading `v`, `-` and `_` as separators). Ordering follows PEP 440:
+//! PEP 440 versions, to order the releases of a PyPI project: a thin wrapper around the
+//! [`pep440_rs`] crate (the parser of uv), which implements PEP 440 in full: the
+//! spellings PEP 440 normalises (`alpha`, `beta`, `c`, `pre`, `preview`, `-1` for a post
+//! release, `r`/`rev`, a leading `v`, `-` and `_` as separators, any case) and its order:
 //! `1.0.dev1 < 1.0a1.dev1 < 1.0a1 < 1.0a1.post1 < 1.0b1 < 1.0rc1 < 1.0 < 1.0.post1.dev1
-//! < 1.0.post1`, and `1.0 == 1.0.0`. The local part is parsed and ignored for ordering
-//! (PyPI does not host local versions).
+//! < 1.0.post1`, and `1.0 == 1.0.0`. The local part (`+ubuntu1`) is dropped when parsing,
+//! so it plays no part in the order or equality (PyPI does not host local versions).
 
-use std::cmp::Ordering;
+use std::str::FromStr;
 
-/// A parsed version.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Version {
-    pub epoch: u64,
-    /// Release numbers with trailing zeros trimmed (so `1.0 == 1.0.0`).
-    pub release: Vec<u64>,
-    /// `(phase, n)`: phase 0 = a, 1 = b, 2 = rc.
-    pub pre: Option<(u8, u64)>,
-    pub post: Option<u64>,
-    pub dev: Option<u64>,
-}
+/// A parsed version (its local part dropped).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pep440_rs::Version);
 
 impl Version {
     /// Parse a version string; `None` when it is not PEP 440 (legacy versions).
     pub fn parse(s: &str) -> Option<Version> {
-        let s = s.trim().to_ascii_lowercase();
-        let s = s.strip_prefix('v').unwrap_or(&s);
-        let s = s.split('+').next().unwrap_or(s); // drop the local part
-        let b = s.as_bytes();
-        let mut i = 0;
-        let num = |i: &mut usize| -> Option<u64> {
-            let st = *i;
-            while *i < b.len() && b[*i].is_ascii_digit() {
-                *i += 1;
-            }
-            if st == *i {
-                return None;
-            }
-            s[st..*i].parse().ok()
-        };
-        let mut epoch = 0;
-        let first = num(&mut i)?;
-        let mut release = vec![first];
-        if i < b.len() && b[i] == b'!' {
-            i += 1;
-            epoch = first;
-            release = vec![num(&mut i)?];
-        }
-        while i + 1 < b.len() && b[i] == b'.' && b[i + 1].is_ascii_digit() {
-            i += 1;
-            release.push(num(&mut i)?);
-        }
-        let sep = |i: &mut usize| {
-            if *i < b.len() && matches!(b[*i], b'.' | b'-' | b'_') {
-                *i += 1;
-            }
-        };
-        let word = |i: &mut usize, words: &[&str]| -> bool {
-            for w in words {
-                if s[*i..].starts_with(w) {
-                    *i += w.len();
-                    return true;
-                }
-            }
-            false
-        };
-        // Optional number after a tag, with an optional separator; 0 when absent.
-        let tag_num = |i: &mut usize| -> u64 {
-            let save = *i;
-            sep(i);
-            match num(i) {
-                Some(n) => n,
-                None => {
-                    *i = save;
-                    0
-                }
-            }
-        };
-        let mut pre = None;
-        let save = i;
-        sep(&mut i);
-        // Longest spellings first.
-        let phases: [(&[&str], u8); 3] = [
-            (&["alpha", "a"], 0),
-            (&["beta", "b"], 1),
-            (&["preview", "pre", "rc", "c"], 2),
-        ];
-        let mut got = false;
-        for (words, phase) in phases {
-            if word(&mut i, words) {
-                pre = Some((phase, tag_num(&mut i)));
-                got = true;
-                break;
-            }
-        }
-        if !got {
-            i = save;
-        }
-        let mut post = None;
-        let save = i;
-        if i < b.len() && b[i] == b'-' && i + 1 < b.len() && b[i + 1].is_ascii_digit() {
-            i += 1;
-            post = Some(num(&mut i)?);
-        } else {
-            sep(&mut i);
-            if word(&mut i, &["post", "rev", "r"]) {
-                post = Some(tag_num(&mut i));
-            } else {
-                i = save;
-            }
-        }
-        let mut dev = None;
-        let save = i;
-        sep(&mut i);
-        if word(&mut i, &["dev"]) {
-            dev = Some(tag_num(&mut i));
-        } else {
-            i = save;
-        }
-        if i != b.len() {
-            return None;
-        }
-        while release.len() > 1 && release.last() == Some(&0) {
-            release.pop();
-        }
-        Some(Version {
-            epoch,
-            release,
-            pre,
-            post,
-            dev,
-        })
+        pep440_rs::Version::from_str(s)
+            .ok()
+            .map(|v| Version(v.without_local()))
     }
 
     /// A pre-release or a development release.
     pub fn is_prerelease(&self) -> bool {
-        self.pre.is_some() || self.dev.is_some()
+        self.0.any_prerelease()
     }
 
-    fn key(&self) -> (u64, &[u64], (i64, i64), i64, i64) {
-        let pre = match (self.pre, self.post, self.dev) {
-            (Some((p, n)), _, _) => (i64::from(p), n as i64),
-            // `1.0.dev1` sorts before `1.0a1`.
-            (None, None, Some(_)) => (-1, 0),
-            _ => (3, 0),
-        };
-        let post = self.post.map_or(-1, |n| n as i64);
-        let dev = self.dev.map_or(i64::MAX, |n| n as i64);
-        (self.epoch, &self.release, pre, post, dev)
+    pub fn epoch(&self) -> u64 {
+        self.0.epoch()
     }
-}
 
-impl Ord for Version {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.key().cmp(&other.key())
+    /// Release numbers with trailing zeros trimmed (so `1.0` and `1.0.0` give `[1]`).
+    pub fn release(&self) -> &[u64] {
+        let r = self.0.release();
+        let n = r.iter().rposition(|&x| x != 0).map_or(1, |i| i + 1);
+        &r[..n.min(r.len())]
     }
-}
 
-impl PartialOrd for Version {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
+    /// `(phase, n)`: phase 0 = a, 1 = b, 2 = rc.
+    pub fn pre(&self) -> Option<(u8, u64)> {
+        use pep440_rs::PrereleaseKind as K;
+        self.0.pre().map(|p| {
+            let phase = match p.kind {
+                K::Alpha => 0,
+                K::Beta => 1,
+                K::Rc => 2,
+            };
+            (phase, p.number)
+        })
+    }
+
+    pub fn post(&self) -> Option<u64> {
+        self.0.post()
+    }
+
+    pub fn dev(&self) -> Option<u64> {
+        self.0.dev()
     }
 }
 
@@ -202,7 +98,15 @@ mod tests {
         assert_eq!(v("2.0+local.1"), v("2.0"));
         assert!(v("1.0rc1").is_prerelease() && v("1.0.dev0").is_prerelease());
         assert!(!v("1.0.post1").is_prerelease());
+        assert_eq!(v("1!0.1").epoch(), 1);
+        assert_eq!(v("1.0c2").pre(), Some((2, 2)));
+        assert_eq!(v("1.0alpha").pre(), Some((0, 0)));
+        assert_eq!((v("1.0-2").post(), v("1.0-2").dev()), (Some(2), None));
+        assert_eq!(v("1.0.dev").dev(), Some(0));
+        assert_eq!(v("0.0").release(), [0]);
         assert!(Version::parse("1.0-foo").is_none());
+        // Malformed local parts are rejected, not ignored.
+        assert!(Version::parse("1.0+").is_none());
         assert!(Version::parse("latest").is_none());
         assert!(Version::parse("").is_none());
     }
@@ -218,7 +122,7 @@ mod tests {
         let back: Vec<String> = vs
             .iter()
             .map(|x| {
-                x.release
+                x.release()
                     .iter()
                     .map(u64::to_string)
                     .collect::<Vec<_>>()
