@@ -299,6 +299,7 @@ pub fn generate_opts(
     overwrite: bool,
 ) -> Result<Summary, SynthError> {
     cfg.validate()?;
+    let _lock = output::lock_and_clean(out_dir)?;
     let replace = output::check_out_dir(out_dir, overwrite)?;
     let tasks: Vec<Task> = (0..cfg.n)
         .into_par_iter()
@@ -382,12 +383,13 @@ mod tests {
             let derived = locations_from_patch(&inst.patch, &idx).unwrap();
             assert_eq!(derived, locs);
         }
-        // No temp directories are left beside the output.
-        let names: Vec<String> = std::fs::read_dir(dir.path())
+        // No temp directories are left beside the output (only the empty lock directory).
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, ["out"]);
+        names.sort();
+        assert_eq!(names, [".out.synth-lock", "out"]);
         // A non-empty output is not replaced without `overwrite`, and is with it.
         assert!(generate(&c, &out).is_err());
         let c2 = SynthConfig { n: 2, ..c };

@@ -5,6 +5,42 @@ use super::{io_err, SynthConfig, SynthError, Task};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The parent directory and file name of `out_dir`.
+fn parent_and_name(out_dir: &Path) -> Result<(PathBuf, String), SynthError> {
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| SynthError::Output(format!("{} has no file name", out_dir.display())))?;
+    Ok((parent, name))
+}
+
+/// Locks `out_dir` for this run (through the sibling directory `.NAME.synth-lock`, since
+/// `out_dir` itself is replaced by a rename), then removes what runs that were killed
+/// left beside it: temporary trees (`.NAME.synth-tmp.*`), and an old tree moved aside
+/// (`.NAME.synth-old.*`), which is put back first when `out_dir` is missing.
+pub(super) fn lock_and_clean(out_dir: &Path) -> Result<tooltrain_util::RunLock, SynthError> {
+    let (parent, name) = parent_and_name(out_dir)?;
+    let lock = tooltrain_util::RunLock::acquire(&parent.join(format!(".{name}.synth-lock")), "tooltrain synth")
+        .map_err(|e| SynthError::Output(e.replace(".synth-lock", "")))?;
+    let tmp_prefix = format!(".{name}.synth-tmp.");
+    let old_prefix = format!(".{name}.synth-old.");
+    let rd = std::fs::read_dir(&parent).map_err(io_err(&parent))?;
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        if n.starts_with(&old_prefix) && !out_dir.exists() {
+            std::fs::rename(&p, out_dir).map_err(io_err(out_dir))?;
+        } else if n.starts_with(&tmp_prefix) || n.starts_with(&old_prefix) {
+            std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+        }
+    }
+    Ok(lock)
+}
+
 /// Checks that `out_dir` may be written: absent, empty, or (with `overwrite`) a previous
 /// synth output. Returns whether it exists and is to be replaced.
 pub(super) fn check_out_dir(out_dir: &Path, overwrite: bool) -> Result<bool, SynthError> {
@@ -47,15 +83,8 @@ pub(super) fn install(
     out_dir: &Path,
     replace: bool,
 ) -> Result<(), SynthError> {
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let (parent, name) = parent_and_name(out_dir)?;
     std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let name = out_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| SynthError::Output(format!("{} has no file name", out_dir.display())))?;
     let tmp = parent.join(format!(".{name}.synth-tmp.{}", std::process::id()));
     let res = write_tree(cfg, tasks, &tmp).and_then(|()| {
         if replace {
@@ -110,4 +139,31 @@ fn write_tree(cfg: &SynthConfig, tasks: &[Task], dir: &Path) -> Result<(), Synth
     let mut c = serde_json::to_string_pretty(cfg).expect("serialisable");
     c.push('\n');
     write(&dir.join("config.json"), c.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_run_leaves_nothing_and_a_running_one_blocks_the_next() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("data");
+        // What a run killed mid-write leaves: a temp tree (~20 MB in real runs).
+        let tmp = d.path().join(".data.synth-tmp.4242");
+        std::fs::create_dir_all(tmp.join("repos/x")).unwrap();
+        std::fs::write(tmp.join("repos/x/a.py"), "x = 1\n").unwrap();
+        // And one killed while replacing: the old tree moved aside, the new not in place.
+        let old = d.path().join(".data.synth-old.4243");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("dataset.jsonl"), "").unwrap();
+        let lock = lock_and_clean(&out).unwrap();
+        assert!(!tmp.exists());
+        assert!(!old.exists());
+        assert!(out.join("dataset.jsonl").exists(), "the old tree is put back");
+        let e = lock_and_clean(&out).err().unwrap().to_string();
+        assert!(e.contains("in use by `tooltrain synth`"), "{e}");
+        drop(lock);
+        lock_and_clean(&out).unwrap();
+    }
 }
