@@ -16,7 +16,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let ck = a.model.load()?;
-    let _lock = tooltrain_util::RunLock::acquire(&a.output, "tooltrain convert").map_err(anyhow::Error::msg)?;
+    let _lock = tooltrain_util::RunLock::acquire(&a.output, "tooltrain convert")
+        .map_err(anyhow::Error::msg)?;
     tooltrain_model::save(&ck.model, ck.tokenizer.as_ref(), &a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;
     eprintln!(

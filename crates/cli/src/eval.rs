@@ -1,10 +1,10 @@
 //! `tooltrain eval`: run a policy over benchmark instances and print the paper's table.
 
-use tooltrain_train::config::{self, ConfigArgs};
-use tooltrain_util::Progress;
 use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
 use tooltrain_rollout::eval::{run_eval, EvalConfig, PolicyKind};
+use tooltrain_train::config::{self, ConfigArgs};
+use tooltrain_util::Progress;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -158,7 +158,10 @@ fn range(vals: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
     if !lo.is_finite() || !hi.is_finite() {
         return (0.0, 1.0);
     }
-    let (lo, hi) = (lo.clamp(-AXIS_LIMIT, AXIS_LIMIT), hi.clamp(-AXIS_LIMIT, AXIS_LIMIT));
+    let (lo, hi) = (
+        lo.clamp(-AXIS_LIMIT, AXIS_LIMIT),
+        hi.clamp(-AXIS_LIMIT, AXIS_LIMIT),
+    );
     if hi - lo <= f64::EPSILON * lo.abs().max(1.0) {
         let m = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
         return (lo - m, hi + m);
@@ -396,21 +399,38 @@ mod tests {
 
     #[test]
     fn extreme_values_give_finite_axes_and_render() {
-        for (lo, hi) in [(0.0, 1.75e308), (-f64::MAX, f64::MAX), (1e-320, 2e-320), (5.0, 5.0)] {
+        for (lo, hi) in [
+            (0.0, 1.75e308),
+            (-f64::MAX, f64::MAX),
+            (1e-320, 2e-320),
+            (5.0, 5.0),
+        ] {
             let (a, b) = range([lo, hi].into_iter(), 0.06);
-            assert!(a.is_finite() && b.is_finite() && a < b, "{lo} {hi}: {a} {b}");
+            assert!(
+                a.is_finite() && b.is_finite() && a < b,
+                "{lo} {hi}: {a} {b}"
+            );
             assert!((b - a).is_finite(), "{lo} {hi}");
         }
         // Rendering finishes (it used to loop forever on a loss near f64::MAX).
-        let m = parse_metrics("{\"step\": 1, \"loss\": 1.75e308}\n{\"step\": 2, \"loss\": 0}\n", "m", "step").unwrap();
+        let m = parse_metrics(
+            "{\"step\": 1, \"loss\": 1.75e308}\n{\"step\": 2, \"loss\": 0}\n",
+            "m",
+            "step",
+        )
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("c.png");
         let (tx, rx) = std::sync::mpsc::channel();
         let o = out.clone();
         std::thread::spawn(move || {
-            let _ = tx.send(render(&m, &["loss".to_string()], &o, Layout::default()).map_err(|e| e.to_string()));
+            let _ = tx.send(
+                render(&m, &["loss".to_string()], &o, Layout::default()).map_err(|e| e.to_string()),
+            );
         });
-        let r = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("render hangs");
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("render hangs");
         r.unwrap();
         assert!(out.exists());
     }

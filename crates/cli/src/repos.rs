@@ -4,10 +4,10 @@
 //! chosen.
 
 use anyhow::{bail, Context, Result};
-use tooltrain_util::Progress;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use tooltrain_data::repos::{self, Outcome, PrepareOptions, SourceKind, Status};
+use tooltrain_util::Progress;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

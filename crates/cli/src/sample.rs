@@ -1,10 +1,10 @@
 //! `tooltrain sample`: rejection sampling of RepoSearcher trajectories into an SFT
 //! dataset (see `tooltrain_rollout::sample`).
 
-use tooltrain_train::config::{self, ConfigArgs};
-use tooltrain_util::Progress;
 use anyhow::{anyhow, bail, Result};
 use tooltrain_rollout::sample::{run_sample, SampleConfig};
+use tooltrain_train::config::{self, ConfigArgs};
+use tooltrain_util::Progress;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -2,13 +2,13 @@
 
 use crate::common::ModelArgs;
 use anyhow::{anyhow, bail, Context, Result};
-use tooltrain_util::Progress;
 use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tooltrain_model::{Tokenizer, DEFAULT_VOCAB_CHUNK};
+use tooltrain_util::Progress;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -327,7 +327,10 @@ fn unsafe_ids_failed_runs_and_locked_outputs() {
         .arg("--out")
         .arg(dir.path().join("o2"));
     let e = run_err(&mut c);
-    assert!(e.contains("every episode failed (3 of 3)") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("every episode failed (3 of 3)") && e.contains("missing"),
+        "{e}"
+    );
 
     // An empty dataset.
     let empty = dir.path().join("empty.jsonl");

@@ -1,7 +1,7 @@
 //! `tooltrain index` on the committed fixture tree of `crates/rollout`.
 
 mod common;
-use common::{tooltrain};
+use common::tooltrain;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

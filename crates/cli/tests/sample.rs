@@ -117,9 +117,16 @@ fn sample_keeps_resumes_and_filters() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["kept"], 12);
     // Other settings (episode budget, seed, policy) cannot resume these trajectories.
-    for change in ["episode.max_turns=3", "seed=9", "policy.oracle.reasoning=false"] {
+    for change in [
+        "episode.max_turns=3",
+        "seed=9",
+        "policy.oracle.reasoning=false",
+    ] {
         let (_, e, ok) = run(&["--set", "samples=3", "--set", change]);
-        assert!(!ok && e.contains("cannot resume the sampling run"), "{change}: {e}");
+        assert!(
+            !ok && e.contains("cannot resume the sampling run"),
+            "{change}: {e}"
+        );
         let key = change.split(['.', '=']).next().unwrap();
         assert!(e.contains(key), "{change}: {e}");
     }
@@ -128,9 +135,16 @@ fn sample_keeps_resumes_and_filters() {
     let lock = out.join(".tooltrain.lock");
     let held = std::fs::File::open(&lock).unwrap();
     fs2::FileExt::lock_exclusive(&held).unwrap();
-    std::fs::write(&lock, "`tooltrain sample` (pid 4242, started at unix time 0)").unwrap();
+    std::fs::write(
+        &lock,
+        "`tooltrain sample` (pid 4242, started at unix time 0)",
+    )
+    .unwrap();
     let (_, e, ok) = run(&["--set", "samples=3"]);
-    assert!(!ok && e.contains("in use by `tooltrain sample` (pid 4242"), "{e}");
+    assert!(
+        !ok && e.contains("in use by `tooltrain sample` (pid 4242"),
+        "{e}"
+    );
     fs2::FileExt::unlock(&held).unwrap();
     drop(held);
     // Impossible keep rules are config errors naming the key.

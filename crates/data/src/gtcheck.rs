@@ -15,13 +15,13 @@
 
 use crate::repos::fit::{patch_hunks, relocate_patch, Relocation};
 use crate::repos::read_marker;
-use tooltrain_rollout::dataset::Instance;
-use tooltrain_rollout::gt::{locations_from_patch, GroundTruth, Location};
-use tooltrain_rollout::index::RepoIndex;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::Path;
+use tooltrain_rollout::dataset::Instance;
+use tooltrain_rollout::gt::{locations_from_patch, GroundTruth, Location};
+use tooltrain_rollout::index::RepoIndex;
 
 /// One compared instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +111,8 @@ pub fn gt_check(dataset: &[Instance], repos_dir: &Path, shipped: &GroundTruth) -
             let shipped = keys(gt);
             let (patch, relocation) = match patch_hunks(&inst.patch) {
                 Ok(h) => relocate_patch(&h, |p| {
-                    crate::repos::archive::clean_path(p).and_then(|p| std::fs::read(root.join(p)).ok())
+                    crate::repos::archive::clean_path(p)
+                        .and_then(|p| std::fs::read(root.join(p)).ok())
                 }),
                 Err(_) => (inst.patch.clone(), Relocation::default()),
             };

@@ -4,13 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tooltrain_rollout::dataset::{load_dataset, Instance};
 use tooltrain_data::repos::fit::{patch_fit, patch_hunks, scored_paths};
 use tooltrain_data::repos::pypi::sha256_file;
 use tooltrain_data::repos::{
     self, read_marker, Outcome, PinnedRelease, PrepareOptions, PrepareReport, Provenance,
     SourceKind, Status,
 };
+use tooltrain_rollout::dataset::{load_dataset, Instance};
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")

@@ -147,14 +147,23 @@ impl HfConfig {
         if head_dim % 2 != 0 {
             return Err(Error::Invalid(format!("head_dim {head_dim} must be even")));
         }
-        for s in [&self.rope_scaling, &self.rope_parameters].into_iter().flatten() {
-            let ty = s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("default");
+        for s in [&self.rope_scaling, &self.rope_parameters]
+            .into_iter()
+            .flatten()
+        {
+            let ty = s
+                .rope_type
+                .as_deref()
+                .or(s.kind.as_deref())
+                .unwrap_or("default");
             if ty != "default" {
                 return Err(Error::Unsupported(format!("rope scaling type `{ty}`")));
             }
         }
         if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
-            return Err(Error::Unsupported(format!("hidden_act `{act}` (only silu)")));
+            return Err(Error::Unsupported(format!(
+                "hidden_act `{act}` (only silu)"
+            )));
         }
         if self.use_sliding_window == Some(true) {
             return Err(Error::Unsupported("sliding-window attention".into()));

@@ -293,8 +293,10 @@ impl CausalLM {
         }
         let dev = self.device();
         let mut plan = PrefixPlan::new(prompts, reuse.as_deref_mut());
-        let Prefill { mut cache, mut last } =
-            self.prefill(prompts, &mut plan, params, reuse.as_deref_mut())?;
+        let Prefill {
+            mut cache,
+            mut last,
+        } = self.prefill(prompts, &mut plan, params, reuse.as_deref_mut())?;
         let w = self.lm_head_weight(false);
         let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
             .map(|i| rand::rngs::StdRng::seed_from_u64(params.seed.wrapping_add(i as u64)))
@@ -324,7 +326,8 @@ impl CausalLM {
                         continue;
                     }
                     // The prompt and the sampled tokens fed so far (all but the last).
-                    let kv = cache.extract_row(r, &[(0, plan.pre[i]), (plan.width + pad, cached)])?;
+                    let kv =
+                        cache.extract_row(r, &[(0, plan.pre[i]), (plan.width + pad, cached)])?;
                     let fed = out[i].tokens.len() - 1;
                     pc.entries.push(CachedSeq {
                         tokens: [&prompts[i][..], &out[i].tokens[..fed]].concat(),
@@ -493,7 +496,11 @@ fn record_token(
     }
     if let (false, Some(t)) = (params.stop_strings.is_empty(), tokenizer) {
         let text = t.decode(&g.tokens, false)?;
-        if params.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+        if params
+            .stop_strings
+            .iter()
+            .any(|s| text.contains(s.as_str()))
+        {
             g.finish = FinishReason::StopString;
             return Ok(true);
         }

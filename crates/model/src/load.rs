@@ -86,7 +86,10 @@ fn read_safetensors_dir(dir: &Path, device: &Device) -> Result<BTreeMap<String, 
 /// A shard name that stays inside its directory: one normal path component.
 fn is_plain_file_name(n: &str) -> bool {
     let mut c = Path::new(n).components();
-    matches!((c.next(), c.next()), (Some(std::path::Component::Normal(_)), None))
+    matches!(
+        (c.next(), c.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
 }
 
 /// Files of an earlier checkpoint in `dir` that would make it load as something else than
@@ -99,7 +102,11 @@ fn remove_stale(dir: &Path, with_tokenizer: bool) -> Result<()> {
     if let Ok(text) = std::fs::read_to_string(&index) {
         if let Ok(v) = serde_json::from_str::<Value>(&text) {
             let shards = v.get("weight_map").and_then(Value::as_object);
-            for n in shards.into_iter().flat_map(|m| m.values()).filter_map(Value::as_str) {
+            for n in shards
+                .into_iter()
+                .flat_map(|m| m.values())
+                .filter_map(Value::as_str)
+            {
                 if is_plain_file_name(n) && n != "model.safetensors" {
                     stale.push(dir.join(n));
                 }
@@ -353,7 +360,8 @@ mod tests {
     use super::*;
 
     fn tiny() -> CausalLM {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fixtures/tiny-qwen2/config.json");
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../data/fixtures/tiny-qwen2/config.json");
         let cfg = crate::ModelConfig::from_file(&p).unwrap();
         CausalLM::new_random(&cfg, DType::F32, &Device::Cpu, 5).unwrap()
     }
@@ -365,13 +373,21 @@ mod tests {
         // An earlier sharded checkpoint with a tokenizer and a template file.
         let other = CausalLM::new_random(tiny().config(), DType::F32, &Device::Cpu, 9).unwrap();
         save(&other, None, dir).unwrap();
-        std::fs::rename(dir.join("model.safetensors"), dir.join("model-00001-of-00001.safetensors")).unwrap();
+        std::fs::rename(
+            dir.join("model.safetensors"),
+            dir.join("model-00001-of-00001.safetensors"),
+        )
+        .unwrap();
         let names: Vec<String> = other.hf_tensors().unwrap().keys().cloned().collect();
         let map: serde_json::Map<String, Value> = names
             .iter()
             .map(|n| (n.clone(), Value::from("model-00001-of-00001.safetensors")))
             .collect();
-        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string()).unwrap();
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::json!({"weight_map": map}).to_string(),
+        )
+        .unwrap();
         std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
         std::fs::write(dir.join("chat_template.jinja"), "x").unwrap();
         let m = tiny();
@@ -381,10 +397,22 @@ mod tests {
         let (a, b) = (m.hf_tensors().unwrap(), back.model.hf_tensors().unwrap());
         assert_eq!(a.len(), b.len());
         for (k, t) in &a {
-            let diff = (t - &b[k]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (t - &b[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert_eq!(diff, 0.0, "{k}");
         }
-        for stale in ["model.safetensors.index.json", "model-00001-of-00001.safetensors", "tokenizer.json", "chat_template.jinja"] {
+        for stale in [
+            "model.safetensors.index.json",
+            "model-00001-of-00001.safetensors",
+            "tokenizer.json",
+            "chat_template.jinja",
+        ] {
             assert!(!dir.join(stale).exists(), "{stale}");
         }
     }
@@ -394,10 +422,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("ck");
         save(&tiny(), None, &dir).unwrap();
-        for bad in ["../model.safetensors", "/etc/passwd", "a/../../b.safetensors"] {
+        for bad in [
+            "../model.safetensors",
+            "/etc/passwd",
+            "a/../../b.safetensors",
+        ] {
             let idx = serde_json::json!({"weight_map": {"lm_head.weight": bad}});
             std::fs::write(dir.join("model.safetensors.index.json"), idx.to_string()).unwrap();
-            let e = load(&dir, DType::F32, &Device::Cpu).err().unwrap().to_string();
+            let e = load(&dir, DType::F32, &Device::Cpu)
+                .err()
+                .unwrap()
+                .to_string();
             assert!(e.contains("not a file name inside"), "{bad}: {e}");
         }
         assert!(is_plain_file_name("model-00001-of-00002.safetensors"));

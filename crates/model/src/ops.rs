@@ -839,47 +839,92 @@ pub(crate) mod tests {
                 .collect()
         };
         // The output and the gradient of `sum(out * r)` for every input.
-        let fwd_bwd = |inputs: Vec<Tensor>, f: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Vec<Vec<u32>> {
-            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
-            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let out = f(&ts).unwrap();
-            let r = f32t(rand64(out.dims(), 77));
-            let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let mut v = vec![flat(&out)];
-            v.extend(vars.iter().map(|x| flat(grads.get(x).expect("gradient"))));
-            v
-        };
+        let fwd_bwd =
+            |inputs: Vec<Tensor>, f: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Vec<Vec<u32>> {
+                let vars: Vec<Var> = inputs
+                    .iter()
+                    .map(|t| Var::from_tensor(t).unwrap())
+                    .collect();
+                let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                let out = f(&ts).unwrap();
+                let r = f32t(rand64(out.dims(), 77));
+                let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut v = vec![flat(&out)];
+                v.extend(vars.iter().map(|x| flat(grads.get(x).expect("gradient"))));
+                v
+            };
         let suite = || -> Vec<Vec<u32>> {
             let mut out = Vec::new();
-            out.extend(fwd_bwd(vec![f32t(rand64(&[3, 7, 40], 1)), f32t(rand64(&[40], 2))], &|t| rms_norm(&t[0], &t[1], 1e-6)));
+            out.extend(fwd_bwd(
+                vec![f32t(rand64(&[3, 7, 40], 1)), f32t(rand64(&[40], 2))],
+                &|t| rms_norm(&t[0], &t[1], 1e-6),
+            ));
             let (cos, sin) = (f32t(rand64(&[2, 5, 4], 3)), f32t(rand64(&[2, 5, 4], 4)));
-            out.extend(fwd_bwd(vec![f32t(rand64(&[2, 5, 3, 8], 5))], &|t| rope_bthd(&t[0], &cos, &sin)));
-            let mask = f32t((rand64(&[2, 6, 6], 6).ge(0.8).unwrap().to_dtype(DType::F64).unwrap() * -1e9).unwrap());
-            out.extend(fwd_bwd(vec![f32t(rand64(&[2, 3, 6, 6], 7))], &|t| masked_softmax(&t[0], &mask, 0.5)));
-            out.extend(fwd_bwd(vec![f32t(rand64(&[5, 7, 33], 8))], &|t| softmax_last_dim(&t[0])));
-            out.extend(fwd_bwd(vec![f32t(rand64(&[5, 48], 9))], &|t| swiglu(&t[0])));
-            out.extend(fwd_bwd(vec![f32t(rand64(&[6, 33], 10)), f32t(rand64(&[33], 11))], &|t| add_bias(&t[0], &t[1])));
-            let targets = Tensor::new(&[3u32, 0, 49, 7, 7, 12, 30, 1, 2], &Device::Cpu).unwrap();
-            out.extend(fwd_bwd(vec![f32t(rand64(&[9, 50], 12))], &|t| cross_entropy(&t[0], &targets, Some(7))));
-            out.extend(fwd_bwd(vec![f32t(rand64(&[9, 16], 13)), f32t(rand64(&[50, 16], 14))], &|t| {
-                linear_cross_entropy(&t[0], &t[1], &targets, Some(7))
+            out.extend(fwd_bwd(vec![f32t(rand64(&[2, 5, 3, 8], 5))], &|t| {
+                rope_bthd(&t[0], &cos, &sin)
             }));
+            let mask = f32t(
+                (rand64(&[2, 6, 6], 6)
+                    .ge(0.8)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    * -1e9)
+                    .unwrap(),
+            );
+            out.extend(fwd_bwd(vec![f32t(rand64(&[2, 3, 6, 6], 7))], &|t| {
+                masked_softmax(&t[0], &mask, 0.5)
+            }));
+            out.extend(fwd_bwd(vec![f32t(rand64(&[5, 7, 33], 8))], &|t| {
+                softmax_last_dim(&t[0])
+            }));
+            out.extend(fwd_bwd(vec![f32t(rand64(&[5, 48], 9))], &|t| swiglu(&t[0])));
+            out.extend(fwd_bwd(
+                vec![f32t(rand64(&[6, 33], 10)), f32t(rand64(&[33], 11))],
+                &|t| add_bias(&t[0], &t[1]),
+            ));
+            let targets = Tensor::new(&[3u32, 0, 49, 7, 7, 12, 30, 1, 2], &Device::Cpu).unwrap();
+            out.extend(fwd_bwd(vec![f32t(rand64(&[9, 50], 12))], &|t| {
+                cross_entropy(&t[0], &targets, Some(7))
+            }));
+            out.extend(fwd_bwd(
+                vec![f32t(rand64(&[9, 16], 13)), f32t(rand64(&[50, 16], 14))],
+                &|t| linear_cross_entropy(&t[0], &t[1], &targets, Some(7)),
+            ));
             let (b, sq, nh, nkv, hd) = (2, 37, 4, 2, 8);
-            let layout = crate::SeqLayout::packed(&[vec![20, 17], vec![30]], sq, &Device::Cpu).unwrap();
+            let layout =
+                crate::SeqLayout::packed(&[vec![20, 17], vec![30]], sq, &Device::Cpu).unwrap();
             let amask = f32t(layout.mask.squeeze(1).unwrap());
-            let pos = layout.positions.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
-            let inv = Tensor::new(&[1.0f64, 0.1, 0.01, 0.001], &Device::Cpu).unwrap().reshape((1, 1, 4)).unwrap();
+            let pos = layout
+                .positions
+                .to_dtype(DType::F64)
+                .unwrap()
+                .unsqueeze(2)
+                .unwrap();
+            let inv = Tensor::new(&[1.0f64, 0.1, 0.01, 0.001], &Device::Cpu)
+                .unwrap()
+                .reshape((1, 1, 4))
+                .unwrap();
             let freqs = pos.broadcast_mul(&inv).unwrap();
             let (acos, asin) = (f32t(freqs.cos().unwrap()), f32t(freqs.sin().unwrap()));
             let qkv = f32t(rand64(&[b * sq, (nh + 2 * nkv) * hd], 15));
-            out.extend(fwd_bwd(vec![qkv], &|t| attention(&t[0], &acos, &asin, &amask, nh, nkv, hd)));
+            out.extend(fwd_bwd(vec![qkv], &|t| {
+                attention(&t[0], &acos, &asin, &amask, nh, nkv, hd)
+            }));
             let q = f32t(rand64(&[2, 6, 3, 8], 16));
-            let (k, v) = (f32t(rand64(&[2, 2, 21, 8], 17)), f32t(rand64(&[2, 2, 21, 8], 18)));
+            let (k, v) = (
+                f32t(rand64(&[2, 2, 21, 8], 17)),
+                f32t(rand64(&[2, 2, 21, 8], 18)),
+            );
             let dmask = f32t(Tensor::zeros((2, 3, 21), DType::F64, &Device::Cpu).unwrap());
             out.push(flat(&cached_attention(&q, &k, &v, &dmask, 0.35).unwrap()));
             let g = f32t(rand64(&[1000, 3], 19));
             let sq = crate::kernels::sum_squares_f32(&g).unwrap();
-            out.push(vec![(sq as f32).to_bits(), (sq.to_bits() >> 32) as u32, sq.to_bits() as u32]);
+            out.push(vec![
+                (sq as f32).to_bits(),
+                (sq.to_bits() >> 32) as u32,
+                sq.to_bits() as u32,
+            ]);
             out
         };
         let before = simd_level();
@@ -893,7 +938,10 @@ pub(crate) mod tests {
             assert_eq!(set_simd_level(level), level);
             let got = suite();
             for (i, (a, b)) in reference.iter().zip(&got).enumerate() {
-                assert!(a == b, "{level:?}: result {i} differs from the baseline level's");
+                assert!(
+                    a == b,
+                    "{level:?}: result {i} differs from the baseline level's"
+                );
             }
         }
         set_simd_level(before);

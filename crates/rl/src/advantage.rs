@@ -103,10 +103,22 @@ mod tests {
     #[test]
     fn grpo_by_hand() {
         // r = [1, 0, 0, 1]: mean 0.5, population std 0.5 -> +-1 (eps 0).
-        let a = advantages(&[1.0, 0.0, 0.0, 1.0], Estimator::Grpo { eps: 0.0, sample_std: false });
+        let a = advantages(
+            &[1.0, 0.0, 0.0, 1.0],
+            Estimator::Grpo {
+                eps: 0.0,
+                sample_std: false,
+            },
+        );
         close(&a, &[1.0, -1.0, -1.0, 1.0]);
         // Sample std: sqrt(1 / 3) = 0.57735...; (1 - 0.5) / 0.57735 = 0.866025...
-        let a = advantages(&[1.0, 0.0, 0.0, 1.0], Estimator::Grpo { eps: 0.0, sample_std: true });
+        let a = advantages(
+            &[1.0, 0.0, 0.0, 1.0],
+            Estimator::Grpo {
+                eps: 0.0,
+                sample_std: true,
+            },
+        );
         let v = 0.5 / (1.0f64 / 3.0).sqrt();
         close(&a, &[v, -v, -v, v]);
         // r = [0.2, 0.5, 0.8]: mean 0.5, std sqrt(0.06) = 0.244949; eps 1e-6.
@@ -119,9 +131,15 @@ mod tests {
 
     #[test]
     fn dr_grpo_and_rloo_by_hand() {
-        close(&advantages(&[1.0, 0.0, 0.5], Estimator::DrGrpo), &[0.5, -0.5, 0.0]);
+        close(
+            &advantages(&[1.0, 0.0, 0.5], Estimator::DrGrpo),
+            &[0.5, -0.5, 0.0],
+        );
         // RLOO: 1 - (0 + 0.5) / 2 = 0.75; 0 - 0.75 = -0.75; 0.5 - 0.5 = 0.
-        close(&advantages(&[1.0, 0.0, 0.5], Estimator::Rloo), &[0.75, -0.75, 0.0]);
+        close(
+            &advantages(&[1.0, 0.0, 0.5], Estimator::Rloo),
+            &[0.75, -0.75, 0.0],
+        );
         close(&advantages(&[0.7], Estimator::Rloo), &[0.0]);
     }
 

@@ -60,6 +60,9 @@ mod tests {
         assert_eq!(agg(Aggregation::TokenMean, 0), 10.0 / 4.0);
         assert_eq!(agg(Aggregation::SeqMeanTokenMean, 0), (2.0 + 4.0) / 2.0);
         assert_eq!(agg(Aggregation::SeqMeanTokenSum, 0), (6.0 + 4.0) / 2.0);
-        assert_eq!(agg(Aggregation::SeqMeanTokenSumNorm, 5), (6.0 / 5.0 + 4.0 / 5.0) / 2.0);
+        assert_eq!(
+            agg(Aggregation::SeqMeanTokenSumNorm, 5),
+            (6.0 / 5.0 + 4.0 / 5.0) / 2.0
+        );
     }
 }

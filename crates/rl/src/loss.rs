@@ -62,7 +62,11 @@ pub fn ppo(x: f64, o: f64, a: f64, clip: &Clip) -> Term {
     let rc = r.clamp(1.0 - clip.clip_low, 1.0 + clip.clip_high);
     let (l1, l2) = (-a * r, -a * rc);
     let mut t = if l1 >= l2 {
-        Term { loss: l1, grad: -a * r, clipped: Clipped::No }
+        Term {
+            loss: l1,
+            grad: -a * r,
+            clipped: Clipped::No,
+        }
     } else {
         Term {
             loss: l2,
@@ -72,7 +76,11 @@ pub fn ppo(x: f64, o: f64, a: f64, clip: &Clip) -> Term {
     };
     if let (Some(c), true) = (clip.dual_clip, a < 0.0) {
         if t.loss > -c * a {
-            t = Term { loss: -c * a, grad: 0.0, clipped: Clipped::Dual };
+            t = Term {
+                loss: -c * a,
+                grad: 0.0,
+                clipped: Clipped::Dual,
+            };
         }
     }
     t
@@ -122,7 +130,11 @@ mod tests {
 
     #[test]
     fn ppo_by_hand() {
-        let c = Clip { clip_low: 0.2, clip_high: 0.28, dual_clip: Some(3.0) };
+        let c = Clip {
+            clip_low: 0.2,
+            clip_high: 0.28,
+            dual_clip: Some(3.0),
+        };
         // On-policy: r = 1, loss -a, gradient -a.
         let t = ppo(-1.3, -1.3, 0.5, &c);
         near(t.loss, -0.5);
@@ -149,18 +161,38 @@ mod tests {
         near(t.loss, 3.0);
         assert_eq!((t.grad, t.clipped), (0.0, Clipped::Dual));
         // Without the dual clip the same token is unclipped.
-        let t = ppo(5f64.ln(), 0.0, -1.0, &Clip { dual_clip: None, ..c });
+        let t = ppo(
+            5f64.ln(),
+            0.0,
+            -1.0,
+            &Clip {
+                dual_clip: None,
+                ..c
+            },
+        );
         near(t.loss, 5.0);
         // The derivative matches finite differences away from the kinks.
-        for (x, o, a) in [(-0.1, 0.0, 1.0), (0.3, 0.1, -0.7), (-0.9, -1.0, 0.4), (1.2, 0.0, -2.0)] {
+        for (x, o, a) in [
+            (-0.1, 0.0, 1.0),
+            (0.3, 0.1, -0.7),
+            (-0.9, -1.0, 0.4),
+            (1.2, 0.0, -2.0),
+        ] {
             let t = ppo(x, o, a, &c);
-            assert!((t.grad - fd(|x| ppo(x, o, a, &c).loss, x)).abs() < 1e-6, "{x} {o} {a}");
+            assert!(
+                (t.grad - fd(|x| ppo(x, o, a, &c).loss, x)).abs() < 1e-6,
+                "{x} {o} {a}"
+            );
         }
     }
 
     #[test]
     fn gspo_by_hand() {
-        let c = Clip { clip_low: 3e-4, clip_high: 4e-4, dual_clip: None };
+        let c = Clip {
+            clip_low: 3e-4,
+            clip_high: 4e-4,
+            dual_clip: None,
+        };
         // Log-ratios 0.1 and -0.1: mean 0, s = 1: loss -a, gradient -a / 2 each.
         let (l, g, k) = gspo(&[0.1, -0.3], &[0.0, -0.2], 1.5, &c);
         near(l, -1.5);

@@ -245,7 +245,6 @@ fn identifier_tokens(ident: &str, min_len: usize, buf: &mut String, f: &mut impl
     }
 }
 
-
 // ---------------------------------------------------------------------------------------
 // Index
 
@@ -254,65 +253,65 @@ fn identifier_tokens(ident: &str, min_len: usize, buf: &mut String, f: &mut impl
 /// file (`vocab`).
 fn file_docs(f: &FileIndex, cfg: &Bm25Config) -> FileDocs {
     let min = cfg.min_token_len;
-        let mut interner = Interner::default();
-        let mut path_ids = Vec::new();
-        for_each_token(&f.path, min, |t| path_ids.push(interner.id(t)));
-        // Tokens of every line, flat, with the offset of each line's first token.
-        let mut toks: Vec<u32> = Vec::new();
-        let mut line_start: Vec<usize> = vec![0];
-        for line in f.text.split('\n') {
-            for_each_token(line, min, |t| toks.push(interner.id(t)));
-            line_start.push(toks.len());
-        }
-        let lines = line_start.len() - 1;
-        // Tokens of lines `s..=e` (1-based, clamped to the file).
-        let span = |s: usize, e: usize| -> std::ops::Range<usize> {
-            let s0 = s.clamp(1, lines) - 1;
-            line_start[s0]..line_start[e.clamp(s0 + 1, lines)]
-        };
-        let mut defs: Vec<(String, usize, usize)> = Vec::new();
-        for func in &f.functions {
-            defs.push((func.name.clone(), func.start_line, func.end_line));
-        }
-        for c in &f.classes {
-            // A class inside a function (`func.Inner`) is not a definition.
-            if let Some((outer, _)) = c.name.rsplit_once('.') {
-                if !f.classes.iter().any(|o| o.name == outer) {
-                    continue;
-                }
-            }
-            defs.push((c.name.clone(), c.start_line, c.end_line));
-            for m in &c.methods {
-                defs.push((format!("{}.{}", c.name, m.name), m.start_line, m.end_line));
+    let mut interner = Interner::default();
+    let mut path_ids = Vec::new();
+    for_each_token(&f.path, min, |t| path_ids.push(interner.id(t)));
+    // Tokens of every line, flat, with the offset of each line's first token.
+    let mut toks: Vec<u32> = Vec::new();
+    let mut line_start: Vec<usize> = vec![0];
+    for line in f.text.split('\n') {
+        for_each_token(line, min, |t| toks.push(interner.id(t)));
+        line_start.push(toks.len());
+    }
+    let lines = line_start.len() - 1;
+    // Tokens of lines `s..=e` (1-based, clamped to the file).
+    let span = |s: usize, e: usize| -> std::ops::Range<usize> {
+        let s0 = s.clamp(1, lines) - 1;
+        line_start[s0]..line_start[e.clamp(s0 + 1, lines)]
+    };
+    let mut defs: Vec<(String, usize, usize)> = Vec::new();
+    for func in &f.functions {
+        defs.push((func.name.clone(), func.start_line, func.end_line));
+    }
+    for c in &f.classes {
+        // A class inside a function (`func.Inner`) is not a definition.
+        if let Some((outer, _)) = c.name.rsplit_once('.') {
+            if !f.classes.iter().any(|o| o.name == outer) {
+                continue;
             }
         }
-        let name_ids: Vec<Vec<u32>> = defs
-            .iter()
-            .map(|(name, _, _)| {
-                let mut ids = Vec::new();
-                for_each_token(name, min, |t| ids.push(interner.id(t)));
-                ids
-            })
-            .collect();
-        let mut counter = Counter::new(interner.vocab.len());
-        counter.add(&path_ids, 1);
-        counter.add(&toks, 1);
-        let file = counter.take();
-        let defs = defs
-            .into_iter()
-            .zip(name_ids)
-            .map(|((name, s, e), ids)| {
-                counter.add(&ids, cfg.name_weight);
-                counter.add(&path_ids, 1);
-                counter.add(&toks[span(s, e)], 1);
-                (name, counter.take())
-            })
-            .collect();
-        FileDocs {
-            vocab: interner.vocab,
-            file,
-            defs,
+        defs.push((c.name.clone(), c.start_line, c.end_line));
+        for m in &c.methods {
+            defs.push((format!("{}.{}", c.name, m.name), m.start_line, m.end_line));
         }
+    }
+    let name_ids: Vec<Vec<u32>> = defs
+        .iter()
+        .map(|(name, _, _)| {
+            let mut ids = Vec::new();
+            for_each_token(name, min, |t| ids.push(interner.id(t)));
+            ids
+        })
+        .collect();
+    let mut counter = Counter::new(interner.vocab.len());
+    counter.add(&path_ids, 1);
+    counter.add(&toks, 1);
+    let file = counter.take();
+    let defs = defs
+        .into_iter()
+        .zip(name_ids)
+        .map(|((name, s, e), ids)| {
+            counter.add(&ids, cfg.name_weight);
+            counter.add(&path_ids, 1);
+            counter.add(&toks[span(s, e)], 1);
+            (name, counter.take())
+        })
+        .collect();
+    FileDocs {
+        vocab: interner.vocab,
+        file,
+        defs,
+    }
 }
 
 /// One corpus (files or definitions) of a repository.
@@ -463,11 +462,7 @@ impl Bm25Index {
     /// corpora.
     pub fn build(index: &RepoIndex, cfg: &Bm25Config) -> Bm25Index {
         let min = cfg.min_token_len;
-        let per_file: Vec<FileDocs> = index
-            .files
-            .par_iter()
-            .map(|f| file_docs(f, cfg))
-            .collect();
+        let per_file: Vec<FileDocs> = index.files.par_iter().map(|f| file_docs(f, cfg)).collect();
 
         let mut vocab: HashMap<String, u32> = HashMap::new();
         let mut files = Corpus::default();

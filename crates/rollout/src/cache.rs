@@ -64,7 +64,6 @@ pub fn cache_path(cache_dir: &Path, key: &str) -> PathBuf {
     cache_dir.join(format!("{safe}-{h:016x}.index.json"))
 }
 
-
 /// Read a cache file; `Err(reason)` when it is unreadable, corrupt or stale.
 pub fn load(path: &Path, key: &str) -> Result<RepoIndex, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;

@@ -472,7 +472,9 @@ pub fn run_episodes(
         }
         let reqs: Vec<TurnRequest> = pending
             .iter()
-            .map(|(i, tokens, budget)| turn_request(&lives[*i], &jobs[*i], &schemas, tokens, *budget))
+            .map(|(i, tokens, budget)| {
+                turn_request(&lives[*i], &jobs[*i], &schemas, tokens, *budget)
+            })
             .collect();
         let replies = policy.respond(&reqs);
         drop(reqs);

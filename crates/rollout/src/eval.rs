@@ -631,7 +631,9 @@ pub fn run_eval(
     let t0 = std::time::Instant::now();
     let sel = select(&cfg.data)?;
     let (policy, model_tok) = build_policy(&cfg.policy)?;
-    let renderer = eval_tokenizer(cfg, model_tok)?.map(Renderer::new).transpose()?;
+    let renderer = eval_tokenizer(cfg, model_tok)?
+        .map(Renderer::new)
+        .transpose()?;
     // One run at a time writes here; `*.partial` files an interrupted run left are
     // replaced (they are renamed into place only when complete).
     let _lock = tooltrain_util::RunLock::acquire(&cfg.out, "tooltrain eval")?;

@@ -117,7 +117,9 @@ fn coding_declaration(bytes: &[u8]) -> Option<String> {
         }
         let Some(i) = t.find("coding") else { continue };
         let rest = &t[i + "coding".len()..];
-        let Some(rest) = rest.strip_prefix([':', '=']) else { continue };
+        let Some(rest) = rest.strip_prefix([':', '=']) else {
+            continue;
+        };
         let name: String = rest
             .trim_start_matches([' ', '\t'])
             .chars()
@@ -149,8 +151,14 @@ impl FileIndex {
     /// definition, where it would mangle a name.
     fn definition_lines_replaced(&self) -> bool {
         let lines: Vec<&str> = self.text.lines().collect();
-        let bad = |l: usize| lines.get(l.wrapping_sub(1)).is_some_and(|s| s.contains('\u{fffd}'));
-        self.classes.iter().any(|c| bad(c.start_line) || c.methods.iter().any(|m| bad(m.start_line)))
+        let bad = |l: usize| {
+            lines
+                .get(l.wrapping_sub(1))
+                .is_some_and(|s| s.contains('\u{fffd}'))
+        };
+        self.classes
+            .iter()
+            .any(|c| bad(c.start_line) || c.methods.iter().any(|m| bad(m.start_line)))
             || self.functions.iter().any(|f| bad(f.start_line))
     }
 
@@ -646,7 +654,10 @@ impl RepoIndex {
             .par_iter()
             .map_init(new_parser, |parser, (rel, abs)| {
                 if hard_linked(abs) {
-                    return Err((rel.clone(), "hard-linked (another name may be outside the repository)".into()));
+                    return Err((
+                        rel.clone(),
+                        "hard-linked (another name may be outside the repository)".into(),
+                    ));
                 }
                 let bytes = std::fs::read(abs).unwrap_or_default();
                 let f = FileIndex::parse_with(parser, rel.clone(), &bytes, false);
@@ -769,11 +780,20 @@ mod tests {
     fn pep263_sources_decode_and_undecodable_ones_are_skipped() {
         let d = tempfile::tempdir().unwrap();
         let w = |name: &str, bytes: &[u8]| std::fs::write(d.path().join(name), bytes).unwrap();
-        w("latin.py", b"# -*- coding: latin-1 -*-\nclass Caf\xe9:\n    def cr\xe8me(self):\n        pass\n");
-        w("cp.py", b"#!/usr/bin/env python\n# vim: set fileencoding=cp1252 :\ndef na\xefve():\n    pass\n");
+        w(
+            "latin.py",
+            b"# -*- coding: latin-1 -*-\nclass Caf\xe9:\n    def cr\xe8me(self):\n        pass\n",
+        );
+        w(
+            "cp.py",
+            b"#!/usr/bin/env python\n# vim: set fileencoding=cp1252 :\ndef na\xefve():\n    pass\n",
+        );
         w("plain.py", "class Caf\u{e9}Ok:\n    pass\n".as_bytes());
         w("nodecl.py", b"class Caf\xe9:\n    pass\n");
-        w("unknown.py", b"# coding: klingon\nclass Caf\xe9:\n    pass\n");
+        w(
+            "unknown.py",
+            b"# coding: klingon\nclass Caf\xe9:\n    pass\n",
+        );
         w("badutf8.py", b"# coding: utf-8\nclass Caf\xe9:\n    pass\n");
         // Bad bytes only in a string: indexed (names intact).
         w("strings.py", b"def helper():\n    return \"caf\xe9\"\n");
@@ -782,7 +802,11 @@ mod tests {
             let f = idx.file(p).unwrap();
             let mut v: Vec<String> = f.classes.iter().map(|c| c.name.clone()).collect();
             v.extend(f.functions.iter().map(|f| f.name.clone()));
-            v.extend(f.classes.iter().flat_map(|c| c.methods.iter().map(|m| m.name.clone())));
+            v.extend(
+                f.classes
+                    .iter()
+                    .flat_map(|c| c.methods.iter().map(|m| m.name.clone())),
+            );
             v
         };
         assert_eq!(names("latin.py"), vec!["Caf\u{e9}", "cr\u{e8}me"]);
@@ -794,7 +818,11 @@ mod tests {
         assert_eq!(skipped, vec!["badutf8.py", "nodecl.py", "unknown.py"]);
         for f in &idx.files {
             for c in &f.classes {
-                assert!(!c.name.contains('\u{fffd}') && c.name != "Caf", "{}", c.name);
+                assert!(
+                    !c.name.contains('\u{fffd}') && c.name != "Caf",
+                    "{}",
+                    c.name
+                );
             }
         }
     }
@@ -830,11 +858,20 @@ mod tests {
         ] {
             assert!(is_test_path(p), "{p}");
         }
-        for p in ["pkg/contest.py", "pkg/latest/a.py", "pkg/attest.py", "pkg/a_test_utils.py", "a.py"] {
+        for p in [
+            "pkg/contest.py",
+            "pkg/latest/a.py",
+            "pkg/attest.py",
+            "pkg/a_test_utils.py",
+            "a.py",
+        ] {
             assert!(!is_test_path(p), "{p}");
         }
         // The tree hides exactly these paths.
-        let tree = render_tree(["a.py", "pkg/conftest.py", "pkg/b_test.py", "pkg/c.py"], true);
+        let tree = render_tree(
+            ["a.py", "pkg/conftest.py", "pkg/b_test.py", "pkg/c.py"],
+            true,
+        );
         assert_eq!(tree, "a.py\npkg/\n    c.py\n");
     }
 

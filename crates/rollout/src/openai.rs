@@ -329,7 +329,9 @@ impl OpenAiPolicy {
         let Ok(Value::Object(mut b)) = serde_json::to_value(&typed) else {
             unreachable!("a struct serialises to a JSON object")
         };
-        let max = cfg.max_tokens.map_or(r.max_new_tokens, |m| m.min(r.max_new_tokens));
+        let max = cfg
+            .max_tokens
+            .map_or(r.max_new_tokens, |m| m.min(r.max_new_tokens));
         b.insert(cfg.max_tokens_field.clone(), max.into());
         for (k, v) in &cfg.extra_body {
             b.insert(k.clone(), v.clone());
@@ -538,8 +540,13 @@ impl Policy for OpenAiPolicy {
 
     fn respond(&self, requests: &[TurnRequest<'_>]) -> Vec<Result<TurnReply, PolicyError>> {
         // At most `concurrency` requests in flight; replies in request order.
-        self.pool
-            .install(|| requests.par_iter().with_max_len(1).map(|r| self.call(r)).collect())
+        self.pool.install(|| {
+            requests
+                .par_iter()
+                .with_max_len(1)
+                .map(|r| self.call(r))
+                .collect()
+        })
     }
 }
 

@@ -16,6 +16,8 @@
 //!   and `batch_size` may change (more samples or instances extend the run).
 //! - `.tooltrain.lock`: held while a run writes here; a second run fails at once.
 
+use crate::episode::{EpisodeConfig, Renderer, Trajectory};
+use crate::eval::{build_policy, run_batches, select, DataConfig, PolicyConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -23,8 +25,6 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tooltrain_model::Tokenizer;
-use crate::episode::{EpisodeConfig, Renderer, Trajectory};
-use crate::eval::{build_policy, run_batches, select, DataConfig, PolicyConfig};
 
 /// One line of `sft.jsonl`: a kept trajectory as the tokens the student model sees and
 /// its loss mask (1 on tokens the assistant generated). `tooltrain sample` writes it and

@@ -48,13 +48,23 @@ impl ToolCall {
     /// The arguments, by name.
     fn args(&self) -> Vec<(&'static str, &str)> {
         match self {
-            ToolCall::GetCodeOfClass { file_name, class_name } => {
+            ToolCall::GetCodeOfClass {
+                file_name,
+                class_name,
+            } => {
                 vec![("file_name", file_name), ("class_name", class_name)]
             }
-            ToolCall::GetCodeOfFileFunction { file_name, func_name } => {
+            ToolCall::GetCodeOfFileFunction {
+                file_name,
+                func_name,
+            } => {
                 vec![("file_name", file_name), ("func_name", func_name)]
             }
-            ToolCall::GetCodeOfClassFunction { file_name, class_name, func_name } => vec![
+            ToolCall::GetCodeOfClassFunction {
+                file_name,
+                class_name,
+                func_name,
+            } => vec![
                 ("file_name", file_name),
                 ("class_name", class_name),
                 ("func_name", func_name),
@@ -245,7 +255,11 @@ pub fn execute(index: &RepoIndex, call: &ToolCall, limits: ToolLimits) -> ToolOu
         | ToolCall::GetCodeOfFileFunction { file_name, .. }
         | ToolCall::GetCodeOfClassFunction { file_name, .. } => file_name,
     };
-    if let Some((name, v)) = call.args().into_iter().find(|(_, v)| v.chars().count() > MAX_ARG_CHARS) {
+    if let Some((name, v)) = call
+        .args()
+        .into_iter()
+        .find(|(_, v)| v.chars().count() > MAX_ARG_CHARS)
+    {
         return miss(
             call,
             format!(
@@ -420,18 +434,42 @@ mod tests {
         let idx = RepoIndex::from_files(vec![FileIndex::parse("a.py", b"class A:\n    pass\n")]);
         let huge = "x".repeat(2_000_000);
         for call in [
-            ToolCall::GetCodeOfClass { file_name: huge.clone(), class_name: "A".into() },
-            ToolCall::GetCodeOfClass { file_name: "a.py".into(), class_name: huge.clone() },
-            ToolCall::GetCodeOfClassFunction { file_name: "a.py".into(), class_name: "A".into(), func_name: huge.clone() },
+            ToolCall::GetCodeOfClass {
+                file_name: huge.clone(),
+                class_name: "A".into(),
+            },
+            ToolCall::GetCodeOfClass {
+                file_name: "a.py".into(),
+                class_name: huge.clone(),
+            },
+            ToolCall::GetCodeOfClassFunction {
+                file_name: "a.py".into(),
+                class_name: "A".into(),
+                func_name: huge.clone(),
+            },
         ] {
             let out = execute(&idx, &call, ToolLimits::default());
             assert!(!out.found);
-            assert!(out.observation.len() < 2_000, "{} bytes", out.observation.len());
-            assert!(out.observation.contains("2000000 characters"), "{}", out.observation);
+            assert!(
+                out.observation.len() < 2_000,
+                "{} bytes",
+                out.observation.len()
+            );
+            assert!(
+                out.observation.contains("2000000 characters"),
+                "{}",
+                out.observation
+            );
         }
         // A normal call is shown whole.
-        let ok = ToolCall::GetCodeOfClass { file_name: "a.py".into(), class_name: "A".into() };
-        assert_eq!(ok.display(), "get_code_of_class(file_name=\"a.py\", class_name=\"A\")");
+        let ok = ToolCall::GetCodeOfClass {
+            file_name: "a.py".into(),
+            class_name: "A".into(),
+        };
+        assert_eq!(
+            ok.display(),
+            "get_code_of_class(file_name=\"a.py\", class_name=\"A\")"
+        );
     }
     use crate::index::FileIndex;
 

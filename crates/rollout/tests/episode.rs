@@ -411,13 +411,28 @@ fn context_budget_never_corrupts_the_record() {
             continue;
         }
         let rec = t.tokens.as_ref().unwrap();
-        assert!(rec.tokens.len() <= budget, "budget {budget}: {} tokens", rec.tokens.len());
+        assert!(
+            rec.tokens.len() <= budget,
+            "budget {budget}: {} tokens",
+            rec.tokens.len()
+        );
         assert_eq!(rec.drift, 0, "budget {budget}");
         let text = tok.decode(&rec.tokens, false).unwrap();
         let tools = t.messages.iter().filter(|m| m["role"] == "tool").count();
-        assert_eq!(text.matches("<tool_response>").count(), tools, "budget {budget}: {text}");
-        assert_eq!(text.matches("<|im_start|>assistant").count(), t.turns + 1, "budget {budget}");
+        assert_eq!(
+            text.matches("<tool_response>").count(),
+            tools,
+            "budget {budget}: {text}"
+        );
+        assert_eq!(
+            text.matches("<|im_start|>assistant").count(),
+            t.turns + 1,
+            "budget {budget}"
+        );
         exhausted += t.context_exhausted as usize;
     }
-    assert!(too_small > 0 && exhausted > 0, "{too_small} too small, {exhausted} exhausted");
+    assert!(
+        too_small > 0 && exhausted > 0,
+        "{too_small} too small, {exhausted} exhausted"
+    );
 }

@@ -82,7 +82,6 @@ impl SftExample {
     }
 }
 
-
 /// Reads a JSONL file of examples (blank lines are skipped). Malformed lines, length
 /// mismatches, empty examples and mask values other than 0/1 are errors naming
 /// `file:line`.

@@ -34,5 +34,5 @@ pub mod data;
 pub mod train;
 
 pub use data::{load_examples, SftExample, Truncation};
-pub use train::{train, train_with_stop, SftConfig, TrainSummary};
 pub use tooltrain_train::{StopReason, StopSignals};
+pub use train::{train, train_with_stop, SftConfig, TrainSummary};

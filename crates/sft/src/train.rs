@@ -49,8 +49,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tooltrain_model::{
-    default_device, ops, parse_dtype, CausalLM, DType, Device, LrSchedule, ModelConfig,
-    Tokenizer, Var,
+    default_device, ops, parse_dtype, CausalLM, DType, Device, LrSchedule, ModelConfig, Tokenizer,
+    Var,
 };
 use tooltrain_train::batch::plan_micro_batches;
 use tooltrain_train::{
@@ -440,7 +440,9 @@ pub fn train_with_stop(
         run_tokens += tokens;
         run_train_s += dt;
         let last = s.state.step == total;
-        if !s.val_set.is_empty() && (last || (cfg.eval_every > 0 && s.state.step % cfg.eval_every == 0)) {
+        if !s.val_set.is_empty()
+            && (last || (cfg.eval_every > 0 && s.state.step % cfg.eval_every == 0))
+        {
             line.val_loss = Some(evaluate(&s.model, &s.val_set, cfg)?);
             summary.val_loss = line.val_loss;
         }
@@ -454,7 +456,9 @@ pub fn train_with_stop(
         s.pb.set_message(format!(
             "loss {:.4}{} | {:.0} tok/s",
             line.loss,
-            line.val_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default(),
+            line.val_loss
+                .map(|v| format!(" val {v:.4}"))
+                .unwrap_or_default(),
             line.tokens_per_s
         ));
         if line.skipped_steps > 0 && line.skipped_steps > summary.bad_steps {
@@ -493,9 +497,13 @@ fn export(s: &Session, run: &RunDir, run_tokens: u64) -> Result<PathBuf> {
         say(&s.pb, "max_steps = 0: exporting the initial model".into());
     } else if run_tokens == 0 {
         // Resumed a finished run: nothing to train, the checkpoint is the final state.
-        say(&s.pb, format!("the run was complete ({} steps)", s.state.step));
+        say(
+            &s.pb,
+            format!("the run was complete ({} steps)", s.state.step),
+        );
     }
-    let dir = run.export_final(|d| Ok(tooltrain_model::save(&s.model, s.tokenizer.as_ref(), d)?))?;
+    let dir =
+        run.export_final(|d| Ok(tooltrain_model::save(&s.model, s.tokenizer.as_ref(), d)?))?;
     say(&s.pb, format!("final model in {}", dir.display()));
     Ok(dir)
 }
@@ -576,7 +584,10 @@ fn setup(cfg: &SftConfig, run: &RunDir, progress: bool) -> Result<Session> {
                 );
             }
             if s.schedule != schedule {
-                bail!("{}: the learning-rate schedule changed since the checkpoint", ck.display());
+                bail!(
+                    "{}: the learning-rate schedule changed since the checkpoint",
+                    ck.display()
+                );
             }
             opt.load(ck, &model)?;
             if opt.steps() + s.bad_steps != s.step {
@@ -619,7 +630,16 @@ fn setup(cfg: &SftConfig, run: &RunDir, progress: bool) -> Result<Session> {
         ),
     );
     let vars: Vec<Var> = model.params().values().cloned().collect();
-    Ok(Session { model, tokenizer, train_set, val_set, opt, vars, state, pb })
+    Ok(Session {
+        model,
+        tokenizer,
+        train_set,
+        val_set,
+        opt,
+        vars,
+        state,
+        pb,
+    })
 }
 
 /// One optimizer step on the next `global_batch` examples of `order`: forward and
@@ -633,7 +653,10 @@ fn train_step(
 ) -> Result<Option<StepMetrics>> {
     let n = s.train_set.len();
     let end = (s.state.index + cfg.global_batch).min(n);
-    let batch: Vec<&SftExample> = order[s.state.index..end].iter().map(|&i| &s.train_set[i]).collect();
+    let batch: Vec<&SftExample> = order[s.state.index..end]
+        .iter()
+        .map(|&i| &s.train_set[i])
+        .collect();
     let Some((loss, grads, tokens)) = forward_backward_batch(&s.model, &batch, cfg, stop)? else {
         return Ok(None);
     };
@@ -686,7 +709,11 @@ fn check_divergence(s: &Session, cfg: &SftConfig, run: &RunDir, line: &StepMetri
 fn save(s: &Session, run: &RunDir) -> Result<PathBuf> {
     for (name, v) in s.model.params() {
         let t = v.as_tensor();
-        let sum = t.abs()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let sum = t
+            .abs()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         if !sum.is_finite() {
             bail!(
                 "the run diverged: parameter `{name}` is not finite after step {}; not saving \

@@ -451,18 +451,40 @@ fn a_diverged_run_stops_with_an_error_and_keeps_the_last_good_checkpoint() {
     // then check the same policy on this one by resuming with only free keys changed.
     let e = format!("{:#}", train(&cfg, true, false).unwrap_err());
     assert!(e.contains("cannot resume") && e.contains("lr"), "{e}");
-    let fresh = SftConfig { output_dir: dir.path().join("out2"), save_every: 1, ..cfg.clone() };
+    let fresh = SftConfig {
+        output_dir: dir.path().join("out2"),
+        save_every: 1,
+        ..cfg.clone()
+    };
     let e = format!("{:#}", train(&fresh, false, false).unwrap_err());
     assert!(e.contains("diverged"), "{e}");
     assert!(!fresh.output_dir.join("final").exists());
     let lines = metrics(&fresh.output_dir);
-    let skipped: Vec<u64> = lines.iter().filter_map(|l| l["skipped_steps"].as_u64()).collect();
+    let skipped: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l["skipped_steps"].as_u64())
+        .collect();
     assert!(!skipped.is_empty(), "{lines:?}");
     // No checkpoint holds non-finite weights: every saved one loads and is finite.
-    for name in checkpoints(&fresh.output_dir).into_iter().filter(|n| n.starts_with("step-")) {
-        let ck = tooltrain_model::load(&fresh.output_dir.join("checkpoints").join(&name), DType::F32, &Device::Cpu).unwrap();
+    for name in checkpoints(&fresh.output_dir)
+        .into_iter()
+        .filter(|n| n.starts_with("step-"))
+    {
+        let ck = tooltrain_model::load(
+            &fresh.output_dir.join("checkpoints").join(&name),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         for (n, v) in ck.model.params() {
-            let s = v.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let s = v
+                .as_tensor()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(s.is_finite(), "{name}: {n}");
         }
     }
@@ -476,7 +498,10 @@ fn non_finite_hyper_parameters_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), 4);
     for (key, f) in [
-        ("weight_decay", (|c: &mut SftConfig| c.weight_decay = f64::INFINITY) as fn(&mut SftConfig)),
+        (
+            "weight_decay",
+            (|c: &mut SftConfig| c.weight_decay = f64::INFINITY) as fn(&mut SftConfig),
+        ),
         ("eps", |c| c.eps = f64::INFINITY),
         ("lr", |c| c.lr = f64::INFINITY),
         ("max_grad_norm", |c| c.max_grad_norm = f64::INFINITY),

@@ -74,7 +74,17 @@ mod tests {
         // first row: 8 7 (2 x 8) | 5 3 2 (3 x 5) | 1.
         let plan = plan_micro_batches(&lens, 8, 16, false);
         let rows: Vec<Vec<Vec<usize>>> = plan.iter().map(|m| m.rows.clone()).collect();
-        assert_eq!(rows, vec![vec![vec![2], vec![4]], vec![vec![0], vec![1], vec![3]], vec![vec![5]]]);
-        assert_eq!(plan.iter().map(|m| m.row_len).collect::<Vec<_>>(), vec![8, 5, 1]);
+        assert_eq!(
+            rows,
+            vec![
+                vec![vec![2], vec![4]],
+                vec![vec![0], vec![1], vec![3]],
+                vec![vec![5]]
+            ]
+        );
+        assert_eq!(
+            plan.iter().map(|m| m.row_len).collect::<Vec<_>>(),
+            vec![8, 5, 1]
+        );
     }
 }

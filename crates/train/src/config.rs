@@ -133,7 +133,11 @@ pub fn check_resume<T: Serialize>(path: &Path, now: &T, free: &[&str], what: &st
             "cannot resume {what}: the config differs from the one it was started with in keys \
              that change the run ({}); only {} may change",
             differ.join(", "),
-            if free.is_empty() { "nothing".to_string() } else { free.join(", ") }
+            if free.is_empty() {
+                "nothing".to_string()
+            } else {
+                free.join(", ")
+            }
         );
     }
     Ok(())
@@ -215,14 +219,25 @@ mod tests {
         let b: Table = toml::from_str("lr = 2e-5\nout = \"b\"\nseed = 1\nsteps = 3").unwrap();
         assert_eq!(
             resume_conflicts(&a, &b, &["out"]),
-            vec!["lr: 0.00001 -> 0.00002".to_string(), "seed: (unset) -> 1".to_string()]
+            vec![
+                "lr: 0.00001 -> 0.00002".to_string(),
+                "seed: (unset) -> 1".to_string()
+            ]
         );
         assert!(resume_conflicts(&a, &a, &[]).is_empty());
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("config.toml");
         std::fs::write(&p, "steps = 3\n[inner]\nk1 = 1.0\nname = \"\"\nlist = []\n").unwrap();
-        let now = Outer { steps: 3, ..Default::default() };
-        let e = check_resume(&p, &now, &[], "run x").unwrap_err().to_string();
-        assert!(e.contains("cannot resume run x") && e.contains("inner"), "{e}");
+        let now = Outer {
+            steps: 3,
+            ..Default::default()
+        };
+        let e = check_resume(&p, &now, &[], "run x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot resume run x") && e.contains("inner"),
+            "{e}"
+        );
     }
 }

@@ -182,21 +182,76 @@ mod tests {
     fn non_finite_and_negative_values_are_rejected_by_key() {
         assert!(ok().validate().is_ok());
         let cases: Vec<(&str, OptimSettings)> = vec![
-            ("lr", OptimSettings { lr: f64::INFINITY, ..ok() }),
+            (
+                "lr",
+                OptimSettings {
+                    lr: f64::INFINITY,
+                    ..ok()
+                },
+            ),
             ("lr", OptimSettings { lr: 0.0, ..ok() }),
-            ("lr", OptimSettings { lr: f64::NAN, ..ok() }),
-            ("eps", OptimSettings { eps: f64::INFINITY, ..ok() }),
+            (
+                "lr",
+                OptimSettings {
+                    lr: f64::NAN,
+                    ..ok()
+                },
+            ),
+            (
+                "eps",
+                OptimSettings {
+                    eps: f64::INFINITY,
+                    ..ok()
+                },
+            ),
             ("eps", OptimSettings { eps: 0.0, ..ok() }),
-            ("weight_decay", OptimSettings { weight_decay: f64::INFINITY, ..ok() }),
-            ("weight_decay", OptimSettings { weight_decay: -1.0, ..ok() }),
-            ("max_grad_norm", OptimSettings { max_grad_norm: f64::INFINITY, ..ok() }),
-            ("max_grad_norm", OptimSettings { max_grad_norm: f64::NAN, ..ok() }),
-            ("betas", OptimSettings { betas: [0.9, 1.0], ..ok() }),
+            (
+                "weight_decay",
+                OptimSettings {
+                    weight_decay: f64::INFINITY,
+                    ..ok()
+                },
+            ),
+            (
+                "weight_decay",
+                OptimSettings {
+                    weight_decay: -1.0,
+                    ..ok()
+                },
+            ),
+            (
+                "max_grad_norm",
+                OptimSettings {
+                    max_grad_norm: f64::INFINITY,
+                    ..ok()
+                },
+            ),
+            (
+                "max_grad_norm",
+                OptimSettings {
+                    max_grad_norm: f64::NAN,
+                    ..ok()
+                },
+            ),
+            (
+                "betas",
+                OptimSettings {
+                    betas: [0.9, 1.0],
+                    ..ok()
+                },
+            ),
         ];
         for (key, s) in cases {
             let e = s.validate().unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
         }
-        assert_eq!(OptimSettings { max_grad_norm: 0.0, ..ok() }.clip_threshold(), f64::INFINITY);
+        assert_eq!(
+            OptimSettings {
+                max_grad_norm: 0.0,
+                ..ok()
+            }
+            .clip_threshold(),
+            f64::INFINITY
+        );
     }
 }

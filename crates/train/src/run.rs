@@ -127,8 +127,11 @@ impl RunDir {
             return Ok(None);
         };
         let p = ck.join(STATE_FILE);
-        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        Ok(Some(serde_json::from_str(&text).with_context(|| p.display().to_string())?))
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(Some(
+            serde_json::from_str(&text).with_context(|| p.display().to_string())?,
+        ))
     }
 
     /// Writes `config.toml` and opens `metrics.jsonl`: empty for a fresh run, cut back
@@ -214,7 +217,10 @@ impl Metrics {
                     let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                         continue;
                     };
-                    if v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= step) {
+                    if v.get("step")
+                        .and_then(|s| s.as_u64())
+                        .is_some_and(|s| s <= step)
+                    {
                         kept.push_str(line);
                         kept.push('\n');
                     }
@@ -227,7 +233,10 @@ impl Metrics {
             .append(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Metrics { file, path: path.to_path_buf() })
+        Ok(Metrics {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Appends `line` (a flat JSON object with a `step` key).
@@ -269,7 +278,10 @@ pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for e in std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             if e.path().is_dir() {
                 v.push((n, e.path()));
             }
@@ -330,8 +342,13 @@ mod tests {
     fn fresh_save_prune_resume_and_refusals() {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("run");
-        let cfg = Cfg { lr: 0.1, output_dir: "a".into() };
-        let run = RunDir::open(&out, &cfg, false, &["output_dir"], "t").unwrap().keep_checkpoints(2);
+        let cfg = Cfg {
+            lr: 0.1,
+            output_dir: "a".into(),
+        };
+        let run = RunDir::open(&out, &cfg, false, &["output_dir"], "t")
+            .unwrap()
+            .keep_checkpoints(2);
         assert!(run.resumed().is_none());
         let mut m = run.start(None).unwrap();
         for s in 1..=3 {
@@ -339,23 +356,40 @@ mod tests {
             save(&run, s);
         }
         // A second run on the same directory while the first holds it.
-        let e = RunDir::open(&out, &cfg, true, &[], "t2").err().unwrap().to_string();
+        let e = RunDir::open(&out, &cfg, true, &[], "t2")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("in use by `t`"), "{e}");
         drop(run);
-        let steps: Vec<u64> = list_checkpoints(&out.join("checkpoints")).unwrap().iter().map(|x| x.0).collect();
+        let steps: Vec<u64> = list_checkpoints(&out.join("checkpoints"))
+            .unwrap()
+            .iter()
+            .map(|x| x.0)
+            .collect();
         assert_eq!(steps, vec![2, 3]);
         // Without resume: refused. With a changed key: refused. Free key: fine.
-        let e = RunDir::open(&out, &cfg, false, &[], "t").err().unwrap().to_string();
+        let e = RunDir::open(&out, &cfg, false, &[], "t")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("--resume"), "{e}");
         let e = RunDir::open(&out, &Cfg { lr: 0.2, ..cfg }, true, &["output_dir"], "t")
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("lr: 0.1 -> 0.2"), "{e}");
-        let cfg2 = Cfg { lr: 0.1, output_dir: "b".into() };
+        let cfg2 = Cfg {
+            lr: 0.1,
+            output_dir: "b".into(),
+        };
         // A crash left a temp checkpoint: removed on open.
         std::fs::create_dir_all(out.join("checkpoints/step-9.tmp")).unwrap();
-        std::fs::write(out.join("metrics.jsonl"), "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n{\"st").unwrap();
+        std::fs::write(
+            out.join("metrics.jsonl"),
+            "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n{\"st",
+        )
+        .unwrap();
         let run = RunDir::open(&out, &cfg2, true, &["output_dir"], "t").unwrap();
         assert!(!out.join("checkpoints/step-9.tmp").exists());
         assert!(run.resumed().unwrap().ends_with("step-3"));
@@ -368,9 +402,16 @@ mod tests {
         );
         // Saving step 2 again (a resumed earlier trajectory) drops the later step 3.
         save(&run, 2);
-        let steps: Vec<u64> = list_checkpoints(&out.join("checkpoints")).unwrap().iter().map(|x| x.0).collect();
+        let steps: Vec<u64> = list_checkpoints(&out.join("checkpoints"))
+            .unwrap()
+            .iter()
+            .map(|x| x.0)
+            .collect();
         assert_eq!(steps, vec![2]);
-        assert_eq!(std::fs::read_to_string(out.join("checkpoints/latest")).unwrap(), "step-2\n");
+        assert_eq!(
+            std::fs::read_to_string(out.join("checkpoints/latest")).unwrap(),
+            "step-2\n"
+        );
         let f = run
             .export_final(|d| {
                 std::fs::create_dir_all(d)?;

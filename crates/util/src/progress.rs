@@ -42,7 +42,10 @@ impl State {
         s.push_str(&format!(", {}, elapsed {}", fmt_rate(rate), fmt_secs(el)));
         if let Some(len) = self.len {
             if rate > 0.0 && self.pos < len {
-                s.push_str(&format!(", ETA {}", fmt_secs((len - self.pos) as f64 / rate)));
+                s.push_str(&format!(
+                    ", ETA {}",
+                    fmt_secs((len - self.pos) as f64 / rate)
+                ));
             }
         }
         if !self.msg.is_empty() {
@@ -101,7 +104,10 @@ impl Progress {
 
     /// Reports nothing.
     pub fn hidden() -> Progress {
-        Progress { bar: None, state: None }
+        Progress {
+            bar: None,
+            state: None,
+        }
     }
 
     /// [`Progress::new`] with the mode chosen by the caller: a bar (`true`) or log lines.
@@ -128,7 +134,10 @@ impl Progress {
                 .expect("a valid template")
                 .progress_chars("=> "),
             );
-            return Progress { bar: Some(pb), state: Some(state) };
+            return Progress {
+                bar: Some(pb),
+                state: Some(state),
+            };
         }
         let weak = Arc::downgrade(&state);
         let every = interval();
@@ -144,7 +153,10 @@ impl Progress {
             }
             eprintln!("{}", guard.line());
         });
-        Progress { bar: None, state: Some(state) }
+        Progress {
+            bar: None,
+            state: Some(state),
+        }
     }
 
     fn with_state(&self, f: impl FnOnce(&mut State)) {

@@ -82,15 +82,20 @@ mod tests {
         let r: Result<u32, (String, u32)> = retry(&FAST, |a| {
             calls += 1;
             if a < 2 {
-                Attempt::Retry { error: format!("try {a}"), after: None }
+                Attempt::Retry {
+                    error: format!("try {a}"),
+                    after: None,
+                }
             } else {
                 Attempt::Done(a)
             }
         });
         assert_eq!(r.unwrap(), 2);
         assert_eq!(calls, 3);
-        let r: Result<(), (String, u32)> =
-            retry(&FAST, |a| Attempt::Retry { error: format!("try {a}"), after: Some(0.0) });
+        let r: Result<(), (String, u32)> = retry(&FAST, |a| Attempt::Retry {
+            error: format!("try {a}"),
+            after: Some(0.0),
+        });
         assert_eq!(r.unwrap_err(), ("try 2".to_string(), 2));
         let r: Result<(), (&str, u32)> = retry(&FAST, |_| Attempt::Fatal("no"));
         assert_eq!(r.unwrap_err(), ("no", 0));
@@ -98,7 +103,12 @@ mod tests {
 
     #[test]
     fn waits_double_up_to_the_cap_and_jitter_stays_in_half_to_one() {
-        let b = Backoff { max_retries: 9, base_secs: 1.0, max_secs: 5.0, jitter: false };
+        let b = Backoff {
+            max_retries: 9,
+            base_secs: 1.0,
+            max_secs: 5.0,
+            jitter: false,
+        };
         let w: Vec<f64> = (0..5).map(|a| b.wait_secs(a)).collect();
         assert_eq!(w, vec![1.0, 2.0, 4.0, 5.0, 5.0]);
         let j = Backoff { jitter: true, ..b };

@@ -15,9 +15,9 @@ pub fn mix64(mut z: u64) -> u64 {
 /// A seed derived from a list of integers (run seed, step, task, sample, turn, ...):
 /// distinct lists give unrelated seeds, and the order of the parts matters.
 pub fn seed_of(parts: &[u64]) -> u64 {
-    parts
-        .iter()
-        .fold(GAMMA, |h, &p| mix64(h.wrapping_add(GAMMA) ^ mix64(p.wrapping_add(GAMMA))))
+    parts.iter().fold(GAMMA, |h, &p| {
+        mix64(h.wrapping_add(GAMMA) ^ mix64(p.wrapping_add(GAMMA)))
+    })
 }
 
 /// SplitMix64.

@@ -13,8 +13,8 @@
 use clap::Parser;
 use std::process::ExitCode;
 use tooltrain_sft::train::{train_with_stop, SftConfig};
-use tooltrain_train::{StopReason, StopSignals};
 use tooltrain_train::config;
+use tooltrain_train::{StopReason, StopSignals};
 
 /// Supervised fine-tuning of a tooltrain model on JSONL examples (`input_ids` +
 /// `loss_mask`). Writes checkpoints, metrics.jsonl and the final HF model under

@@ -24,8 +24,11 @@ fn parent_and_name(out_dir: &Path) -> Result<(PathBuf, String), SynthError> {
 /// (`.NAME.synth-old.*`), which is put back first when `out_dir` is missing.
 pub(super) fn lock_and_clean(out_dir: &Path) -> Result<tooltrain_util::RunLock, SynthError> {
     let (parent, name) = parent_and_name(out_dir)?;
-    let lock = tooltrain_util::RunLock::acquire(&parent.join(format!(".{name}.synth-lock")), "tooltrain synth")
-        .map_err(|e| SynthError::Output(e.replace(".synth-lock", "")))?;
+    let lock = tooltrain_util::RunLock::acquire(
+        &parent.join(format!(".{name}.synth-lock")),
+        "tooltrain synth",
+    )
+    .map_err(|e| SynthError::Output(e.replace(".synth-lock", "")))?;
     let tmp_prefix = format!(".{name}.synth-tmp.");
     let old_prefix = format!(".{name}.synth-old.");
     let rd = std::fs::read_dir(&parent).map_err(io_err(&parent))?;
@@ -160,7 +163,10 @@ mod tests {
         let lock = lock_and_clean(&out).unwrap();
         assert!(!tmp.exists());
         assert!(!old.exists());
-        assert!(out.join("dataset.jsonl").exists(), "the old tree is put back");
+        assert!(
+            out.join("dataset.jsonl").exists(),
+            "the old tree is put back"
+        );
         let e = lock_and_clean(&out).err().unwrap().to_string();
         assert!(e.contains("in use by `tooltrain synth`"), "{e}");
         drop(lock);

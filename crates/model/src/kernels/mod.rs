@@ -113,7 +113,13 @@ pub fn detected_simd_level() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") && has!("avx2") && has!("fma") {
+        if has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vl")
+            && has!("avx512dq")
+            && has!("avx2")
+            && has!("fma")
+        {
             return SimdLevel::Avx512;
         }
         if has!("avx2") && has!("fma") {
