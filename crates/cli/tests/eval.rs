@@ -290,6 +290,18 @@ fn swebench_ci_subset_oracle_scores_100_and_bm25_runs() {
 fn unsafe_ids_failed_runs_and_locked_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let (ds, gt, repos) = bench(dir.path());
+    // `eval` with a policy over a dataset (and GT) into `out`; its stderr on failure.
+    let eval_err = |policy: &str, ds: &Path, gt: Option<&Path>, repos: &Path, out: &Path| {
+        let mut c = bin();
+        c.args(["eval", "--policy", policy])
+            .arg("--dataset")
+            .arg(ds);
+        if let Some(g) = gt {
+            c.arg("--gt").arg(g);
+        }
+        c.arg("--repos-dir").arg(repos).arg("--out").arg(out);
+        run_err(&mut c)
+    };
     // A secret tree beside repos_dir that `../secret` would reach.
     std::fs::create_dir_all(dir.path().join("secret")).unwrap();
     std::fs::write(dir.path().join("secret/key.py"), "def key():\n    pass\n").unwrap();
@@ -299,15 +311,7 @@ fn unsafe_ids_failed_runs_and_locked_outputs() {
     };
     std::fs::write(&evil, format!("{}\n{}\n", line("../secret"), line("/abs"))).unwrap();
     let out = dir.path().join("evil-out");
-    let mut c = bin();
-    c.args(["eval", "--policy", "bm25"])
-        .arg("--dataset")
-        .arg(&evil)
-        .arg("--repos-dir")
-        .arg(&repos)
-        .arg("--out")
-        .arg(&out);
-    let e = run_err(&mut c);
+    let e = eval_err("bm25", &evil, None, &repos, &out);
     assert!(e.contains("every episode failed (2 of 2)"), "{e}");
     let m = metrics(&out);
     let f = m["failures"]["../secret"].as_str().unwrap();
@@ -316,17 +320,8 @@ fn unsafe_ids_failed_runs_and_locked_outputs() {
     assert!(!trajs.contains("key.py"), "{trajs}");
 
     // A wrong --repos-dir: every tree missing.
-    let mut c = bin();
-    c.args(["eval", "--policy", "oracle"])
-        .arg("--dataset")
-        .arg(&ds)
-        .arg("--gt")
-        .arg(&gt)
-        .arg("--repos-dir")
-        .arg(dir.path().join("nowhere"))
-        .arg("--out")
-        .arg(dir.path().join("o2"));
-    let e = run_err(&mut c);
+    let nowhere = dir.path().join("nowhere");
+    let e = eval_err("oracle", &ds, Some(&gt), &nowhere, &dir.path().join("o2"));
     assert!(
         e.contains("every episode failed (3 of 3)") && e.contains("missing"),
         "{e}"
@@ -335,15 +330,7 @@ fn unsafe_ids_failed_runs_and_locked_outputs() {
     // An empty dataset.
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
-    let mut c = bin();
-    c.args(["eval", "--policy", "oracle"])
-        .arg("--dataset")
-        .arg(&empty)
-        .arg("--repos-dir")
-        .arg(&repos)
-        .arg("--out")
-        .arg(dir.path().join("o3"));
-    let e = run_err(&mut c);
+    let e = eval_err("oracle", &empty, None, &repos, &dir.path().join("o3"));
     assert!(e.contains("no instance to run"), "{e}");
 
     // A held lock.
@@ -353,17 +340,7 @@ fn unsafe_ids_failed_runs_and_locked_outputs() {
     std::fs::write(&lock, "`tooltrain eval` (pid 777, started at unix time 0)").unwrap();
     let held = std::fs::File::open(&lock).unwrap();
     fs2::FileExt::lock_exclusive(&held).unwrap();
-    let mut c = bin();
-    c.args(["eval", "--policy", "oracle"])
-        .arg("--dataset")
-        .arg(&ds)
-        .arg("--gt")
-        .arg(&gt)
-        .arg("--repos-dir")
-        .arg(&repos)
-        .arg("--out")
-        .arg(&locked);
-    let e = run_err(&mut c);
+    let e = eval_err("oracle", &ds, Some(&gt), &repos, &locked);
     assert!(e.contains("in use by `tooltrain eval` (pid 777"), "{e}");
     assert!(!locked.join("trajectories.jsonl.partial").exists());
 }

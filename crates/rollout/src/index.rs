@@ -106,6 +106,15 @@ pub fn decode_source(bytes: &[u8]) -> Result<std::borrow::Cow<'_, str>, String> 
         .ok_or_else(|| format!("bytes that are not valid {label}"))
 }
 
+/// The text of a source file by [`decode_source`], else with the bytes it cannot decode
+/// replaced (U+FFFD) and the reason.
+fn decode_lossy(bytes: &[u8]) -> (String, Option<String>) {
+    match decode_source(bytes) {
+        Ok(t) => (t.into_owned(), None),
+        Err(why) => (String::from_utf8_lossy(bytes).into_owned(), Some(why)),
+    }
+}
+
 /// The encoding named by a PEP 263 declaration in the first two lines: a comment line
 /// matching `coding[:=]\s*([-\w.]+)`.
 fn coding_declaration(bytes: &[u8]) -> Option<String> {
@@ -144,7 +153,7 @@ impl FileIndex {
     /// Index one file from its path and raw bytes (never fails: unparsable parts are
     /// skipped, non-UTF-8 bytes are replaced).
     pub fn parse(path: impl Into<String>, bytes: &[u8]) -> FileIndex {
-        Self::parse_with(&mut new_parser(), path.into(), bytes, false)
+        Self::parse_with(&mut new_parser(), path.into(), decode_lossy(bytes).0, false)
     }
 
     /// Whether a replaced byte (U+FFFD) stands on the line of a class or function
@@ -165,15 +174,10 @@ impl FileIndex {
     /// Like [`FileIndex::parse`] but always parsing the whole text with tree-sitter
     /// (no skeleton): the reference the skeleton path is tested against.
     pub fn parse_full(path: impl Into<String>, bytes: &[u8]) -> FileIndex {
-        Self::parse_with(&mut new_parser(), path.into(), bytes, true)
+        Self::parse_with(&mut new_parser(), path.into(), decode_lossy(bytes).0, true)
     }
 
-    /// Bytes that [`decode_source`] cannot decode are replaced (U+FFFD).
-    fn parse_with(parser: &mut Parser, path: String, bytes: &[u8], full: bool) -> FileIndex {
-        let text = match decode_source(bytes) {
-            Ok(t) => t.into_owned(),
-            Err(_) => String::from_utf8_lossy(bytes).into_owned(),
-        };
+    fn parse_with(parser: &mut Parser, path: String, text: String, full: bool) -> FileIndex {
         let mut out = FileIndex {
             path,
             classes: Vec::new(),
@@ -660,9 +664,10 @@ impl RepoIndex {
                     ));
                 }
                 let bytes = std::fs::read(abs).unwrap_or_default();
-                let f = FileIndex::parse_with(parser, rel.clone(), &bytes, false);
-                match decode_source(&bytes) {
-                    Err(why) if f.definition_lines_replaced() => {
+                let (text, replaced) = decode_lossy(&bytes);
+                let f = FileIndex::parse_with(parser, rel.clone(), text, false);
+                match replaced {
+                    Some(why) if f.definition_lines_replaced() => {
                         Err((rel.clone(), format!("{why}, on a class or def line")))
                     }
                     _ => Ok(f),

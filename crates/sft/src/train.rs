@@ -149,7 +149,8 @@ pub struct SftConfig {
     /// (0: never); resume later with `resume`. For time-sliced jobs.
     pub stop_at_step: u64,
     /// Steps whose loss or gradient norm is not finite that are skipped (no update,
-    /// counted in `skipped_steps`); one more stops the run with an error, without saving.
+    /// counted in `skipped_steps`); one more stops the run with an error, without saving
+    /// (0: the first one does).
     pub max_bad_steps: u64,
 }
 
@@ -279,9 +280,6 @@ impl SftConfig {
                 "warmup_ratio",
                 format!("must be in [0, 1] (got {})", self.warmup_ratio),
             );
-        }
-        if self.max_bad_steps == 0 {
-            return bad("max_bad_steps", "must be >= 1".into());
         }
         Ok(())
     }
@@ -461,8 +459,7 @@ pub fn train_with_stop(
                 .unwrap_or_default(),
             line.tokens_per_s
         ));
-        if line.skipped_steps > 0 && line.skipped_steps > summary.bad_steps {
-            summary.bad_steps = line.skipped_steps;
+        if !(line.loss.is_finite() && line.grad_norm.is_finite()) {
             check_divergence(&s, cfg, &run, &line)?;
         }
         if last || (cfg.save_every > 0 && s.state.step % cfg.save_every == 0) {
@@ -483,6 +480,7 @@ pub fn train_with_stop(
     }
     summary.step = s.state.step;
     summary.tokens = s.state.tokens;
+    summary.bad_steps = s.state.bad_steps;
     summary.tokens_per_s = run_tokens as f64 / run_train_s.max(1e-9);
     if summary.stopped.is_none() {
         summary.final_dir = Some(export(&s, &run, run_tokens)?);
@@ -709,11 +707,8 @@ fn check_divergence(s: &Session, cfg: &SftConfig, run: &RunDir, line: &StepMetri
 fn save(s: &Session, run: &RunDir) -> Result<PathBuf> {
     for (name, v) in s.model.params() {
         let t = v.as_tensor();
-        let sum = t
-            .abs()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        // Any inf or NaN makes the sum non-finite; no copy of the weights is made.
+        let sum = t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !sum.is_finite() {
             bail!(
                 "the run diverged: parameter `{name}` is not finite after step {}; not saving \

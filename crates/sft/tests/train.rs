@@ -505,7 +505,6 @@ fn non_finite_hyper_parameters_are_rejected() {
         ("eps", |c| c.eps = f64::INFINITY),
         ("lr", |c| c.lr = f64::INFINITY),
         ("max_grad_norm", |c| c.max_grad_norm = f64::INFINITY),
-        ("max_bad_steps", |c| c.max_bad_steps = 0),
     ] {
         let mut c = cfg.clone();
         f(&mut c);

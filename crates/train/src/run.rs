@@ -310,7 +310,7 @@ fn remove_dir_if_exists(p: &Path) -> Result<()> {
 }
 
 /// [`tooltrain_util::write_atomic`] with the path in the error.
-pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     tooltrain_util::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 

@@ -49,7 +49,14 @@ impl RunLock {
     /// Fails at once, naming the holder, when another process holds the lock.
     pub fn acquire(dir: &Path, command: &str) -> Result<RunLock, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let path = dir.join(LOCK_FILE);
+        Self::acquire_file(&dir.join(LOCK_FILE), dir, command)
+    }
+
+    /// Locks `guarded` (an output that is replaced as a whole, so it cannot hold its own
+    /// lock) through the lock file `path` beside it; otherwise as [`RunLock::acquire`].
+    pub fn acquire_file(path: &Path, guarded: &Path, command: &str) -> Result<RunLock, String> {
+        let path = path.to_path_buf();
+        let dir = guarded;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)

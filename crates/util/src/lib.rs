@@ -5,7 +5,7 @@
 //!
 //! | concept | where |
 //! |---|---|
-//! | SplitMix64 generator (state is one `u64`, saved in checkpoints), seed mixing | [`rng`]: [`Rng`], [`mix64`], [`seed_of`] |
+//! | SplitMix64 generator (state is one `u64`, saved in checkpoints) | [`rng`]: [`Rng`] |
 //! | FNV-1a hashing (cache keys, content hashes), lower-case hex | [`hash`]: [`fnv1a`], [`hex`] |
 //! | write to a temporary file then rename; exclusive locks on output directories | [`fs`]: [`write_atomic`], [`RunLock`] |
 //! | retries with exponential back-off and jitter | [`retry`]: [`retry::Backoff`], [`retry::retry`] |
@@ -23,4 +23,4 @@ pub use fs::{write_atomic, RunLock};
 pub use hash::{fnv1a, hex};
 pub use log::init_logging;
 pub use progress::Progress;
-pub use rng::{mix64, seed_of, Rng};
+pub use rng::Rng;

@@ -6,18 +6,10 @@
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// The SplitMix64 output function: a bijective mix of all 64 bits.
-pub fn mix64(mut z: u64) -> u64 {
+fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-/// A seed derived from a list of integers (run seed, step, task, sample, turn, ...):
-/// distinct lists give unrelated seeds, and the order of the parts matters.
-pub fn seed_of(parts: &[u64]) -> u64 {
-    parts.iter().fold(GAMMA, |h, &p| {
-        mix64(h.wrapping_add(GAMMA) ^ mix64(p.wrapping_add(GAMMA)))
-    })
 }
 
 /// SplitMix64.
@@ -44,11 +36,6 @@ impl Rng {
     /// Uniform in `0..n` (`n > 0`), by multiply-shift (no modulo bias to speak of).
     pub fn below(&mut self, n: usize) -> usize {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-
-    /// Uniform in `[0, 1)` with 53 random bits.
-    pub fn unit_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// A Fisher-Yates shuffle of `v`.
@@ -91,17 +78,5 @@ mod tests {
         assert_ne!(v, (0..100).collect::<Vec<_>>());
         v.sort();
         assert_eq!(v, (0..100).collect::<Vec<_>>());
-        let u = r.unit_f64();
-        assert!((0.0..1.0).contains(&u));
-    }
-
-    #[test]
-    fn seed_of_depends_on_every_part_and_order() {
-        let a = seed_of(&[1, 2, 3]);
-        assert_eq!(a, seed_of(&[1, 2, 3]));
-        assert_ne!(a, seed_of(&[1, 2, 4]));
-        assert_ne!(a, seed_of(&[2, 1, 3]));
-        assert_ne!(a, seed_of(&[1, 2, 3, 0]));
-        assert_ne!(seed_of(&[0]), seed_of(&[]));
     }
 }

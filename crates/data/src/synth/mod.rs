@@ -383,13 +383,13 @@ mod tests {
             let derived = locations_from_patch(&inst.patch, &idx).unwrap();
             assert_eq!(derived, locs);
         }
-        // No temp directories are left beside the output (only the empty lock directory).
+        // No temp directories are left beside the output (only the lock file).
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, [".out.synth-lock", "out"]);
+        assert_eq!(names, [".out.synth.lock", "out"]);
         // A non-empty output is not replaced without `overwrite`, and is with it.
         assert!(generate(&c, &out).is_err());
         let c2 = SynthConfig { n: 2, ..c };

@@ -18,17 +18,16 @@ fn parent_and_name(out_dir: &Path) -> Result<(PathBuf, String), SynthError> {
     Ok((parent, name))
 }
 
-/// Locks `out_dir` for this run (through the sibling directory `.NAME.synth-lock`, since
-/// `out_dir` itself is replaced by a rename), then removes what runs that were killed
-/// left beside it: temporary trees (`.NAME.synth-tmp.*`), and an old tree moved aside
-/// (`.NAME.synth-old.*`), which is put back first when `out_dir` is missing.
+/// Locks `out_dir` for this run (through the lock file `.NAME.synth.lock` beside it,
+/// since `out_dir` itself is replaced by a rename), then removes what runs that were
+/// killed left beside it: temporary trees (`.NAME.synth-tmp.*`), and an old tree moved
+/// aside (`.NAME.synth-old.*`), which is put back first when `out_dir` is missing.
 pub(super) fn lock_and_clean(out_dir: &Path) -> Result<tooltrain_util::RunLock, SynthError> {
     let (parent, name) = parent_and_name(out_dir)?;
-    let lock = tooltrain_util::RunLock::acquire(
-        &parent.join(format!(".{name}.synth-lock")),
-        "tooltrain synth",
-    )
-    .map_err(|e| SynthError::Output(e.replace(".synth-lock", "")))?;
+    std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+    let lock_file = parent.join(format!(".{name}.synth.lock"));
+    let lock = tooltrain_util::RunLock::acquire_file(&lock_file, out_dir, "tooltrain synth")
+        .map_err(SynthError::Output)?;
     let tmp_prefix = format!(".{name}.synth-tmp.");
     let old_prefix = format!(".{name}.synth-old.");
     let rd = std::fs::read_dir(&parent).map_err(io_err(&parent))?;
