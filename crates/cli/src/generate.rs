@@ -158,6 +158,7 @@ pub fn run(a: Args) -> Result<()> {
         stop_token_ids: tok.eos_ids(),
         stop_strings: vec![],
         seed: a.seed,
+        row_seeds: vec![],
     };
     let t0 = Instant::now();
     let g = ckpt

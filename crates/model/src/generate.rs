@@ -23,6 +23,9 @@ pub struct SamplingParams {
     /// Sequence `i` of a batch samples with the seed `seed + i`, so a batch gives the
     /// same tokens as each prompt run alone with its own seed.
     pub seed: u64,
+    /// When not empty (one per prompt): sequence `i` samples with `row_seeds[i]`
+    /// instead, so that a row's stream does not depend on its place in a batch.
+    pub row_seeds: Vec<u64>,
 }
 
 impl Default for SamplingParams {
@@ -35,6 +38,7 @@ impl Default for SamplingParams {
             stop_token_ids: vec![],
             stop_strings: vec![],
             seed: 0,
+            row_seeds: vec![],
         }
     }
 }
@@ -52,8 +56,10 @@ pub enum FinishReason {
 pub struct Generation {
     /// Sampled token ids (including the stop token, if any).
     pub tokens: Vec<u32>,
-    /// log p(token) under the model's own distribution (temperature 1, no top-k/top-p):
-    /// the quantity RL compares against when re-scoring.
+    /// log p(token) under `softmax(logits / T)` at the sampling temperature `T > 0`
+    /// (`softmax(logits)` when greedy), before any top-k / top-p truncation: with
+    /// `top_k = 0` and `top_p = 1` exactly the distribution sampled from, which a
+    /// trainer recomputes by dividing its logits by the same `T`.
     pub logprobs: Vec<f32>,
     pub finish: FinishReason,
 }
@@ -123,15 +129,35 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-fn log_softmax_at(row: &[f32], tok: u32) -> f32 {
-    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = mx
-        + row
-            .iter()
-            .map(|x| ((x - mx) as f64).exp())
-            .sum::<f64>()
-            .ln() as f32;
-    row[tok as usize] - lse
+/// `log softmax(row / temperature)[tok]` (temperature 1 when it is not positive).
+fn log_softmax_at(row: &[f32], tok: u32, temperature: f64) -> f32 {
+    let inv_t = if temperature > 0.0 { 1.0 / temperature } else { 1.0 };
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse: f64 = row
+        .iter()
+        .map(|&x| ((x as f64 - mx) * inv_t).exp())
+        .sum::<f64>()
+        .ln();
+    ((row[tok as usize] as f64 - mx) * inv_t - lse) as f32
+}
+
+/// For each prompt, the index of the first prompt equal to it, and the distinct
+/// prompts' indices in order: identical prompts (the samples of one task) are computed
+/// once and their keys and values copied.
+fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<usize>, Vec<usize>) {
+    let mut first: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+    let mut uniq = Vec::new();
+    let map = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            *first.entry(p.as_slice()).or_insert_with(|| {
+                uniq.push(i);
+                uniq.len() - 1
+            })
+        })
+        .collect();
+    (uniq, map)
 }
 
 /// Shortest common prefix worth computing once for a whole batch.
@@ -193,19 +219,30 @@ fn suffix_layout(
 /// later prompt extending one of them (the next turn of a multi-turn episode: the same
 /// conversation plus the reply and a tool result) computes only its new tokens.
 ///
-/// An entry is consumed when a prompt reuses it (the longer sequence replaces it); entries
-/// nobody reused during a whole round ([`PrefixCache::begin_round`], e.g. one turn of a
-/// batch of episodes, which may take several calls) are dropped at the next round, which
-/// bounds the memory to about two turns' sequences.
+/// An entry is consumed when a prompt extends all of it (the longer sequence replaces
+/// it); a prompt that shares only part of it (another sample of the same task, in a later
+/// batch) copies that part and leaves the entry. Entries nobody reused during a whole
+/// round ([`PrefixCache::begin_round`], e.g. one turn of a batch of episodes, which may
+/// take several calls) are dropped at the next round, which bounds the memory to about
+/// two turns' sequences.
+///
+/// Entries belong to the weights they were computed with: when the model's
+/// [`CausalLM::weights_version`] changes (an optimizer step), they are all dropped.
 #[derive(Default)]
 pub struct PrefixCache {
     entries: Vec<CachedSeq>,
     round: u64,
-    /// Prompt tokens not computed for their row so far (taken from the cache, or a prefix
-    /// shared with the rest of the batch).
+    /// The weights version the entries were computed with.
+    weights: Option<u64>,
+    /// Prompt tokens not computed for their row so far (taken from the cache, a prefix
+    /// shared with the rest of the batch, or an identical prompt of the same batch).
     pub reused_tokens: u64,
     /// Prompt tokens computed so far.
     pub computed_tokens: u64,
+    /// Rows whose whole prompt equalled another row's of the same call (computed once).
+    pub duplicate_rows: u64,
+    /// Entries dropped because the weights changed.
+    pub invalidated: u64,
 }
 
 struct CachedSeq {
@@ -220,6 +257,15 @@ impl PrefixCache {
         let last = self.round;
         self.entries.retain(|e| e.round >= last);
         self.round += 1;
+    }
+
+    /// Drops every entry when `version` is not the weights they were computed with.
+    fn sync_weights(&mut self, version: u64) {
+        if self.weights != Some(version) {
+            self.invalidated += self.entries.len() as u64;
+            self.entries.clear();
+            self.weights = Some(version);
+        }
     }
 
     /// Number of cached sequences.
@@ -277,6 +323,13 @@ impl CausalLM {
         if prompts.iter().any(Vec::is_empty) {
             invalid!("every prompt needs at least one token");
         }
+        if !params.row_seeds.is_empty() && params.row_seeds.len() != prompts.len() {
+            invalid!(
+                "{} row seeds for {} prompts",
+                params.row_seeds.len(),
+                prompts.len()
+            );
+        }
         if !params.stop_strings.is_empty() && tokenizer.is_none() {
             invalid!("stop strings need a tokenizer");
         }
@@ -292,14 +345,40 @@ impl CausalLM {
             return Ok(out);
         }
         let dev = self.device();
-        let mut plan = PrefixPlan::new(prompts, reuse.as_deref_mut());
+        if let Some(pc) = reuse.as_deref_mut() {
+            pc.sync_weights(self.weights_version());
+        }
+        // Identical prompts are computed once, then their rows copied.
+        let (uniq, map) = distinct_prompts(prompts);
+        let distinct: Vec<Vec<u32>> = uniq.iter().map(|&i| prompts[i].clone()).collect();
+        let mut plan = PrefixPlan::new(&distinct, reuse.as_deref_mut());
         let Prefill {
             mut cache,
             mut last,
-        } = self.prefill(prompts, &mut plan, params, reuse.as_deref_mut())?;
+        } = self.prefill(&distinct, &mut plan, params, reuse.as_deref_mut())?;
+        if distinct.len() < b {
+            let rows = Tensor::new(map.iter().map(|&u| u as u32).collect::<Vec<_>>(), dev)?;
+            cache.select_rows(&rows)?;
+            last = last.index_select(&rows, 0)?;
+            plan.expand(&map);
+            if let Some(pc) = reuse.as_deref_mut() {
+                pc.duplicate_rows += (b - distinct.len()) as u64;
+                let dup: usize = (0..b)
+                    .filter(|&i| uniq[map[i]] != i)
+                    .map(|i| prompts[i].len())
+                    .sum();
+                pc.reused_tokens += dup as u64;
+            }
+        }
         let w = self.lm_head_weight(false);
         let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
-            .map(|i| rand::rngs::StdRng::seed_from_u64(params.seed.wrapping_add(i as u64)))
+            .map(|i| {
+                let seed = match params.row_seeds.get(i) {
+                    Some(&s) => s,
+                    None => params.seed.wrapping_add(i as u64),
+                };
+                rand::rngs::StdRng::seed_from_u64(seed)
+            })
             .collect();
         // Active rows: (sequence index, its padding `pad`, next position); the row's keys
         // at `pre[i]..width + pad` are masked (other rows' prefixes, padding).
@@ -441,11 +520,21 @@ impl PrefixPlan {
         let mut pre = vec![0usize; b];
         if let Some(pc) = reuse {
             for (i, pr) in prompts.iter().enumerate() {
-                if let Some((e, n)) = pc.best(pr) {
-                    let n = n.min(lens[i] - 1);
+                if let Some((e, full)) = pc.best(pr) {
+                    let n = full.min(lens[i] - 1);
                     if n >= MIN_SHARED_PREFIX {
                         pre[i] = n;
-                        taken[i] = Some(pc.entries.swap_remove(e));
+                        // A prompt that extends the whole entry replaces it; one that
+                        // shares part of it (another sample of the same prompt) copies.
+                        taken[i] = Some(if full == pc.entries[e].tokens.len() {
+                            pc.entries.swap_remove(e)
+                        } else {
+                            CachedSeq {
+                                tokens: Vec::new(),
+                                kv: pc.entries[e].kv.clone(),
+                                round: pc.round,
+                            }
+                        });
                     }
                 }
             }
@@ -473,6 +562,16 @@ impl PrefixPlan {
     }
 }
 
+impl PrefixPlan {
+    /// The plan of a batch whose row `i` is the distinct prompt `map[i]` of this plan.
+    fn expand(&mut self, map: &[usize]) {
+        let pick = |v: &[usize]| map.iter().map(|&u| v[u]).collect::<Vec<_>>();
+        self.lens = pick(&self.lens);
+        self.pre = pick(&self.pre);
+        self.pads = pick(&self.pads);
+    }
+}
+
 /// The KV cache after the prompts, and each row's last hidden state.
 struct Prefill {
     cache: KvCache,
@@ -489,7 +588,7 @@ fn record_token(
     tokenizer: Option<&Tokenizer>,
 ) -> Result<bool> {
     g.tokens.push(tok);
-    g.logprobs.push(log_softmax_at(logits, tok));
+    g.logprobs.push(log_softmax_at(logits, tok, params.temperature));
     if params.stop_token_ids.contains(&tok) {
         g.finish = FinishReason::StopToken;
         return Ok(true);

@@ -341,6 +341,15 @@ pub struct CausalLM {
     norm: Var,
     lm_head: Option<Var>,
     inv_freq: Tensor,
+    /// Identifies the current weights ([`CausalLM::weights_version`]).
+    version: std::sync::atomic::AtomicU64,
+}
+
+/// Source of weight versions: unique across every model of the process.
+static NEXT_WEIGHTS_VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_weights_version() -> u64 {
+    NEXT_WEIGHTS_VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl CausalLM {
@@ -495,7 +504,22 @@ impl CausalLM {
             dtype,
             device: device.clone(),
             cfg,
+            version: std::sync::atomic::AtomicU64::new(next_weights_version()),
         })
+    }
+
+    /// A number that identifies this model's current weights: unique in the process,
+    /// changed by [`CausalLM::weights_changed`]. Caches of values computed with the
+    /// weights (a [`crate::PrefixCache`]) compare it to know they are stale.
+    pub fn weights_version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Declares that the weights were updated in place (an optimizer step): every value
+    /// computed with the old weights is stale.
+    pub fn weights_changed(&self) {
+        self.version
+            .store(next_weights_version(), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The configuration.

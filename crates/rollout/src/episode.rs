@@ -37,8 +37,10 @@ use crate::toolcall::parse_turn;
 use crate::tools::{self, ToolLimits};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tooltrain_model::Tokenizer;
+use tooltrain_util::derive_seed;
 
 /// How the function-level stage chooses its candidate files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -187,8 +189,12 @@ pub struct EpisodeJob {
     pub gt: Option<Vec<Location>>,
     /// Sample number of this instance (0..K).
     pub sample: usize,
-    /// Seed of this episode (candidate shuffling and the policy's sampling).
+    /// Seed of this episode's sampling: turn `t` of the episode samples with
+    /// `derive_seed([seed, t])` (the file stage with `t = 0`).
     pub seed: u64,
+    /// Seed of the prompt (the random candidate files of `GtPlusRandom`). The samples of
+    /// one task share it, so a group compares answers to the same prompt.
+    pub prompt_seed: u64,
 }
 
 /// The token-level record of a conversation.
@@ -198,8 +204,12 @@ pub struct TokenRecord {
     /// 1 where the policy generated the token.
     pub loss_mask: Vec<u8>,
     /// log p of generated tokens under the sampling model (0 elsewhere, and for text
-    /// policies).
+    /// policies: see `has_logprobs`).
     pub logprobs: Vec<f32>,
+    /// Whether every generated token's log-prob is real (the policy returned them). A
+    /// text policy's tokens carry 0, which is not their log-prob.
+    #[serde(default)]
+    pub has_logprobs: bool,
     /// Positions where re-rendering the final conversation gives other tokens.
     pub drift: usize,
 }
@@ -228,6 +238,9 @@ pub struct Trajectory {
     pub tool_hits: usize,
     /// Turns without a usable call (format observation shown).
     pub invalid_turns: usize,
+    /// Turns (search or summary) whose reply hit its token budget.
+    #[serde(default)]
+    pub truncated_turns: usize,
     /// The policy ended the search itself (`exit`).
     pub exited: bool,
     /// The context budget ended the search.
@@ -312,6 +325,9 @@ impl TokenState {
     }
 
     fn push(&mut self, ids: &[u32], mask: u8, logprobs: Option<&[f32]>) {
+        if mask == 1 && logprobs.is_none() && !ids.is_empty() {
+            self.rec.has_logprobs = false;
+        }
         self.rec.tokens.extend_from_slice(ids);
         self.rec
             .loss_mask
@@ -415,15 +431,21 @@ pub fn gt_plus_random(index: &RepoIndex, gt: &[Location], n: usize, seed: u64) -
     files
 }
 
+/// The error of episodes abandoned because `stop` was set.
+pub const STOPPED: &str = "stopped: the run was asked to stop";
+
 /// Runs `jobs` with `policy`: the file-level stage (when configured) for all, then the
 /// function-level stage in lock-step, one batched [`Policy::respond`] per turn.
 /// `on_done` is called once per finished episode (for progress). A failure of one
-/// episode is recorded in its [`Trajectory::error`]; it never stops the others.
+/// episode is recorded in its [`Trajectory::error`]; it never stops the others. When
+/// `stop` is set (checked before every turn), the unfinished episodes end with the
+/// error [`STOPPED`].
 pub fn run_episodes(
     jobs: &[EpisodeJob],
     policy: &dyn Policy,
     renderer: Option<&Renderer>,
     cfg: &EpisodeConfig,
+    stop: Option<&AtomicBool>,
     on_done: &(dyn Fn(&Trajectory) + Sync),
 ) -> Vec<Trajectory> {
     let schemas = tools::tool_schemas()
@@ -441,7 +463,10 @@ pub fn run_episodes(
                 ..Trajectory::default()
             },
             tokens: renderer.map(|_| TokenState {
-                rec: TokenRecord::default(),
+                rec: TokenRecord {
+                    has_logprobs: true,
+                    ..TokenRecord::default()
+                },
                 text: String::new(),
                 anchor: None,
             }),
@@ -466,6 +491,13 @@ pub fn run_episodes(
     }
     // Lock-step turns: search turns, then the summary.
     loop {
+        if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            for live in lives.iter_mut().filter(|l| !l.finished) {
+                live.traj.error = Some(STOPPED.into());
+                live.finished = true;
+            }
+            break;
+        }
         let pending = prepare_turns(&mut lives, renderer, &schemas, cfg);
         if pending.is_empty() {
             break;
@@ -502,7 +534,7 @@ fn gt_plus_random_candidates(lives: &mut [Live], jobs: &[EpisodeJob], cfg: &Epis
         match &job.gt {
             Some(gt) => {
                 live.traj.candidate_files =
-                    gt_plus_random(&job.index, gt, cfg.num_candidates, job.seed)
+                    gt_plus_random(&job.index, gt, cfg.num_candidates, job.prompt_seed)
             }
             None => {
                 live.traj.error = Some("candidates = gt_plus_random needs ground truth".into());
@@ -549,7 +581,7 @@ fn file_stage(
             tools: &[],
             prompt_tokens: t.as_deref(),
             max_new_tokens: cfg.max_answer_tokens,
-            seed: j.seed,
+            seed: derive_seed(&[j.seed, 0]),
         })
         .collect();
     let replies = policy.respond(&reqs);
@@ -631,10 +663,7 @@ fn turn_request<'a>(
         tools: if live.done_search { &[] } else { schemas },
         prompt_tokens: tokens.as_deref(),
         max_new_tokens: budget,
-        seed: job
-            .seed
-            .wrapping_mul(1_000_003)
-            .wrapping_add(live.traj.turns as u64 + 1),
+        seed: derive_seed(&[job.seed, live.traj.turns as u64 + 1]),
     }
 }
 
@@ -652,6 +681,7 @@ fn apply_reply(
     live.traj
         .messages
         .push(json!({"role": "assistant", "content": reply.text}));
+    live.traj.truncated_turns += reply.truncated as usize;
     if let (Some(r), Some(ts)) = (renderer, live.tokens.as_mut()) {
         if let Err(e) = ts.push_reply(r, &live.traj.messages, schemas, &reply, budget) {
             live.traj.error = Some(e);

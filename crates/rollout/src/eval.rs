@@ -417,6 +417,8 @@ pub fn run_batches(
                         gt: gt.clone(),
                         sample: *s,
                         seed: episode_seed(seed, &inst.instance_id, *s),
+                        // The samples of an instance see one prompt.
+                        prompt_seed: episode_seed(seed, &inst.instance_id, 0),
                     });
                     job_slot.push(k);
                 }
@@ -435,7 +437,7 @@ pub fn run_batches(
             }
         }
         if !jobs.is_empty() {
-            let trajs = run_episodes(&jobs, policy, renderer, episode, &|_| {});
+            let trajs = run_episodes(&jobs, policy, renderer, episode, None, &|_| {});
             for ((t, j), k) in trajs.into_iter().zip(&jobs).zip(job_slot) {
                 slots[k] = Some((t, j.gt.clone()));
             }

@@ -4,7 +4,10 @@
 //! It continues the episode's exact tokens ([`TurnRequest::prompt_tokens`]), so episodes
 //! must be run with a [`crate::episode::Renderer`] built from the same tokenizer. A turn
 //! stops at the tokenizer's end-of-turn/eos tokens or at its token budget; the sampled
-//! ids and their log-probs (under the raw model, temperature 1) are returned for RL.
+//! ids and their log-probs are returned for RL: `log softmax(logits / T)` at the
+//! sampling temperature (the raw model's when greedy), before top-k / top-p, so they are
+//! the sampled distribution's exactly when `top_k = 0` and `top_p = 1`
+//! ([`LocalSampling::logprobs_exact`]).
 
 use crate::policy::{Policy, PolicyError, TurnReply, TurnRequest};
 use serde::{Deserialize, Serialize};
@@ -36,6 +39,15 @@ impl Default for LocalSampling {
             max_batch: 16,
             reuse_prefixes: true,
         }
+    }
+}
+
+impl LocalSampling {
+    /// Whether the recorded log-probs are those of the distribution actually sampled:
+    /// no top-k / top-p truncation (greedy counts as exact: its log-probs are the
+    /// model's at temperature 1, which is what a greedy evaluation scores).
+    pub fn logprobs_exact(&self) -> bool {
+        self.top_k == 0 && self.top_p >= 1.0
     }
 }
 
@@ -90,11 +102,46 @@ impl LocalModel {
     }
 }
 
+/// Prompt-token reuse of a [`LocalModel`] so far (see [`PrefixCache`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PrefixStats {
+    /// Prompt tokens not computed for their row: taken from an earlier turn or sample, a
+    /// prefix shared by the batch, or an identical prompt of the same batch.
+    pub reused_tokens: u64,
+    /// Prompt tokens computed.
+    pub computed_tokens: u64,
+    /// Rows whose prompt equalled another row's of the same batch (computed once).
+    pub duplicate_rows: u64,
+    /// Cached sequences dropped because the weights changed.
+    pub invalidated: u64,
+}
+
+impl LocalModel {
+    /// Prompt-token reuse so far.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        let p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        PrefixStats {
+            reused_tokens: p.reused_tokens,
+            computed_tokens: p.computed_tokens,
+            duplicate_rows: p.duplicate_rows,
+            invalidated: p.invalidated,
+        }
+    }
+
+    /// The sampling settings.
+    pub fn sampling(&self) -> &LocalSampling {
+        &self.sampling
+    }
+}
+
 impl Policy for LocalModel {
     fn name(&self) -> String {
         format!("model:{}", self.name)
     }
 
+    /// Each request samples with its own seed ([`TurnRequest::seed`]), so a reply does not
+    /// depend on the batch it ran in. Requests with the same prompt are best put in one
+    /// batch (the runners keep a task's samples together): the prompt is computed once.
     fn respond(&self, requests: &[TurnRequest<'_>]) -> Vec<Result<TurnReply, PolicyError>> {
         let mut out: Vec<Result<TurnReply, PolicyError>> = Vec::with_capacity(requests.len());
         let stops = self.tokenizer.eos_ids();
@@ -127,38 +174,14 @@ impl Policy for LocalModel {
                 max_new_tokens: max_new.max(1),
                 stop_token_ids: stops.clone(),
                 stop_strings: vec![],
-                seed: chunk[0].seed,
+                seed: 0,
+                row_seeds: chunk.iter().map(|r| r.seed).collect(),
             };
             let reuse = self.sampling.reuse_prefixes.then_some(&mut *prefixes);
             match self.model.generate_reusing(&prompts, &params, None, reuse) {
                 Ok(gens) => {
                     for (g, r) in gens.into_iter().zip(chunk) {
-                        let mut tokens = g.tokens;
-                        let mut logprobs = g.logprobs;
-                        let mut truncated = false;
-                        if tokens.len() > r.max_new_tokens {
-                            tokens.truncate(r.max_new_tokens);
-                            logprobs.truncate(r.max_new_tokens);
-                            truncated = true;
-                        }
-                        let stopped = tokens.last().is_some_and(|t| stops.contains(t));
-                        truncated |= !stopped;
-                        let body = if stopped {
-                            &tokens[..tokens.len() - 1]
-                        } else {
-                            &tokens[..]
-                        };
-                        out.push(
-                            self.tokenizer
-                                .decode(body, false)
-                                .map(|text| TurnReply {
-                                    text,
-                                    tokens: Some(tokens.clone()),
-                                    logprobs: Some(logprobs),
-                                    truncated,
-                                })
-                                .map_err(|e| PolicyError(format!("decode: {e}"))),
-                        );
+                        out.push(self.reply(g.tokens, g.logprobs, r.max_new_tokens, &stops));
                     }
                 }
                 Err(e) => out.extend(
@@ -176,5 +199,41 @@ impl Policy for LocalModel {
             );
         }
         out
+    }
+}
+
+impl LocalModel {
+    /// The reply of one generated row, cut to its own budget (`max_new`; a batch runs to
+    /// its longest request's).
+    fn reply(
+        &self,
+        mut tokens: Vec<u32>,
+        mut logprobs: Vec<f32>,
+        max_new: usize,
+        stops: &[u32],
+    ) -> Result<TurnReply, PolicyError> {
+        let mut truncated = false;
+        if tokens.len() > max_new {
+            tokens.truncate(max_new);
+            logprobs.truncate(max_new);
+            truncated = true;
+        }
+        let stopped = tokens.last().is_some_and(|t| stops.contains(t));
+        truncated |= !stopped;
+        let body = if stopped {
+            &tokens[..tokens.len() - 1]
+        } else {
+            &tokens[..]
+        };
+        let text = self
+            .tokenizer
+            .decode(body, false)
+            .map_err(|e| PolicyError(format!("decode: {e}")))?;
+        Ok(TurnReply {
+            text,
+            tokens: Some(tokens),
+            logprobs: Some(logprobs),
+            truncated,
+        })
     }
 }

@@ -451,6 +451,7 @@ mod tests {
                 logprobs: vec![0.0; tokens.len()],
                 tokens,
                 drift: 0,
+                has_logprobs: false,
             }),
             ..Trajectory::default()
         }

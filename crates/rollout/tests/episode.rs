@@ -62,6 +62,7 @@ fn job(gt: &[&str], seed: u64) -> EpisodeJob {
         gt: Some(gt.iter().map(|s| Location::parse(s)).collect()),
         sample: 0,
         seed,
+        prompt_seed: seed,
     }
 }
 
@@ -79,7 +80,7 @@ fn run(
     r: Option<&Renderer>,
     c: &EpisodeConfig,
 ) -> Vec<Trajectory> {
-    run_episodes(jobs, p, r, c, &|_| {})
+    run_episodes(jobs, p, r, c, None, &|_| {})
 }
 
 /// The text of each maximal run of loss-mask-1 tokens.
@@ -435,4 +436,159 @@ fn context_budget_never_corrupts_the_record() {
         too_small > 0 && exhausted > 0,
         "{too_small} too small, {exhausted} exhausted"
     );
+}
+
+/// A random 1-layer model over the Qwen vocabulary, its policy and renderer.
+fn random_policy(
+    tok: &Arc<Tokenizer>,
+    sampling: LocalSampling,
+) -> (Arc<CausalLM>, LocalModel, Renderer) {
+    let cfgm = ModelConfig::from_json(&json!({
+        "model_type": "qwen2", "vocab_size": tok.vocab_size(), "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "tie_word_embeddings": true
+    }))
+    .unwrap();
+    let model = Arc::new(CausalLM::new_random(&cfgm, DType::F32, &Device::Cpu, 3).unwrap());
+    let policy = LocalModel::new(model.clone(), tok.clone(), sampling, "random").unwrap();
+    (model, policy, Renderer::new(tok.clone()).unwrap())
+}
+
+fn short_cfg() -> EpisodeConfig {
+    EpisodeConfig {
+        max_turns: 2,
+        max_new_tokens: 6,
+        max_answer_tokens: 6,
+        ..cfg()
+    }
+}
+
+/// `n` samples of one task: one prompt seed, distinct sampling seeds.
+fn group(gt: &str, task_seed: u64, n: usize) -> Vec<EpisodeJob> {
+    (0..n)
+        .map(|s| EpisodeJob {
+            sample: s,
+            seed: task_seed * 100 + s as u64,
+            prompt_seed: task_seed,
+            ..job(&[gt], task_seed)
+        })
+        .collect()
+}
+
+fn records(ts: &[Trajectory]) -> Vec<Option<tooltrain_rollout::episode::TokenRecord>> {
+    ts.iter().map(|t| t.tokens.clone()).collect()
+}
+
+/// The prompt tokens of an episode: everything before the first generated token.
+fn prompt_of(t: &Trajectory) -> Vec<u32> {
+    let rec = t.tokens.as_ref().unwrap();
+    let first = rec.loss_mask.iter().position(|&m| m == 1).unwrap();
+    rec.tokens[..first].to_vec()
+}
+
+#[test]
+fn a_group_shares_one_prompt_and_rows_sample_independently_of_batching() {
+    let Some(tok) = qwen() else { return };
+    let sampling = |max_batch| LocalSampling {
+        temperature: 1.0,
+        max_batch,
+        ..LocalSampling::default()
+    };
+    let (_, wide, r) = random_policy(&tok, sampling(16));
+    let (_, narrow, _) = random_policy(&tok, sampling(3));
+    let (_, alone, _) = random_policy(&tok, sampling(1));
+    let mut jobs = group("shop/cart.py::Cart.total", 5, 4);
+    jobs.extend(group("shop/parse.py::Parser.parse", 6, 4));
+    let c = short_cfg();
+    let a = run_episodes(&jobs, &wide, Some(&r), &c, None, &|_| {});
+    // Every sample of a task sees the same prompt (candidate files included).
+    for g in a.chunks(4) {
+        assert!(g.iter().all(|t| t.error.is_none()), "{:?}", g[0].error);
+        let p0 = prompt_of(&g[0]);
+        assert!(g.iter().all(|t| prompt_of(t) == p0));
+        assert!(g.iter().all(|t| t.candidate_files == g[0].candidate_files));
+        // ... but samples differ (their own seeds).
+        let distinct: std::collections::HashSet<_> =
+            g.iter().map(|t| t.tokens.as_ref().unwrap().tokens.clone()).collect();
+        assert!(distinct.len() > 1, "all samples of a group are identical");
+    }
+    // A row's tokens do not depend on the batch it ran in: batches of 3 (a group split
+    // over chunks) and one row at a time give the same episodes.
+    let b = run_episodes(&jobs, &narrow, Some(&r), &c, None, &|_| {});
+    let s = run_episodes(&jobs, &alone, Some(&r), &c, None, &|_| {});
+    assert_eq!(records(&b), records(&a));
+    assert_eq!(records(&s), records(&a));
+    // The same prompt with the same sampling seed in two chunks repeats itself; with
+    // another seed it does not (seeds are per row, not per chunk position).
+    let mut twice = group("shop/cart.py::Cart.total", 5, 1);
+    twice.push(twice[0].clone());
+    twice.push(EpisodeJob {
+        seed: 999,
+        ..twice[0].clone()
+    });
+    let t = run_episodes(&twice, &narrow, Some(&r), &c, None, &|_| {});
+    assert_eq!(t[0].tokens, t[1].tokens);
+    assert_ne!(t[0].tokens, t[2].tokens);
+    // Identical prompts were computed once per batch, and a group split over chunks
+    // took its prompt from the earlier chunk.
+    let st = wide.prefix_stats();
+    assert!(st.duplicate_rows >= 6, "{st:?}");
+    let st = narrow.prefix_stats();
+    assert!(st.reused_tokens > 0 && st.duplicate_rows > 0, "{st:?}");
+    // Every generated token has a real log-prob; the oracle's turns have none.
+    assert!(a.iter().all(|t| t.tokens.as_ref().unwrap().has_logprobs));
+    let o = run_episodes(&jobs[..1], &Oracle::default(), Some(&r), &c, None, &|_| {});
+    assert!(!o[0].tokens.as_ref().unwrap().has_logprobs);
+}
+
+#[test]
+fn a_weight_update_invalidates_cached_prefixes() {
+    let Some(tok) = qwen() else { return };
+    let sampling = LocalSampling {
+        temperature: 1.0,
+        ..LocalSampling::default()
+    };
+    let (model, policy, r) = random_policy(&tok, sampling.clone());
+    let jobs = group("shop/cart.py::Cart.total", 7, 3);
+    let c = short_cfg();
+    let before = run_episodes(&jobs, &policy, Some(&r), &c, None, &|_| {});
+    assert!(policy.prefix_stats().reused_tokens > 0);
+    // Change the weights in place, as an optimizer step does.
+    let bump = |m: &CausalLM| {
+        for v in m.params().values() {
+            v.set(&(v.as_tensor() * 1.5).unwrap()).unwrap();
+        }
+    };
+    bump(&model);
+    model.weights_changed();
+    let after = run_episodes(&jobs, &policy, Some(&r), &c, None, &|_| {});
+    assert!(policy.prefix_stats().invalidated > 0);
+    // A policy built afresh on the same (updated) weights gives the same episodes.
+    let fresh = LocalModel::new(model.clone(), tok.clone(), sampling.clone(), "fresh").unwrap();
+    let want = run_episodes(&jobs, &fresh, Some(&r), &c, None, &|_| {});
+    assert_eq!(records(&after), records(&want));
+    assert_ne!(records(&after), records(&before));
+    // Without the notice, the cached keys and values of the old weights would be used:
+    // the test above would see a difference.
+    bump(&model);
+    let stale = run_episodes(&jobs, &policy, Some(&r), &c, None, &|_| {});
+    model.weights_changed();
+    let fresh = LocalModel::new(model.clone(), tok.clone(), sampling, "fresh").unwrap();
+    let want = run_episodes(&jobs, &fresh, Some(&r), &c, None, &|_| {});
+    assert_ne!(records(&stale), records(&want));
+}
+
+#[test]
+fn a_stop_flag_abandons_the_unfinished_episodes() {
+    let Some(tok) = qwen() else { return };
+    let (_, policy, r) = random_policy(&tok, LocalSampling::default());
+    let jobs = group("shop/cart.py::Cart.total", 8, 2);
+    let stop = std::sync::atomic::AtomicBool::new(true);
+    let ts = run_episodes(&jobs, &policy, Some(&r), &short_cfg(), Some(&stop), &|_| {});
+    assert_eq!(ts.len(), 2);
+    for t in &ts {
+        assert_eq!(t.error.as_deref(), Some(tooltrain_rollout::episode::STOPPED));
+        assert_eq!(t.turns, 0);
+    }
 }

@@ -108,8 +108,16 @@ impl Optimizer {
         self.adamw.steps()
     }
 
-    /// One update from the model's gradients `grads` (scaled by `scale`).
+    /// One update from the model's gradients `grads` (scaled by `scale`). Marks the
+    /// model's weights as changed, so caches of the old weights' keys and values
+    /// ([`tooltrain_model::PrefixCache`]) are not reused.
     pub fn step(&mut self, model: &CausalLM, grads: &GradStore, lr: f64, scale: f64) -> Result<()> {
+        let res = self.update(model, grads, lr, scale);
+        model.weights_changed();
+        res
+    }
+
+    fn update(&mut self, model: &CausalLM, grads: &GradStore, lr: f64, scale: f64) -> Result<()> {
         let Some(master) = &self.master else {
             self.adamw.step(grads, lr, scale)?;
             return Ok(());

@@ -23,4 +23,4 @@ pub use fs::{write_atomic, RunLock};
 pub use hash::{fnv1a, hex};
 pub use log::init_logging;
 pub use progress::Progress;
-pub use rng::Rng;
+pub use rng::{derive_seed, Rng};
