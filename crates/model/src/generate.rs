@@ -359,7 +359,7 @@ impl CausalLM {
         if distinct.len() < b {
             let rows = Tensor::new(map.iter().map(|&u| u as u32).collect::<Vec<_>>(), dev)?;
             cache.select_rows(&rows)?;
-            last = last.index_select(&rows, 0)?;
+            last = last.contiguous()?.index_select(&rows, 0)?;
             plan.expand(&map);
             if let Some(pc) = reuse.as_deref_mut() {
                 pc.duplicate_rows += (b - distinct.len()) as u64;

@@ -435,3 +435,52 @@ fn score_packs_sequences_without_changing_results() {
     let e = m.score(&[vec![1, 500]], 16).err().unwrap().to_string();
     assert!(e.contains("500"), "{e}");
 }
+
+/// Sampled log-probs are those of the distribution sampled from, `softmax(logits / T)`;
+/// per-row seeds make a row's tokens independent of its place in the batch; identical
+/// prompts are computed once and give the same results as distinct computation.
+#[test]
+fn temperature_logprobs_row_seeds_and_duplicate_prompts() {
+    let m = model(&Device::Cpu);
+    let t = 0.6;
+    let prs = vec![ids(9, 1), ids(12, 2), ids(9, 1), ids(12, 2)];
+    let p = SamplingParams {
+        temperature: t,
+        max_new_tokens: 6,
+        row_seeds: vec![40, 41, 42, 43],
+        ..Default::default()
+    };
+    let mut pc = PrefixCache::default();
+    let out = m.generate_reusing(&prs, &p, None, Some(&mut pc)).unwrap();
+    assert_eq!(pc.duplicate_rows, 2);
+    for (i, (pr, g)) in prs.iter().zip(&out).enumerate() {
+        // Alone, with the same row seed: the same tokens.
+        let alone = SamplingParams {
+            row_seeds: vec![p.row_seeds[i]],
+            ..p.clone()
+        };
+        let solo = m.generate(std::slice::from_ref(pr), &alone, None).unwrap();
+        assert_eq!(solo[0].tokens, g.tokens, "row {i}");
+        // log softmax(logits / T) of the whole sequence, recomputed.
+        let full: Vec<u32> = pr.iter().chain(&g.tokens).copied().collect();
+        let n = full.len();
+        let layout = SeqLayout::left_padded(&[n], n, &Device::Cpu).unwrap();
+        let x = Tensor::new(full.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits: Vec<Vec<f32>> = m.logits(&x, &layout).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        for (k, (&tok, &lp)) in g.tokens.iter().zip(&g.logprobs).enumerate() {
+            let row = &logits[pr.len() - 1 + k];
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = row.iter().map(|&z| ((z as f64 - mx) / t).exp()).sum::<f64>().ln();
+            let want = (row[tok as usize] as f64 - mx) / t - lse;
+            assert!((lp as f64 - want).abs() < 1e-4, "row {i} step {k}: {lp} vs {want}");
+        }
+    }
+    // Rows 0 and 2 share a prompt but not a seed.
+    assert_ne!(out[0].tokens, out[2].tokens);
+    // A wrong number of row seeds is refused.
+    let bad = SamplingParams {
+        row_seeds: vec![1],
+        ..p
+    };
+    assert!(m.generate(&prs, &bad, None).is_err());
+}
