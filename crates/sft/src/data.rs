@@ -14,9 +14,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
 use std::path::Path;
-use tooltrain_model::{Device, SeqLayout, Tensor};
 use tooltrain_rollout::sample::SftRecord;
-use tooltrain_train::batch::MicroBatch;
+
 pub use tooltrain_util::Rng;
 
 /// One training sequence.
@@ -189,65 +188,13 @@ pub fn split_indices(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usi
     (train, val)
 }
 
-/// Target id of positions that carry no loss (padding, context, a sequence's last token).
-pub const IGNORE: u32 = u32::MAX;
-
-/// The tensors of one micro-batch.
-pub struct MicroBatchTensors {
-    /// `[rows, row_len]` token ids (padding: id 0).
-    pub ids: Tensor,
-    /// Positions and attention mask of the packed rows.
-    pub layout: SeqLayout,
-    /// `[kept]` flat positions (`row * row_len + column`) whose next token is a target.
-    pub positions: Tensor,
-    /// `[kept]` the target token of each kept position.
-    pub targets: Tensor,
-    /// Number of loss targets.
-    pub kept: usize,
-    /// Number of real (non-padding) tokens.
-    pub tokens: usize,
-}
-
-/// Builds the tensors of `mb` over `seqs` (the batch the plan was made for).
-pub fn build_micro_batch(
-    seqs: &[&SftExample],
-    mb: &MicroBatch,
-    device: &Device,
-) -> Result<MicroBatchTensors> {
-    let (b, t) = (mb.rows.len(), mb.row_len);
-    let mut ids = vec![0u32; b * t];
-    let mut positions = Vec::new();
-    let mut targets = Vec::new();
-    let mut row_lens = Vec::with_capacity(b);
-    let mut tokens = 0;
-    for (r, row) in mb.rows.iter().enumerate() {
-        let mut off = r * t;
-        let mut lens = Vec::with_capacity(row.len());
-        for &i in row {
-            let ex = seqs[i];
-            let n = ex.len();
-            ids[off..off + n].copy_from_slice(&ex.input_ids);
-            for j in 0..n - 1 {
-                if ex.loss_mask[j + 1] == 1 {
-                    positions.push((off + j) as u32);
-                    targets.push(ex.input_ids[j + 1]);
-                }
-            }
-            off += n;
-            tokens += n;
-            lens.push(n);
-        }
-        row_lens.push(lens);
+impl tooltrain_train::batch::TokenSeq for SftExample {
+    fn ids(&self) -> &[u32] {
+        &self.input_ids
     }
-    let kept = targets.len();
-    Ok(MicroBatchTensors {
-        ids: Tensor::from_vec(ids, (b, t), device)?,
-        layout: SeqLayout::packed(&row_lens, t, device)?,
-        positions: Tensor::from_vec(positions, kept, device)?,
-        targets: Tensor::from_vec(targets, kept, device)?,
-        kept,
-        tokens,
-    })
+    fn mask(&self) -> &[u8] {
+        &self.loss_mask
+    }
 }
 
 #[cfg(test)]
@@ -342,10 +289,18 @@ mod tests {
         assert_eq!(plan.len(), 2);
         let seqs: Vec<SftExample> = lens.iter().map(|&n| ex(&vec![3; n], &vec![1; n])).collect();
         let refs: Vec<&SftExample> = seqs.iter().collect();
-        let t = build_micro_batch(&refs, &plan[0], &Device::Cpu).unwrap();
+        let t = tooltrain_train::batch::build_micro_batch(
+            &refs,
+            &plan[0],
+            &tooltrain_model::Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(t.ids.dims(), &[2, 8]);
         assert_eq!(t.tokens, 16);
         // 7 targets in the lone 8, 6 in the other row (7+1 or 5+3: 6+0 or 4+2).
         assert_eq!(t.kept, 13);
+        // Each target names its sequence and token, in row order.
+        assert_eq!(t.owners.len(), 13);
+        assert_eq!(&t.owners[..7], &(1..8).map(|j| (2, j)).collect::<Vec<_>>()[..]);
     }
 }

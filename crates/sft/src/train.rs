@@ -39,9 +39,8 @@
 //! step's targets, so the step's loss is the mean over all of them however the batch is
 //! split or packed.
 
-use crate::data::{
-    build_micro_batch, check_vocab, load_examples, prepare, split_indices, Rng, SftExample,
-};
+use crate::data::{check_vocab, load_examples, prepare, split_indices, Rng, SftExample};
+use tooltrain_train::batch::build_micro_batch;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use serde::{Deserialize, Serialize};

@@ -1,7 +1,7 @@
 //! Token-budget micro-batches: how one optimizer step's sequences are split into
 //! forward/backward passes that each fit a memory budget, packed or one a row.
 
-use tooltrain_model::pack_rows;
+use tooltrain_model::{pack_rows, Device, SeqLayout, Tensor};
 
 /// One forward/backward pass: rows of packed sequences, all padded to `row_len`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,76 @@ pub fn plan_micro_batches(
         }
     }
     out
+}
+
+/// A token sequence with a loss mask (1 on the tokens trained on).
+pub trait TokenSeq {
+    fn ids(&self) -> &[u32];
+    fn mask(&self) -> &[u8];
+}
+
+/// The tensors of one micro-batch.
+pub struct MicroBatchTensors {
+    /// `[rows, row_len]` token ids (padding: id 0).
+    pub ids: Tensor,
+    /// Positions and attention mask of the packed rows.
+    pub layout: SeqLayout,
+    /// `[kept]` flat positions (`row * row_len + column`) whose next token is a target.
+    pub positions: Tensor,
+    /// `[kept]` the target token of each kept position.
+    pub targets: Tensor,
+    /// For each kept position, the sequence (index into the planned batch) and the index
+    /// of its target token in that sequence.
+    pub owners: Vec<(usize, usize)>,
+    /// Number of loss targets.
+    pub kept: usize,
+    /// Number of real (non-padding) tokens.
+    pub tokens: usize,
+}
+
+/// Builds the tensors of `mb` over `seqs` (the batch the plan was made for): position
+/// `j` of a sequence predicts token `j + 1`, kept when `mask[j + 1] == 1`; kept positions
+/// come row by row, sequence by sequence, in token order.
+pub fn build_micro_batch<S: TokenSeq>(
+    seqs: &[&S],
+    mb: &MicroBatch,
+    device: &Device,
+) -> tooltrain_model::Result<MicroBatchTensors> {
+    let (b, t) = (mb.rows.len(), mb.row_len);
+    let mut ids = vec![0u32; b * t];
+    let (mut positions, mut targets, mut owners) = (Vec::new(), Vec::new(), Vec::new());
+    let mut row_lens = Vec::with_capacity(b);
+    let mut tokens = 0;
+    for (r, row) in mb.rows.iter().enumerate() {
+        let mut off = r * t;
+        let mut lens = Vec::with_capacity(row.len());
+        for &i in row {
+            let (x, m) = (seqs[i].ids(), seqs[i].mask());
+            let n = x.len();
+            ids[off..off + n].copy_from_slice(x);
+            for j in 0..n.saturating_sub(1) {
+                if m[j + 1] == 1 {
+                    positions.push((off + j) as u32);
+                    targets.push(x[j + 1]);
+                    owners.push((i, j + 1));
+                }
+            }
+            off += n;
+            tokens += n;
+            lens.push(n);
+        }
+        row_lens.push(lens);
+    }
+    let kept = targets.len();
+    Ok(MicroBatchTensors {
+        ids: Tensor::from_vec(ids, (b, t), device)?,
+        layout: SeqLayout::packed(&row_lens, t, device)?,
+        positions: Tensor::from_vec(positions, kept, device)?,
+        targets: Tensor::from_vec(targets, kept, device)?,
+        owners,
+        kept,
+        tokens,
+    })
 }
 
 #[cfg(test)]
