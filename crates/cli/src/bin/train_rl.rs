@@ -1,0 +1,102 @@
+//! `train-rl`: tool-integrated RL on live RepoSearcher episodes (`tooltrain_rl`).
+//!
+//! ```sh
+//! train-rl --config configs/rl-smollm2-synthetic.toml [--set lr=1e-5 ...] [--resume] [--print-config]
+//! ```
+//!
+//! Exit status: 0 when the run completed (or stopped at `stop_at_step`, with a
+//! checkpoint); 143 when SIGTERM (130 for SIGINT) stopped it: a step whose rollouts were
+//! interrupted is abandoned, the last finished step is saved, and `--resume` continues
+//! the run exactly. A second signal exits at once. 1 on errors.
+
+use clap::Parser;
+use std::process::ExitCode;
+use tooltrain_rl::{train_with_stop, RlConfig};
+use tooltrain_train::config;
+use tooltrain_train::{StopReason, StopSignals};
+
+/// GRPO-family RL of a tooltrain model on RepoSearcher episodes: reward nDCG@5 of the
+/// answer, loss on the model's own tokens. Writes checkpoints, metrics.jsonl and the
+/// final HF model under `output_dir`.
+#[derive(Parser)]
+#[command(name = "train-rl", version)]
+struct Args {
+    #[command(flatten)]
+    config: config::ConfigArgs,
+    /// Continue from `output_dir/checkpoints/latest` (a fresh start when there is none).
+    #[arg(long)]
+    resume: bool,
+    /// No progress output (a bar on a terminal; periodic lines otherwise).
+    #[arg(long)]
+    no_progress: bool,
+    /// Log filter (e.g. `info`, `debug`); overrides RUST_LOG. Default: RUST_LOG, else `info`.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = tooltrain_util::init_logging(args.log_level.as_deref(), "info") {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let cfg: RlConfig = config::load(args.config.config.as_deref(), &args.config.set)?;
+    if args.config.print_config {
+        print!("{}", config::to_toml(&cfg)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    cfg.validate()?;
+    let signals = StopSignals::install()?;
+    let summary = train_with_stop(&cfg, args.resume, !args.no_progress, signals.flag())?;
+    let resume_hint = format!(
+        "resume with: train-rl --config ... --resume (output_dir {})",
+        cfg.output_dir.display()
+    );
+    let ckpt = summary.checkpoint.as_ref().map_or_else(
+        || "none (no step done)".to_string(),
+        |p| p.display().to_string(),
+    );
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    match summary.stopped {
+        Some(StopReason::Signal) => {
+            let (name, code) = signals.received().unwrap_or(("SIGTERM", 143));
+            eprintln!(
+                "stopped by {name} after step {}/{}: checkpoint: {ckpt}; {resume_hint}",
+                summary.step, summary.total_steps
+            );
+            Ok(ExitCode::from(code))
+        }
+        Some(StopReason::StopAtStep) => {
+            eprintln!(
+                "stopped at step {}/{} (stop_at_step): checkpoint: {ckpt}; {resume_hint}",
+                summary.step, summary.total_steps
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprintln!(
+                "done: {} steps, last reward {}, validation reward {} (before: {}); model in {}",
+                summary.step,
+                fmt(summary.reward),
+                fmt(summary.val_reward),
+                fmt(summary.first_val_reward),
+                summary
+                    .final_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
