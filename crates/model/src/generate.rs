@@ -64,7 +64,54 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// Picks the next token from `logits` (f32, one row) under the sampling options.
+/// Picks the next token from `logits` (f32, one row) under the sampling options and
+/// returns it with its log-prob under `softmax(logits / T)` (`T = 1` when greedy).
+///
+/// Without top-k / top-p truncation the draw is one pass over the vocabulary (inverse
+/// transform sampling in vocabulary order, sharing its sum with the log-prob); with
+/// truncation the candidates are sorted first.
+fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut rand::rngs::StdRng) -> (u32, f32) {
+    let full = p.top_k == 0 && p.top_p >= 1.0;
+    if p.temperature > 0.0 && !full {
+        let tok = sample(logits, p, rng);
+        return (tok, log_softmax_at(logits, tok, p.temperature));
+    }
+    let inv_t = if p.temperature > 0.0 {
+        1.0 / p.temperature
+    } else {
+        1.0
+    };
+    let (mut best, mut mx) = (0usize, f32::NEG_INFINITY);
+    for (i, &z) in logits.iter().enumerate() {
+        if z > mx {
+            (best, mx) = (i, z);
+        }
+    }
+    let mx = mx as f64;
+    let total: f64 = logits
+        .iter()
+        .map(|&z| ((z as f64 - mx) * inv_t).exp())
+        .sum();
+    let tok = if p.temperature <= 0.0 {
+        best
+    } else {
+        let u: f64 = rng.random::<f64>() * total;
+        let mut acc = 0.0;
+        let mut pick = best;
+        for (i, &z) in logits.iter().enumerate() {
+            acc += ((z as f64 - mx) * inv_t).exp();
+            if u < acc {
+                pick = i;
+                break;
+            }
+        }
+        pick
+    };
+    let lp = (logits[tok] as f64 - mx) * inv_t - total.ln();
+    (tok as u32, lp as f32)
+}
+
+/// Picks the next token with top-k / top-p truncation (candidates sorted by logit).
 fn sample(logits: &[f32], p: &SamplingParams, rng: &mut rand::rngs::StdRng) -> u32 {
     if p.temperature <= 0.0 {
         return argmax(logits);
@@ -389,8 +436,8 @@ impl CausalLM {
             let mut next = Vec::with_capacity(active.len());
             let mut keep = Vec::with_capacity(active.len());
             for (r, &(i, pad, pos)) in active.iter().enumerate() {
-                let tok = sample(&logits[r], params, &mut rngs[i]);
-                let done = record_token(&mut out[i], tok, &logits[r], params, tokenizer)?;
+                let (tok, lp) = sample_token(&logits[r], params, &mut rngs[i]);
+                let done = record_token(&mut out[i], tok, lp, params, tokenizer)?;
                 if !done && step + 1 < params.max_new_tokens {
                     keep.push((r, (i, pad, pos + 1)));
                     next.push(tok);
@@ -583,12 +630,12 @@ struct Prefill {
 fn record_token(
     g: &mut Generation,
     tok: u32,
-    logits: &[f32],
+    logprob: f32,
     params: &SamplingParams,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<bool> {
     g.tokens.push(tok);
-    g.logprobs.push(log_softmax_at(logits, tok, params.temperature));
+    g.logprobs.push(logprob);
     if params.stop_token_ids.contains(&tok) {
         g.finish = FinishReason::StopToken;
         return Ok(true);

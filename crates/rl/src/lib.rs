@@ -24,4 +24,4 @@ pub mod objective;
 pub mod train;
 
 pub use config::RlConfig;
-pub use train::{train, train_with_stop, RlSummary};
+pub use train::{minibatch_objective, train, train_with_stop, RlSummary, Sample};

@@ -111,8 +111,11 @@ struct RlState {
     tasks_hash: u64,
 }
 
-/// One episode in the loss.
-struct Sample {
+/// One episode in the loss: its tokens, the mask of the generated ones, and per
+/// generated token (in order) the sampler's, the old policy's and the reference's
+/// log-probs.
+#[derive(Debug, Clone)]
+pub struct Sample {
     ids: Vec<u32>,
     mask: Vec<u8>,
     /// Index among the generated tokens of each position (`usize::MAX` elsewhere).
@@ -133,9 +136,67 @@ impl TokenSeq for Sample {
 }
 
 impl Sample {
+    /// A sample from its tokens and mask (position 0 never counts as generated: it has no
+    /// context); `rollout`, `old` and `reference` give one value per generated token.
+    pub fn new(
+        ids: Vec<u32>,
+        mut mask: Vec<u8>,
+        rollout: Vec<f64>,
+        old: Vec<f64>,
+        reference: Option<Vec<f64>>,
+        advantage: f64,
+    ) -> Result<Sample> {
+        if mask.len() != ids.len() {
+            bail!("{} mask values for {} tokens", mask.len(), ids.len());
+        }
+        if let Some(m) = mask.first_mut() {
+            *m = 0;
+        }
+        let mut gen_index = vec![usize::MAX; ids.len()];
+        let mut k = 0;
+        for (j, &m) in mask.iter().enumerate() {
+            if m == 1 {
+                gen_index[j] = k;
+                k += 1;
+            }
+        }
+        let lens_ok = rollout.len() == k
+            && old.len() == k
+            && reference.as_ref().is_none_or(|r| r.len() == k);
+        if !lens_ok {
+            bail!("a sample with {k} generated tokens needs {k} log-probs of each kind");
+        }
+        Ok(Sample {
+            ids,
+            mask,
+            gen_index,
+            rollout,
+            old,
+            reference,
+            advantage,
+        })
+    }
+
     fn generated(&self) -> usize {
         self.rollout.len()
     }
+}
+
+/// The objective of one mini-batch (the loss `cfg` describes, aggregated over these
+/// samples) and its gradients: what one optimizer step of the trainer uses.
+pub fn minibatch_objective(
+    model: &CausalLM,
+    samples: &[&Sample],
+    cfg: &RlConfig,
+) -> Result<(Stats, GradStore)> {
+    let (stats, grads, _, _) = forward_backward(
+        model,
+        samples,
+        cfg,
+        &cfg.objective(),
+        1.0 / cfg.rollout.temperature,
+    )?;
+    Ok((stats, grads))
 }
 
 /// Everything a run works with once it is set up.
@@ -799,29 +860,18 @@ fn build_samples(
                     t.sample
                 );
             }
-            let mut gen_index = vec![usize::MAX; rec.tokens.len()];
-            let mut k = 0;
-            for (j, &m) in rec.loss_mask.iter().enumerate() {
-                if m == 1 && j > 0 {
-                    gen_index[j] = k;
-                    k += 1;
-                }
-            }
             let rollout = generated_logprobs(rec);
             if rollout.is_empty() {
                 continue;
             }
-            let mut mask = rec.loss_mask.clone();
-            mask[0] = 0;
-            samples.push(Sample {
-                ids: rec.tokens.clone(),
-                mask,
-                gen_index,
-                old: rollout.clone(),
+            samples.push(Sample::new(
+                rec.tokens.clone(),
+                rec.loss_mask.clone(),
+                rollout.clone(),
                 rollout,
-                reference: r,
-                advantage: *a,
-            });
+                r,
+                *a,
+            )?);
         }
     }
     Ok((samples, all_adv, counts))
@@ -851,19 +901,10 @@ fn score_generated(
         .iter()
         .map(|t| {
             let rec = t.tokens.as_ref().expect("scored episodes have tokens");
-            let mut mask = rec.loss_mask.clone();
-            mask[0] = 0;
-            Sample {
-                ids: rec.tokens.clone(),
-                mask,
-                gen_index: Vec::new(),
-                rollout: Vec::new(),
-                old: Vec::new(),
-                reference: None,
-                advantage: 0.0,
-            }
+            let lp = generated_logprobs(rec);
+            Sample::new(rec.tokens.clone(), rec.loss_mask.clone(), lp.clone(), lp, None, 0.0)
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let refs: Vec<&Sample> = samples.iter().collect();
     score_samples(model, &refs, t_inv, budget)
 }
