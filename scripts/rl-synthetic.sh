@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The whole two-stage recipe on synthetic tasks, from a clean checkout, on a CPU:
-#   synth (three disjoint task sets: SFT, RL, held-out test; configs/synth-easy.json)
+#   synth (three disjoint task sets from three seeds: SFT tasks from
+#   configs/synth-easy.json, where every report names the culprit; RL and held-out test
+#   tasks from configs/synth-medium.json, where reports name it half the time, go
+#   through wrappers, and have more decoys and up to two culprits)
 #   -> sample (scripted teacher) -> train-sft (configs/sft-smollm2-synthetic.toml)
 #   -> eval of the SFT model on the test tasks
 #   -> train-rl from the SFT model on the RL tasks (configs/rl-smollm2-synthetic.toml)
@@ -13,7 +16,9 @@
 # sets), N_SFT, N_RL, N_TEST (their sizes), RL_STEPS, MIN_GAIN (fail unless
 # rl_reward >= sft_reward + MIN_GAIN), TOOLTRAIN_BIN_DIR (prebuilt binaries),
 # SFT_CKPT (skip the SFT stage and start RL from this checkpoint), RL_SET (extra
-# `--set key=value` arguments for train-rl, space-separated).
+# `--set key=value` arguments for train-rl, space-separated), SFT_SYNTH / TASK_SYNTH (the
+# synth configs of the SFT tasks and of the RL and test tasks). Every stage is skipped
+# when its output is complete, and an interrupted RL run resumes, so a rerun continues.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -45,13 +50,15 @@ source scripts/lib-binaries.sh
 R="$TOOLTRAIN_BIN_DIR/train-rl"
 
 mkdir -p "$OUT"
-synth() { # $1 = name, $2 = seed, $3 = count
+SFT_SYNTH="${SFT_SYNTH:-configs/synth-easy.json}"
+TASK_SYNTH="${TASK_SYNTH:-configs/synth-medium.json}"
+synth() { # $1 = name, $2 = seed, $3 = count, $4 = synth config
   if [[ ! -f "$OUT/$1/dataset.jsonl" ]]; then
-    "$T" synth --config configs/synth-easy.json --out "$OUT/$1" --n "$3" --seed "$2" --prefix "synth$1$2" >&2
+    "$T" synth --config "$4" --out "$OUT/$1" --n "$3" --seed "$2" --prefix "synth$1$2" --force >&2
   fi
 }
-synth test "$TEST_SEED" "$N_TEST"
-synth rl "$RL_SEED" "$N_RL"
+synth test "$TEST_SEED" "$N_TEST" "$TASK_SYNTH"
+synth rl "$RL_SEED" "$N_RL" "$TASK_SYNTH"
 
 eval_model() { # $1 = checkpoint, $2 = out dir; prints the mean reward
   if [[ ! -f "$2/metrics.json" ]]; then
@@ -69,7 +76,7 @@ if [[ -n "${SFT_CKPT:-}" ]]; then
 else
   SFT="$OUT/sft-run/final"
   if [[ ! -f "$SFT/config.json" ]]; then
-    synth sft "$SFT_SEED" "$N_SFT"
+    synth sft "$SFT_SEED" "$N_SFT" "$SFT_SYNTH"
     rm -rf "$OUT/sample" "$OUT/sft-run"
     "$T" sample --config configs/sample-synthetic.toml \
       --set dataset="$OUT/sft/dataset.jsonl" --set gt="$OUT/sft/gt.json" \
@@ -88,12 +95,19 @@ rl_args=(--config configs/rl-smollm2-synthetic.toml
   --set val_data.dataset="$OUT/test/dataset.jsonl" --set val_data.gt="$OUT/test/gt.json"
   --set val_data.repos_dir="$OUT/test/repos")
 if [[ -n "$RL_STEPS" ]]; then rl_args+=(--set max_steps="$RL_STEPS"); fi
-if [[ "${SMOKE:-0}" == "1" ]]; then rl_args+=(--set tasks_per_step=2 --set val_data.limit=4 --set val_every=0); fi
+if [[ "${SMOKE:-0}" == "1" ]]; then
+  rl_args+=(--set tasks_per_step=2 --set group_size=4 --set val_data.limit=4 --set val_every=0)
+fi
 # shellcheck disable=SC2206
 if [[ -n "${RL_SET:-}" ]]; then for kv in $RL_SET; do rl_args+=(--set "$kv"); done; fi
 if [[ ! -f "$OUT/rl-run/final/config.json" ]]; then
   resume=()
   if [[ -d "$OUT/rl-run/checkpoints" ]]; then resume=(--resume); fi
+  if [[ "${SMOKE:-0}" == "1" && -z "${resume[*]}" ]]; then
+    # Stop after the first step, then resume: the CLI's checkpoint-and-resume path.
+    "$R" "${rl_args[@]}" --set stop_at_step=1 >&2
+    resume=(--resume)
+  fi
   "$R" "${rl_args[@]}" "${resume[@]}" >&2
 fi
 rl=$(eval_model "$OUT/rl-run/final" "$OUT/eval-rl")

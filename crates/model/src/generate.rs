@@ -290,6 +290,28 @@ pub struct PrefixCache {
     pub duplicate_rows: u64,
     /// Entries dropped because the weights changed.
     pub invalidated: u64,
+    /// Where generation time went.
+    pub stats: GenStats,
+}
+
+/// Counters and phase times of [`CausalLM::generate_reusing`] calls (seconds of wall
+/// time on the calling thread).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct GenStats {
+    pub calls: u64,
+    /// Prompt tokens computed, and the time of those forward passes (copying cached
+    /// prefixes in included).
+    pub prefill_tokens: u64,
+    pub prefill_s: f64,
+    /// Decoding steps (one token for each active row), tokens sampled, and the time of
+    /// the decoding forward passes.
+    pub decode_steps: u64,
+    pub sampled_tokens: u64,
+    pub decode_s: f64,
+    /// The output projection and the sampling of each step.
+    pub sample_s: f64,
+    /// Keeping finished rows' keys and values, and dropping rows from the batch.
+    pub bookkeeping_s: f64,
 }
 
 struct CachedSeq {
@@ -392,6 +414,11 @@ impl CausalLM {
             return Ok(out);
         }
         let dev = self.device();
+        let mut st = GenStats {
+            calls: 1,
+            ..GenStats::default()
+        };
+        let t0 = std::time::Instant::now();
         if let Some(pc) = reuse.as_deref_mut() {
             pc.sync_weights(self.weights_version());
         }
@@ -403,6 +430,10 @@ impl CausalLM {
             mut cache,
             mut last,
         } = self.prefill(&distinct, &mut plan, params, reuse.as_deref_mut())?;
+        st.prefill_tokens = (plan.shared
+            + (0..distinct.len())
+                .map(|u| plan_len(&distinct[u], &plan, u))
+                .sum::<usize>()) as u64;
         if distinct.len() < b {
             let rows = Tensor::new(map.iter().map(|&u| u as u32).collect::<Vec<_>>(), dev)?;
             cache.select_rows(&rows)?;
@@ -417,6 +448,7 @@ impl CausalLM {
                 pc.reused_tokens += dup as u64;
             }
         }
+        st.prefill_s = t0.elapsed().as_secs_f64();
         let w = self.lm_head_weight(false);
         let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
             .map(|i| {
@@ -432,6 +464,7 @@ impl CausalLM {
         let mut active: Vec<(usize, usize, usize)> =
             (0..b).map(|i| (i, plan.pads[i], plan.lens[i])).collect();
         for step in 0..params.max_new_tokens {
+            let ts = std::time::Instant::now();
             let logits: Vec<Vec<f32>> = last.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
             let mut next = Vec::with_capacity(active.len());
             let mut keep = Vec::with_capacity(active.len());
@@ -443,6 +476,9 @@ impl CausalLM {
                     next.push(tok);
                 }
             }
+            st.sampled_tokens += active.len() as u64;
+            st.sample_s += ts.elapsed().as_secs_f64();
+            let tb = std::time::Instant::now();
             // Rows that end here: keep their keys and values for a later prompt.
             if let Some(pc) = reuse.as_deref_mut() {
                 let kept: Vec<usize> = keep.iter().map(|(r, _)| *r).collect();
@@ -463,6 +499,7 @@ impl CausalLM {
                 }
             }
             if keep.is_empty() {
+                st.bookkeeping_s += tb.elapsed().as_secs_f64();
                 break;
             }
             if keep.len() < active.len() {
@@ -471,9 +508,16 @@ impl CausalLM {
                 cache.select_rows(&rows)?;
             }
             active = keep.into_iter().map(|(_, a)| a).collect();
+            st.bookkeeping_s += tb.elapsed().as_secs_f64();
+            let td = std::time::Instant::now();
             let layout = decode_layout(&active, &plan, cache.len() + 1, dev)?;
             let x = Tensor::from_vec(next, (active.len(), 1), dev)?;
             last = self.forward_cached(&x, &layout, &mut cache)?.squeeze(1)?;
+            st.decode_steps += 1;
+            st.decode_s += td.elapsed().as_secs_f64();
+        }
+        if let Some(pc) = reuse {
+            pc.stats.add(&st);
         }
         Ok(out)
     }
@@ -606,6 +650,25 @@ impl PrefixPlan {
             suffix_len,
             pads,
         }
+    }
+}
+
+/// Tokens of distinct prompt `u` that were computed (not taken from a cached prefix).
+fn plan_len(prompt: &[u32], plan: &PrefixPlan, u: usize) -> usize {
+    prompt.len() - plan.pre[u]
+}
+
+impl GenStats {
+    /// Adds `o` into `self`.
+    pub fn add(&mut self, o: &GenStats) {
+        self.calls += o.calls;
+        self.prefill_tokens += o.prefill_tokens;
+        self.prefill_s += o.prefill_s;
+        self.decode_steps += o.decode_steps;
+        self.sampled_tokens += o.sampled_tokens;
+        self.decode_s += o.decode_s;
+        self.sample_s += o.sample_s;
+        self.bookkeeping_s += o.bookkeeping_s;
     }
 }
 

@@ -42,7 +42,9 @@
 //! `_max` (generated tokens per episode), `drift`, `episodes`, `failed_episodes`,
 //! `dropped_long`, `masked_truncated`, `trained_episodes`, `rollout_s`, `train_s`,
 //! `val_s`, `rollout_tokens_per_s` (generated tokens), `train_tokens_per_s`,
-//! `prefix_reused_tokens`, `prefix_computed_tokens`, `skipped_updates`, `elapsed_s`, and
+//! `rollout_prefill_s` / `rollout_decode_s` / `rollout_sample_s` (generation phases),
+//! `prefill_tokens_per_s`, `prefix_reused_tokens`, `prefix_computed_tokens`,
+//! `skipped_updates`, `elapsed_s`, and
 //! on validation steps `val/reward` and `val/<level>/<metric>` (the paper's table).
 
 use crate::advantage::{advantages, group_kind, GroupKind};
@@ -789,6 +791,15 @@ fn rl_step(
     m.insert(
         "prefix_computed_tokens".into(),
         json!(prefix1.computed_tokens - prefix0.computed_tokens),
+    );
+    let (g0, g1) = (prefix0.generation, prefix1.generation);
+    put(&mut m, "rollout_prefill_s", g1.prefill_s - g0.prefill_s);
+    put(&mut m, "rollout_decode_s", g1.decode_s - g0.decode_s);
+    put(&mut m, "rollout_sample_s", g1.sample_s - g0.sample_s);
+    put(
+        &mut m,
+        "prefill_tokens_per_s",
+        (g1.prefill_tokens - g0.prefill_tokens) as f64 / (g1.prefill_s - g0.prefill_s).max(1e-9),
     );
     m.insert("skipped_updates".into(), json!(s.state.bad_steps));
     Ok(Some(m))

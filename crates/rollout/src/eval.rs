@@ -526,6 +526,10 @@ pub struct EvalSummary {
     /// Episodes that failed (all samples; they score 0).
     pub failed_episodes: usize,
     pub seconds: f64,
+    /// The policy's own counters ([`Policy::stats`]), e.g. a local model's prompt reuse
+    /// and generation phase times.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_stats: Option<serde_json::Value>,
 }
 
 /// A JSONL output written to `NAME.partial` and renamed to `NAME` once complete; the
@@ -700,6 +704,7 @@ pub fn run_eval(
         drift_episodes: tally.drift,
         failed_episodes: tally.failed,
         seconds: t0.elapsed().as_secs_f64(),
+        policy_stats: policy.stats(),
     };
     write_eval_outputs(cfg, &summary, &policy.name())?;
     Ok(summary)

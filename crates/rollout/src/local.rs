@@ -103,7 +103,7 @@ impl LocalModel {
 }
 
 /// Prompt-token reuse of a [`LocalModel`] so far (see [`PrefixCache`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct PrefixStats {
     /// Prompt tokens not computed for their row: taken from an earlier turn or sample, a
     /// prefix shared by the batch, or an identical prompt of the same batch.
@@ -114,6 +114,8 @@ pub struct PrefixStats {
     pub duplicate_rows: u64,
     /// Cached sequences dropped because the weights changed.
     pub invalidated: u64,
+    /// Generation counters and phase times.
+    pub generation: tooltrain_model::GenStats,
 }
 
 impl LocalModel {
@@ -125,6 +127,7 @@ impl LocalModel {
             computed_tokens: p.computed_tokens,
             duplicate_rows: p.duplicate_rows,
             invalidated: p.invalidated,
+            generation: p.stats,
         }
     }
 
@@ -133,8 +136,10 @@ impl LocalModel {
     pub fn clear_prefixes(&self) {
         let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
         let counters = (p.reused_tokens, p.computed_tokens, p.duplicate_rows, p.invalidated);
+        let stats = p.stats;
         *p = PrefixCache::default();
         (p.reused_tokens, p.computed_tokens, p.duplicate_rows, p.invalidated) = counters;
+        p.stats = stats;
     }
 
     /// The sampling settings.
@@ -151,6 +156,10 @@ impl Policy for LocalModel {
     /// Each request samples with its own seed ([`TurnRequest::seed`]), so a reply does not
     /// depend on the batch it ran in. Requests with the same prompt are best put in one
     /// batch (the runners keep a task's samples together): the prompt is computed once.
+    fn stats(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.prefix_stats()).ok()
+    }
+
     fn respond(&self, requests: &[TurnRequest<'_>]) -> Vec<Result<TurnReply, PolicyError>> {
         let mut out: Vec<Result<TurnReply, PolicyError>> = Vec::with_capacity(requests.len());
         let stops = self.tokenizer.eos_ids();

@@ -97,6 +97,11 @@ pub trait Policy: Send + Sync {
     fn name(&self) -> String;
     /// Writes one reply per request, in order.
     fn respond(&self, requests: &[TurnRequest<'_>]) -> Vec<Result<TurnReply, PolicyError>>;
+    /// Counters of the work done so far (a local model: prompt reuse and generation phase
+    /// times), for reports; `None` when the policy keeps none.
+    fn stats(&self) -> Option<Value> {
+        None
+    }
 }
 
 /// The fenced answer block for `locations` (`file::name` or bare files), grouped by
