@@ -453,6 +453,14 @@ fn temperature_logprobs_row_seeds_and_duplicate_prompts() {
     let mut pc = PrefixCache::default();
     let out = m.generate_reusing(&prs, &p, None, Some(&mut pc)).unwrap();
     assert_eq!(pc.duplicate_rows, 2);
+    // The counters: the two distinct prompts were computed, every sampled token counted.
+    assert_eq!(pc.stats.calls, 1);
+    assert_eq!(pc.stats.prefill_tokens, 9 + 12);
+    assert_eq!(pc.computed_tokens, 9 + 12);
+    assert_eq!(pc.reused_tokens, 9 + 12);
+    let sampled: usize = out.iter().map(|g| g.tokens.len()).sum();
+    assert_eq!(pc.stats.sampled_tokens as usize, sampled);
+    assert!(pc.stats.decode_steps >= 5 && pc.stats.prefill_s > 0.0);
     for (i, (pr, g)) in prs.iter().zip(&out).enumerate() {
         // Alone, with the same row seed: the same tokens.
         let alone = SamplingParams {
