@@ -67,7 +67,7 @@ use tooltrain_model::{
     Tokenizer, Var, DEFAULT_VOCAB_CHUNK,
 };
 use tooltrain_rollout::episode::{run_episodes, EpisodeJob, Renderer, Trajectory};
-use tooltrain_rollout::eval::{load_index, run_batches, select, PredictionLine, Selection};
+use tooltrain_rollout::eval::{load_index, run_batches, select, PredictionLine, Prompts, Selection};
 use tooltrain_rollout::gt::locations_from_patch;
 use tooltrain_rollout::local::{LocalModel, LocalSampling};
 use tooltrain_rollout::metrics::evaluate;
@@ -1193,6 +1193,7 @@ fn validate(s: &Session, cfg: &RlConfig, line: &mut Map<String, Value>) -> Resul
         &cfg.val_data,
         1,
         cfg.seed,
+        Prompts::Shared,
         cfg.rollout.max_batch,
         &s.greedy,
         Some(&s.renderer),

@@ -350,6 +350,17 @@ pub fn build_policy(
 /// only `error` set).
 pub type Finished = Trajectory;
 
+/// How the samples of one instance get their prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prompts {
+    /// One prompt for all samples of an instance (its random candidate files drawn once):
+    /// the samples are comparable, and the prompt is computed once.
+    Shared,
+    /// A prompt per sample (other random candidate files): more varied trajectories, as
+    /// rejection sampling wants.
+    PerSample,
+}
+
 /// Runs every (instance, sample) episode in batches of `batch_size`: indexes the trees
 /// of a batch in parallel, derives GT when asked, runs the episodes, and hands each
 /// finished trajectory to `sink` (in order within a batch).
@@ -359,6 +370,7 @@ pub fn run_batches(
     data: &DataConfig,
     samples: usize,
     seed: u64,
+    prompts: Prompts,
     batch_size: usize,
     policy: &dyn Policy,
     renderer: Option<&Renderer>,
@@ -417,8 +429,10 @@ pub fn run_batches(
                         gt: gt.clone(),
                         sample: *s,
                         seed: episode_seed(seed, &inst.instance_id, *s),
-                        // The samples of an instance see one prompt.
-                        prompt_seed: episode_seed(seed, &inst.instance_id, 0),
+                        prompt_seed: match prompts {
+                            Prompts::Shared => episode_seed(seed, &inst.instance_id, 0),
+                            Prompts::PerSample => episode_seed(seed, &inst.instance_id, *s),
+                        },
                     });
                     job_slot.push(k);
                 }
@@ -653,6 +667,7 @@ pub fn run_eval(
         &cfg.data,
         cfg.samples,
         cfg.seed,
+        Prompts::Shared,
         cfg.batch_size,
         policy.as_ref(),
         renderer.as_ref(),

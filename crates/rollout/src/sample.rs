@@ -17,7 +17,7 @@
 //! - `.tooltrain.lock`: held while a run writes here; a second run fails at once.
 
 use crate::episode::{EpisodeConfig, Renderer, Trajectory};
-use crate::eval::{build_policy, run_batches, select, DataConfig, PolicyConfig};
+use crate::eval::{build_policy, run_batches, select, DataConfig, PolicyConfig, Prompts};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -279,11 +279,13 @@ pub fn run_sample(
         pending.clear();
     };
     let batch = cfg.batch_size;
+    // Each sample gets its own random candidate files: more varied SFT data.
     run_batches(
         &sel,
         &cfg.data,
         cfg.samples,
         cfg.seed,
+        Prompts::PerSample,
         batch,
         policy.as_ref(),
         Some(&renderer),

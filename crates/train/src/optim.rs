@@ -262,4 +262,25 @@ mod tests {
             f64::INFINITY
         );
     }
+
+    #[test]
+    fn a_step_changes_the_weights_version() {
+        let cfg = tooltrain_model::ModelConfig::from_json(&serde_json::json!({
+            "model_type": "qwen2", "vocab_size": 32, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "tie_word_embeddings": true
+        }))
+        .unwrap();
+        let dev = tooltrain_model::Device::Cpu;
+        let model = CausalLM::new_random(&cfg, DType::F32, &dev, 1).unwrap();
+        let mut opt = Optimizer::new(&model, &ok()).unwrap();
+        let ids = candle_core::Tensor::new(&[[1u32, 2, 3, 4]], &dev).unwrap();
+        let layout = tooltrain_model::SeqLayout::left_padded(&[4], 4, &dev).unwrap();
+        let (_, grads) = model
+            .forward_backward(&ids, &layout, false, |h| Ok(h.sqr()?.sum_all()?))
+            .unwrap();
+        let before = model.weights_version();
+        opt.step(&model, &grads, 1e-2, 1.0).unwrap();
+        assert_ne!(model.weights_version(), before, "caches of the old weights must go");
+    }
 }
