@@ -722,7 +722,8 @@ fn rl_step(
     m.insert("step".into(), json!(s.state.step));
     put(&mut m, "lr", s.schedule.lr_at(s.state.updates.saturating_sub(1)));
     let fin = tally.rewards.len().max(1) as f64;
-    let rmean = tally.rewards.iter().sum::<f64>() / fin;
+    // (`+ 0.0`: an empty f64 sum is -0.0.)
+    let rmean = tally.rewards.iter().sum::<f64>() / fin + 0.0;
     let rstd = (tally.rewards.iter().map(|r| (r - rmean).powi(2)).sum::<f64>() / fin).sqrt();
     put(&mut m, "reward_mean", rmean);
     put(&mut m, "reward_std", rstd);
