@@ -96,7 +96,9 @@ rl_args=(--config configs/rl-smollm2-synthetic.toml
   --set val_data.repos_dir="$OUT/test/repos")
 if [[ -n "$RL_STEPS" ]]; then rl_args+=(--set max_steps="$RL_STEPS"); fi
 if [[ "${SMOKE:-0}" == "1" ]]; then
-  rl_args+=(--set tasks_per_step=2 --set group_size=4 --set val_data.limit=4 --set val_every=0)
+  # Every group is trained on (even one with equal rewards), so the update path always runs.
+  rl_args+=(--set tasks_per_step=2 --set group_size=4 --set val_data.limit=4 --set val_every=0
+    --set filter_zero_variance=false)
 fi
 # shellcheck disable=SC2206
 if [[ -n "${RL_SET:-}" ]]; then for kv in $RL_SET; do rl_args+=(--set "$kv"); done; fi
