@@ -73,7 +73,10 @@ use tooltrain_rollout::local::{LocalModel, LocalSampling};
 use tooltrain_rollout::metrics::evaluate;
 use tooltrain_rollout::{GroundTruth, Location};
 use tooltrain_train::batch::{build_micro_batch, plan_micro_batches, TokenSeq};
-use tooltrain_train::{clip_grad_norm, Optimizer, Progress, RunDir, StopReason, StopSignals};
+use tooltrain_train::{
+    after_step, clip_grad_norm, diverged, ensure_finite, Optimizer, Progress, RunDir,
+    StopReason, StopSignals,
+};
 use tooltrain_util::{derive_seed, Rng};
 
 /// What a call of [`train`] did.
@@ -288,15 +291,13 @@ pub fn train_with_stop(
         s.pb.set_position(s.state.step);
         s.pb.set_message(progress_message(&line));
         metrics.log(&line)?;
-        if last || (cfg.save_every > 0 && s.state.step % cfg.save_every == 0) {
+        let (save_now, stopped) =
+            after_step(s.state.step, total, cfg.save_every, cfg.stop_at_step, stop);
+        if save_now {
             summary.checkpoint = Some(save(&s, &run)?);
             last_saved = Some(s.state.step);
         }
-        if stop.load(Ordering::SeqCst) {
-            summary.stopped = Some(StopReason::Signal);
-        } else if cfg.stop_at_step > 0 && s.state.step >= cfg.stop_at_step && !last {
-            summary.stopped = Some(StopReason::StopAtStep);
-        }
+        summary.stopped = stopped;
         if summary.stopped.is_some() {
             break;
         }
@@ -1083,12 +1084,7 @@ fn check_divergence(
         pb.suspend(|| tracing::warn!("{what}"));
         return Ok(());
     }
-    let last = tooltrain_train::run::latest_checkpoint(&run.path().join("checkpoints"))?;
-    bail!(
-        "the run diverged: {what}; stopped without saving. Last good checkpoint: {}. Lower \
-         `lr`, or raise `max_bad_steps` to skip more such updates",
-        last.map_or_else(|| "none".to_string(), |p| p.display().to_string())
-    )
+    Err(diverged(run, &what))
 }
 
 /// The objective of one mini-batch and its gradients, accumulated over token-budget
@@ -1270,20 +1266,7 @@ fn dump(run: &RunDir, step: u64, all: &[Trajectory], kept: &[Group], cfg: &RlCon
 
 /// Saves a checkpoint; refuses weights that are not finite.
 fn save(s: &Session, run: &RunDir) -> Result<PathBuf> {
-    for (name, v) in s.model.params() {
-        let sum = v
-            .as_tensor()
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        if !sum.is_finite() {
-            bail!(
-                "the run diverged: parameter `{name}` is not finite after step {}; not saving \
-                 (the previous checkpoint stays the latest). Lower `lr`",
-                s.state.step
-            );
-        }
-    }
+    ensure_finite(&s.model, s.state.step)?;
     let dir = run.save_checkpoint(s.state.step, &s.state, |d| {
         tooltrain_model::save(&s.model, Some(&s.tokenizer), d)?;
         s.opt.save(d)

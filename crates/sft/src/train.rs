@@ -53,7 +53,8 @@ use tooltrain_model::{
 };
 use tooltrain_train::batch::plan_micro_batches;
 use tooltrain_train::{
-    clip_grad_norm, OptimSettings, Optimizer, Progress, RunDir, StopReason, StopSignals,
+    after_step, clip_grad_norm, diverged, ensure_finite, OptimSettings, Optimizer, Progress,
+    RunDir, StopReason, StopSignals,
 };
 
 use crate::data::Truncation;
@@ -461,15 +462,13 @@ pub fn train_with_stop(
         if !(line.loss.is_finite() && line.grad_norm.is_finite()) {
             check_divergence(&s, cfg, &run, &line)?;
         }
-        if last || (cfg.save_every > 0 && s.state.step % cfg.save_every == 0) {
+        let (save_now, stopped) =
+            after_step(s.state.step, total, cfg.save_every, cfg.stop_at_step, stop);
+        if save_now {
             summary.checkpoint = Some(save(&s, &run)?);
             last_saved = Some(s.state.step);
         }
-        if stop.load(Ordering::SeqCst) {
-            summary.stopped = Some(StopReason::Signal);
-        } else if cfg.stop_at_step > 0 && s.state.step >= cfg.stop_at_step && !last {
-            summary.stopped = Some(StopReason::StopAtStep);
-        }
+        summary.stopped = stopped;
         if summary.stopped.is_some() {
             break;
         }
@@ -693,29 +692,13 @@ fn check_divergence(s: &Session, cfg: &SftConfig, run: &RunDir, line: &StepMetri
         s.pb.suspend(|| tracing::warn!("{what}"));
         return Ok(());
     }
-    let last = tooltrain_train::run::latest_checkpoint(&run.path().join("checkpoints"))?;
-    bail!(
-        "the run diverged: {what}; stopped without saving. Last good checkpoint: {}. Lower \
-         `lr`, or raise `max_bad_steps` to skip more such steps",
-        last.map_or_else(|| "none".to_string(), |p| p.display().to_string())
-    )
+    Err(diverged(run, &what))
 }
 
 /// Saves a checkpoint of the current state; refuses weights that are not finite (the
 /// previous checkpoint stays the latest).
 fn save(s: &Session, run: &RunDir) -> Result<PathBuf> {
-    for (name, v) in s.model.params() {
-        let t = v.as_tensor();
-        // Any inf or NaN makes the sum non-finite; no copy of the weights is made.
-        let sum = t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !sum.is_finite() {
-            bail!(
-                "the run diverged: parameter `{name}` is not finite after step {}; not saving \
-                 (the previous checkpoint stays the latest). Lower `lr`",
-                s.state.step
-            );
-        }
-    }
+    ensure_finite(&s.model, s.state.step)?;
     let dir = run.save_checkpoint(s.state.step, &s.state, |d| {
         tooltrain_model::save(&s.model, s.tokenizer.as_ref(), d)?;
         s.opt.save(d)

@@ -44,6 +44,37 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use tooltrain_util::RunLock;
 
+/// Fails when a parameter of `model` is not finite after step `step`: a checkpoint is
+/// never written from such weights (the previous one stays the latest).
+pub fn ensure_finite(model: &tooltrain_model::CausalLM, step: u64) -> Result<()> {
+    for (name, v) in model.params() {
+        // Any inf or NaN makes the sum non-finite; no copy of the weights is made.
+        let sum = v
+            .as_tensor()
+            .sum_all()?
+            .to_dtype(tooltrain_model::DType::F64)?
+            .to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            bail!(
+                "the run diverged: parameter `{name}` is not finite after step {step}; not \
+                 saving (the previous checkpoint stays the latest). Lower `lr`"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The error that ends a run after too many skipped steps (`what` says which step and
+/// why); names the last good checkpoint under `run`.
+pub fn diverged(run: &RunDir, what: &str) -> anyhow::Error {
+    let last = latest_checkpoint(&run.path().join("checkpoints")).ok().flatten();
+    anyhow::anyhow!(
+        "the run diverged: {what}; stopped without saving. Last good checkpoint: {}. Lower \
+         `lr`, or raise `max_bad_steps` to skip more such steps",
+        last.map_or_else(|| "none".to_string(), |p| p.display().to_string())
+    )
+}
+
 /// Name of the file in a checkpoint that holds the trainer's state.
 pub const STATE_FILE: &str = "state.json";
 

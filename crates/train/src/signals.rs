@@ -3,6 +3,8 @@
 //! second signal exits the process at once.
 
 use anyhow::Result;
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
@@ -68,10 +70,84 @@ impl StopSignals {
     }
 }
 
+/// After a trainer finished step `step` of `total`: whether to save a checkpoint now
+/// (every `save_every` steps, 0: never on a schedule, and after the last step) and
+/// whether to stop (the stop flag, or `stop_at_step`, 0: never, reached before the end).
+pub fn after_step(
+    step: u64,
+    total: u64,
+    save_every: u64,
+    stop_at_step: u64,
+    stop: &AtomicBool,
+) -> (bool, Option<StopReason>) {
+    let last = step >= total;
+    let save = last || (save_every > 0 && step % save_every == 0);
+    let reason = if stop.load(Ordering::SeqCst) {
+        Some(StopReason::Signal)
+    } else if stop_at_step > 0 && step >= stop_at_step && !last {
+        Some(StopReason::StopAtStep)
+    } else {
+        None
+    };
+    (save, reason)
+}
+
+/// How a trainer binary ends when its run stopped early: the line for stderr and the exit
+/// status (the signal's conventional status, 0 for `stop_at_step`).
+pub fn stopped_report(
+    command: &str,
+    reason: StopReason,
+    step: u64,
+    total: u64,
+    checkpoint: Option<&Path>,
+    output_dir: &Path,
+    signals: &StopSignals,
+) -> (String, ExitCode) {
+    let ckpt = checkpoint.map_or_else(
+        || "none (no step done)".to_string(),
+        |p| p.display().to_string(),
+    );
+    let hint = format!(
+        "resume with: {command} --config ... --resume (output_dir {})",
+        output_dir.display()
+    );
+    match reason {
+        StopReason::Signal => {
+            let (name, code) = signals.received().unwrap_or(("SIGTERM", 143));
+            (
+                format!("stopped by {name} after step {step}/{total}: checkpoint: {ckpt}; {hint}"),
+                ExitCode::from(code),
+            )
+        }
+        StopReason::StopAtStep => (
+            format!("stopped at step {step}/{total} (stop_at_step): checkpoint: {ckpt}; {hint}"),
+            ExitCode::SUCCESS,
+        ),
+    }
+}
+
 impl Drop for StopSignals {
     fn drop(&mut self) {
         for id in self.ids.drain(..) {
             signal_hook::low_level::unregister(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_step_saves_on_schedule_and_stops_before_the_end() {
+        let no = AtomicBool::new(false);
+        let yes = AtomicBool::new(true);
+        assert_eq!(after_step(3, 10, 0, 0, &no), (false, None));
+        assert_eq!(after_step(4, 10, 2, 0, &no), (true, None));
+        assert_eq!(after_step(10, 10, 0, 0, &no), (true, None));
+        assert_eq!(after_step(5, 10, 0, 5, &no), (false, Some(StopReason::StopAtStep)));
+        // The last step completes the run even at stop_at_step.
+        assert_eq!(after_step(10, 10, 0, 10, &no), (true, None));
+        assert_eq!(after_step(2, 10, 0, 0, &yes), (false, Some(StopReason::Signal)));
     }
 }

@@ -13,7 +13,7 @@ use clap::Parser;
 use std::process::ExitCode;
 use tooltrain_rl::{train_with_stop, RlConfig};
 use tooltrain_train::config;
-use tooltrain_train::{StopReason, StopSignals};
+use tooltrain_train::{stopped_report, StopSignals};
 
 /// GRPO-family RL of a tooltrain model on RepoSearcher episodes: reward nDCG@5 of the
 /// answer, loss on the model's own tokens. Writes checkpoints, metrics.jsonl and the
@@ -58,30 +58,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     cfg.validate()?;
     let signals = StopSignals::install()?;
     let summary = train_with_stop(&cfg, args.resume, !args.no_progress, signals.flag())?;
-    let resume_hint = format!(
-        "resume with: train-rl --config ... --resume (output_dir {})",
-        cfg.output_dir.display()
-    );
-    let ckpt = summary.checkpoint.as_ref().map_or_else(
-        || "none (no step done)".to_string(),
-        |p| p.display().to_string(),
-    );
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
     match summary.stopped {
-        Some(StopReason::Signal) => {
-            let (name, code) = signals.received().unwrap_or(("SIGTERM", 143));
-            eprintln!(
-                "stopped by {name} after step {}/{}: checkpoint: {ckpt}; {resume_hint}",
-                summary.step, summary.total_steps
+        Some(reason) => {
+            let (line, code) = stopped_report(
+                "train-rl",
+                reason,
+                summary.step,
+                summary.total_steps,
+                summary.checkpoint.as_deref(),
+                &cfg.output_dir,
+                &signals,
             );
-            Ok(ExitCode::from(code))
-        }
-        Some(StopReason::StopAtStep) => {
-            eprintln!(
-                "stopped at step {}/{} (stop_at_step): checkpoint: {ckpt}; {resume_hint}",
-                summary.step, summary.total_steps
-            );
-            Ok(ExitCode::SUCCESS)
+            eprintln!("{line}");
+            Ok(code)
         }
         None => {
             eprintln!(

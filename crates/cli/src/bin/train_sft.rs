@@ -14,7 +14,7 @@ use clap::Parser;
 use std::process::ExitCode;
 use tooltrain_sft::train::{train_with_stop, SftConfig};
 use tooltrain_train::config;
-use tooltrain_train::{StopReason, StopSignals};
+use tooltrain_train::{stopped_report, StopSignals};
 
 /// Supervised fine-tuning of a tooltrain model on JSONL examples (`input_ids` +
 /// `loss_mask`). Writes checkpoints, metrics.jsonl and the final HF model under
@@ -61,29 +61,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     // a checkpoint after the current optimizer step. A second signal exits at once.
     let signals = StopSignals::install()?;
     let summary = train_with_stop(&cfg, args.resume, !args.no_progress, signals.flag())?;
-    let resume_hint = format!(
-        "resume with: train-sft --config ... --resume (output_dir {})",
-        cfg.output_dir.display()
-    );
-    let ckpt = summary.checkpoint.as_ref().map_or_else(
-        || "none (no step done)".to_string(),
-        |p| p.display().to_string(),
-    );
     match summary.stopped {
-        Some(StopReason::Signal) => {
-            let (name, code) = signals.received().unwrap_or(("SIGTERM", 143));
-            eprintln!(
-                "stopped by {name} after step {}/{}: checkpoint: {ckpt}; {resume_hint}",
-                summary.step, summary.total_steps
+        Some(reason) => {
+            let (line, code) = stopped_report(
+                "train-sft",
+                reason,
+                summary.step,
+                summary.total_steps,
+                summary.checkpoint.as_deref(),
+                &cfg.output_dir,
+                &signals,
             );
-            Ok(ExitCode::from(code))
-        }
-        Some(StopReason::StopAtStep) => {
-            eprintln!(
-                "stopped at step {}/{} (stop_at_step): checkpoint: {ckpt}; {resume_hint}",
-                summary.step, summary.total_steps
-            );
-            Ok(ExitCode::SUCCESS)
+            eprintln!("{line}");
+            Ok(code)
         }
         None => {
             let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
