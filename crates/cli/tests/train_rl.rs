@@ -29,7 +29,11 @@ fn presets_resolve_and_errors_name_the_key() {
         assert!(back.contains_key("group_size") && back.contains_key("episode"));
     }
     // The paper's settings.
-    let o = train_rl(&["--config", "configs/rl-qwen2.5-coder-7b.toml", "--print-config"]);
+    let o = train_rl(&[
+        "--config",
+        "configs/rl-qwen2.5-coder-7b.toml",
+        "--print-config",
+    ]);
     let t: toml::Table = toml::from_str(&String::from_utf8_lossy(&o.stdout)).unwrap();
     assert_eq!(t["group_size"].as_integer(), Some(16));
     assert_eq!(t["tasks_per_step"].as_integer(), Some(128));
@@ -39,7 +43,12 @@ fn presets_resolve_and_errors_name_the_key() {
     assert_eq!(t["kl_coef"].as_float(), Some(0.0));
     assert_eq!(t["episode"]["max_turns"].as_integer(), Some(10));
     // Unknown keys and impossible values are refused, naming the key.
-    let o = train_rl(&["--config", "configs/rl-smollm2-synthetic.toml", "--set", "group_sise=4"]);
+    let o = train_rl(&[
+        "--config",
+        "configs/rl-smollm2-synthetic.toml",
+        "--set",
+        "group_sise=4",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("group_sise"), "{}", stderr(&o));
     for (set, key) in [
@@ -49,7 +58,12 @@ fn presets_resolve_and_errors_name_the_key() {
         ("max_len=100000", "micro_batch_tokens"),
         ("lr=inf", "lr"),
     ] {
-        let o = train_rl(&["--config", "configs/rl-smollm2-synthetic.toml", "--set", set]);
+        let o = train_rl(&[
+            "--config",
+            "configs/rl-smollm2-synthetic.toml",
+            "--set",
+            set,
+        ]);
         assert!(!o.status.success(), "{set}");
         assert!(stderr(&o).contains(key), "{set}: {}", stderr(&o));
     }

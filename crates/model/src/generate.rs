@@ -178,7 +178,11 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// `log softmax(row / temperature)[tok]` (temperature 1 when it is not positive).
 fn log_softmax_at(row: &[f32], tok: u32, temperature: f64) -> f32 {
-    let inv_t = if temperature > 0.0 { 1.0 / temperature } else { 1.0 };
+    let inv_t = if temperature > 0.0 {
+        1.0 / temperature
+    } else {
+        1.0
+    };
     let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse: f64 = row
         .iter()

@@ -473,14 +473,30 @@ fn temperature_logprobs_row_seeds_and_duplicate_prompts() {
         let full: Vec<u32> = pr.iter().chain(&g.tokens).copied().collect();
         let n = full.len();
         let layout = SeqLayout::left_padded(&[n], n, &Device::Cpu).unwrap();
-        let x = Tensor::new(full.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits: Vec<Vec<f32>> = m.logits(&x, &layout).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let x = Tensor::new(full.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits: Vec<Vec<f32>> = m
+            .logits(&x, &layout)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         for (k, (&tok, &lp)) in g.tokens.iter().zip(&g.logprobs).enumerate() {
             let row = &logits[pr.len() - 1 + k];
             let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = row.iter().map(|&z| ((z as f64 - mx) / t).exp()).sum::<f64>().ln();
+            let lse = row
+                .iter()
+                .map(|&z| ((z as f64 - mx) / t).exp())
+                .sum::<f64>()
+                .ln();
             let want = (row[tok as usize] as f64 - mx) / t - lse;
-            assert!((lp as f64 - want).abs() < 1e-4, "row {i} step {k}: {lp} vs {want}");
+            assert!(
+                (lp as f64 - want).abs() < 1e-4,
+                "row {i} step {k}: {lp} vs {want}"
+            );
         }
     }
     // Rows 0 and 2 share a prompt but not a seed.

@@ -237,7 +237,10 @@ impl RlConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, msg: String| Err(anyhow!("invalid config: `{key}` {msg}"));
         if self.init.as_os_str().is_empty() {
-            return bad("init", "is required (a checkpoint directory with its tokenizer)".into());
+            return bad(
+                "init",
+                "is required (a checkpoint directory with its tokenizer)".into(),
+            );
         }
         if self.output_dir.as_os_str().is_empty() {
             return bad("output_dir", "must not be empty".into());
@@ -251,7 +254,10 @@ impl RlConfig {
         if !self.val_data.dataset.as_os_str().is_empty()
             && self.val_data.repos_dir.as_os_str().is_empty()
         {
-            return bad("val_data.repos_dir", "is required with val_data.dataset".into());
+            return bad(
+                "val_data.repos_dir",
+                "is required with val_data.dataset".into(),
+            );
         }
         if let Err(e) = tooltrain_model::parse_dtype(&self.dtype) {
             return bad("dtype", e.to_string());
@@ -262,7 +268,10 @@ impl RlConfig {
         if self.group_size < 2 {
             return bad(
                 "group_size",
-                format!("must be >= 2: a group of one has no baseline (got {})", self.group_size),
+                format!(
+                    "must be >= 2: a group of one has no baseline (got {})",
+                    self.group_size
+                ),
             );
         }
         if !(self.rollout.temperature > 0.0 && self.rollout.temperature.is_finite()) {
@@ -292,7 +301,10 @@ impl RlConfig {
             }
         }
         if !(self.trust_region >= 0.0) {
-            return bad("trust_region", format!("must be >= 0 (got {})", self.trust_region));
+            return bad(
+                "trust_region",
+                format!("must be >= 0 (got {})", self.trust_region),
+            );
         }
         if !(self.kl_coef >= 0.0 && self.kl_coef.is_finite()) {
             return bad("kl_coef", format!("must be >= 0 (got {})", self.kl_coef));
@@ -395,6 +407,10 @@ mod tests {
         assert!(e.contains("rollout.temperature"), "{e}");
         cfg.rollout.temperature = 1.0;
         cfg.group_size = 1;
-        assert!(cfg.validate().unwrap_err().to_string().contains("group_size"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("group_size"));
     }
 }

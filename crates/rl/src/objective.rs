@@ -173,8 +173,7 @@ pub fn sequence(s: &SeqIn<'_>, cfg: &Settings) -> SeqOut {
     match cfg.loss {
         PolicyLoss::Ppo => {
             for t in 0..n {
-                if cfg.trust_region > 0.0 && !in_trust_region(s.x[t], s.old[t], cfg.trust_region)
-                {
+                if cfg.trust_region > 0.0 && !in_trust_region(s.x[t], s.old[t], cfg.trust_region) {
                     st.masked += 1;
                     continue;
                 }

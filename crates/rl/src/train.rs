@@ -63,19 +63,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tooltrain_model::{
-    chunked_logprobs, default_device, parse_dtype, CausalLM, DType, LrSchedule, Tensor,
-    Tokenizer, Var, DEFAULT_VOCAB_CHUNK,
+    chunked_logprobs, default_device, parse_dtype, CausalLM, DType, LrSchedule, Tensor, Tokenizer,
+    Var, DEFAULT_VOCAB_CHUNK,
 };
 use tooltrain_rollout::episode::{run_episodes, EpisodeJob, Renderer, Trajectory};
-use tooltrain_rollout::eval::{load_index, run_batches, select, PredictionLine, Prompts, Selection};
+use tooltrain_rollout::eval::{
+    load_index, run_batches, select, PredictionLine, Prompts, Selection,
+};
 use tooltrain_rollout::gt::locations_from_patch;
 use tooltrain_rollout::local::{LocalModel, LocalSampling};
 use tooltrain_rollout::metrics::evaluate;
 use tooltrain_rollout::{GroundTruth, Location};
 use tooltrain_train::batch::{build_micro_batch, plan_micro_batches, TokenSeq};
 use tooltrain_train::{
-    after_step, clip_grad_norm, diverged, ensure_finite, Optimizer, Progress, RunDir,
-    StopReason, StopSignals,
+    after_step, clip_grad_norm, diverged, ensure_finite, Optimizer, Progress, RunDir, StopReason,
+    StopSignals,
 };
 use tooltrain_util::{derive_seed, Rng};
 
@@ -165,9 +167,8 @@ impl Sample {
                 k += 1;
             }
         }
-        let lens_ok = rollout.len() == k
-            && old.len() == k
-            && reference.as_ref().is_none_or(|r| r.len() == k);
+        let lens_ok =
+            rollout.len() == k && old.len() == k && reference.as_ref().is_none_or(|r| r.len() == k);
         if !lens_ok {
             bail!("a sample with {k} generated tokens needs {k} log-probs of each kind");
         }
@@ -278,8 +279,7 @@ pub fn train_with_stop(
             break;
         };
         let last = s.state.step == total;
-        if s.val.is_some() && (last || (cfg.val_every > 0 && s.state.step % cfg.val_every == 0))
-        {
+        if s.val.is_some() && (last || (cfg.val_every > 0 && s.state.step % cfg.val_every == 0)) {
             let t0 = Instant::now();
             let r = validate(&s, cfg, &mut line)?;
             line.insert("val_s".into(), json!(t0.elapsed().as_secs_f64()));
@@ -307,9 +307,8 @@ pub fn train_with_stop(
     }
     summary.step = s.state.step;
     if summary.stopped.is_none() {
-        let dir = run.export_final(|d| {
-            Ok(tooltrain_model::save(&s.model, Some(&s.tokenizer), d)?)
-        })?;
+        let dir =
+            run.export_final(|d| Ok(tooltrain_model::save(&s.model, Some(&s.tokenizer), d)?))?;
         say(&s.pb, format!("final model in {}", dir.display()));
         summary.final_dir = Some(dir);
     }
@@ -353,7 +352,8 @@ fn setup(cfg: &RlConfig, run: &RunDir, progress: bool) -> Result<Session> {
         )
     })?);
     let model = Arc::new(ck.model);
-    let renderer = Renderer::new(tokenizer.clone()).map_err(|e| anyhow!("{}: {e}", from.display()))?;
+    let renderer =
+        Renderer::new(tokenizer.clone()).map_err(|e| anyhow!("{}: {e}", from.display()))?;
     let sampling = LocalSampling {
         temperature: cfg.rollout.temperature,
         top_p: 1.0,
@@ -562,8 +562,15 @@ fn rollout(
     }
     // Results depend only on the weights and the seeds, not on what ran before.
     s.policy.clear_prefixes();
-    let mut trajs = run_episodes(&jobs, &s.policy, Some(&s.renderer), &cfg.episode, Some(stop), &|_| {})
-        .into_iter();
+    let mut trajs = run_episodes(
+        &jobs,
+        &s.policy,
+        Some(&s.renderer),
+        &cfg.episode,
+        Some(stop),
+        &|_| {},
+    )
+    .into_iter();
     let mut groups = Vec::with_capacity(tasks.len());
     for (g, &k) in tasks.iter().enumerate() {
         match failed.get(&g) {
@@ -721,18 +728,44 @@ fn rl_step(
         m.insert(k.into(), json!(if v.is_finite() { Some(v) } else { None }));
     };
     m.insert("step".into(), json!(s.state.step));
-    put(&mut m, "lr", s.schedule.lr_at(s.state.updates.saturating_sub(1)));
+    put(
+        &mut m,
+        "lr",
+        s.schedule.lr_at(s.state.updates.saturating_sub(1)),
+    );
     let fin = tally.rewards.len().max(1) as f64;
     // (`+ 0.0`: an empty f64 sum is -0.0.)
     let rmean = tally.rewards.iter().sum::<f64>() / fin + 0.0;
-    let rstd = (tally.rewards.iter().map(|r| (r - rmean).powi(2)).sum::<f64>() / fin).sqrt();
+    let rstd = (tally
+        .rewards
+        .iter()
+        .map(|r| (r - rmean).powi(2))
+        .sum::<f64>()
+        / fin)
+        .sqrt();
     put(&mut m, "reward_mean", rmean);
     put(&mut m, "reward_std", rstd);
     let g = tally.groups.max(1) as f64;
-    put(&mut m, "groups_mixed", tally.kinds[GroupKind::Mixed as usize] as f64 / g);
-    put(&mut m, "groups_all0", tally.kinds[GroupKind::AllZero as usize] as f64 / g);
-    put(&mut m, "groups_all1", tally.kinds[GroupKind::AllOne as usize] as f64 / g);
-    put(&mut m, "groups_uniform", tally.kinds[GroupKind::Uniform as usize] as f64 / g);
+    put(
+        &mut m,
+        "groups_mixed",
+        tally.kinds[GroupKind::Mixed as usize] as f64 / g,
+    );
+    put(
+        &mut m,
+        "groups_all0",
+        tally.kinds[GroupKind::AllZero as usize] as f64 / g,
+    );
+    put(
+        &mut m,
+        "groups_all1",
+        tally.kinds[GroupKind::AllOne as usize] as f64 / g,
+    );
+    put(
+        &mut m,
+        "groups_uniform",
+        tally.kinds[GroupKind::Uniform as usize] as f64 / g,
+    );
     m.insert("groups".into(), json!(tally.groups));
     m.insert("groups_filtered".into(), json!(tally.filtered));
     m.insert("groups_too_small".into(), json!(tally.too_small));
@@ -745,7 +778,11 @@ fn rl_step(
         "adv_std",
         (adv.iter().map(|a| (a - amean).powi(2)).sum::<f64>() / na).sqrt(),
     );
-    put(&mut m, "adv_abs_max", adv.iter().fold(0.0, |x: f64, a| x.max(a.abs())));
+    put(
+        &mut m,
+        "adv_abs_max",
+        adv.iter().fold(0.0, |x: f64, a| x.max(a.abs())),
+    );
     let u = upd.updates.max(1) as f64;
     let tok = upd.stats.tokens.max(1) as f64;
     put(&mut m, "loss", upd.stats.loss() / u);
@@ -753,8 +790,16 @@ fn rl_step(
     put(&mut m, "kl_loss", upd.stats.kl_loss / u);
     put(&mut m, "entropy_loss", upd.stats.entropy_loss / u);
     put(&mut m, "clip_low_frac", upd.stats.clipped_low as f64 / tok);
-    put(&mut m, "clip_high_frac", upd.stats.clipped_high as f64 / tok);
-    put(&mut m, "clip_dual_frac", upd.stats.clipped_dual as f64 / tok);
+    put(
+        &mut m,
+        "clip_high_frac",
+        upd.stats.clipped_high as f64 / tok,
+    );
+    put(
+        &mut m,
+        "clip_dual_frac",
+        upd.stats.clipped_dual as f64 / tok,
+    );
     put(&mut m, "trust_masked_frac", upd.stats.masked as f64 / tok);
     put(&mut m, "approx_kl", upd.stats.approx_kl_sum / tok);
     put(&mut m, "ratio_min", upd.stats.ratio_min);
@@ -784,8 +829,16 @@ fn rl_step(
     m.insert("trained_episodes".into(), json!(samples.len()));
     put(&mut m, "rollout_s", rollout_s);
     put(&mut m, "train_s", train_s);
-    put(&mut m, "rollout_tokens_per_s", tally.gen_tokens as f64 / rollout_s.max(1e-9));
-    put(&mut m, "train_tokens_per_s", upd.tokens as f64 / train_s.max(1e-9));
+    put(
+        &mut m,
+        "rollout_tokens_per_s",
+        tally.gen_tokens as f64 / rollout_s.max(1e-9),
+    );
+    put(
+        &mut m,
+        "train_tokens_per_s",
+        upd.tokens as f64 / train_s.max(1e-9),
+    );
     m.insert(
         "prefix_reused_tokens".into(),
         json!(prefix1.reused_tokens - prefix0.reused_tokens),
@@ -840,9 +893,15 @@ fn build_samples(
     let (mut kl_sum, mut kl_n) = (0.0, 0usize);
     for (g, rg) in kept.iter_mut().zip(&refs) {
         for ((t, r), reward) in g.trajs.iter().zip(rg).zip(g.rewards.iter_mut()) {
-            let (Some(r), Some(rec)) = (r, &t.tokens) else { continue };
+            let (Some(r), Some(rec)) = (r, &t.tokens) else {
+                continue;
+            };
             let lp = generated_logprobs(rec);
-            let k: f64 = lp.iter().zip(r).map(|(&x, &y)| kl(x, y, cfg.kl_estimator).0).sum();
+            let k: f64 = lp
+                .iter()
+                .zip(r)
+                .map(|(&x, &y)| kl(x, y, cfg.kl_estimator).0)
+                .sum();
             kl_sum += k;
             kl_n += lp.len();
             if cfg.kl_in_reward {
@@ -915,7 +974,14 @@ fn score_generated(
         .map(|t| {
             let rec = t.tokens.as_ref().expect("scored episodes have tokens");
             let lp = generated_logprobs(rec);
-            Sample::new(rec.tokens.clone(), rec.loss_mask.clone(), lp.clone(), lp, None, 0.0)
+            Sample::new(
+                rec.tokens.clone(),
+                rec.loss_mask.clone(),
+                lp.clone(),
+                lp,
+                None,
+                0.0,
+            )
         })
         .collect::<Result<_>>()?;
     let refs: Vec<&Sample> = samples.iter().collect();
@@ -940,7 +1006,10 @@ fn score_samples(
             continue;
         }
         let hid = model.hidden_states(&t.ids, &t.layout)?;
-        let h = scaled(&hid.reshape(((), hidden))?.index_select(&t.positions, 0)?, t_inv)?;
+        let h = scaled(
+            &hid.reshape(((), hidden))?.index_select(&t.positions, 0)?,
+            t_inv,
+        )?;
         let lp: Vec<Vec<f32>> =
             chunked_logprobs(&h, &w, &t.targets, DEFAULT_VOCAB_CHUNK)?.to_vec2()?;
         // Each sequence lies in one micro-batch, its tokens in order.
@@ -1042,8 +1111,7 @@ fn update(
             if first {
                 (mm_sum, mm_max, mm_n) = mm;
             }
-            let (grad_norm, scale) =
-                clip_grad_norm(&grads, &s.vars, cfg.optim().clip_threshold())?;
+            let (grad_norm, scale) = clip_grad_norm(&grads, &s.vars, cfg.optim().clip_threshold())?;
             let lr = s.schedule.lr_at(st.updates);
             let loss = stats.loss();
             st.updates += 1;
@@ -1131,8 +1199,7 @@ fn forward_backward(
                         k1 += 1;
                     }
                     let smp = mb[i];
-                    let idx: Vec<usize> =
-                        (k0..k1).map(|k| smp.gen_index[t.owners[k].1]).collect();
+                    let idx: Vec<usize> = (k0..k1).map(|k| smp.gen_index[t.owners[k].1]).collect();
                     let x: Vec<f64> = (k0..k1).map(|k| vals[k][0] as f64).collect();
                     let ent: Vec<f64> = (k0..k1).map(|k| vals[k][1] as f64).collect();
                     let pick = |v: &[f64]| idx.iter().map(|&g| v[g]).collect::<Vec<f64>>();
@@ -1201,7 +1268,8 @@ fn validate(s: &Session, cfg: &RlConfig, line: &mut Map<String, Value>) -> Resul
             sum += t.reward.unwrap_or(0.0);
             failed += t.error.is_some() as usize;
             if let Some(gt) = gt {
-                gts.entry(t.instance_id.clone()).or_insert_with(|| gt.to_vec());
+                gts.entry(t.instance_id.clone())
+                    .or_insert_with(|| gt.to_vec());
             }
             preds.insert(t.instance_id.clone(), PredictionLine::of(&t).prediction());
         },

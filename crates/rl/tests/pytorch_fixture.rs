@@ -112,11 +112,13 @@ fn norm(t: &Tensor) -> f64 {
 
 #[test]
 fn objective_and_gradients_match_pytorch() {
-    let fx: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("rl_objective.json")).unwrap())
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("rl_objective.json")).unwrap(),
+    )
+    .unwrap();
+    let full =
+        candle_core::safetensors::load(fixtures().join("rl_objective.safetensors"), &Device::Cpu)
             .unwrap();
-    let full = candle_core::safetensors::load(fixtures().join("rl_objective.safetensors"), &Device::Cpu)
-        .unwrap();
     let model = load(&fixtures().join("tiny-qwen2"), DType::F32, &Device::Cpu)
         .unwrap()
         .model;
@@ -161,7 +163,13 @@ fn objective_and_gradients_match_pytorch() {
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();
-                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(
                     diff <= 1e-4 * scale.max(1e-2),
                     "case {k}: grad {name} differs by {diff} (scale {scale})"

@@ -21,7 +21,10 @@ fn qwen() -> Option<Tokenizer> {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{} is missing: run scripts/fetch-assets.sh", p.display());
     }
-    eprintln!("SKIP: {} missing (run scripts/fetch-assets.sh)", p.display());
+    eprintln!(
+        "SKIP: {} missing (run scripts/fetch-assets.sh)",
+        p.display()
+    );
     None
 }
 
@@ -175,7 +178,10 @@ fn on_policy_updates_have_ratio_one_and_rollout_logprobs_match_the_trainer() {
         assert!(f(l, "entropy") > 0.0 && f(l, "grad_norm") > 0.0);
         // All rewards are 0 (random weights): advantages 0, the loss is the entropy bonus.
         assert_eq!(f(l, "groups_all0"), 1.0);
-        assert!((f(l, "loss") + 0.05 * f(l, "entropy")).abs() < 1e-4, "{l:?}");
+        assert!(
+            (f(l, "loss") + 0.05 * f(l, "entropy")).abs() < 1e-4,
+            "{l:?}"
+        );
     }
 }
 
@@ -196,7 +202,9 @@ fn stop_and_resume_is_bit_identical_to_an_uninterrupted_run() {
     let s1 = train_with_stop(&cfg, false, false, &no).unwrap();
     assert_eq!((s1.step, s1.stopped), (1, Some(StopReason::StopAtStep)));
     // Starting again without `resume` refuses to overwrite the run.
-    let e = train_with_stop(&cfg, false, false, &no).unwrap_err().to_string();
+    let e = train_with_stop(&cfg, false, false, &no)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("resume"), "{e}");
     cfg.stop_at_step = 2;
     let s2 = train_with_stop(&cfg, true, false, &no).unwrap();
@@ -212,10 +220,21 @@ fn stop_and_resume_is_bit_identical_to_an_uninterrupted_run() {
     let w = |d: &Path| std::fs::read(d.join("final/model.safetensors")).unwrap();
     assert_eq!(w(&a), w(&b), "final weights differ");
     // The weights moved, so later steps sampled from new weights.
-    assert_ne!(w(&a), std::fs::read(init.join("model.safetensors")).unwrap());
+    assert_ne!(
+        w(&a),
+        std::fs::read(init.join("model.safetensors")).unwrap()
+    );
     // A stop flag set during the rollouts abandons the step: nothing is trained or saved.
     let c = tmp.path().join("c");
-    let s = train_with_stop(&config(&init, &data, &c), false, false, &AtomicBool::new(true))
-        .unwrap();
-    assert_eq!((s.step, s.stopped, s.checkpoint), (0, Some(StopReason::Signal), None));
+    let s = train_with_stop(
+        &config(&init, &data, &c),
+        false,
+        false,
+        &AtomicBool::new(true),
+    )
+    .unwrap();
+    assert_eq!(
+        (s.step, s.stopped, s.checkpoint),
+        (0, Some(StopReason::Signal), None)
+    );
 }

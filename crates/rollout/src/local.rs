@@ -135,10 +135,20 @@ impl LocalModel {
     /// prompts afresh, so results do not depend on what ran before.
     pub fn clear_prefixes(&self) {
         let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        let counters = (p.reused_tokens, p.computed_tokens, p.duplicate_rows, p.invalidated);
+        let counters = (
+            p.reused_tokens,
+            p.computed_tokens,
+            p.duplicate_rows,
+            p.invalidated,
+        );
         let stats = p.stats;
         *p = PrefixCache::default();
-        (p.reused_tokens, p.computed_tokens, p.duplicate_rows, p.invalidated) = counters;
+        (
+            p.reused_tokens,
+            p.computed_tokens,
+            p.duplicate_rows,
+            p.invalidated,
+        ) = counters;
         p.stats = stats;
     }
 

@@ -521,8 +521,10 @@ fn a_group_shares_one_prompt_and_rows_sample_independently_of_batching() {
         assert!(g.iter().all(|t| prompt_of(t) == p0));
         assert!(g.iter().all(|t| t.candidate_files == g[0].candidate_files));
         // ... but samples differ (their own seeds).
-        let distinct: std::collections::HashSet<_> =
-            g.iter().map(|t| t.tokens.as_ref().unwrap().tokens.clone()).collect();
+        let distinct: std::collections::HashSet<_> = g
+            .iter()
+            .map(|t| t.tokens.as_ref().unwrap().tokens.clone())
+            .collect();
         assert!(distinct.len() > 1, "all samples of a group are identical");
     }
     // A row's tokens do not depend on the batch it ran in: batches of 3 (a group split
@@ -551,7 +553,14 @@ fn a_group_shares_one_prompt_and_rows_sample_independently_of_batching() {
     assert!(st.reused_tokens > 0 && st.duplicate_rows > 0, "{st:?}");
     // Every generated token has a real log-prob; the oracle's turns have none.
     assert!(a.iter().all(|t| t.tokens.as_ref().unwrap().has_logprobs));
-    let o = run_episodes(&jobs[..1], &Oracle::default(), Some(&r), &cfg(), None, &|_| {});
+    let o = run_episodes(
+        &jobs[..1],
+        &Oracle::default(),
+        Some(&r),
+        &cfg(),
+        None,
+        &|_| {},
+    );
     assert!(!o[0].tokens.as_ref().unwrap().has_logprobs);
 }
 
@@ -601,7 +610,10 @@ fn a_stop_flag_abandons_the_unfinished_episodes() {
     let ts = run_episodes(&jobs, &policy, Some(&r), &short_cfg(), Some(&stop), &|_| {});
     assert_eq!(ts.len(), 2);
     for t in &ts {
-        assert_eq!(t.error.as_deref(), Some(tooltrain_rollout::episode::STOPPED));
+        assert_eq!(
+            t.error.as_deref(),
+            Some(tooltrain_rollout::episode::STOPPED)
+        );
         assert_eq!(t.turns, 0);
     }
 }

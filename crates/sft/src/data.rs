@@ -301,6 +301,9 @@ mod tests {
         assert_eq!(t.kept, 13);
         // Each target names its sequence and token, in row order.
         assert_eq!(t.owners.len(), 13);
-        assert_eq!(&t.owners[..7], &(1..8).map(|j| (2, j)).collect::<Vec<_>>()[..]);
+        assert_eq!(
+            &t.owners[..7],
+            &(1..8).map(|j| (2, j)).collect::<Vec<_>>()[..]
+        );
     }
 }

@@ -40,7 +40,6 @@
 //! split or packed.
 
 use crate::data::{check_vocab, load_examples, prepare, split_indices, Rng, SftExample};
-use tooltrain_train::batch::build_micro_batch;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use serde::{Deserialize, Serialize};
@@ -51,6 +50,7 @@ use tooltrain_model::{
     default_device, ops, parse_dtype, CausalLM, DType, Device, LrSchedule, ModelConfig, Tokenizer,
     Var,
 };
+use tooltrain_train::batch::build_micro_batch;
 use tooltrain_train::batch::plan_micro_batches;
 use tooltrain_train::{
     after_step, clip_grad_norm, diverged, ensure_finite, OptimSettings, Optimizer, Progress,

@@ -29,6 +29,48 @@ pub struct ConfigArgs {
     pub print_config: bool,
 }
 
+/// The command line of a trainer binary (`train-sft`, `train-rl`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TrainerArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Continue from `output_dir/checkpoints/latest` (a fresh start when there is none).
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress output (a bar on a terminal; periodic lines otherwise).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Log filter (e.g. `info`, `debug`); overrides RUST_LOG. Default: RUST_LOG, else `info`.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+impl TrainerArgs {
+    /// The `main` of a trainer binary: sets up logging, runs `run` with the typed config
+    /// (or prints it with `--print-config`), and turns an error into exit status 1.
+    pub fn main<C: DeserializeOwned + Serialize>(
+        self,
+        run: impl FnOnce(C, &TrainerArgs) -> Result<std::process::ExitCode>,
+    ) -> std::process::ExitCode {
+        use std::process::ExitCode;
+        if let Err(e) = tooltrain_util::init_logging(self.log_level.as_deref(), "info") {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+        let res = load::<C>(self.config.config.as_deref(), &self.config.set).and_then(|cfg| {
+            if self.config.print_config {
+                print!("{}", to_toml(&cfg)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            run(cfg, &self)
+        });
+        res.unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        })
+    }
+}
+
 /// Parses `value` as a TOML value; a bare word that is not valid TOML is a string.
 fn parse_value(value: &str) -> Value {
     match toml::from_str::<Table>(&format!("v = {value}")) {

@@ -281,6 +281,10 @@ mod tests {
             .unwrap();
         let before = model.weights_version();
         opt.step(&model, &grads, 1e-2, 1.0).unwrap();
-        assert_ne!(model.weights_version(), before, "caches of the old weights must go");
+        assert_ne!(
+            model.weights_version(),
+            before,
+            "caches of the old weights must go"
+        );
     }
 }

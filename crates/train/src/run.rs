@@ -67,7 +67,9 @@ pub fn ensure_finite(model: &tooltrain_model::CausalLM, step: u64) -> Result<()>
 /// The error that ends a run after too many skipped steps (`what` says which step and
 /// why); names the last good checkpoint under `run`.
 pub fn diverged(run: &RunDir, what: &str) -> anyhow::Error {
-    let last = latest_checkpoint(&run.path().join("checkpoints")).ok().flatten();
+    let last = latest_checkpoint(&run.path().join("checkpoints"))
+        .ok()
+        .flatten();
     anyhow::anyhow!(
         "the run diverged: {what}; stopped without saving. Last good checkpoint: {}. Lower \
          `lr`, or raise `max_bad_steps` to skip more such steps",

@@ -145,9 +145,15 @@ mod tests {
         assert_eq!(after_step(3, 10, 0, 0, &no), (false, None));
         assert_eq!(after_step(4, 10, 2, 0, &no), (true, None));
         assert_eq!(after_step(10, 10, 0, 0, &no), (true, None));
-        assert_eq!(after_step(5, 10, 0, 5, &no), (false, Some(StopReason::StopAtStep)));
+        assert_eq!(
+            after_step(5, 10, 0, 5, &no),
+            (false, Some(StopReason::StopAtStep))
+        );
         // The last step completes the run even at stop_at_step.
         assert_eq!(after_step(10, 10, 0, 10, &no), (true, None));
-        assert_eq!(after_step(2, 10, 0, 0, &yes), (false, Some(StopReason::Signal)));
+        assert_eq!(
+            after_step(2, 10, 0, 0, &yes),
+            (false, Some(StopReason::Signal))
+        );
     }
 }

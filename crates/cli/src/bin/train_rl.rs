@@ -12,7 +12,7 @@
 use clap::Parser;
 use std::process::ExitCode;
 use tooltrain_rl::{train_with_stop, RlConfig};
-use tooltrain_train::config;
+use tooltrain_train::config::TrainerArgs;
 use tooltrain_train::{stopped_report, StopSignals};
 
 /// GRPO-family RL of a tooltrain model on RepoSearcher episodes: reward nDCG@5 of the
@@ -22,39 +22,14 @@ use tooltrain_train::{stopped_report, StopSignals};
 #[command(name = "train-rl", version)]
 struct Args {
     #[command(flatten)]
-    config: config::ConfigArgs,
-    /// Continue from `output_dir/checkpoints/latest` (a fresh start when there is none).
-    #[arg(long)]
-    resume: bool,
-    /// No progress output (a bar on a terminal; periodic lines otherwise).
-    #[arg(long)]
-    no_progress: bool,
-    /// Log filter (e.g. `info`, `debug`); overrides RUST_LOG. Default: RUST_LOG, else `info`.
-    #[arg(long, value_name = "FILTER")]
-    log_level: Option<String>,
+    trainer: TrainerArgs,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    if let Err(e) = tooltrain_util::init_logging(args.log_level.as_deref(), "info") {
-        eprintln!("error: {e}");
-        return ExitCode::FAILURE;
-    }
-    match run(args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    Args::parse().trainer.main(run)
 }
 
-fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let cfg: RlConfig = config::load(args.config.config.as_deref(), &args.config.set)?;
-    if args.config.print_config {
-        print!("{}", config::to_toml(&cfg)?);
-        return Ok(ExitCode::SUCCESS);
-    }
+fn run(cfg: RlConfig, args: &TrainerArgs) -> anyhow::Result<ExitCode> {
     cfg.validate()?;
     let signals = StopSignals::install()?;
     let summary = train_with_stop(&cfg, args.resume, !args.no_progress, signals.flag())?;
