@@ -343,6 +343,8 @@ pub struct CausalLM {
     inv_freq: Tensor,
     /// Identifies the current weights ([`CausalLM::weights_version`]).
     version: std::sync::atomic::AtomicU64,
+    /// LoRA adapters; with them the base weights are frozen.
+    lora: Option<crate::lora::Lora>,
 }
 
 /// Source of weight versions: unique across every model of the process.
@@ -505,6 +507,109 @@ impl CausalLM {
             device: device.clone(),
             cfg,
             version: std::sync::atomic::AtomicU64::new(next_weights_version()),
+            lora: None,
+        })
+    }
+
+    /// Adds fresh LoRA adapters (`A` seeded by `seed`, `B` zero: the model computes what
+    /// it did) and freezes the base weights. Adapters already present are an error.
+    pub fn add_lora(&mut self, cfg: &crate::LoraConfig, seed: u64) -> Result<()> {
+        if self.lora.is_some() {
+            invalid!("the model already has LoRA adapters");
+        }
+        if !cfg.enabled() {
+            invalid!("lora.rank must be >= 1 to add adapters");
+        }
+        self.lora = Some(crate::lora::init(
+            &self.cfg,
+            cfg,
+            self.dtype,
+            &self.device,
+            seed,
+        )?);
+        self.weights_changed();
+        Ok(())
+    }
+
+    /// The adapters' settings, when the model has adapters.
+    pub fn lora_config(&self) -> Option<&crate::LoraConfig> {
+        self.lora.as_ref().map(|l| &l.cfg)
+    }
+
+    /// The parameters an optimizer updates: the adapters (PEFT names) when the model has
+    /// them, else every parameter.
+    pub fn trainable(&self) -> &BTreeMap<String, Var> {
+        match &self.lora {
+            Some(l) => &l.params,
+            None => &self.params,
+        }
+    }
+
+    /// Writes the adapters as a PEFT directory (`base` names the base model in its
+    /// config).
+    pub fn save_adapter(&self, base: &str, dir: &std::path::Path) -> Result<()> {
+        match &self.lora {
+            Some(l) => crate::lora::save_adapter(l, base, dir),
+            None => Err(Error::Invalid("the model has no LoRA adapters".into())),
+        }
+    }
+
+    /// Reads adapter matrices written by [`CausalLM::save_adapter`] (same rank and
+    /// targets as the model's adapters).
+    pub fn load_adapter(&self, dir: &std::path::Path) -> Result<()> {
+        match &self.lora {
+            Some(l) => crate::lora::load_adapter(l, dir)?,
+            None => return Err(Error::Invalid("the model has no LoRA adapters".into())),
+        }
+        self.weights_changed();
+        Ok(())
+    }
+
+    /// A base weight in a forward pass: frozen (no graph) when the model has adapters.
+    fn bw(&self, v: &Var, t: Track) -> Tensor {
+        if self.lora.is_some() {
+            w(v, Track::No)
+        } else {
+            w(v, t)
+        }
+    }
+
+    /// `x @ (scale B A)^T` for layer `li`'s adapter on `TARGETS[k]`, if there is one.
+    fn adapter(&self, li: usize, k: usize, x: &Tensor, t: Track) -> Result<Option<Tensor>> {
+        let Some(l) = &self.lora else { return Ok(None) };
+        let Some(ad) = &l.layers[li][k] else {
+            return Ok(None);
+        };
+        let down = x.matmul(&w(&ad.a, t).t()?)?;
+        let up = down.matmul(&w(&ad.b, t).t()?)?;
+        Ok(Some((up * l.cfg.scale())?))
+    }
+
+    /// The sum of the adapters on `ks` (consecutive parts of a packed projection whose
+    /// outputs are `outs` wide), as one `[n, sum(outs)]` tensor; `None` without any.
+    fn packed_adapters(
+        &self,
+        li: usize,
+        ks: &[usize],
+        outs: &[usize],
+        x: &Tensor,
+        t: Track,
+    ) -> Result<Option<Tensor>> {
+        let mut parts = Vec::with_capacity(ks.len());
+        let mut any = false;
+        for (&k, &out) in ks.iter().zip(outs) {
+            match self.adapter(li, k, x, t)? {
+                Some(d) => {
+                    any = true;
+                    parts.push(d);
+                }
+                None => parts.push(Tensor::zeros((x.dim(0)?, out), x.dtype(), x.device())?),
+            }
+        }
+        Ok(if any {
+            Some(Tensor::cat(&parts, 1)?)
+        } else {
+            None
         })
     }
 
@@ -575,21 +680,48 @@ impl CausalLM {
 
     /// The weights under their HF checkpoint names (what [`crate::save`] writes).
     pub fn hf_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        self.split_fused(
+        let mut out = self.split_fused(
             self.params
                 .iter()
                 .map(|(n, v)| (n.clone(), v.as_tensor().detach())),
-        )
+        )?;
+        // With adapters: the merged weights W + scale B A.
+        if let Some(l) = &self.lora {
+            for (i, slots) in l.layers.iter().enumerate() {
+                for (k, ad) in slots.iter().enumerate() {
+                    let Some(ad) = ad else { continue };
+                    let name = crate::lora::hf_name(i, crate::lora::TARGETS[k]);
+                    let base = &out[&name];
+                    let delta = (ad
+                        .b
+                        .as_tensor()
+                        .to_dtype(DType::F32)?
+                        .matmul(&ad.a.as_tensor().to_dtype(DType::F32)?)?
+                        * l.cfg.scale())?;
+                    let merged = (base.to_dtype(DType::F32)? + delta)?.to_dtype(base.dtype())?;
+                    out.insert(name, merged);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The gradients in `grads` under HF parameter names (parameters without a gradient
-    /// are absent).
+    /// are absent); adapters' under their PEFT names.
     pub fn hf_grads(&self, grads: &GradStore) -> Result<BTreeMap<String, Tensor>> {
         let named = self
             .params
             .iter()
             .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())));
-        self.split_fused(named)
+        let mut out = self.split_fused(named)?;
+        if let Some(l) = &self.lora {
+            for (n, v) in &l.params {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    out.insert(n.clone(), g.clone());
+                }
+            }
+        }
+        Ok(out)
     }
     /// Total number of scalar parameters.
     pub fn num_params(&self) -> usize {
@@ -599,7 +731,7 @@ impl CausalLM {
     /// The output projection `[vocab, hidden]` (the embedding when tied).
     pub fn lm_head_weight(&self, track: bool) -> Tensor {
         let t = if track { Track::Yes } else { Track::No };
-        w(self.lm_head.as_ref().unwrap_or(&self.embed), t)
+        self.bw(self.lm_head.as_ref().unwrap_or(&self.embed), t)
     }
 
     fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -623,7 +755,7 @@ impl CausalLM {
             );
         }
         let _ = (b, s);
-        Ok(w(&self.embed, t).index_select(&flat, 0)?)
+        Ok(self.bw(&self.embed, t).index_select(&flat, 0)?)
     }
 
     fn layer_forward(
@@ -647,12 +779,17 @@ impl CausalLM {
             cfg.head_dim,
         );
         let a = &l.attn;
-        let h = ops::rms_norm(x, &w(&l.input_norm, t), eps)?;
-        let qkv = linear(
+        let h = ops::rms_norm(x, &self.bw(&l.input_norm, t), eps)?;
+        let mut qkv = linear(
             &h,
-            &w(&a.qkv, t),
-            a.qkv_bias.as_ref().map(|b| w(b, t)).as_ref(),
+            &self.bw(&a.qkv, t),
+            a.qkv_bias.as_ref().map(|b| self.bw(b, t)).as_ref(),
         )?;
+        if let Some(d) =
+            self.packed_adapters(li, &[0, 1, 2], &[nh * hd, nkv * hd, nkv * hd], &h, t)?
+        {
+            qkv = (qkv + d)?;
+        }
         let mask3 = mask.squeeze(1)?;
         // The fused kernel serves training and a cache's first (prefill) pass, which then
         // stores the roped keys and values; later cached steps attend to past keys.
@@ -674,8 +811,8 @@ impl CausalLM {
                 let q = qkv.narrow(1, 0, nh * hd)?.reshape((b, s, nh, hd))?;
                 let (q, k) = match (&a.q_norm, &a.k_norm) {
                     (Some(qn), Some(kn)) => (
-                        ops::rms_norm(&q, &w(qn, t), eps)?,
-                        ops::rms_norm(&k, &w(kn, t), eps)?,
+                        ops::rms_norm(&q, &self.bw(qn, t), eps)?,
+                        ops::rms_norm(&k, &self.bw(kn, t), eps)?,
                     ),
                     _ => (q, k),
                 };
@@ -693,10 +830,23 @@ impl CausalLM {
                     ops::grouped_attention(&q, &k, &v, &mask3, scale)?
                 }
             };
-        let x = (x + linear(&ctx, &w(&a.o, t), None)?)?;
-        let h = ops::rms_norm(&x, &w(&l.post_norm, t), eps)?;
-        let act = ops::swiglu(&linear(&h, &w(&l.gate_up, t), None)?)?;
-        Ok((x + linear(&act, &w(&l.down, t), None)?)?)
+        let mut o = linear(&ctx, &self.bw(&a.o, t), None)?;
+        if let Some(d) = self.adapter(li, 3, &ctx, t)? {
+            o = (o + d)?;
+        }
+        let x = (x + o)?;
+        let h = ops::rms_norm(&x, &self.bw(&l.post_norm, t), eps)?;
+        let inter = cfg.intermediate_size;
+        let mut gu = linear(&h, &self.bw(&l.gate_up, t), None)?;
+        if let Some(d) = self.packed_adapters(li, &[4, 5], &[inter, inter], &h, t)? {
+            gu = (gu + d)?;
+        }
+        let act = ops::swiglu(&gu)?;
+        let mut down = linear(&act, &self.bw(&l.down, t), None)?;
+        if let Some(d) = self.adapter(li, 6, &act, t)? {
+            down = (down + d)?;
+        }
+        Ok((x + down)?)
     }
 
     fn check_layout(&self, ids: &Tensor, layout: &SeqLayout, past: usize) -> Result<()> {
@@ -744,7 +894,13 @@ impl CausalLM {
             x = self.layer_forward(li, &x, &cos, &sin, &layout.mask, slot, t)?;
         }
         let (b, s) = ids.dims2()?;
-        Ok(ops::rms_norm(&x, &w(&self.norm, t), self.cfg.rms_norm_eps)?.reshape((b, s, ()))?)
+        Ok(
+            ops::rms_norm(&x, &self.bw(&self.norm, t), self.cfg.rms_norm_eps)?.reshape((
+                b,
+                s,
+                (),
+            ))?,
+        )
     }
 
     /// Final hidden states `[b, t, hidden]` without autograd graph (inference).
@@ -801,7 +957,7 @@ impl CausalLM {
         let (b, s) = ids.dims2()?;
         let hid = ops::rms_norm(
             xv.as_tensor(),
-            &w(&self.norm, Track::Yes),
+            &self.bw(&self.norm, Track::Yes),
             self.cfg.rms_norm_eps,
         )?;
         let loss = head(&hid.reshape((b, s, ()))?)?;
@@ -819,12 +975,12 @@ impl CausalLM {
                 Track::Yes,
             )?;
             let g = backward(&(y * dx.detach())?.sum_all()?)?;
-            merge_grads(&mut grads, g, &self.params, Some(xin.as_tensor()))?;
+            merge_grads(&mut grads, g, self.trainable(), Some(xin.as_tensor()))?;
             dx = take_grad(&mut grads, xin.as_tensor())?;
         }
         let emb = self.embed_ids(ids, Track::Yes)?;
         let g = backward(&(emb * dx)?.sum_all()?)?;
-        merge_grads(&mut grads, g, &self.params, None)?;
+        merge_grads(&mut grads, g, self.trainable(), None)?;
         Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
     }
 }

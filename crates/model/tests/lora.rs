@@ -1,0 +1,204 @@
+//! LoRA adapters against HF PEFT (`scripts/make_lora_fixture.py`: adapters on every
+//! projection of the tiny Qwen2, saved by PEFT): the PEFT directory loads, logits, loss
+//! and every adapter gradient match PEFT's, the base weights get no gradient, the merged
+//! weights equal `merge_and_unload`'s, and a saved adapter directory loads back.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use tooltrain_model::{load, ops, CausalLM, DType, Device, LoraConfig, SeqLayout, Tensor};
+
+fn model_with_adapters() -> CausalLM {
+    let mut m = load(&fixture("tiny-qwen2"), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        ..LoraConfig::default()
+    };
+    m.add_lora(&cfg, 1).unwrap();
+    m.load_adapter(&fixture("tiny-qwen2-lora")).unwrap();
+    m
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let s = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / s.max(1e-6)
+}
+
+fn ids() -> (Tensor, usize, usize) {
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-qwen2-lora/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let rows: Vec<Vec<u32>> = r["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    let (b, s) = (rows.len(), rows[0].len());
+    let flat: Vec<u32> = rows.concat();
+    (Tensor::from_vec(flat, (b, s), &Device::Cpu).unwrap(), b, s)
+}
+
+/// Mean next-token loss of `ids` and its gradients (optionally with recomputation).
+fn loss_and_grads(m: &CausalLM, checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
+    let (x, b, s) = ids();
+    let layout = SeqLayout::left_padded(&vec![s; b], s, &Device::Cpu).unwrap();
+    let h = m.config().hidden_size;
+    let targets = x.narrow(1, 1, s - 1).unwrap().flatten_all().unwrap();
+    let w = m.lm_head_weight(true);
+    let (loss, grads) = m
+        .forward_backward(&x, &layout, checkpoint, |hid| {
+            let hh = hid.narrow(1, 0, s - 1)?.reshape(((), h))?;
+            Ok(ops::linear_cross_entropy(&hh, &w, &targets, None)?)
+        })
+        .unwrap();
+    for v in m.params().values() {
+        assert!(
+            grads.get(v.as_tensor()).is_none(),
+            "a frozen base weight got a gradient"
+        );
+    }
+    (loss, m.hf_grads(&grads).unwrap())
+}
+
+#[test]
+fn peft_adapters_match_logits_loss_gradients_and_merged_weights() {
+    let refs = candle_core::safetensors::load(
+        fixture("tiny-qwen2-lora/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-qwen2-lora/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let m = model_with_adapters();
+    assert_eq!(
+        m.trainable().len(),
+        meta["trainable_tensors"].as_u64().unwrap() as usize
+    );
+    // Logits.
+    let (x, b, s) = ids();
+    let layout = SeqLayout::left_padded(&vec![s; b], s, &Device::Cpu).unwrap();
+    let logits = m.logits(&x, &layout).unwrap();
+    assert!(max_rel(&logits, &refs["logits"]) < 1e-4);
+    // Loss and the adapters' gradients, with and without recomputation.
+    for checkpoint in [false, true] {
+        let (loss, grads) = loss_and_grads(&m, checkpoint);
+        let want = meta["loss"].as_f64().unwrap();
+        assert!((loss - want).abs() < 1e-4 * want.abs(), "{loss} vs {want}");
+        let mut n = 0;
+        for (k, g) in &refs {
+            let Some(name) = k.strip_prefix("grad/") else {
+                continue;
+            };
+            let got = grads
+                .get(name)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            assert!(max_rel(got, g) < 1e-3, "{name}: {}", max_rel(got, g));
+            n += 1;
+        }
+        assert_eq!(n, m.trainable().len());
+    }
+    // The merged HF weights equal PEFT's merge_and_unload.
+    let merged = m.hf_tensors().unwrap();
+    let mut n = 0;
+    for (k, want) in &refs {
+        let Some(name) = k.strip_prefix("merged/") else {
+            continue;
+        };
+        assert!(max_rel(&merged[name], want) < 1e-5, "{name}");
+        n += 1;
+    }
+    // Two layers: seven projection weights and Qwen2's q/k/v biases (unchanged).
+    assert_eq!(n, 2 * (7 + 3));
+}
+
+#[test]
+fn a_saved_adapter_loads_back_and_a_fresh_one_changes_nothing() {
+    let base = load(&fixture("tiny-qwen2"), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let (x, b, s) = ids();
+    let layout = SeqLayout::left_padded(&vec![s; b], s, &Device::Cpu).unwrap();
+    let plain = base.logits(&x, &layout).unwrap();
+    // Fresh adapters (B = 0): the same function.
+    let mut fresh = load(&fixture("tiny-qwen2"), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let v0 = fresh.weights_version();
+    fresh
+        .add_lora(
+            &LoraConfig {
+                rank: 2,
+                ..LoraConfig::default()
+            },
+            3,
+        )
+        .unwrap();
+    assert_ne!(fresh.weights_version(), v0);
+    assert!(max_rel(&fresh.logits(&x, &layout).unwrap(), &plain) < 1e-6);
+    // Save and load back.
+    let m = model_with_adapters();
+    let tmp = tempfile::tempdir().unwrap();
+    m.save_adapter("tiny-qwen2", tmp.path()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["peft_type"].as_str(), cfg["r"].as_u64()),
+        (Some("LORA"), Some(4))
+    );
+    let mut again = load(&fixture("tiny-qwen2"), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    again.add_lora(m.lora_config().unwrap(), 9).unwrap();
+    again.load_adapter(tmp.path()).unwrap();
+    let a = again.logits(&x, &layout).unwrap();
+    assert_eq!(max_rel(&a, &m.logits(&x, &layout).unwrap()), 0.0);
+    assert!(
+        max_rel(&a, &plain) > 1e-3,
+        "the adapters change the outputs"
+    );
+    // Bad settings are refused, naming the key.
+    let mut bad = load(&fixture("tiny-qwen2"), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let e = bad
+        .add_lora(
+            &LoraConfig {
+                rank: 2,
+                targets: vec!["qq_proj".into()],
+                ..LoraConfig::default()
+            },
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("qq_proj"), "{e}");
+}
