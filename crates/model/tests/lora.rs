@@ -166,6 +166,11 @@ fn a_saved_adapter_loads_back_and_a_fresh_one_changes_nothing() {
     let m = model_with_adapters();
     let tmp = tempfile::tempdir().unwrap();
     m.save_adapter("tiny-qwen2", tmp.path()).unwrap();
+    // `scripts/check_peft_adapter.py DIR` loads such a directory with HF PEFT.
+    if let Ok(dir) = std::env::var("TOOLTRAIN_WRITE_ADAPTER") {
+        m.save_adapter("data/fixtures/tiny-qwen2", std::path::Path::new(&dir))
+            .unwrap();
+    }
     let cfg: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
     )

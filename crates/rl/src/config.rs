@@ -156,6 +156,10 @@ pub struct RlConfig {
     pub max_bad_steps: u64,
     /// Write every step's episodes to `OUT/rollouts/step-N.jsonl`.
     pub dump_rollouts: bool,
+    /// LoRA adapters on a frozen base (`rank = 0`: full fine-tuning). Rollouts run with
+    /// the adapters; checkpoints and the final export hold the merged HF weights and the
+    /// PEFT directory `adapter/`.
+    pub lora: tooltrain_model::LoraConfig,
 }
 
 impl Default for RlConfig {
@@ -215,6 +219,7 @@ impl Default for RlConfig {
             stop_at_step: 0,
             max_bad_steps: 3,
             dump_rollouts: false,
+            lora: tooltrain_model::LoraConfig::default(),
         }
     }
 }
@@ -331,6 +336,9 @@ impl RlConfig {
             return bad("mini_batches", "and `ppo_epochs` must be >= 1".into());
         }
         self.episode
+            .validate()
+            .map_err(|e| anyhow!("invalid config: {e}"))?;
+        self.lora
             .validate()
             .map_err(|e| anyhow!("invalid config: {e}"))?;
         self.optim().validate()?;

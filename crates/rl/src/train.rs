@@ -76,8 +76,8 @@ use tooltrain_rollout::metrics::evaluate;
 use tooltrain_rollout::{GroundTruth, Location};
 use tooltrain_train::batch::{build_micro_batch, plan_micro_batches, TokenSeq};
 use tooltrain_train::{
-    after_step, clip_grad_norm, diverged, ensure_finite, Optimizer, Progress, RunDir, StopReason,
-    StopSignals,
+    after_step, clip_grad_norm, diverged, ensure_finite, load_model, save_model, Optimizer,
+    Progress, RunDir, StopReason, StopSignals,
 };
 use tooltrain_util::{derive_seed, Rng};
 
@@ -207,6 +207,8 @@ pub fn minibatch_objective(
 
 /// Everything a run works with once it is set up.
 struct Session {
+    /// The starting checkpoint (the base of LoRA adapters).
+    init: PathBuf,
     model: Arc<CausalLM>,
     tokenizer: Arc<Tokenizer>,
     renderer: Renderer,
@@ -307,8 +309,7 @@ pub fn train_with_stop(
     }
     summary.step = s.state.step;
     if summary.stopped.is_none() {
-        let dir =
-            run.export_final(|d| Ok(tooltrain_model::save(&s.model, Some(&s.tokenizer), d)?))?;
+        let dir = run.export_final(|d| save_model(&s.model, Some(&s.tokenizer), d, &cfg.init))?;
         say(&s.pb, format!("final model in {}", dir.display()));
         summary.final_dir = Some(dir);
     }
@@ -343,8 +344,14 @@ fn setup(cfg: &RlConfig, run: &RunDir, progress: bool) -> Result<Session> {
         Progress::hidden()
     };
     let from = run.resumed().map_or(cfg.init.clone(), Path::to_path_buf);
-    let ck = tooltrain_model::load(&from, dtype, &device)
-        .with_context(|| format!("loading checkpoint {}", from.display()))?;
+    let ck = load_model(
+        &cfg.init,
+        run.resumed(),
+        &cfg.lora,
+        cfg.seed,
+        dtype,
+        &device,
+    )?;
     let tokenizer = Arc::new(ck.tokenizer.ok_or_else(|| {
         anyhow!(
             "{}: the checkpoint has no tokenizer (tokenizer.json); RL renders episodes with it",
@@ -468,8 +475,9 @@ fn setup(cfg: &RlConfig, run: &RunDir, progress: bool) -> Result<Session> {
             }
         ),
     );
-    let vars: Vec<Var> = model.params().values().cloned().collect();
+    let vars: Vec<Var> = model.trainable().values().cloned().collect();
     Ok(Session {
+        init: cfg.init.clone(),
         model,
         tokenizer,
         renderer,
@@ -1235,7 +1243,7 @@ fn forward_backward(
                 Ok((out * coef)?.sum_all()?)
             })?;
         stats.merge(&mb_stats);
-        for v in model.params().values() {
+        for v in model.trainable().values() {
             if let Some(g) = grads.remove(v.as_tensor()) {
                 acc.accumulate(v.as_tensor(), &g)?;
             }
@@ -1336,7 +1344,7 @@ fn dump(run: &RunDir, step: u64, all: &[Trajectory], kept: &[Group], cfg: &RlCon
 fn save(s: &Session, run: &RunDir) -> Result<PathBuf> {
     ensure_finite(&s.model, s.state.step)?;
     let dir = run.save_checkpoint(s.state.step, &s.state, |d| {
-        tooltrain_model::save(&s.model, Some(&s.tokenizer), d)?;
+        save_model(&s.model, Some(&s.tokenizer), d, &s.init)?;
         s.opt.save(d)
     })?;
     say(&s.pb, format!("saved checkpoint {}", dir.display()));

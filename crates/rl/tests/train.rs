@@ -238,3 +238,79 @@ fn stop_and_resume_is_bit_identical_to_an_uninterrupted_run() {
         (0, Some(StopReason::Signal), None)
     );
 }
+
+#[test]
+fn lora_rollouts_use_the_adapters_and_resume_exactly() {
+    let Some(tok) = qwen() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (init, data) = setup(tmp.path(), &tok);
+    let lora = tooltrain_model::LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        ..Default::default()
+    };
+    let cfg = |out: &str| RlConfig {
+        max_steps: 2,
+        val_data: DataConfig::default(),
+        lora: lora.clone(),
+        lr: 5e-2,
+        ..config(&init, &data, &tmp.path().join(out))
+    };
+    let no = AtomicBool::new(false);
+    let a = train_with_stop(&cfg("a"), false, false, &no).unwrap();
+    assert_eq!(a.step, 2);
+    let mut b = cfg("b");
+    b.stop_at_step = 1;
+    train_with_stop(&b, false, false, &no).unwrap();
+    b.stop_at_step = 0;
+    train_with_stop(&b, true, false, &no).unwrap();
+    let (ma, mb) = (
+        untimed(metrics(&tmp.path().join("a"))),
+        untimed(metrics(&tmp.path().join("b"))),
+    );
+    assert_eq!(ma, mb);
+    // Only the adapters trained: the merged export differs from the base in the adapted
+    // projections only.
+    let fin = tmp.path().join("a/final");
+    let merged = tooltrain_model::load(&fin, DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let base = tooltrain_model::load(&init, DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let (mt, bt) = (merged.hf_tensors().unwrap(), base.hf_tensors().unwrap());
+    let e = "model.embed_tokens.weight";
+    assert_eq!(
+        mt[e]
+            .eq(&bt[e])
+            .unwrap()
+            .min_all()
+            .unwrap()
+            .to_scalar::<u8>()
+            .unwrap(),
+        1,
+        "the frozen embedding changed"
+    );
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert_eq!(
+        mt[q]
+            .ne(&bt[q])
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<u8>()
+            .unwrap(),
+        1,
+        "the adapted projection did not change"
+    );
+    assert!(fin.join("adapter/adapter_model.safetensors").exists());
+    let w = |d: &str| {
+        std::fs::read(
+            tmp.path()
+                .join(d)
+                .join("final/adapter/adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert!(w("a") == w("b"), "adapters differ after resume");
+}

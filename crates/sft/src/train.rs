@@ -53,8 +53,8 @@ use tooltrain_model::{
 use tooltrain_train::batch::build_micro_batch;
 use tooltrain_train::batch::plan_micro_batches;
 use tooltrain_train::{
-    after_step, clip_grad_norm, diverged, ensure_finite, OptimSettings, Optimizer, Progress,
-    RunDir, StopReason, StopSignals,
+    after_step, clip_grad_norm, diverged, ensure_finite, save_model, OptimSettings, Optimizer,
+    Progress, RunDir, StopReason, StopSignals, ADAPTER_DIR,
 };
 
 use crate::data::Truncation;
@@ -152,6 +152,9 @@ pub struct SftConfig {
     /// counted in `skipped_steps`); one more stops the run with an error, without saving
     /// (0: the first one does).
     pub max_bad_steps: u64,
+    /// LoRA adapters on a frozen base (`rank = 0`: full fine-tuning); checkpoints and the
+    /// final export hold the merged HF weights and the PEFT directory `adapter/`.
+    pub lora: tooltrain_model::LoraConfig,
 }
 
 impl Default for SftConfig {
@@ -191,6 +194,7 @@ impl Default for SftConfig {
             resume: false,
             stop_at_step: 0,
             max_bad_steps: 3,
+            lora: tooltrain_model::LoraConfig::default(),
         }
     }
 }
@@ -269,6 +273,9 @@ impl SftConfig {
             return bad("epochs", "must be >= 1 unless `max_steps` is set".into());
         }
         self.optim().validate()?;
+        if let Err(e) = self.lora.validate() {
+            return bad("lora", e);
+        }
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return bad(
                 "min_lr",
@@ -362,6 +369,8 @@ pub fn train(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSumma
 
 /// Everything a run works with once it is set up.
 struct Session {
+    /// What the model started from (the base of LoRA adapters).
+    base: PathBuf,
     model: CausalLM,
     tokenizer: Option<Tokenizer>,
     train_set: Vec<SftExample>,
@@ -498,8 +507,7 @@ fn export(s: &Session, run: &RunDir, run_tokens: u64) -> Result<PathBuf> {
             format!("the run was complete ({} steps)", s.state.step),
         );
     }
-    let dir =
-        run.export_final(|d| Ok(tooltrain_model::save(&s.model, s.tokenizer.as_ref(), d)?))?;
+    let dir = run.export_final(|d| save_model(&s.model, s.tokenizer.as_ref(), d, &s.base))?;
     say(&s.pb, format!("final model in {}", dir.display()));
     Ok(dir)
 }
@@ -537,7 +545,9 @@ fn setup(cfg: &SftConfig, run: &RunDir, progress: bool) -> Result<Session> {
         Progress::hidden()
     };
     let saved_state: Option<TrainState> = run.resumed_state()?;
-    let (model, tokenizer) = match run.resumed() {
+    // With LoRA the base is always the initial model; the adapters come fresh or from
+    // the checkpoint.
+    let (mut model, tokenizer) = match run.resumed().filter(|_| !cfg.lora.enabled()) {
         Some(ck) => {
             let c = tooltrain_model::load(ck, dtype, &device)
                 .with_context(|| format!("loading checkpoint {}", ck.display()))?;
@@ -545,6 +555,15 @@ fn setup(cfg: &SftConfig, run: &RunDir, progress: bool) -> Result<Session> {
         }
         None => init_model(cfg, dtype, &device)?,
     };
+    if cfg.lora.enabled() {
+        model.add_lora(&cfg.lora, cfg.seed)?;
+        if let Some(ck) = run.resumed() {
+            let a = ck.join(ADAPTER_DIR);
+            model
+                .load_adapter(&a)
+                .with_context(|| format!("loading the adapters {}", a.display()))?;
+        }
+    }
     if tokenizer.is_none() {
         pb.suspend(|| {
             tracing::warn!(
@@ -625,8 +644,13 @@ fn setup(cfg: &SftConfig, run: &RunDir, progress: bool) -> Result<Session> {
             }
         ),
     );
-    let vars: Vec<Var> = model.params().values().cloned().collect();
+    let vars: Vec<Var> = model.trainable().values().cloned().collect();
     Ok(Session {
+        base: cfg
+            .init
+            .clone()
+            .or_else(|| cfg.model_config.clone())
+            .unwrap_or_default(),
         model,
         tokenizer,
         train_set,
@@ -700,7 +724,7 @@ fn check_divergence(s: &Session, cfg: &SftConfig, run: &RunDir, line: &StepMetri
 fn save(s: &Session, run: &RunDir) -> Result<PathBuf> {
     ensure_finite(&s.model, s.state.step)?;
     let dir = run.save_checkpoint(s.state.step, &s.state, |d| {
-        tooltrain_model::save(&s.model, s.tokenizer.as_ref(), d)?;
+        save_model(&s.model, s.tokenizer.as_ref(), d, &s.base)?;
         s.opt.save(d)
     })?;
     say(&s.pb, format!("saved checkpoint {}", dir.display()));
@@ -739,7 +763,7 @@ fn forward_backward_batch(
             })?;
         loss_sum += loss;
         tokens += t.tokens;
-        for v in model.params().values() {
+        for v in model.trainable().values() {
             if let Some(g) = grads.remove(v.as_tensor()) {
                 acc.accumulate(v.as_tensor(), &g)?;
             }

@@ -22,7 +22,7 @@ pub mod run;
 pub mod signals;
 
 pub use optim::{OptimSettings, Optimizer};
-pub use run::{diverged, ensure_finite, Metrics, RunDir};
+pub use run::{diverged, ensure_finite, load_model, save_model, Metrics, RunDir, ADAPTER_DIR};
 pub use signals::{after_step, stopped_report, StopReason, StopSignals};
 pub use tooltrain_model::{clip_grad_norm, LrSchedule};
 pub use tooltrain_util::Progress;

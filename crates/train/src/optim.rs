@@ -66,8 +66,9 @@ impl OptimSettings {
     }
 }
 
-/// AdamW, over f32 master copies of the parameters when the model is in half precision
-/// and `master_weights` is on.
+/// AdamW over the model's trainable parameters ([`CausalLM::trainable`]: the LoRA
+/// adapters when it has them, else every weight), over f32 master copies when the model
+/// is in half precision and `master_weights` is on.
 pub struct Optimizer {
     adamw: AdamW,
     /// Parameter name -> f32 master copy.
@@ -81,7 +82,7 @@ impl Optimizer {
         let half = !matches!(model.dtype(), DType::F32 | DType::F64);
         let master = if half && s.master_weights {
             let mut m = BTreeMap::new();
-            for (name, v) in model.params() {
+            for (name, v) in model.trainable() {
                 m.insert(
                     name.clone(),
                     Var::from_tensor(&v.as_tensor().to_dtype(DType::F32)?)?,
@@ -92,7 +93,7 @@ impl Optimizer {
             None
         };
         let adamw = AdamW::new(
-            master.as_ref().unwrap_or(model.params()),
+            master.as_ref().unwrap_or(model.trainable()),
             AdamWConfig {
                 beta1: s.betas[0],
                 beta2: s.betas[1],
@@ -123,13 +124,13 @@ impl Optimizer {
             return Ok(());
         };
         let mut g32 = GradStore::default();
-        for (name, v) in model.params() {
+        for (name, v) in model.trainable() {
             if let Some(g) = grads.get(v.as_tensor()) {
                 g32.insert(master[name].as_tensor(), g.to_dtype(DType::F32)?);
             }
         }
         self.adamw.step(&g32, lr, scale)?;
-        for (name, v) in model.params() {
+        for (name, v) in model.trainable() {
             v.set(&master[name].as_tensor().to_dtype(v.dtype())?)?;
         }
         Ok(())

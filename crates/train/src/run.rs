@@ -47,7 +47,7 @@ use tooltrain_util::RunLock;
 /// Fails when a parameter of `model` is not finite after step `step`: a checkpoint is
 /// never written from such weights (the previous one stays the latest).
 pub fn ensure_finite(model: &tooltrain_model::CausalLM, step: u64) -> Result<()> {
-    for (name, v) in model.params() {
+    for (name, v) in model.params().iter().chain(model.trainable()) {
         // Any inf or NaN makes the sum non-finite; no copy of the weights is made.
         let sum = v
             .as_tensor()
@@ -60,6 +60,56 @@ pub fn ensure_finite(model: &tooltrain_model::CausalLM, step: u64) -> Result<()>
                  saving (the previous checkpoint stays the latest). Lower `lr`"
             );
         }
+    }
+    Ok(())
+}
+
+/// Where a checkpoint or the final export keeps a model's LoRA adapters (a PEFT
+/// directory), beside the merged HF weights.
+pub const ADAPTER_DIR: &str = "adapter";
+
+/// The model a trainer works on: `init` for a fresh run, else the checkpoint `resumed`.
+/// With LoRA (`lora.rank > 0`) the base is always `init` (frozen), and the adapters are
+/// fresh (seeded by `seed`) or the checkpoint's `adapter/`.
+pub fn load_model(
+    init: &Path,
+    resumed: Option<&Path>,
+    lora: &tooltrain_model::LoraConfig,
+    seed: u64,
+    dtype: tooltrain_model::DType,
+    device: &tooltrain_model::Device,
+) -> Result<tooltrain_model::Checkpoint> {
+    lora.validate()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let from = match resumed {
+        Some(ck) if !lora.enabled() => ck,
+        _ => init,
+    };
+    let mut ck = tooltrain_model::load(from, dtype, device)
+        .with_context(|| format!("loading checkpoint {}", from.display()))?;
+    if lora.enabled() {
+        ck.model.add_lora(lora, seed)?;
+        if let Some(dir) = resumed {
+            let a = dir.join(ADAPTER_DIR);
+            ck.model
+                .load_adapter(&a)
+                .with_context(|| format!("loading the adapters {}", a.display()))?;
+        }
+    }
+    Ok(ck)
+}
+
+/// Writes `model` into `dir` as a HF checkpoint (merged weights when it has adapters) and,
+/// with adapters, the PEFT directory `dir/adapter/` (whose config names `base`).
+pub fn save_model(
+    model: &tooltrain_model::CausalLM,
+    tokenizer: Option<&tooltrain_model::Tokenizer>,
+    dir: &Path,
+    base: &Path,
+) -> Result<()> {
+    tooltrain_model::save(model, tokenizer, dir)?;
+    if model.lora_config().is_some() {
+        model.save_adapter(&base.display().to_string(), &dir.join(ADAPTER_DIR))?;
     }
     Ok(())
 }
