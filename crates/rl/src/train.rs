@@ -791,8 +791,9 @@ fn rl_step(
         "adv_abs_max",
         adv.iter().fold(0.0, |x: f64, a| x.max(a.abs())),
     );
-    let u = upd.updates.max(1) as f64;
-    let tok = upd.stats.tokens.max(1) as f64;
+    // Without an update (every group filtered) the update keys are null (0 / 0).
+    let u = upd.updates as f64;
+    let tok = upd.stats.tokens as f64;
     put(&mut m, "loss", upd.stats.loss() / u);
     put(&mut m, "pg_loss", upd.stats.pg_loss / u);
     put(&mut m, "kl_loss", upd.stats.kl_loss / u);
@@ -810,9 +811,10 @@ fn rl_step(
     );
     put(&mut m, "trust_masked_frac", upd.stats.masked as f64 / tok);
     put(&mut m, "approx_kl", upd.stats.approx_kl_sum / tok);
-    put(&mut m, "ratio_min", upd.stats.ratio_min);
+    let none = upd.stats.tokens == 0;
+    put(&mut m, "ratio_min", if none { f64::NAN } else { upd.stats.ratio_min });
     put(&mut m, "ratio_mean", upd.stats.ratio_sum / tok);
-    put(&mut m, "ratio_max", upd.stats.ratio_max);
+    put(&mut m, "ratio_max", if none { f64::NAN } else { upd.stats.ratio_max });
     if s.reference.is_some() {
         put(&mut m, "ref_kl", counts.ref_kl_mean);
     }
@@ -1101,6 +1103,7 @@ fn update(
 ) -> Result<UpdateOut> {
     let mut out = UpdateOut::default();
     if samples.is_empty() {
+        out.mismatch = (f64::NAN, f64::NAN);
         return Ok(out);
     }
     let obj = cfg.objective();
