@@ -22,25 +22,6 @@ fn model_with_adapters() -> CausalLM {
     m
 }
 
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let s = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / s.max(1e-6)
-}
-
 fn ids() -> (Tensor, usize, usize) {
     let r: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("tiny-qwen2-lora/reference.json")).unwrap(),
@@ -105,7 +86,7 @@ fn peft_adapters_match_logits_loss_gradients_and_merged_weights() {
     let (x, b, s) = ids();
     let layout = SeqLayout::left_padded(&vec![s; b], s, &Device::Cpu).unwrap();
     let logits = m.logits(&x, &layout).unwrap();
-    assert!(max_rel(&logits, &refs["logits"]) < 1e-4);
+    assert!(rel_err(&logits, &refs["logits"]) < 1e-4);
     // Loss and the adapters' gradients, with and without recomputation.
     for checkpoint in [false, true] {
         let (loss, grads) = loss_and_grads(&m, checkpoint);
@@ -119,7 +100,7 @@ fn peft_adapters_match_logits_loss_gradients_and_merged_weights() {
             let got = grads
                 .get(name)
                 .unwrap_or_else(|| panic!("no gradient for {name}"));
-            assert!(max_rel(got, g) < 1e-3, "{name}: {}", max_rel(got, g));
+            assert!(rel_err(got, g) < 1e-3, "{name}: {}", rel_err(got, g));
             n += 1;
         }
         assert_eq!(n, m.trainable().len());
@@ -131,7 +112,7 @@ fn peft_adapters_match_logits_loss_gradients_and_merged_weights() {
         let Some(name) = k.strip_prefix("merged/") else {
             continue;
         };
-        assert!(max_rel(&merged[name], want) < 1e-5, "{name}");
+        assert!(rel_err(&merged[name], want) < 1e-5, "{name}");
         n += 1;
     }
     // Two layers: seven projection weights and Qwen2's q/k/v biases (unchanged).
@@ -161,7 +142,7 @@ fn a_saved_adapter_loads_back_and_a_fresh_one_changes_nothing() {
         )
         .unwrap();
     assert_ne!(fresh.weights_version(), v0);
-    assert!(max_rel(&fresh.logits(&x, &layout).unwrap(), &plain) < 1e-6);
+    assert!(rel_err(&fresh.logits(&x, &layout).unwrap(), &plain) < 1e-6);
     // Save and load back.
     let m = model_with_adapters();
     let tmp = tempfile::tempdir().unwrap();
@@ -185,9 +166,9 @@ fn a_saved_adapter_loads_back_and_a_fresh_one_changes_nothing() {
     again.add_lora(m.lora_config().unwrap(), 9).unwrap();
     again.load_adapter(tmp.path()).unwrap();
     let a = again.logits(&x, &layout).unwrap();
-    assert_eq!(max_rel(&a, &m.logits(&x, &layout).unwrap()), 0.0);
+    assert_eq!(rel_err(&a, &m.logits(&x, &layout).unwrap()), 0.0);
     assert!(
-        max_rel(&a, &plain) > 1e-3,
+        rel_err(&a, &plain) > 1e-3,
         "the adapters change the outputs"
     );
     // Bad settings are refused, naming the key.
