@@ -812,9 +812,17 @@ fn rl_step(
     put(&mut m, "trust_masked_frac", upd.stats.masked as f64 / tok);
     put(&mut m, "approx_kl", upd.stats.approx_kl_sum / tok);
     let none = upd.stats.tokens == 0;
-    put(&mut m, "ratio_min", if none { f64::NAN } else { upd.stats.ratio_min });
+    put(
+        &mut m,
+        "ratio_min",
+        if none { f64::NAN } else { upd.stats.ratio_min },
+    );
     put(&mut m, "ratio_mean", upd.stats.ratio_sum / tok);
-    put(&mut m, "ratio_max", if none { f64::NAN } else { upd.stats.ratio_max });
+    put(
+        &mut m,
+        "ratio_max",
+        if none { f64::NAN } else { upd.stats.ratio_max },
+    );
     if s.reference.is_some() {
         put(&mut m, "ref_kl", counts.ref_kl_mean);
     }
