@@ -341,6 +341,11 @@ impl PrefixCache {
         }
     }
 
+    /// Drops every cached sequence; the counters stay.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Number of cached sequences.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -286,18 +286,21 @@ mod tests {
         cfg.tis_cap = Some(1.2);
         cfg.kl = Some((0.1, KlEstimator::K2));
         cfg.entropy_coef = 0.01;
-        let o = sequence(
-            &SeqIn {
-                x: &x,
-                old: &old,
-                rollout: &rollout,
-                reference: Some(&reference),
-                entropy: &[2.0, 4.0],
-                advantage: 1.0,
-                weights: &w,
-            },
-            &cfg,
-        );
+        let run = |cfg: &Settings| {
+            sequence(
+                &SeqIn {
+                    x: &x,
+                    old: &old,
+                    rollout: &rollout,
+                    reference: Some(&reference),
+                    entropy: &[2.0, 4.0],
+                    advantage: 1.0,
+                    weights: &w,
+                },
+                cfg,
+            )
+        };
+        let o = run(&cfg);
         assert_eq!(o.stats.clipped_high, 1);
         // Token 0: IS min(exp(0), 1.2) = 1; clipped loss -1.28, gradient 0.
         // Token 1: IS min(exp(0.5), 1.2) = 1.2; loss -1 * 1.2, gradient -1.2.
@@ -312,18 +315,7 @@ mod tests {
         // A trust region of 0.1 drops token 0 (probability 1.5 vs 1.0) from the policy
         // term only.
         cfg.trust_region = 0.1;
-        let m = sequence(
-            &SeqIn {
-                x: &x,
-                old: &old,
-                rollout: &rollout,
-                reference: Some(&reference),
-                entropy: &[2.0, 4.0],
-                advantage: 1.0,
-                weights: &w,
-            },
-            &cfg,
-        );
+        let m = run(&cfg);
         assert_eq!(m.stats.masked, 1);
         near(m.stats.pg_loss, 0.5 * 1.2 * -1.0);
         near(m.d_x[0], 0.5 * 0.1 * d0);

@@ -728,7 +728,7 @@ fn rl_step(
     st.episodes += tally.episodes as u64;
     s.state = st;
     if cfg.dump_rollouts {
-        dump(run, s.state.step, &dumped, &kept, cfg)?;
+        dump(run, s.state.step, &dumped, &kept, &adv)?;
     }
     // The metrics line.
     let mut m = Map::new();
@@ -1194,13 +1194,13 @@ fn forward_backward(
     let mut stats = Stats::default();
     let mut tokens = 0;
     let mut mm = (0.0, 0.0f64, 0usize);
+    let w = head_weight(model, true)?;
     for plan_mb in &plan {
         let t = build_micro_batch(mb, plan_mb, model.device())?;
         tokens += t.tokens;
         if t.kept == 0 {
             continue;
         }
-        let w = head_weight(model, true)?;
         let mut mb_stats = Stats::default();
         let (_, mut grads) =
             model.forward_backward(&t.ids, &t.layout, cfg.checkpointing, |hid| {
@@ -1327,18 +1327,19 @@ fn validate(s: &Session, cfg: &RlConfig, line: &mut Map<String, Value>) -> Resul
 }
 
 /// Writes the step's episodes with their advantages (`OUT/rollouts/step-N.jsonl`).
-fn dump(run: &RunDir, step: u64, all: &[Trajectory], kept: &[Group], cfg: &RlConfig) -> Result<()> {
-    let mut adv: BTreeMap<(String, usize), f64> = BTreeMap::new();
-    for g in kept {
-        for (t, a) in g.trajs.iter().zip(advantages(&g.rewards, cfg.advantage)) {
-            adv.insert((t.instance_id.clone(), t.sample), a);
-        }
-    }
+/// `adv` holds the advantages of the kept groups' episodes, in their order.
+fn dump(run: &RunDir, step: u64, all: &[Trajectory], kept: &[Group], adv: &[f64]) -> Result<()> {
+    let adv: BTreeMap<(&str, usize), f64> = kept
+        .iter()
+        .flat_map(|g| &g.trajs)
+        .zip(adv)
+        .map(|(t, &a)| ((t.instance_id.as_str(), t.sample), a))
+        .collect();
     let mut text = String::new();
     for t in all {
         let mut v = serde_json::to_value(t)?;
-        let a = adv.get(&(t.instance_id.clone(), t.sample));
-        v["in_loss"] = json!(a.is_some());
+        let a = adv.get(&(t.instance_id.as_str(), t.sample));
+        v["kept_group"] = json!(a.is_some());
         v["advantage"] = json!(a);
         text.push_str(&serde_json::to_string(&v)?);
         text.push('\n');

@@ -134,22 +134,10 @@ impl LocalModel {
     /// Drops every cached sequence (the counters stay): the next turns compute their
     /// prompts afresh, so results do not depend on what ran before.
     pub fn clear_prefixes(&self) {
-        let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        let counters = (
-            p.reused_tokens,
-            p.computed_tokens,
-            p.duplicate_rows,
-            p.invalidated,
-        );
-        let stats = p.stats;
-        *p = PrefixCache::default();
-        (
-            p.reused_tokens,
-            p.computed_tokens,
-            p.duplicate_rows,
-            p.invalidated,
-        ) = counters;
-        p.stats = stats;
+        self.prefixes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// The sampling settings.
