@@ -28,30 +28,63 @@ impl SeqLayout {
     /// sequences of row `r`), padded at the end to `t` tokens. Each token attends causally
     /// within its own sequence only and positions restart at 0 for every sequence.
     pub fn packed(rows: &[Vec<usize>], t: usize, device: &Device) -> Result<Self> {
+        let rows: Vec<Vec<(usize, usize)>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&len| (len, 0)).collect())
+            .collect();
+        Self::shared(&rows, t, device)
+    }
+
+    /// Packed rows whose sequences may continue the row's first sequence (prefix sharing):
+    /// `rows[r][k] = (placed, shared)` places `placed` tokens of sequence `k` of row `r`,
+    /// which are its tokens after the first `shared` ones; those `shared` tokens are the
+    /// first `shared` tokens of the row's first sequence (whose own `shared` is 0), placed
+    /// once. A placed token attends causally to its own placed tokens and to those
+    /// `shared` tokens, and its position continues from `shared`. With every `shared` 0
+    /// this is [`SeqLayout::packed`].
+    pub fn shared(rows: &[Vec<(usize, usize)>], t: usize, device: &Device) -> Result<Self> {
         let mut segments = Vec::with_capacity(rows.len());
         let mut positions = Vec::with_capacity(rows.len() * t);
-        for (r, lens) in rows.iter().enumerate() {
-            let total: usize = lens.iter().sum();
+        // Per row and token: how many leading tokens of the row it may also see.
+        let mut prefixes = Vec::with_capacity(rows.len());
+        for (r, seqs) in rows.iter().enumerate() {
+            let total: usize = seqs.iter().map(|&(len, _)| len).sum();
             if total > t {
                 invalid!("row {r} packs {total} tokens, more than the row length {t}");
             }
+            let first = seqs.first().map_or(0, |&(len, _)| len);
             let mut seg = Vec::with_capacity(t);
-            for (s, &len) in lens.iter().enumerate() {
+            let mut prefix = Vec::with_capacity(t);
+            for (s, &(len, shared)) in seqs.iter().enumerate() {
+                if shared > 0 && (s == 0 || shared > first) {
+                    invalid!(
+                        "row {r}: sequence {s} shares {shared} tokens, but the row's first \
+                         sequence has {first} (and shares none itself)"
+                    );
+                }
                 for p in 0..len {
                     seg.push(Some(s));
-                    positions.push(p as f32);
+                    prefix.push(shared);
+                    positions.push((shared + p) as f32);
                 }
             }
             for p in total..t {
                 seg.push(None);
+                prefix.push(0);
                 positions.push((p - total) as f32);
             }
             segments.push(seg);
+            prefixes.push(prefix);
         }
         let b = rows.len();
         let mut mask = vec![f32::NEG_INFINITY; b * t * t];
-        for (r, seg) in segments.iter().enumerate() {
+        for (r, (seg, prefix)) in segments.iter().zip(&prefixes).enumerate() {
             for i in 0..t {
+                let m = &mut mask[(r * t + i) * t..(r * t + i) * t + t];
+                // The shared tokens lie at the start of the row (the first sequence).
+                for v in m.iter_mut().take(prefix[i]) {
+                    *v = 0.0;
+                }
                 for j in 0..=i {
                     // Padding attends to itself only, so no row is fully masked.
                     let ok = match (seg[i], seg[j]) {
@@ -60,7 +93,7 @@ impl SeqLayout {
                         _ => false,
                     };
                     if ok {
-                        mask[(r * t + i) * t + j] = 0.0;
+                        m[j] = 0.0;
                     }
                 }
             }

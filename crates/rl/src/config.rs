@@ -135,6 +135,11 @@ pub struct RlConfig {
     pub micro_batch_tokens: usize,
     /// Pack several episodes into one row of a micro-batch.
     pub packing: bool,
+    /// Compute a prompt shared by several episodes (a group's) once per micro-batch row:
+    /// each episode places only its tokens after the common prefix and attends to the
+    /// shared one. Exact; implies packing. Mini-batches then keep a group's episodes
+    /// together.
+    pub share_prefixes: bool,
     pub lr: f64,
     /// Linear warm-up over this many optimizer steps, then constant.
     pub warmup_steps: u64,
@@ -205,6 +210,7 @@ impl Default for RlConfig {
             ppo_epochs: 1,
             micro_batch_tokens: 32_768,
             packing: true,
+            share_prefixes: true,
             lr: 1e-6,
             warmup_steps: 0,
             betas: [0.9, 0.999],

@@ -74,7 +74,9 @@ use tooltrain_rollout::gt::locations_from_patch;
 use tooltrain_rollout::local::{LocalModel, LocalSampling};
 use tooltrain_rollout::metrics::evaluate;
 use tooltrain_rollout::{GroundTruth, Location};
-use tooltrain_train::batch::{build_micro_batch, plan_micro_batches, TokenSeq};
+use tooltrain_train::batch::{
+    build_micro_batch, plan_micro_batches, plan_shared_micro_batches, MicroBatch, TokenSeq,
+};
 use tooltrain_train::{
     after_step, clip_grad_norm, diverged, ensure_finite, load_model, save_model, Optimizer,
     Progress, RunDir, StopReason, StopSignals,
@@ -143,6 +145,11 @@ impl TokenSeq for Sample {
 }
 
 impl Sample {
+    /// The episode's advantage.
+    pub fn advantage(&self) -> f64 {
+        self.advantage
+    }
+
     /// A sample from its tokens and mask (position 0 never counts as generated: it has no
     /// context); `rollout`, `old` and `reference` give one value per generated token.
     pub fn new(
@@ -902,7 +909,7 @@ fn build_samples(
             .iter()
             .map(|g| {
                 let seqs: Vec<&Trajectory> = g.trajs.iter().collect();
-                score_generated(r, &seqs, t_inv, cfg.micro_batch_tokens)
+                score_generated(r, &seqs, t_inv, cfg.micro_batch_tokens, cfg.share_prefixes)
                     .map(|v| v.into_iter().map(Some).collect())
             })
             .collect::<Result<_>>()?,
@@ -986,6 +993,7 @@ fn score_generated(
     trajs: &[&Trajectory],
     t_inv: f64,
     budget: usize,
+    share: bool,
 ) -> Result<Vec<Vec<f64>>> {
     let samples: Vec<Sample> = trajs
         .iter()
@@ -1003,7 +1011,20 @@ fn score_generated(
         })
         .collect::<Result<_>>()?;
     let refs: Vec<&Sample> = samples.iter().collect();
-    score_samples(model, &refs, t_inv, budget)
+    score_samples(model, &refs, t_inv, budget, share)
+}
+
+/// The micro-batches of `samples` within `budget` tokens each (at least the longest
+/// sample): with prefix sharing, rows as long as the budget; else packed or one a row.
+fn plan(samples: &[&Sample], budget: usize, packing: bool, share: bool) -> Vec<MicroBatch> {
+    let cap = samples.iter().map(|s| s.ids.len()).max().unwrap_or(1);
+    let budget = budget.max(cap);
+    if share {
+        plan_shared_micro_batches(samples, budget, budget)
+    } else {
+        let lens: Vec<usize> = samples.iter().map(|s| s.ids.len()).collect();
+        plan_micro_batches(&lens, cap, budget, packing)
+    }
 }
 
 /// Per sample, the log-probs of its mask-1 tokens (in order) at temperature `1/t_inv`.
@@ -1012,13 +1033,12 @@ fn score_samples(
     samples: &[&Sample],
     t_inv: f64,
     budget: usize,
+    share: bool,
 ) -> Result<Vec<Vec<f64>>> {
-    let lens: Vec<usize> = samples.iter().map(|s| s.ids.len()).collect();
-    let cap = lens.iter().copied().max().unwrap_or(1).min(budget);
     let mut out: Vec<Vec<f64>> = vec![Vec::new(); samples.len()];
     let w = head_weight(model, false)?;
     let hidden = model.config().hidden_size;
-    for mb in plan_micro_batches(&lens, cap, budget.max(cap), true) {
+    for mb in plan(samples, budget, true, share) {
         let t = build_micro_batch(samples, &mb, model.device())?;
         if t.kept == 0 {
             continue;
@@ -1073,6 +1093,7 @@ fn recompute_old(s: &Session, cfg: &RlConfig, samples: &[Sample]) -> Result<Reco
         &refs,
         1.0 / cfg.rollout.temperature,
         cfg.micro_batch_tokens,
+        cfg.share_prefixes,
     )?;
     let (mut sum, mut max, mut n) = (0.0, 0.0f64, 0usize);
     for (o, smp) in old.iter().zip(samples) {
@@ -1120,6 +1141,9 @@ fn update(
     for epoch in 0..cfg.ppo_epochs {
         let mut order: Vec<usize> = (0..samples.len()).collect();
         Rng::new(derive_seed(&[cfg.seed, st.step, epoch as u64, 0x6d62])).shuffle(&mut order);
+        if cfg.share_prefixes {
+            keep_prompts_together(&mut order, samples);
+        }
         let parts = cfg.mini_batches.min(samples.len());
         for p in 0..parts {
             let lo = p * order.len() / parts;
@@ -1148,6 +1172,33 @@ fn update(
     }
     out.mismatch = (mm_sum / mm_n.max(1) as f64, mm_max);
     Ok(out)
+}
+
+/// Reorders `order` so that samples with the same prompt (the tokens before the first
+/// generated one: a group's) follow each other, groups in the order of their first sample:
+/// mini-batches then split few groups, and prefix sharing computes each prompt once.
+fn keep_prompts_together(order: &mut [usize], samples: &[Sample]) {
+    let prompt = |i: usize| {
+        let s = &samples[i];
+        let n = s.mask.iter().position(|&m| m == 1).unwrap_or(s.ids.len());
+        &s.ids[..n]
+    };
+    let mut first: Vec<(&[u32], usize)> = Vec::new();
+    let rank: Vec<usize> = order
+        .iter()
+        .map(|&i| match first.iter().find(|(p, _)| *p == prompt(i)) {
+            Some(&(_, r)) => r,
+            None => {
+                first.push((prompt(i), first.len()));
+                first.len() - 1
+            }
+        })
+        .collect();
+    let mut keyed: Vec<(usize, usize)> = rank.into_iter().zip(order.iter().copied()).collect();
+    keyed.sort_by_key(|&(r, _)| r);
+    for (o, (_, i)) in order.iter_mut().zip(keyed) {
+        *o = i;
+    }
 }
 
 /// After a skipped update: warns, or fails once more than `max_bad_steps` were skipped.
@@ -1186,9 +1237,7 @@ fn forward_backward(
 ) -> Result<(Stats, GradStore, usize, (f64, f64, usize))> {
     let gen: Vec<usize> = mb.iter().map(|s| s.generated()).collect();
     let weights = token_weights(&gen, cfg.aggregation, cfg.norm_len());
-    let lens: Vec<usize> = mb.iter().map(|s| s.ids.len()).collect();
-    let cap = lens.iter().copied().max().unwrap_or(1);
-    let plan = plan_micro_batches(&lens, cap, cfg.micro_batch_tokens.max(cap), cfg.packing);
+    let plan = plan(mb, cfg.micro_batch_tokens, cfg.packing, cfg.share_prefixes);
     let hidden = model.config().hidden_size;
     let mut acc = GradStore::default();
     let mut stats = Stats::default();

@@ -15,6 +15,7 @@ use tooltrain_rl::config::OldLogprobs;
 use tooltrain_rl::kl::KlEstimator;
 use tooltrain_rl::objective::PolicyLoss;
 use tooltrain_rl::{minibatch_objective, RlConfig, Sample};
+use tooltrain_train::batch::TokenSeq;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/fixtures")
@@ -98,6 +99,91 @@ fn samples(fx: &Value, cfg: &RlConfig) -> Vec<Sample> {
         .collect()
 }
 
+/// Largest |a - b| over all gradients, relative to the largest |b|.
+fn max_rel_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
+    let (mut diff, mut scale) = (0f64, 0f64);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, x) in a {
+        let y = &b[name];
+        let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+        diff = diff.max(d.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap());
+        let m = y.abs().unwrap().max_all().unwrap();
+        scale = scale.max(m.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap());
+    }
+    diff / scale.max(1e-12)
+}
+
+/// Prefix sharing is exact: groups whose samples share a prompt give the same loss and
+/// gradients as the same samples computed one a row, for every fixture setting, with
+/// groups split over rows by a small budget too.
+#[test]
+fn prefix_sharing_matches_separate_rows() {
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("rl_objective.json")).unwrap(),
+    )
+    .unwrap();
+    let model = load(&fixtures().join("tiny-qwen2"), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    for case in fx["cases"].as_array().unwrap() {
+        let mut cfg = config(&case["settings"]);
+        cfg.max_len = 128;
+        // Each group's samples: the fixture's sequences behind one shared 9-token prompt
+        // (the fixture's prompt tokens become part of the generated turn's context).
+        let base = samples(&fx, &cfg);
+        let prompts = [
+            vec![3u32, 17, 29, 4, 88, 61, 7, 12, 40],
+            vec![3u32, 17, 29, 5, 9, 2, 14, 71, 33],
+        ];
+        let smp: Vec<Sample> = base
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let (ids, mask) = (s.ids(), s.mask());
+                let p = &prompts[i / 2];
+                let ids: Vec<u32> = p.iter().chain(ids).copied().collect();
+                let mask: Vec<u8> = std::iter::repeat_n(0, p.len())
+                    .chain(mask.iter().copied())
+                    .collect();
+                let gen = mask.iter().skip(1).filter(|&&m| m == 1).count();
+                let side = |v: f64| (0..gen).map(|k| v - 0.01 * k as f64).collect::<Vec<f64>>();
+                Sample::new(
+                    ids,
+                    mask,
+                    side(-1.5),
+                    side(-1.4),
+                    (cfg.kl_coef > 0.0).then(|| side(-1.6)),
+                    s.advantage(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let refs: Vec<&Sample> = smp.iter().collect();
+        let mut results: Vec<(f64, BTreeMap<String, Tensor>)> = Vec::new();
+        for (share, budget) in [(false, 32), (true, 256), (true, 40)] {
+            cfg.packing = false;
+            cfg.share_prefixes = share;
+            cfg.micro_batch_tokens = budget;
+            let (stats, grads) = minibatch_objective(&model, &refs, &cfg).unwrap();
+            results.push((stats.loss(), model.hf_grads(&grads).unwrap()));
+        }
+        let (want_loss, want) = &results[0];
+        for (loss, grads) in &results[1..] {
+            assert!(
+                (loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+                "{}: loss {loss} shared vs {want_loss} separate",
+                case["settings"]
+            );
+            let d = max_rel_diff(grads, want);
+            assert!(
+                d <= 1e-5,
+                "{}: gradients differ by {d} (relative)",
+                case["settings"]
+            );
+        }
+    }
+}
+
 fn norm(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64)
         .unwrap()
@@ -129,10 +215,12 @@ fn objective_and_gradients_match_pytorch() {
         let smp = samples(&fx, &cfg);
         let refs: Vec<&Sample> = smp.iter().collect();
         let want_loss = case["loss"].as_f64().unwrap();
-        // Packed rows, and one sequence per micro-batch (gradients accumulated).
+        // Packed rows, one sequence per micro-batch (gradients accumulated), and the
+        // prefix-sharing planner.
         let mut results: Vec<(f64, BTreeMap<String, Tensor>)> = Vec::new();
-        for (packing, budget) in [(true, 128), (false, 64)] {
+        for (packing, share, budget) in [(true, false, 128), (false, false, 64), (true, true, 64)] {
             cfg.packing = packing;
+            cfg.share_prefixes = share;
             cfg.micro_batch_tokens = budget;
             let (stats, grads) = minibatch_objective(&model, &refs, &cfg).unwrap();
             results.push((stats.loss(), model.hf_grads(&grads).unwrap()));
