@@ -3,8 +3,11 @@
 //! the PyTorch reference (scripts/bench_torch.py) and prints the ratios.
 //!
 //! `cargo bench -p tooltrain-model --bench train_gen -- [--steps N] [--checkpoint]
-//! [--model HF_DIR]` prints one JSON line. `--model` measures a real checkpoint instead
-//! (e.g. assets/smollm2-hf); `--steps 0` skips training.
+//! [--model HF_DIR | --config HF_CONFIG] [--device cpu|cuda] [--dtype f32|bf16]` prints
+//! one JSON line. `--model` measures a real checkpoint (e.g. assets/smollm2-hf),
+//! `--config` a random model of that shape; `--steps 0` skips training, `--new-tokens 0`
+//! generation. bf16 trains bf16 weights with f32 AdamW moments (the trainers add f32
+//! master weights). Peak memory: the process's peak RSS (`VmHWM`) after each phase.
 
 use std::time::Instant;
 use tooltrain_model::{
@@ -27,6 +30,19 @@ fn str_arg(name: &str) -> Option<String> {
     args.get(i + 1).cloned()
 }
 
+/// The process's peak resident memory so far (`VmHWM`, bytes; 0 where unknown).
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 fn main() -> tooltrain_model::Result<()> {
     let (steps, warmup, batch, seq) = (
         arg("--steps", 5),
@@ -35,16 +51,30 @@ fn main() -> tooltrain_model::Result<()> {
         arg("--seq", 256),
     );
     let checkpoint = std::env::args().any(|a| a == "--checkpoint");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dev = Device::Cpu;
+    // TOOLTRAIN_REPO_ROOT: a bench binary run from another checkout (scripts/gpu-check.sh).
+    let root = std::env::var_os("TOOLTRAIN_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    let dev = match str_arg("--device").as_deref() {
+        None | Some("cpu") => Device::Cpu,
+        Some("cuda") => tooltrain_model::default_device(false)?,
+        Some(other) => panic!("--device {other}: expected cpu or cuda"),
+    };
+    if str_arg("--device").as_deref() == Some("cuda") && dev.is_cpu() {
+        panic!("--device cuda: no CUDA device (or not built with --features cuda)");
+    }
+    let dtype = tooltrain_model::parse_dtype(&str_arg("--dtype").unwrap_or("f32".into()))?;
     let (cfg, model) = match str_arg("--model") {
         Some(dir) => {
-            let ck = tooltrain_model::load(std::path::Path::new(&dir), DType::F32, &dev)?;
+            let ck = tooltrain_model::load(std::path::Path::new(&dir), dtype, &dev)?;
             (ck.model.config().clone(), ck.model)
         }
         None => {
-            let cfg = ModelConfig::from_file(&root.join("benches/qwen2-12m.json"))?;
-            let model = CausalLM::new_random(&cfg, DType::F32, &dev, 0)?;
+            let file = str_arg("--config")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| root.join("benches/qwen2-12m.json"));
+            let cfg = ModelConfig::from_file(&file)?;
+            let model = CausalLM::new_random(&cfg, dtype, &dev, 0)?;
             (cfg, model)
         }
     };
@@ -83,12 +113,17 @@ fn main() -> tooltrain_model::Result<()> {
     for _ in 0..warmup.min(steps) {
         step(rand_ids(batch * seq))?;
     }
+    dev.synchronize()?;
     let t0 = Instant::now();
-    let mut loss = 0.0;
+    let mut loss = f64::NAN;
     for _ in 0..steps {
         loss = step(rand_ids(batch * seq))?;
     }
+    dev.synchronize()?;
     let train_s = t0.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let train_peak = peak_rss();
+    drop(step);
+    drop(opt);
 
     let (gb, plen, new) = (
         arg("--gen-batch", 4),
@@ -101,18 +136,23 @@ fn main() -> tooltrain_model::Result<()> {
         max_new_tokens: new,
         ..Default::default()
     };
-    model.generate(
-        &prompts[..1],
-        &SamplingParams {
-            max_new_tokens: 4,
-            ..params.clone()
-        },
-        None,
-    )?;
-    let t0 = Instant::now();
-    let out = model.generate(&prompts, &params, None)?;
-    let gen_s = t0.elapsed().as_secs_f64();
-    let gen_tokens: usize = out.iter().map(|g| g.tokens.len()).sum();
+    let (mut gen_s, mut gen_tokens) = (0.0, 0);
+    if new > 0 {
+        model.generate(
+            &prompts[..1],
+            &SamplingParams {
+                max_new_tokens: 4,
+                ..params.clone()
+            },
+            None,
+        )?;
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let out = model.generate(&prompts, &params, None)?;
+        dev.synchronize()?;
+        gen_s = t0.elapsed().as_secs_f64();
+        gen_tokens = out.iter().map(|g| g.tokens.len()).sum();
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -120,11 +160,20 @@ fn main() -> tooltrain_model::Result<()> {
             "params": model.num_params(),
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "simd": tooltrain_model::simd_summary(),
+            "device": if dev.is_cpu() { "cpu" } else { "cuda" },
+            "dtype": format!("{dtype:?}").to_lowercase(),
             "checkpoint": checkpoint,
             "train_step_s": train_s,
-            "train_tokens_per_s": (batch * seq) as f64 / train_s,
-            "gen_tokens_per_s": gen_tokens as f64 / gen_s,
+            "train_tokens_per_s": if steps > 0 { (batch * seq) as f64 / train_s } else { 0.0 },
+            "gen_tokens_per_s": if gen_s > 0.0 { gen_tokens as f64 / gen_s } else { 0.0 },
+            "train_peak_bytes": train_peak,
+            "gen_peak_bytes": peak_rss(),
             "loss": loss,
+            "batch": batch,
+            "seq": seq,
+            "gen_batch": gb,
+            "prompt_len": plen,
+            "new_tokens": new,
         })
     );
     Ok(())

@@ -4,8 +4,14 @@
 use std::path::PathBuf;
 use tooltrain_model::{DType, Device, Tensor};
 
+/// The repository root: `TOOLTRAIN_REPO_ROOT` when set (test executables built on one
+/// machine and run on another from a different checkout: scripts/gpu-check.sh), else
+/// the checkout they were built from.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    match std::env::var_os("TOOLTRAIN_REPO_ROOT") {
+        Some(r) => PathBuf::from(r),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
 }
 
 pub fn fixture(name: &str) -> PathBuf {
