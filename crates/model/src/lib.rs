@@ -36,7 +36,7 @@ pub use generate::{FinishReason, GenStats, Generation, PrefixCache, SamplingPara
 pub use kernels::{detected_simd_level, set_simd_level, simd_level, simd_summary, SimdLevel};
 pub use load::{load, save, Checkpoint};
 pub use logprobs::{chunked_logprobs, pack_rows, SequenceScores, DEFAULT_VOCAB_CHUNK};
-pub use lora::LoraConfig;
+pub use lora::{dropout_mask, LoraConfig};
 pub use model::{CausalLM, KvCache, SeqLayout};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 pub use runtime::tune_runtime;

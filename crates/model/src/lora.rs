@@ -37,7 +37,12 @@ pub struct LoraConfig {
     pub rank: usize,
     /// Scale numerator: the update is `alpha / rank * B A`.
     pub alpha: f64,
-    /// Dropout on the adapters' input during training (only 0 is supported so far).
+    /// Dropout on the adapters' input in training passes (`forward_backward`), as PEFT's
+    /// `lora_dropout`: each adapter's input element is zeroed with this probability and
+    /// the rest scaled by `1 / (1 - dropout)`. Masks are a function of the seed set
+    /// with [`crate::CausalLM::set_dropout_seed`], the layer and the projection, so a
+    /// recomputed (checkpointed) layer and a resumed run draw the same ones. Inference
+    /// (generation, scoring) never drops.
     pub dropout: f64,
     /// Projections to adapt (names from [`TARGETS`]).
     pub targets: Vec<String>,
@@ -68,10 +73,9 @@ impl LoraConfig {
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(format!("lora.alpha must be > 0 (got {})", self.alpha));
         }
-        if self.dropout != 0.0 {
+        if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!(
-                "lora.dropout = {}: only 0 is supported (dropout would make the trainer's \
-                 log-probs differ from the rollout's)",
+                "lora.dropout must be in [0, 1) (got {})",
                 self.dropout
             ));
         }
@@ -93,6 +97,24 @@ impl LoraConfig {
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
     }
+}
+
+/// A dropout mask of `n` values: 0 with probability `p`, else `1 / (1 - p)`, drawn from
+/// `seed` (the same seed gives the same mask).
+pub fn dropout_mask(seed: u64, n: usize, p: f64) -> Vec<f32> {
+    let mut rng = tooltrain_util::Rng::new(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    // Compare 53-bit uniforms with p: exact for any p, one draw per element.
+    let threshold = (p * (1u64 << 53) as f64) as u64;
+    (0..n)
+        .map(|_| {
+            if (rng.next_u64() >> 11) < threshold {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect()
 }
 
 /// One adapter: `A: [rank, in]`, `B: [out, rank]`.

@@ -378,6 +378,8 @@ pub struct CausalLM {
     version: std::sync::atomic::AtomicU64,
     /// LoRA adapters; with them the base weights are frozen.
     lora: Option<crate::lora::Lora>,
+    /// Seed of the LoRA dropout masks of the next training passes.
+    dropout_seed: std::sync::atomic::AtomicU64,
 }
 
 /// Source of weight versions: unique across every model of the process.
@@ -541,6 +543,7 @@ impl CausalLM {
             cfg,
             version: std::sync::atomic::AtomicU64::new(next_weights_version()),
             lora: None,
+            dropout_seed: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -607,11 +610,44 @@ impl CausalLM {
         }
     }
 
-    /// `x @ (scale B A)^T` for layer `li`'s adapter on `TARGETS[k]`, if there is one.
-    fn adapter(&self, li: usize, k: usize, x: &Tensor, t: Track) -> Result<Option<Tensor>> {
+    /// Sets the seed of the LoRA dropout masks of the following training passes
+    /// (`forward_backward`); trainers derive one per micro-batch, so that a resumed run
+    /// draws the same masks. Without adapters or with `dropout = 0` it changes nothing.
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.dropout_seed
+            .store(seed, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The dropout seed of a training pass: `None` when nothing drops.
+    fn training_dropout(&self) -> Option<u64> {
+        let l = self.lora.as_ref()?;
+        (l.cfg.dropout > 0.0).then(|| self.dropout_seed.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// `x @ (scale B A)^T` for layer `li`'s adapter on `TARGETS[k]`, if there is one;
+    /// `drop` (a training pass's dropout seed) applies the adapter's dropout to `x`.
+    fn adapter(
+        &self,
+        li: usize,
+        k: usize,
+        x: &Tensor,
+        t: Track,
+        drop: Option<u64>,
+    ) -> Result<Option<Tensor>> {
         let Some(l) = &self.lora else { return Ok(None) };
         let Some(ad) = &l.layers[li][k] else {
             return Ok(None);
+        };
+        let dropped;
+        let x = match drop {
+            Some(seed) if l.cfg.dropout > 0.0 => {
+                let seed = tooltrain_util::derive_seed(&[seed, li as u64, k as u64]);
+                let mask = crate::lora::dropout_mask(seed, x.elem_count(), l.cfg.dropout);
+                let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+                dropped = (x * mask)?;
+                &dropped
+            }
+            _ => x,
         };
         let down = x.matmul(&w(&ad.a, t).t()?)?;
         let up = down.matmul(&w(&ad.b, t).t()?)?;
@@ -627,11 +663,12 @@ impl CausalLM {
         outs: &[usize],
         x: &Tensor,
         t: Track,
+        drop: Option<u64>,
     ) -> Result<Option<Tensor>> {
         let mut parts = Vec::with_capacity(ks.len());
         let mut any = false;
         for (&k, &out) in ks.iter().zip(outs) {
-            match self.adapter(li, k, x, t)? {
+            match self.adapter(li, k, x, t, drop)? {
                 Some(d) => {
                     any = true;
                     parts.push(d);
@@ -791,6 +828,7 @@ impl CausalLM {
         Ok(self.bw(&self.embed, t).index_select(&flat, 0)?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         li: usize,
@@ -800,6 +838,7 @@ impl CausalLM {
         mask: &Tensor,
         cache: Option<(&mut Option<LayerKv>, usize)>,
         t: Track,
+        drop: Option<u64>,
     ) -> Result<Tensor> {
         let l = &self.layers[li];
         let cfg = &self.cfg;
@@ -819,7 +858,7 @@ impl CausalLM {
             a.qkv_bias.as_ref().map(|b| self.bw(b, t)).as_ref(),
         )?;
         if let Some(d) =
-            self.packed_adapters(li, &[0, 1, 2], &[nh * hd, nkv * hd, nkv * hd], &h, t)?
+            self.packed_adapters(li, &[0, 1, 2], &[nh * hd, nkv * hd, nkv * hd], &h, t, drop)?
         {
             qkv = (qkv + d)?;
         }
@@ -864,19 +903,19 @@ impl CausalLM {
                 }
             };
         let mut o = linear(&ctx, &self.bw(&a.o, t), None)?;
-        if let Some(d) = self.adapter(li, 3, &ctx, t)? {
+        if let Some(d) = self.adapter(li, 3, &ctx, t, drop)? {
             o = (o + d)?;
         }
         let x = (x + o)?;
         let h = ops::rms_norm(&x, &self.bw(&l.post_norm, t), eps)?;
         let inter = cfg.intermediate_size;
         let mut gu = linear(&h, &self.bw(&l.gate_up, t), None)?;
-        if let Some(d) = self.packed_adapters(li, &[4, 5], &[inter, inter], &h, t)? {
+        if let Some(d) = self.packed_adapters(li, &[4, 5], &[inter, inter], &h, t, drop)? {
             gu = (gu + d)?;
         }
         let act = ops::swiglu(&gu)?;
         let mut down = linear(&act, &self.bw(&l.down, t), None)?;
-        if let Some(d) = self.adapter(li, 6, &act, t)? {
+        if let Some(d) = self.adapter(li, 6, &act, t, drop)? {
             down = (down + d)?;
         }
         Ok((x + down)?)
@@ -900,9 +939,10 @@ impl CausalLM {
         Ok(())
     }
 
-    /// Final hidden states `[b, t, hidden]` (after the last norm), with autograd graph.
+    /// Final hidden states `[b, t, hidden]` (after the last norm), with autograd graph
+    /// (no LoRA dropout: that is `forward_backward`'s).
     pub fn forward_hidden(&self, ids: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
-        self.hidden(ids, layout, None, Track::Yes)
+        self.hidden(ids, layout, None, Track::Yes, None)
     }
 
     fn hidden(
@@ -911,6 +951,7 @@ impl CausalLM {
         layout: &SeqLayout,
         mut cache: Option<&mut KvCache>,
         t: Track,
+        drop: Option<u64>,
     ) -> Result<Tensor> {
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         self.check_layout(ids, layout, past)?;
@@ -924,7 +965,7 @@ impl CausalLM {
                 let reserve = c.reserve;
                 (&mut c.layers[li], reserve)
             });
-            x = self.layer_forward(li, &x, &cos, &sin, &layout.mask, slot, t)?;
+            x = self.layer_forward(li, &x, &cos, &sin, &layout.mask, slot, t, drop)?;
         }
         let (b, s) = ids.dims2()?;
         Ok(
@@ -938,12 +979,12 @@ impl CausalLM {
 
     /// Final hidden states `[b, t, hidden]` without autograd graph (inference).
     pub fn hidden_states(&self, ids: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
-        self.hidden(ids, layout, None, Track::No)
+        self.hidden(ids, layout, None, Track::No, None)
     }
 
     /// Logits `[b, t, vocab]` without autograd graph (inference).
     pub fn logits(&self, ids: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
-        let hid = self.hidden(ids, layout, None, Track::No)?;
+        let hid = self.hidden(ids, layout, None, Track::No, None)?;
         Ok(hid.broadcast_matmul(&self.lm_head_weight(false).t()?)?)
     }
 
@@ -955,13 +996,15 @@ impl CausalLM {
         layout: &SeqLayout,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        self.hidden(ids, layout, Some(cache), Track::No)
+        self.hidden(ids, layout, Some(cache), Track::No, None)
     }
 
     /// Runs the forward pass, applies `head` (final hidden states with graph -> scalar
     /// loss) and back-propagates. With `checkpoint`, only each layer's input is kept during
     /// the forward pass and the layer is recomputed during the backward pass (less memory,
-    /// one more forward; gradients are identical). Returns the loss and the gradients.
+    /// one more forward; gradients are identical). LoRA dropout (when configured) applies
+    /// here, with the masks of [`CausalLM::set_dropout_seed`]'s seed. Returns the loss and
+    /// the gradients.
     pub fn forward_backward(
         &self,
         ids: &Tensor,
@@ -969,8 +1012,9 @@ impl CausalLM {
         checkpoint: bool,
         head: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(f64, GradStore)> {
+        let drop = self.training_dropout();
         if !checkpoint {
-            let hid = self.forward_hidden(ids, layout)?;
+            let hid = self.hidden(ids, layout, None, Track::Yes, drop)?;
             let loss = head(&hid)?;
             let grads = backward(&loss)?;
             return Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads));
@@ -981,7 +1025,8 @@ impl CausalLM {
         let mut inputs = Vec::with_capacity(self.layers.len() + 1);
         let mut x = self.embed_ids(ids, Track::No)?;
         for li in 0..self.layers.len() {
-            let next = self.layer_forward(li, &x, &cos, &sin, &layout.mask, None, Track::No)?;
+            let next =
+                self.layer_forward(li, &x, &cos, &sin, &layout.mask, None, Track::No, drop)?;
             inputs.push(x);
             x = next;
         }
@@ -1006,6 +1051,7 @@ impl CausalLM {
                 &layout.mask,
                 None,
                 Track::Yes,
+                drop,
             )?;
             let g = backward(&(y * dx.detach())?.sum_all()?)?;
             merge_grads(&mut grads, g, self.trainable(), Some(xin.as_tensor()))?;

@@ -188,3 +188,127 @@ fn a_saved_adapter_loads_back_and_a_fresh_one_changes_nothing() {
         .to_string();
     assert!(e.contains("qq_proj"), "{e}");
 }
+
+/// The adapters of the PEFT fixture with `dropout`, in `dtype`.
+fn adapters_with_dropout(dtype: DType, dropout: f64) -> CausalLM {
+    let mut m = load(&fixture("tiny-qwen2"), dtype, &Device::Cpu)
+        .unwrap()
+        .model;
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout,
+        ..LoraConfig::default()
+    };
+    m.add_lora(&cfg, 1).unwrap();
+    m.load_adapter(&fixture("tiny-qwen2-lora")).unwrap();
+    m
+}
+
+/// Loss of a training pass (dropout seed `seed`) and the adapters' gradients by name.
+fn train_pass(m: &CausalLM, seed: u64, checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
+    m.set_dropout_seed(seed);
+    let (x, b, s) = ids();
+    let layout = SeqLayout::left_padded(&vec![s; b], s, &Device::Cpu).unwrap();
+    let h = m.config().hidden_size;
+    let targets = x.narrow(1, 1, s - 1).unwrap().flatten_all().unwrap();
+    let w = m.lm_head_weight(true);
+    let (loss, grads) = m
+        .forward_backward(&x, &layout, checkpoint, |hid| {
+            let hh = hid.narrow(1, 0, s - 1)?.reshape(((), h))?;
+            Ok(ops::linear_cross_entropy(&hh, &w, &targets, None)?)
+        })
+        .unwrap();
+    let named = m
+        .trainable()
+        .iter()
+        .map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+        .collect();
+    (loss, named)
+}
+
+#[test]
+fn lora_dropout_masks_reproduce_and_gradients_match_finite_differences() {
+    // The mask: zeros with probability p, the rest 1 / (1 - p); a seed gives one mask.
+    let p = 0.3;
+    let mask = tooltrain_model::dropout_mask(7, 100_000, p);
+    let zeros = mask.iter().filter(|&&v| v == 0.0).count() as f64 / mask.len() as f64;
+    assert!(
+        (zeros - p).abs() < 0.01,
+        "{zeros} of the mask is zero, not {p}"
+    );
+    assert!(mask
+        .iter()
+        .all(|&v| v == 0.0 || (v as f64 - 1.0 / (1.0 - p)).abs() < 1e-6));
+    assert_eq!(mask, tooltrain_model::dropout_mask(7, 100_000, p));
+    assert_ne!(mask, tooltrain_model::dropout_mask(8, 100_000, p));
+
+    let (x, b, s) = ids();
+    let layout = SeqLayout::left_padded(&vec![s; b], s, &Device::Cpu).unwrap();
+    let plain = adapters_with_dropout(DType::F64, 0.0);
+    let m = adapters_with_dropout(DType::F64, 0.5);
+    // Inference never drops: the same logits as without dropout.
+    assert!(
+        rel_err(
+            &m.logits(&x, &layout).unwrap(),
+            &plain.logits(&x, &layout).unwrap()
+        ) < 1e-12
+    );
+    // Training passes drop: another loss than without dropout, reproducible by seed, the
+    // same with recomputation (a recomputed layer draws the same masks).
+    let (l0, _) = train_pass(&plain, 1, false);
+    let (l1, g1) = train_pass(&m, 1, false);
+    let (l1b, g1b) = train_pass(&m, 1, false);
+    let (l1c, g1c) = train_pass(&m, 1, true);
+    let (l2, _) = train_pass(&m, 2, false);
+    assert!(
+        (l1 - l0).abs() > 1e-6,
+        "dropout changed nothing ({l1} vs {l0})"
+    );
+    assert!((l1 - l2).abs() > 1e-9, "two seeds gave the same loss");
+    assert_eq!(l1, l1b);
+    assert!((l1 - l1c).abs() < 1e-12);
+    for (name, g) in &g1 {
+        assert!(rel_err(g, &g1b[name]) == 0.0, "{name}: not reproducible");
+        assert!(
+            rel_err(g, &g1c[name]) < 1e-10,
+            "{name}: recomputation differs"
+        );
+    }
+    // With the masks fixed by the seed, the loss is a smooth function of the adapters:
+    // its gradient matches central finite differences (f64).
+    let params = m.trainable();
+    let eps = 1e-5;
+    for name in [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight",
+        "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight",
+    ] {
+        let var = params
+            .get(name)
+            .unwrap_or_else(|| panic!("no adapter {name}"));
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let grad = g1[name].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for i in [0, orig.len() / 3, orig.len() - 1] {
+            let mut at = |d: f64| {
+                let mut v = orig.clone();
+                v[i] += d;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                train_pass(&m, 1, false).0
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            at(0.0);
+            assert!(
+                (fd - grad[i]).abs() <= 1e-6 * grad[i].abs().max(1e-3),
+                "{name}[{i}]: gradient {} vs finite difference {fd}",
+                grad[i]
+            );
+        }
+    }
+}

@@ -208,6 +208,7 @@ pub fn minibatch_objective(
         cfg,
         &cfg.objective(),
         1.0 / cfg.rollout.temperature,
+        0,
     )?;
     Ok((stats, grads))
 }
@@ -351,6 +352,14 @@ fn setup(cfg: &RlConfig, run: &RunDir, progress: bool) -> Result<Session> {
         Progress::hidden()
     };
     let from = run.resumed().map_or(cfg.init.clone(), Path::to_path_buf);
+    if cfg.lora.enabled() && cfg.lora.dropout > 0.0 {
+        tracing::warn!(
+            "lora.dropout = {}: training passes drop adapter inputs that the rollouts kept, \
+             so the trainer's log-probs differ from the rollout's (logprob_mismatch_*) and \
+             the on-policy ratio is not 1",
+            cfg.lora.dropout
+        );
+    }
     let ck = load_model(
         &cfg.init,
         run.resumed(),
@@ -1150,7 +1159,8 @@ fn update(
             let hi = (p + 1) * order.len() / parts;
             let mb: Vec<&Sample> = order[lo..hi].iter().map(|&i| &samples[i]).collect();
             let first = epoch == 0 && p == 0;
-            let (stats, grads, tokens, mm) = forward_backward(&s.model, &mb, cfg, &obj, t_inv)?;
+            let (stats, grads, tokens, mm) =
+                forward_backward(&s.model, &mb, cfg, &obj, t_inv, st.updates)?;
             if first {
                 (mm_sum, mm_max, mm_n) = mm;
             }
@@ -1234,6 +1244,7 @@ fn forward_backward(
     cfg: &RlConfig,
     obj: &objective::Settings,
     t_inv: f64,
+    update: u64,
 ) -> Result<(Stats, GradStore, usize, (f64, f64, usize))> {
     let gen: Vec<usize> = mb.iter().map(|s| s.generated()).collect();
     let weights = token_weights(&gen, cfg.aggregation, cfg.norm_len());
@@ -1244,7 +1255,10 @@ fn forward_backward(
     let mut tokens = 0;
     let mut mm = (0.0, 0.0f64, 0usize);
     let w = head_weight(model, true)?;
-    for plan_mb in &plan {
+    for (k, plan_mb) in plan.iter().enumerate() {
+        // LoRA dropout masks: a function of (run seed, update, micro-batch), so a resumed
+        // run draws the same ones.
+        model.set_dropout_seed(derive_seed(&[cfg.seed, update, k as u64, 0x64726f70]));
         let t = build_micro_batch(mb, plan_mb, model.device())?;
         tokens += t.tokens;
         if t.kept == 0 {

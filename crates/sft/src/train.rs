@@ -677,7 +677,9 @@ fn train_step(
         .iter()
         .map(|&i| &s.train_set[i])
         .collect();
-    let Some((loss, grads, tokens)) = forward_backward_batch(&s.model, &batch, cfg, stop)? else {
+    let Some((loss, grads, tokens)) =
+        forward_backward_batch(&s.model, &batch, cfg, stop, s.state.step)?
+    else {
         return Ok(None);
     };
     let (grad_norm, scale) = clip_grad_norm(&grads, &s.vars, cfg.optim().clip_threshold())?;
@@ -739,6 +741,7 @@ fn forward_backward_batch(
     batch: &[&SftExample],
     cfg: &SftConfig,
     stop: &AtomicBool,
+    step: u64,
 ) -> Result<Option<(f64, GradStore, usize)>> {
     let lens: Vec<usize> = batch.iter().map(|e| e.len()).collect();
     let kept_global: usize = batch.iter().map(|e| e.num_targets()).sum();
@@ -746,10 +749,15 @@ fn forward_backward_batch(
     let hidden = model.config().hidden_size;
     let mut acc = GradStore::default();
     let (mut loss_sum, mut tokens) = (0f64, 0usize);
-    for mb in &plan {
+    for (k, mb) in plan.iter().enumerate() {
         if stop.load(Ordering::SeqCst) {
             return Ok(None);
         }
+        // LoRA dropout masks: a function of (run seed, step, micro-batch), so a resumed
+        // run draws the same ones.
+        model.set_dropout_seed(tooltrain_util::derive_seed(&[
+            cfg.seed, step, k as u64, 0x64726f70,
+        ]));
         let t = build_micro_batch(batch, mb, model.device())?;
         // Each micro-batch's token mean weighted by its share of the batch's targets:
         // the sum over micro-batches is the token mean over the whole batch.
