@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Training-step and generation throughput: tooltrain (candle, CPU, f32) against PyTorch
-# on the same ~12M-parameter Qwen2 (benches/qwen2-12m.json), same shapes, same machine,
-# same run. Prints every JSON line and the ratios of the medians (>1: tooltrain is faster).
+# on the same randomly initialised model (CONFIG, an HF config.json; default the ~12M
+# Qwen2 of benches/qwen2-12m.json), same shapes, same machine, same run. Prints every
+# JSON line, the ratios of the medians (>1: tooltrain is faster) and the peak RSS of
+# each side's training process.
 #
-#   [ROUNDS=3] scripts/bench.sh [--steps N] [--batch B] [--seq T]
+#   [ROUNDS=3] [CONFIG=benches/qwen2-12m.json] scripts/bench.sh [--steps N] [--batch B]
+#       [--seq T] [--gen-batch B] [--prompt-len T] [--new-tokens N]
+#   scripts/bench-smollm2.sh     # SmolLM2-135M: an SFT step and RL-style decoding
 #
 # Needs a Python with torch+transformers: $PYTHON, else .venv/bin/python
 # (scripts/setup-python.sh makes it).
@@ -22,10 +26,12 @@ echo "machine: ${cpu:-unknown CPU}, $(nproc) cores; CPU SIMD: ${simd:-none of av
 # Rounds alternate the two implementations, so that drift in the machine's speed (a
 # shared 2-core VM varies by 10-15% over minutes) hits both; the medians are compared.
 ROUNDS="${ROUNDS:-3}"
+CONFIG="${CONFIG:-benches/qwen2-12m.json}"
+echo "model: $CONFIG; arguments: $*"
 results=()
 for ((r = 1; r <= ROUNDS; r++)); do
-  ours=$(cargo bench -q -p tooltrain-model --bench train_gen -- "$@" | tail -n 1)
-  theirs=$("$PY" scripts/bench_torch.py --config benches/qwen2-12m.json "$@" | tail -n 1)
+  ours=$(cargo bench -q -p tooltrain-model --bench train_gen -- --config "$CONFIG" "$@" | tail -n 1)
+  theirs=$("$PY" scripts/bench_torch.py --config "$CONFIG" "$@" | tail -n 1)
   echo "round $r tooltrain: $ours"
   echo "round $r pytorch:   $theirs"
   results+=("$ours" "$theirs")
@@ -37,9 +43,16 @@ ours, theirs = rows[0::2], rows[1::2]
 for key, what in (("train_tokens_per_s", "train"), ("gen_tokens_per_s", "generation")):
     a = statistics.median(r[key] for r in ours)
     b = statistics.median(r[key] for r in theirs)
+    if not (a and b):
+        continue
     per_round = ", ".join(f"{x[key] / y[key]:.2f}" for x, y in zip(ours, theirs))
     print(f"{what} tokens/s ratio (tooltrain / pytorch): {a / b:.2f}x "
           f"(medians {a:.0f} vs {b:.0f} over {len(ours)} rounds; per round {per_round}; "
           f"{ours[0]['threads']} threads)")
 print(f"SIMD: tooltrain {ours[0].get('simd', '?')}; pytorch {theirs[0].get('simd', '?')}")
+if all("train_peak_bytes" in r for r in rows):
+    a = max(r["train_peak_bytes"] for r in ours) / 2**20
+    b = max(r["train_peak_bytes"] for r in theirs) / 2**20
+    print(f"peak RSS after the training steps: tooltrain {a:.0f} MiB, pytorch {b:.0f} MiB "
+          f"(ratio {a / b:.2f}; parameters, gradients, AdamW moments and one step's activations)")
 PY

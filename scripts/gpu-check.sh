@@ -56,10 +56,16 @@ build() {
   source scripts/lib-cuda.sh
   [[ -n "$nvcc_bin" ]] || die "no nvcc (scripts/install-nvcc.sh failed)"
   nvcc --version | tail -n 1 >&2
-  # The pip toolkit has no driver: link against its stub libcuda when there is one.
-  for stubs in "$CUDA_ROOT/lib64/stubs" "$CUDA_ROOT/lib/stubs"; do
-    if [[ -d "$stubs" ]]; then export LIBRARY_PATH="$stubs:${LIBRARY_PATH:-}"; fi
-  done
+  # candle-kernels links libcudart (the rest is opened at run time: vendor/README.md);
+  # the pip toolkit only has the versioned name, so give the linker an unversioned one.
+  local link_dir="$PWD/target/cuda-link"
+  mkdir -p "$link_dir"
+  local cudart
+  cudart=$(find "$CUDA_ROOT/lib" "$CUDA_ROOT/lib64" -maxdepth 1 -name 'libcudart.so*' 2>/dev/null | sort | tail -n 1 || true)
+  if [[ -n "$cudart" ]]; then
+    ln -sf "$cudart" "$link_dir/libcudart.so"
+    export LIBRARY_PATH="$link_dir${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  fi
   local args=(--release --features cuda -p tooltrain-model)
   echo "gpu-check: cargo test --no-run ${args[*]} (compute capability $CUDA_COMPUTE_CAP)" >&2
   cargo test --no-run "${args[@]}" "${tests[@]/#/--test=}" >&2
@@ -94,6 +100,10 @@ build() {
 cuda_libs() {
   local dirs=()
   for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d "$d" ]] && dirs+=("$d")
+  done
+  # The pip toolkit of scripts/install-nvcc.sh and a project venv, where present.
+  for d in "$PWD"/.venv*/lib/python3*/site-packages/nvidia/*/lib; do
     [[ -d "$d" ]] && dirs+=("$d")
   done
   while read -r d; do dirs+=("$d"); done < <("$PY" - <<'PY' 2>/dev/null
@@ -131,8 +141,10 @@ part() {
 }
 
 run() {
+  # PyTorch: $PYTHON, else the project's venv (scripts/setup-python.sh), else python3
+  # (the GPU machine's).
   PY="${PYTHON:-python3}"
-  if [[ ! -x "$PY" ]] && ! command -v "$PY" >/dev/null; then PY=.venv/bin/python; fi
+  if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi
   OUT="${OUT:-runs/gpu-check}"
   mkdir -p "$OUT"
   : >"$OUT/parts.md"
@@ -143,11 +155,9 @@ run() {
   tar -xJf "$bundle/bin.tar.xz" -C "$OUT" || die "cannot unpack $bundle/bin.tar.xz"
   export TOOLTRAIN_REPO_ROOT="$PWD"
   local device=cuda
-  if [[ "${CPU:-0}" == "1" ]]; then
-    device=cpu
-  else
-    cuda_libs
-  fi
+  [[ "${CPU:-0}" == "1" ]] && device=cpu
+  # The executables need libcudart (linked) even on the CPU; the rest is opened when used.
+  cuda_libs
   {
     echo "# GPU check $(date -u +%FT%TZ)"
     echo

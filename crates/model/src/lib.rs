@@ -42,15 +42,23 @@ pub use optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 pub use runtime::tune_runtime;
 pub use tokenizer::{ChatTemplate, Tokenizer};
 
-/// The device to run on: CUDA device 0 when built with `cuda` and one is present (unless
-/// `cpu` is asked for), else the CPU.
+/// The device to run on: CUDA device 0 when built with `cuda` and the driver and a
+/// device are present (unless `cpu` is asked for), else the CPU.
 pub fn default_device(cpu: bool) -> Result<Device> {
     if cpu {
         return Ok(Device::Cpu);
     }
     #[cfg(feature = "cuda")]
-    if candle_core::utils::cuda_is_available() {
-        return Ok(Device::new_cuda(0)?);
+    {
+        use candle_core::cuda_backend::cudarc;
+        // The CUDA libraries are opened at run time (vendor/README.md): a CUDA build on
+        // a machine without the driver or without a device runs on the CPU.
+        // SAFETY: only tries to open the driver library, calling nothing in it.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            if let Ok(d) = Device::new_cuda(0) {
+                return Ok(d);
+            }
+        }
     }
     Ok(Device::Cpu)
 }
