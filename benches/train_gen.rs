@@ -11,8 +11,7 @@
 
 use std::time::Instant;
 use tooltrain_model::{
-    ops, AdamW, AdamWConfig, CausalLM, DType, Device, ModelConfig, SamplingParams, SeqLayout,
-    Tensor,
+    ops, AdamW, AdamWConfig, CausalLM, Device, ModelConfig, SamplingParams, SeqLayout, Tensor,
 };
 
 fn arg(name: &str, default: usize) -> usize {
@@ -70,8 +69,11 @@ fn main() -> tooltrain_model::Result<()> {
             (ck.model.config().clone(), ck.model)
         }
         None => {
+            // A relative path is taken from the working directory, else from the
+            // repository root (`cargo bench` runs in crates/model).
             let file = str_arg("--config")
                 .map(std::path::PathBuf::from)
+                .map(|p| if p.exists() { p } else { root.join(p) })
                 .unwrap_or_else(|| root.join("benches/qwen2-12m.json"));
             let cfg = ModelConfig::from_file(&file)?;
             let model = CausalLM::new_random(&cfg, dtype, &dev, 0)?;
