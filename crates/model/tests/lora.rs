@@ -44,19 +44,23 @@ fn ids() -> (Tensor, usize, usize) {
     (Tensor::from_vec(flat, (b, s), &Device::Cpu).unwrap(), b, s)
 }
 
-/// Mean next-token loss of `ids` and its gradients (optionally with recomputation).
-fn loss_and_grads(m: &CausalLM, checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
+/// A training pass over `ids`: the mean next-token loss and the raw gradients.
+fn training_pass(m: &CausalLM, checkpoint: bool) -> (f64, candle_core::backprop::GradStore) {
     let (x, b, s) = ids();
     let layout = SeqLayout::left_padded(&vec![s; b], s, &Device::Cpu).unwrap();
     let h = m.config().hidden_size;
     let targets = x.narrow(1, 1, s - 1).unwrap().flatten_all().unwrap();
     let w = m.lm_head_weight(true);
-    let (loss, grads) = m
-        .forward_backward(&x, &layout, checkpoint, |hid| {
-            let hh = hid.narrow(1, 0, s - 1)?.reshape(((), h))?;
-            Ok(ops::linear_cross_entropy(&hh, &w, &targets, None)?)
-        })
-        .unwrap();
+    m.forward_backward(&x, &layout, checkpoint, |hid| {
+        let hh = hid.narrow(1, 0, s - 1)?.reshape(((), h))?;
+        Ok(ops::linear_cross_entropy(&hh, &w, &targets, None)?)
+    })
+    .unwrap()
+}
+
+/// Mean next-token loss of `ids` and its gradients (optionally with recomputation).
+fn loss_and_grads(m: &CausalLM, checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
+    let (loss, grads) = training_pass(m, checkpoint);
     for v in m.params().values() {
         assert!(
             grads.get(v.as_tensor()).is_none(),
@@ -208,17 +212,7 @@ fn adapters_with_dropout(dtype: DType, dropout: f64) -> CausalLM {
 /// Loss of a training pass (dropout seed `seed`) and the adapters' gradients by name.
 fn train_pass(m: &CausalLM, seed: u64, checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
     m.set_dropout_seed(seed);
-    let (x, b, s) = ids();
-    let layout = SeqLayout::left_padded(&vec![s; b], s, &Device::Cpu).unwrap();
-    let h = m.config().hidden_size;
-    let targets = x.narrow(1, 1, s - 1).unwrap().flatten_all().unwrap();
-    let w = m.lm_head_weight(true);
-    let (loss, grads) = m
-        .forward_backward(&x, &layout, checkpoint, |hid| {
-            let hh = hid.narrow(1, 0, s - 1)?.reshape(((), h))?;
-            Ok(ops::linear_cross_entropy(&hh, &w, &targets, None)?)
-        })
-        .unwrap();
+    let (loss, grads) = training_pass(m, checkpoint);
     let named = m
         .trainable()
         .iter()
