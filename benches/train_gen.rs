@@ -124,7 +124,6 @@ fn main() -> tooltrain_model::Result<()> {
     dev.synchronize()?;
     let train_s = t0.elapsed().as_secs_f64() / steps.max(1) as f64;
     let train_peak = peak_rss();
-    drop(step);
     drop(opt);
 
     let (gb, plen, new) = (

@@ -289,7 +289,7 @@ fn lora_dropout_masks_reproduce_and_gradients_match_finite_differences() {
             .unwrap();
         let grad = g1[name].flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for i in [0, orig.len() / 3, orig.len() - 1] {
-            let mut at = |d: f64| {
+            let at = |d: f64| {
                 let mut v = orig.clone();
                 v[i] += d;
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
