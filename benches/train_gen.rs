@@ -56,12 +56,14 @@ fn main() -> tooltrain_model::Result<()> {
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
     let dev = match str_arg("--device").as_deref() {
         None | Some("cpu") => Device::Cpu,
-        Some("cuda") => tooltrain_model::default_device(false)?,
+        Some("cuda") => match tooltrain_model::default_device(false)? {
+            Device::Cpu => {
+                panic!("--device cuda: no CUDA device (or not built with --features cuda)")
+            }
+            d => d,
+        },
         Some(other) => panic!("--device {other}: expected cpu or cuda"),
     };
-    if str_arg("--device").as_deref() == Some("cuda") && dev.is_cpu() {
-        panic!("--device cuda: no CUDA device (or not built with --features cuda)");
-    }
     let dtype = tooltrain_model::parse_dtype(&str_arg("--dtype").unwrap_or("f32".into()))?;
     let (cfg, model) = match str_arg("--model") {
         Some(dir) => {

@@ -639,8 +639,9 @@ impl CausalLM {
             return Ok(None);
         };
         let dropped;
+        // `drop` is only set when the adapters have dropout (`training_dropout`).
         let x = match drop {
-            Some(seed) if l.cfg.dropout > 0.0 => {
+            Some(seed) => {
                 let seed = tooltrain_util::derive_seed(&[seed, li as u64, k as u64]);
                 let mask = crate::lora::dropout_mask(seed, x.elem_count(), l.cfg.dropout);
                 let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;

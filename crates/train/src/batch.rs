@@ -10,8 +10,8 @@ pub struct MicroBatch {
     pub rows: Vec<Vec<usize>>,
     /// Tokens per row: the longest row's total.
     pub row_len: usize,
-    /// Prefix sharing (empty: none): `shared[r][k]` leading tokens of sequence
-    /// `rows[r][k]` are those of the row's first sequence and are not placed again.
+    /// Prefix sharing: `shared[r][k]` leading tokens of sequence `rows[r][k]` are those of
+    /// the row's first sequence and are not placed again (all 0 without sharing).
     pub shared: Vec<Vec<usize>>,
 }
 
@@ -39,7 +39,7 @@ pub fn plan_micro_batches(
             (total, r, shared)
         })
         .collect();
-    group_rows(rows, token_budget, false)
+    group_rows(rows, token_budget)
 }
 
 /// Rows `(tokens placed, sequences, shared)`, longest first, grouped into micro-batches of
@@ -47,7 +47,6 @@ pub fn plan_micro_batches(
 fn group_rows(
     mut rows: Vec<(usize, Vec<usize>, Vec<usize>)>,
     token_budget: usize,
-    sharing: bool,
 ) -> Vec<MicroBatch> {
     rows.sort_by_key(|(total, _, _)| std::cmp::Reverse(*total));
     let mut out: Vec<MicroBatch> = Vec::new();
@@ -55,14 +54,12 @@ fn group_rows(
         match out.last_mut() {
             Some(mb) if (mb.rows.len() + 1) * mb.row_len <= token_budget => {
                 mb.rows.push(row);
-                if sharing {
-                    mb.shared.push(shared);
-                }
+                mb.shared.push(shared);
             }
             _ => out.push(MicroBatch {
                 rows: vec![row],
                 row_len: total,
-                shared: if sharing { vec![shared] } else { vec![] },
+                shared: vec![shared],
             }),
         }
     }
@@ -112,7 +109,7 @@ pub fn plan_shared_micro_batches<S: TokenSeq>(
             None => rows.push((ids.len(), vec![i], vec![0])),
         }
     }
-    group_rows(rows, token_budget, true)
+    group_rows(rows, token_budget)
 }
 
 /// A token sequence with a loss mask (1 on the tokens trained on).
@@ -158,7 +155,7 @@ pub fn build_micro_batch<S: TokenSeq>(
         let mut lens = Vec::with_capacity(row.len());
         for (k, &i) in row.iter().enumerate() {
             let (x, m) = (seqs[i].ids(), seqs[i].mask());
-            let s = mb.shared.get(r).map_or(0, |sh| sh[k]);
+            let s = mb.shared[r][k];
             let n = x.len();
             ids[off..off + n - s].copy_from_slice(&x[s..]);
             for j in 0..n.saturating_sub(1) {
