@@ -98,7 +98,7 @@ if [[ -n "$RL_STEPS" ]]; then rl_args+=(--set max_steps="$RL_STEPS"); fi
 if [[ "${SMOKE:-0}" == "1" ]]; then
   # Every group is trained on (even one with equal rewards), so the update path always runs.
   rl_args+=(--set tasks_per_step=2 --set group_size=4 --set val_data.limit=4 --set val_every=0
-    --set filter_zero_variance=false)
+    --set filter_zero_variance=false --set keep_checkpoints=1)
 fi
 # shellcheck disable=SC2206
 if [[ -n "${RL_SET:-}" ]]; then for kv in $RL_SET; do rl_args+=(--set "$kv"); done; fi
