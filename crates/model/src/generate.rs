@@ -468,34 +468,44 @@ impl CausalLM {
                 rand::rngs::StdRng::seed_from_u64(seed)
             })
             .collect();
-        // Active rows: (sequence index, its padding `pad`, next position); the row's keys
-        // at `pre[i]..width + pad` are masked (other rows' prefixes, padding).
-        let mut active: Vec<(usize, usize, usize)> =
-            (0..b).map(|i| (i, plan.pads[i], plan.lens[i])).collect();
+        // Rows of the cache: (sequence index, its padding `pad`, next position) while the
+        // sequence is generating, `None` once it has finished. A finished row stays in
+        // place (a hole the attention skips) until half the rows are holes: dropping a
+        // row copies every other row's keys and values.
+        let mut slots: Vec<Option<(usize, usize, usize)>> = (0..b)
+            .map(|i| Some((i, plan.pads[i], plan.lens[i])))
+            .collect();
         for step in 0..params.max_new_tokens {
             let ts = std::time::Instant::now();
-            let logits: Vec<Vec<f32>> = last.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
-            let mut next = Vec::with_capacity(active.len());
-            let mut keep = Vec::with_capacity(active.len());
-            for (r, &(i, pad, pos)) in active.iter().enumerate() {
-                let (tok, lp) = sample_token(&logits[r], params, &mut rngs[i]);
+            let live: Vec<usize> = (0..slots.len()).filter(|&r| slots[r].is_some()).collect();
+            let hid = if live.len() < slots.len() {
+                let rows = Tensor::new(live.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
+                last.contiguous()?.index_select(&rows, 0)?
+            } else {
+                last
+            };
+            let logits: Vec<Vec<f32>> = hid.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
+            let mut next = vec![0u32; slots.len()];
+            let mut ended = Vec::new();
+            for (k, &r) in live.iter().enumerate() {
+                let (i, pad, pos) = slots[r].expect("live row");
+                let (tok, lp) = sample_token(&logits[k], params, &mut rngs[i]);
                 let done = record_token(&mut out[i], tok, lp, params, tokenizer)?;
-                if !done && step + 1 < params.max_new_tokens {
-                    keep.push((r, (i, pad, pos + 1)));
-                    next.push(tok);
+                if done || step + 1 == params.max_new_tokens {
+                    ended.push(r);
+                } else {
+                    slots[r] = Some((i, pad, pos + 1));
+                    next[r] = tok;
                 }
             }
-            st.sampled_tokens += active.len() as u64;
+            st.sampled_tokens += live.len() as u64;
             st.sample_s += ts.elapsed().as_secs_f64();
             let tb = std::time::Instant::now();
             // Rows that end here: keep their keys and values for a later prompt.
-            if let Some(pc) = reuse.as_deref_mut() {
-                let kept: Vec<usize> = keep.iter().map(|(r, _)| *r).collect();
-                let cached = cache.len();
-                for (r, &(i, pad, _)) in active.iter().enumerate() {
-                    if kept.contains(&r) {
-                        continue;
-                    }
+            let cached = cache.len();
+            for &r in &ended {
+                let (i, pad, _) = slots[r].take().expect("live row");
+                if let Some(pc) = reuse.as_deref_mut() {
                     // The prompt and the sampled tokens fed so far (all but the last).
                     let kv =
                         cache.extract_row(r, &[(0, plan.pre[i]), (plan.width + pad, cached)])?;
@@ -507,20 +517,21 @@ impl CausalLM {
                     });
                 }
             }
-            if keep.is_empty() {
+            let alive: Vec<usize> = (0..slots.len()).filter(|&r| slots[r].is_some()).collect();
+            if alive.is_empty() {
                 st.bookkeeping_s += tb.elapsed().as_secs_f64();
                 break;
             }
-            if keep.len() < active.len() {
-                let rows =
-                    Tensor::new(keep.iter().map(|(r, _)| *r as u32).collect::<Vec<_>>(), dev)?;
+            if alive.len() * 2 <= slots.len() {
+                let rows = Tensor::new(alive.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
                 cache.select_rows(&rows)?;
+                slots = alive.iter().map(|&r| slots[r]).collect();
+                next = alive.iter().map(|&r| next[r]).collect();
             }
-            active = keep.into_iter().map(|(_, a)| a).collect();
             st.bookkeeping_s += tb.elapsed().as_secs_f64();
             let td = std::time::Instant::now();
-            let layout = decode_layout(&active, &plan, cache.len() + 1, dev)?;
-            let x = Tensor::from_vec(next, (active.len(), 1), dev)?;
+            let layout = decode_layout(&slots, &plan, cache.len() + 1, dev)?;
+            let x = Tensor::from_vec(next, (slots.len(), 1), dev)?;
             last = self.forward_cached(&x, &layout, &mut cache)?.squeeze(1)?;
             st.decode_steps += 1;
             st.decode_s += td.elapsed().as_secs_f64();
@@ -726,20 +737,29 @@ fn record_token(
     Ok(false)
 }
 
-/// Layout of one decoding step: one new token per active row, attending to all of the
-/// `s` keys but the ones of other rows' prefixes and its own padding.
+/// Layout of one decoding step: one new token per row of the cache, attending to all of
+/// the `s` keys but the ones of other rows' prefixes and its own padding. A finished row
+/// (`None`) sees only its own new key, so the attention skips its cache.
 fn decode_layout(
-    active: &[(usize, usize, usize)],
+    slots: &[Option<(usize, usize, usize)>],
     plan: &PrefixPlan,
     s: usize,
     dev: &candle_core::Device,
 ) -> Result<SeqLayout> {
-    let nb = active.len();
+    let nb = slots.len();
     let mut mask = vec![0f32; nb * s];
     let mut pos = Vec::with_capacity(nb);
-    for (r, &(i, pad, ps)) in active.iter().enumerate() {
-        mask[r * s + plan.pre[i]..r * s + plan.width + pad].fill(f32::NEG_INFINITY);
-        pos.push((ps - 1) as f32);
+    for (r, slot) in slots.iter().enumerate() {
+        match *slot {
+            Some((i, pad, ps)) => {
+                mask[r * s + plan.pre[i]..r * s + plan.width + pad].fill(f32::NEG_INFINITY);
+                pos.push((ps - 1) as f32);
+            }
+            None => {
+                mask[r * s..(r + 1) * s - 1].fill(f32::NEG_INFINITY);
+                pos.push(0.0);
+            }
+        }
     }
     Ok(SeqLayout {
         positions: Tensor::from_vec(pos, (nb, 1), dev)?,

@@ -508,3 +508,57 @@ fn temperature_logprobs_row_seeds_and_duplicate_prompts() {
     };
     assert!(m.generate(&prs, &bad, None).is_err());
 }
+
+/// Rows that finish at different steps: a finished row stays in the batch as a hole until
+/// half the rows have finished, then the batch is compacted. Every row still equals its
+/// prompt run alone, and a later turn reusing the finished rows' keys and values equals a
+/// fresh computation.
+#[test]
+fn rows_finishing_at_different_steps_equal_each_prompt_alone() {
+    let m = model(&Device::Cpu);
+    let prompts: Vec<Vec<u32>> = (0..7).map(|i| ids(9 + 3 * i, i as u32 + 1)).collect();
+    let mut p = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 10,
+        seed: 3,
+        ..Default::default()
+    };
+    // Stop tokens taken from the free-running samples at different steps, so rows end one
+    // or two at a time.
+    let free = m.generate(&prompts, &p, None).unwrap();
+    p.stop_token_ids = (0..7).map(|i| free[i].tokens[1 + i % 6]).collect();
+    let batch = assert_matches_each_alone(&m, &prompts, &p);
+    let lens: std::collections::BTreeSet<usize> = batch.iter().map(|g| g.tokens.len()).collect();
+    assert!(
+        lens.len() >= 3,
+        "rows should end at several different steps: {lens:?}"
+    );
+    // The same batch through a prefix cache, then a next turn extending every row.
+    let mut pc = PrefixCache::default();
+    let got = m
+        .generate_reusing(&prompts, &p, None, Some(&mut pc))
+        .unwrap();
+    for (g, w) in got.iter().zip(&batch) {
+        assert_eq!(g.tokens, w.tokens);
+    }
+    let next: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&got)
+        .enumerate()
+        .map(|(i, (pr, g))| [&pr[..], &g.tokens[..], &ids(2 + i, 40)[..]].concat())
+        .collect();
+    let q = SamplingParams {
+        stop_token_ids: vec![],
+        seed: 5,
+        ..p.clone()
+    };
+    let want = m.generate(&next, &q, None).unwrap();
+    pc.begin_round();
+    let again = m.generate_reusing(&next, &q, None, Some(&mut pc)).unwrap();
+    for (i, (a, w)) in again.iter().zip(&want).enumerate() {
+        assert_eq!(a.tokens, w.tokens, "row {i}");
+        for (x, y) in a.logprobs.iter().zip(&w.logprobs) {
+            assert!((x - y).abs() < 1e-4, "row {i}: {x} vs {y}");
+        }
+    }
+}

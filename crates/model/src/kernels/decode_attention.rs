@@ -99,28 +99,35 @@ fn decode_attn_fwd<T: Elem>(
                 let o = ((bi * nh + h * g + gi) * s + i) * hd;
                 &qs[o..o + hd]
             };
+            // Only the keys some query of the row may see are read: the masked ones
+            // (padding, other rows' prefixes, a finished row's whole cache) would get
+            // weight exactly 0.
+            let masks = &ms[bi * s * len..(bi + 1) * s * len];
+            let keys: Vec<usize> = (0..len)
+                .filter(|&j| (0..s).any(|i| masks[i * len + j] != T::neg_infinity()))
+                .collect();
+            let nk = keys.len();
             fast!({
-                let mut p = vec![T::zero(); nq * len];
-                for j in 0..len {
+                let mut p = vec![T::zero(); nq * nk];
+                for (c, &j) in keys.iter().enumerate() {
                     let kr = kc.at(bi, h, j, hd);
                     for qi in 0..nq {
-                        p[qi * len + j] = dot(qv(qi), Some(kr));
+                        p[qi * nk + c] = dot(qv(qi), Some(kr));
                     }
                 }
                 for qi in 0..nq {
-                    let i = qi / g;
-                    let m = &ms[(bi * s + i) * len..(bi * s + i + 1) * len];
-                    let row = &mut p[qi * len..(qi + 1) * len];
-                    for (x, &mv) in row.iter_mut().zip(m) {
-                        *x = *x * scale + mv;
+                    let m = &masks[(qi / g) * len..(qi / g + 1) * len];
+                    let row = &mut p[qi * nk..(qi + 1) * nk];
+                    for (x, &j) in row.iter_mut().zip(&keys) {
+                        *x = *x * scale + m[j];
                     }
                     softmax_in_place(row, T::one());
                 }
                 let mut out = vec![T::zero(); nq * hd];
-                for j in 0..len {
+                for (c, &j) in keys.iter().enumerate() {
                     let vr = vc.at(bi, h, j, hd);
                     for qi in 0..nq {
-                        let pj = p[qi * len + j];
+                        let pj = p[qi * nk + c];
                         for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
                             *o = *o + pj * x;
                         }
