@@ -263,6 +263,7 @@ fn suffix_layout(
         positions: Tensor::from_vec(positions, (b, n), dev)?,
         mask: Tensor::from_vec(mask, (b, 1, n, keys), dev)?,
         segments,
+        kv_share: vec![],
     })
 }
 
@@ -475,6 +476,7 @@ impl CausalLM {
         let mut slots: Vec<Option<(usize, usize, usize)>> = (0..b)
             .map(|i| Some((i, plan.pads[i], plan.lens[i])))
             .collect();
+        let groups = kv_groups(prompts, &plan);
         for step in 0..params.max_new_tokens {
             let ts = std::time::Instant::now();
             let live: Vec<usize> = (0..slots.len()).filter(|&r| slots[r].is_some()).collect();
@@ -530,7 +532,7 @@ impl CausalLM {
             }
             st.bookkeeping_s += tb.elapsed().as_secs_f64();
             let td = std::time::Instant::now();
-            let layout = decode_layout(&slots, &plan, cache.len() + 1, dev)?;
+            let layout = decode_layout(&slots, &plan, &groups, cache.len() + 1, dev)?;
             let x = Tensor::from_vec(next, (slots.len(), 1), dev)?;
             last = self.forward_cached(&x, &layout, &mut cache)?.squeeze(1)?;
             st.decode_steps += 1;
@@ -737,27 +739,85 @@ fn record_token(
     Ok(false)
 }
 
+/// Shortest prefix worth reading once for a group of rows in decoding.
+const MIN_KV_GROUP: usize = 64;
+
+/// Rows whose first cached columns hold the same tokens at the same positions (the
+/// samples of one prompt, in any turn): per sequence `(group, columns)`, the group named
+/// by its first sequence, `columns` the group's common part (0 for a row alone). Those
+/// keys and values are equal (copies of one computation, or the same tokens computed
+/// again), so decoding reads them once per group.
+fn kv_groups(prompts: &[Vec<u32>], plan: &PrefixPlan) -> Vec<(usize, usize)> {
+    let b = prompts.len();
+    let full = plan.width + plan.suffix_len;
+    let common = |i: usize, l: usize| {
+        let same_row = plan.pre[i] == plan.pre[l] && plan.pads[i] == plan.pads[l];
+        if same_row && prompts[i] == prompts[l] {
+            return full;
+        }
+        let n = prompts[i]
+            .iter()
+            .zip(&prompts[l])
+            .take_while(|(a, b)| a == b)
+            .count();
+        n.min(plan.pre[i]).min(plan.pre[l])
+    };
+    let mut groups: Vec<(usize, usize)> = Vec::with_capacity(b);
+    let mut leaders: Vec<usize> = Vec::new();
+    for i in 0..b {
+        let join = leaders
+            .iter()
+            .map(|&l| (l, common(i, l)))
+            .find(|&(_, n)| n >= MIN_KV_GROUP);
+        match join {
+            Some((l, n)) => {
+                let cols = if groups[l].1 == 0 {
+                    n
+                } else {
+                    groups[l].1.min(n)
+                };
+                groups.push((l, cols));
+                for g in groups.iter_mut().filter(|g| g.0 == l) {
+                    g.1 = cols;
+                }
+            }
+            None => {
+                leaders.push(i);
+                groups.push((i, 0));
+            }
+        }
+    }
+    groups
+}
+
 /// Layout of one decoding step: one new token per row of the cache, attending to all of
 /// the `s` keys but the ones of other rows' prefixes and its own padding. A finished row
-/// (`None`) sees only its own new key, so the attention skips its cache.
+/// (`None`) sees only its own new key, so the attention skips its cache. Rows of one
+/// [`kv_groups`] group share their first columns.
 fn decode_layout(
     slots: &[Option<(usize, usize, usize)>],
     plan: &PrefixPlan,
+    groups: &[(usize, usize)],
     s: usize,
     dev: &candle_core::Device,
 ) -> Result<SeqLayout> {
     let nb = slots.len();
     let mut mask = vec![0f32; nb * s];
     let mut pos = Vec::with_capacity(nb);
+    let mut share = Vec::with_capacity(nb);
+    let mut lead_row: std::collections::HashMap<usize, usize> = Default::default();
     for (r, slot) in slots.iter().enumerate() {
         match *slot {
             Some((i, pad, ps)) => {
                 mask[r * s + plan.pre[i]..r * s + plan.width + pad].fill(f32::NEG_INFINITY);
                 pos.push((ps - 1) as f32);
+                let (g, cols) = groups[i];
+                share.push((*lead_row.entry(g).or_insert(r), cols));
             }
             None => {
                 mask[r * s..(r + 1) * s - 1].fill(f32::NEG_INFINITY);
                 pos.push(0.0);
+                share.push((r, 0));
             }
         }
     }
@@ -765,5 +825,48 @@ fn decode_layout(
         positions: Tensor::from_vec(pos, (nb, 1), dev)?,
         mask: Tensor::from_vec(mask, (nb, 1, 1, s), dev)?,
         segments: vec![vec![Some(0)]; nb],
+        kv_share: share,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_groups_join_rows_with_the_same_cached_tokens() {
+        let x: Vec<u32> = (0..100).collect();
+        let cat = |a: &[u32], n: usize, from: u32| -> Vec<u32> {
+            a.iter().copied().chain(from..from + n as u32).collect()
+        };
+        // Row 1 shares 90 tokens with row 0, row 3 is row 0 again, row 4 only 50 (below
+        // the 64 worth sharing), row 2 nothing.
+        let prompts = vec![
+            x.clone(),
+            cat(&x[..90], 20, 500),
+            (200..300).collect(),
+            x.clone(),
+            cat(&x[..50], 60, 700),
+        ];
+        let pre = vec![95, 90, 0, 95, 50];
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let suffix_len = (0..5).map(|i| lens[i] - pre[i]).max().unwrap();
+        let plan = PrefixPlan {
+            pads: (0..5).map(|i| suffix_len - (lens[i] - pre[i])).collect(),
+            lens,
+            taken: (0..5).map(|_| None).collect(),
+            pre,
+            shared: 0,
+            width: 95,
+            suffix_len,
+        };
+        assert_eq!(
+            kv_groups(&prompts, &plan),
+            vec![(0, 90), (0, 90), (2, 0), (0, 90), (4, 0)]
+        );
+        // Identical prompts alone share every prefilled column.
+        let same = vec![x.clone(), x.clone()];
+        let plan = PrefixPlan::new(&same, None);
+        assert_eq!(kv_groups(&same, &plan), vec![(0, 100), (0, 100)]);
+    }
 }

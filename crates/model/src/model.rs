@@ -21,6 +21,10 @@ pub struct SeqLayout {
     pub mask: Tensor,
     /// Per row, for each token, `Some(sequence index)` or `None` for padding.
     pub segments: Vec<Vec<Option<usize>>>,
+    /// With a KV cache, per row `(leader, columns)`: the row's first `columns` cached keys
+    /// and values are copies of row `leader`'s (a leader names itself), so attention may
+    /// read them once for the group. Empty: no such sharing.
+    pub kv_share: Vec<(usize, usize)>,
 }
 
 impl SeqLayout {
@@ -102,6 +106,7 @@ impl SeqLayout {
             positions: Tensor::from_vec(positions, (b, t), device)?,
             mask: Tensor::from_vec(mask, (b, 1, t, t), device)?,
             segments,
+            kv_share: vec![],
         })
     }
 
@@ -132,6 +137,7 @@ impl SeqLayout {
             positions: Tensor::from_vec(positions, (lens.len(), t), device)?,
             mask: Tensor::from_vec(mask, (lens.len(), 1, t, t), device)?,
             segments,
+            kv_share: vec![],
         })
     }
 }
@@ -837,6 +843,7 @@ impl CausalLM {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
+        kv_share: &[(usize, usize)],
         cache: Option<(&mut Option<LayerKv>, usize)>,
         t: Track,
         drop: Option<u64>,
@@ -898,7 +905,7 @@ impl CausalLM {
                 }
                 let scale = 1.0 / (hd as f64).sqrt();
                 if cached {
-                    ops::cached_attention(&q, &k, &v, &mask3, scale)?
+                    ops::cached_attention(&q, &k, &v, &mask3, scale, kv_share)?
                 } else {
                     ops::grouped_attention(&q, &k, &v, &mask3, scale)?
                 }
@@ -966,7 +973,17 @@ impl CausalLM {
                 let reserve = c.reserve;
                 (&mut c.layers[li], reserve)
             });
-            x = self.layer_forward(li, &x, &cos, &sin, &layout.mask, slot, t, drop)?;
+            x = self.layer_forward(
+                li,
+                &x,
+                &cos,
+                &sin,
+                &layout.mask,
+                &layout.kv_share,
+                slot,
+                t,
+                drop,
+            )?;
         }
         let (b, s) = ids.dims2()?;
         Ok(
@@ -1027,7 +1044,7 @@ impl CausalLM {
         let mut x = self.embed_ids(ids, Track::No)?;
         for li in 0..self.layers.len() {
             let next =
-                self.layer_forward(li, &x, &cos, &sin, &layout.mask, None, Track::No, drop)?;
+                self.layer_forward(li, &x, &cos, &sin, &layout.mask, &[], None, Track::No, drop)?;
             inputs.push(x);
             x = next;
         }
@@ -1050,6 +1067,7 @@ impl CausalLM {
                 &cos,
                 &sin,
                 &layout.mask,
+                &[],
                 None,
                 Track::Yes,
                 drop,

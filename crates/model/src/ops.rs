@@ -247,12 +247,17 @@ const STREAMING_MAX_QUERIES: usize = 16;
 /// head_dim]`. On the CPU, for a few new positions, a kernel streams each kv head's keys
 /// and values once (views of a preallocated cache are read in place, where a batched
 /// matrix product would copy them first); otherwise [`grouped_attention`].
+///
+/// `share` (per row `(leader, columns)`, or empty) says which rows hold copies of another
+/// row's first keys and values (the samples of one prompt): the kernel reads those once
+/// per group. The other paths read every row's own, which are equal.
 pub fn cached_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
     scale: f64,
+    share: &[(usize, usize)],
 ) -> Result<Tensor> {
     let (b, nh, s, hd) = q.dims4()?;
     let same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
@@ -272,6 +277,7 @@ pub fn cached_attention(
     let op = kernels::DecodeAttention {
         mask: mask.to_dtype(q.dtype())?.contiguous()?,
         scale,
+        share: share.to_vec(),
     };
     q.contiguous()?
         .apply_op3_no_bwd(&rows(k)?, &rows(v)?, &op)?
@@ -705,12 +711,12 @@ pub(crate) mod tests {
             let scale = 0.35;
             let (kc, vc) = (k.contiguous().unwrap(), v.contiguous().unwrap());
             let want = grouped_attention(&q, &kc, &vc, &mask, scale).unwrap();
-            let got = cached_attention(&q, &k, &v, &mask, scale).unwrap();
+            let got = cached_attention(&q, &k, &v, &mask, scale, &[]).unwrap();
             assert_eq!(got.dims(), [b * s, nh * hd]);
             let e = max_abs_diff(&got, &want);
             assert!(e < 1e-12, "s={s}: f64 difference {e}");
             let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let got32 = cached_attention(&f(&q), &f(&k), &f(&v), &f(&mask), scale).unwrap();
+            let got32 = cached_attention(&f(&q), &f(&k), &f(&v), &f(&mask), scale, &[]).unwrap();
             let e = max_abs_diff(&got32.to_dtype(DType::F64).unwrap(), &want);
             assert!(e < 1e-5, "s={s}: f32 difference {e}");
         }
@@ -917,7 +923,9 @@ pub(crate) mod tests {
                 f32t(rand64(&[2, 2, 21, 8], 18)),
             );
             let dmask = f32t(Tensor::zeros((2, 3, 21), DType::F64, &Device::Cpu).unwrap());
-            out.push(flat(&cached_attention(&q, &k, &v, &dmask, 0.35).unwrap()));
+            out.push(flat(
+                &cached_attention(&q, &k, &v, &dmask, 0.35, &[]).unwrap(),
+            ));
             let g = f32t(rand64(&[1000, 3], 19));
             let sq = crate::kernels::sum_squares_f32(&g).unwrap();
             out.push(vec![

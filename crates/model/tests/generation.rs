@@ -562,3 +562,53 @@ fn rows_finishing_at_different_steps_equal_each_prompt_alone() {
         }
     }
 }
+
+/// Several samples of each prompt (prompts long enough for decoding to read a group's
+/// shared keys and values once): every row equals its prompt run alone, in the first turn
+/// (identical prompts) and in the next one (the same conversations continued from a prefix
+/// cache, sharing only their first turn).
+#[test]
+fn samples_of_one_prompt_decoded_as_a_group_equal_each_alone() {
+    let m = model(&Device::Cpu);
+    let bases: Vec<Vec<u32>> = [70, 85, 100]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| ids(n, 20 + i as u32))
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..9).map(|r| bases[r / 3].clone()).collect();
+    let mut p = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 9,
+        seed: 21,
+        ..Default::default()
+    };
+    let free = m.generate(&prompts, &p, None).unwrap();
+    p.stop_token_ids = vec![free[1].tokens[2], free[5].tokens[4]];
+    let first = assert_matches_each_alone(&m, &prompts, &p);
+    let mut pc = PrefixCache::default();
+    let got = m
+        .generate_reusing(&prompts, &p, None, Some(&mut pc))
+        .unwrap();
+    for (g, w) in got.iter().zip(&first) {
+        assert_eq!(g.tokens, w.tokens);
+    }
+    let next: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&got)
+        .enumerate()
+        .map(|(i, (pr, g))| [&pr[..], &g.tokens[..], &ids(3 + i % 4, 50)[..]].concat())
+        .collect();
+    let q = SamplingParams {
+        seed: 4,
+        ..p.clone()
+    };
+    let want = m.generate(&next, &q, None).unwrap();
+    pc.begin_round();
+    let again = m.generate_reusing(&next, &q, None, Some(&mut pc)).unwrap();
+    for (i, (a, w)) in again.iter().zip(&want).enumerate() {
+        assert_eq!(a.tokens, w.tokens, "row {i}");
+        for (x, y) in a.logprobs.iter().zip(&w.logprobs) {
+            assert!((x - y).abs() < 1e-4, "row {i}: {x} vs {y}");
+        }
+    }
+}

@@ -15,6 +15,10 @@ use super::{cast, dot, slice, softmax_in_place, Elem};
 pub(crate) struct DecodeAttention {
     pub mask: Tensor,
     pub scale: f64,
+    /// Per row `(leader, columns)`: the row's first `columns` keys and values equal row
+    /// `leader`'s (copies of one shared prefix), so they are read once for the group.
+    /// Empty: every row reads its own.
+    pub share: Vec<(usize, usize)>,
 }
 
 /// The storage of a `[b, h, len, d]` view whose `d` elements per position are contiguous
@@ -89,64 +93,144 @@ fn decode_attn_fwd<T: Elem>(
     let g = nh / nkv;
     let nq = s * g;
     let scale: T = cast(op.scale);
-    // One task per (row, kv head): its nq query vectors, in (position, group) order.
-    let parts: Vec<Vec<T>> = (0..b * nkv)
+    let groups = share_groups(&op.share, b, len)?;
+    let neg = T::neg_infinity();
+    // One task per (group of rows, kv head): the group's shared columns are read once for
+    // all of its rows' query vectors, each row's own columns for its own.
+    let parts: Vec<Vec<(usize, Vec<T>)>> = (0..groups.len() * nkv)
         .into_par_iter()
         .map(|task| {
-            let (bi, h) = (task / nkv, task % nkv);
-            let qv = |qi: usize| {
-                let (i, gi) = (qi / g, qi % g);
-                let o = ((bi * nh + h * g + gi) * s + i) * hd;
+            let (gi, h) = (task / nkv, task % nkv);
+            let (members, cols) = (&groups[gi].0, groups[gi].1);
+            let lead = members[0];
+            let qv = |bi: usize, qi: usize| {
+                let (i, gq) = (qi / g, qi % g);
+                let o = ((bi * nh + h * g + gq) * s + i) * hd;
                 &qs[o..o + hd]
             };
-            // Only the keys some query of the row may see are read: the masked ones
-            // (padding, other rows' prefixes, a finished row's whole cache) would get
-            // weight exactly 0.
-            let masks = &ms[bi * s * len..(bi + 1) * s * len];
-            let keys: Vec<usize> = (0..len)
-                .filter(|&j| (0..s).any(|i| masks[i * len + j] != T::neg_infinity()))
+            let masks = |bi: usize| &ms[bi * s * len..(bi + 1) * s * len];
+            let seen = |bi: usize, j: usize| (0..s).any(|i| masks(bi)[i * len + j] != neg);
+            // Only the keys some query may see are read: the masked ones (padding, other
+            // rows' prefixes, a finished row's whole cache) would get weight exactly 0.
+            let shared: Vec<usize> = (0..cols)
+                .filter(|&j| members.iter().any(|&bi| seen(bi, j)))
                 .collect();
-            let nk = keys.len();
+            let own: Vec<Vec<usize>> = members
+                .iter()
+                .map(|&bi| (cols..len).filter(|&j| seen(bi, j)).collect())
+                .collect();
+            let ns = shared.len();
             fast!({
-                let mut p = vec![T::zero(); nq * nk];
-                for (c, &j) in keys.iter().enumerate() {
-                    let kr = kc.at(bi, h, j, hd);
-                    for qi in 0..nq {
-                        p[qi * nk + c] = dot(qv(qi), Some(kr));
-                    }
-                }
-                for qi in 0..nq {
-                    let m = &masks[(qi / g) * len..(qi / g + 1) * len];
-                    let row = &mut p[qi * nk..(qi + 1) * nk];
-                    for (x, &j) in row.iter_mut().zip(&keys) {
-                        *x = *x * scale + m[j];
-                    }
-                    softmax_in_place(row, T::one());
-                }
-                let mut out = vec![T::zero(); nq * hd];
-                for (c, &j) in keys.iter().enumerate() {
-                    let vr = vc.at(bi, h, j, hd);
-                    for qi in 0..nq {
-                        let pj = p[qi * nk + c];
-                        for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
-                            *o = *o + pj * x;
+                // Scores of member m: nq rows of its keys (shared ones first).
+                let mut p: Vec<Vec<T>> = own
+                    .iter()
+                    .map(|o| vec![T::zero(); nq * (ns + o.len())])
+                    .collect();
+                for (c, &j) in shared.iter().enumerate() {
+                    let kr = kc.at(lead, h, j, hd);
+                    for (m, &bi) in members.iter().enumerate() {
+                        let nk = ns + own[m].len();
+                        for qi in 0..nq {
+                            p[m][qi * nk + c] = dot(qv(bi, qi), Some(kr));
                         }
                     }
                 }
-                out
+                let mut outs = Vec::with_capacity(members.len());
+                for (m, &bi) in members.iter().enumerate() {
+                    let nk = ns + own[m].len();
+                    for (c, &j) in own[m].iter().enumerate() {
+                        let kr = kc.at(bi, h, j, hd);
+                        for qi in 0..nq {
+                            p[m][qi * nk + ns + c] = dot(qv(bi, qi), Some(kr));
+                        }
+                    }
+                    for qi in 0..nq {
+                        let mrow = &masks(bi)[(qi / g) * len..(qi / g + 1) * len];
+                        let row = &mut p[m][qi * nk..(qi + 1) * nk];
+                        for (x, &j) in row.iter_mut().zip(shared.iter().chain(&own[m])) {
+                            *x = *x * scale + mrow[j];
+                        }
+                        softmax_in_place(row, T::one());
+                    }
+                    outs.push((bi, vec![T::zero(); nq * hd]));
+                }
+                for (c, &j) in shared.iter().enumerate() {
+                    let vr = vc.at(lead, h, j, hd);
+                    for (m, (_, out)) in outs.iter_mut().enumerate() {
+                        let nk = ns + own[m].len();
+                        for qi in 0..nq {
+                            let pj = p[m][qi * nk + c];
+                            for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
+                                *o = *o + pj * x;
+                            }
+                        }
+                    }
+                }
+                for (m, (bi, out)) in outs.iter_mut().enumerate() {
+                    let nk = ns + own[m].len();
+                    for (c, &j) in own[m].iter().enumerate() {
+                        let vr = vc.at(*bi, h, j, hd);
+                        for qi in 0..nq {
+                            let pj = p[m][qi * nk + ns + c];
+                            for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
+                                *o = *o + pj * x;
+                            }
+                        }
+                    }
+                }
+                outs
             })
         })
         .collect();
     let mut y = vec![T::zero(); b * s * nh * hd];
     for (task, part) in parts.iter().enumerate() {
-        let (bi, h) = (task / nkv, task % nkv);
-        for qi in 0..nq {
-            let (i, gi) = (qi / g, qi % g);
-            let o = ((bi * s + i) * nh + h * g + gi) * hd;
-            y[o..o + hd].copy_from_slice(&part[qi * hd..(qi + 1) * hd]);
+        let h = task % nkv;
+        for (bi, out) in part {
+            for qi in 0..nq {
+                let (i, gq) = (qi / g, qi % g);
+                let o = ((bi * s + i) * nh + h * g + gq) * hd;
+                y[o..o + hd].copy_from_slice(&out[qi * hd..(qi + 1) * hd]);
+            }
         }
     }
     Ok((T::to_cpu_storage_owned(y), Shape::from((b, s, nh, hd))))
+}
+
+/// The rows of a batch in groups that read their first columns from one row (the first
+/// member): `share[r] = (leader, columns)` (empty: every row alone). A group reads
+/// `min(columns of its members, len)` columns from its leader.
+fn share_groups(
+    share: &[(usize, usize)],
+    b: usize,
+    len: usize,
+) -> Result<Vec<(Vec<usize>, usize)>> {
+    if share.is_empty() {
+        return Ok((0..b).map(|r| (vec![r], 0)).collect());
+    }
+    if share.len() != b {
+        bail!(
+            "decode attention: {} share entries for {b} rows",
+            share.len()
+        )
+    }
+    let mut slot = vec![usize::MAX; b];
+    let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
+    for (r, &(lead, cols)) in share.iter().enumerate() {
+        if lead > r || share[lead].0 != lead {
+            bail!(
+                "decode attention: row {r} shares with row {lead}, which is not a leader before it"
+            )
+        }
+        if lead == r {
+            slot[r] = groups.len();
+            groups.push((vec![r], cols.min(len)));
+        } else {
+            let gr = &mut groups[slot[lead]];
+            gr.0.push(r);
+            gr.1 = gr.1.min(cols);
+        }
+    }
+    Ok(groups)
 }
 
 impl CustomOp3 for DecodeAttention {
