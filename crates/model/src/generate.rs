@@ -741,12 +741,17 @@ fn record_token(
 
 /// Shortest prefix worth reading once for a group of rows in decoding.
 const MIN_KV_GROUP: usize = 64;
+/// Most rows in a group: the attention runs one task per group and kv head, so groups
+/// must stay small enough for every thread to have work.
+const MAX_KV_GROUP: usize = 8;
 
 /// Rows whose first cached columns hold the same tokens at the same positions (the
 /// samples of one prompt, in any turn): per sequence `(group, columns)`, the group named
 /// by its first sequence, `columns` the group's common part (0 for a row alone). Those
 /// keys and values are equal (copies of one computation, or the same tokens computed
-/// again), so decoding reads them once per group.
+/// again), so decoding reads them once per group. A row joins the leader it shares most
+/// with, unless that would halve the group's common part (rows of other tasks that share
+/// only the system prompt start their own group) or the group is full.
 fn kv_groups(prompts: &[Vec<u32>], plan: &PrefixPlan) -> Vec<(usize, usize)> {
     let b = prompts.len();
     let full = plan.width + plan.suffix_len;
@@ -763,29 +768,32 @@ fn kv_groups(prompts: &[Vec<u32>], plan: &PrefixPlan) -> Vec<(usize, usize)> {
         n.min(plan.pre[i]).min(plan.pre[l])
     };
     let mut groups: Vec<(usize, usize)> = Vec::with_capacity(b);
-    let mut leaders: Vec<usize> = Vec::new();
+    // Open groups: (leader, members, common columns; 0 while the leader is alone).
+    let mut open: Vec<(usize, usize, usize)> = Vec::new();
     for i in 0..b {
-        let join = leaders
+        let best = open
             .iter()
-            .map(|&l| (l, common(i, l)))
-            .find(|&(_, n)| n >= MIN_KV_GROUP);
-        match join {
-            Some((l, n)) => {
-                let cols = if groups[l].1 == 0 {
-                    n
-                } else {
-                    groups[l].1.min(n)
-                };
-                groups.push((l, cols));
-                for g in groups.iter_mut().filter(|g| g.0 == l) {
-                    g.1 = cols;
-                }
+            .enumerate()
+            .filter(|(_, &(_, size, _))| size < MAX_KV_GROUP)
+            .map(|(k, &(l, _, cols))| (k, common(i, l), cols))
+            .filter(|&(_, n, cols)| n >= MIN_KV_GROUP && (cols == 0 || 2 * n >= cols))
+            .max_by_key(|&(_, n, _)| n);
+        match best {
+            Some((k, n, cols)) => {
+                let g = &mut open[k];
+                g.1 += 1;
+                g.2 = if cols == 0 { n } else { cols.min(n) };
+                groups.push((g.0, 0));
             }
             None => {
-                leaders.push(i);
+                open.push((i, 1, 0));
                 groups.push((i, 0));
             }
         }
+    }
+    for g in groups.iter_mut() {
+        let cols = open.iter().find(|o| o.0 == g.0).map_or(0, |o| o.2);
+        g.1 = cols;
     }
     groups
 }
@@ -864,6 +872,24 @@ mod tests {
             kv_groups(&prompts, &plan),
             vec![(0, 90), (0, 90), (2, 0), (0, 90), (4, 0)]
         );
+        // At most 8 rows a group; a row sharing much less than a group's common part
+        // does not shrink it (here it joins the ninth sample, alone in its group).
+        let long: Vec<u32> = (0..200).collect();
+        let mut prompts = vec![long.clone(); 9];
+        prompts.push(cat(&long[..80], 70, 900));
+        let pre = vec![190, 190, 190, 190, 190, 190, 190, 190, 190, 140];
+        let plan = PrefixPlan {
+            lens: prompts.iter().map(Vec::len).collect(),
+            taken: (0..10).map(|_| None).collect(),
+            pre,
+            shared: 0,
+            width: 190,
+            suffix_len: 10,
+            pads: vec![0; 10],
+        };
+        let mut want = vec![(0, 200); 8];
+        want.extend([(8, 80), (8, 80)]);
+        assert_eq!(kv_groups(&prompts, &plan), want);
         // Identical prompts alone share every prefilled column.
         let same = vec![x.clone(), x.clone()];
         let plan = PrefixPlan::new(&same, None);
