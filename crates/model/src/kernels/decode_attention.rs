@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{cast, dot, slice, softmax_in_place, Elem};
+use super::{cast, mm, slice, softmax_in_place, Elem};
 
 /// Attention of a few new query positions to a KV cache (inference only): `q: [b, heads, s,
 /// head_dim]` (roped, contiguous), `k`, `v: [b, kv_heads, len, head_dim]` views whose rows
@@ -46,11 +46,11 @@ impl<'a, T: WithDType> CacheView<'a, T> {
         })
     }
 
-    /// Position `j` of row `b`, head `h`: `d` elements.
+    /// Everything from position `j` of row `b`, head `h` on (a matrix of positions with
+    /// row stride `pos`).
     #[inline(always)]
-    fn at(&self, b: usize, h: usize, j: usize, d: usize) -> &'a [T] {
-        let o = self.start + b * self.batch + h * self.head + j * self.pos;
-        &self.data[o..o + d]
+    fn tail_at(&self, b: usize, h: usize, j: usize) -> &'a [T] {
+        &self.data[self.start + b * self.batch + h * self.head + j * self.pos..]
     }
 }
 
@@ -120,65 +120,101 @@ fn decode_attn_fwd<T: Elem>(
                 .map(|&bi| (cols..len).filter(|&j| seen(bi, j)).collect())
                 .collect();
             let ns = shared.len();
+            let own_max = own.iter().map(Vec::len).max().unwrap_or(0);
+            let stride = ns + own_max;
+            let rows = members.len() * nq;
+            // The group's query vectors, one row each (member, query).
+            let mut qg = Vec::with_capacity(rows * hd);
+            for &bi in members {
+                for qi in 0..nq {
+                    qg.extend_from_slice(qv(bi, qi));
+                }
+            }
             fast!({
-                // Scores of member m: nq rows of its keys (shared ones first).
-                let mut p: Vec<Vec<T>> = own
-                    .iter()
-                    .map(|o| vec![T::zero(); nq * (ns + o.len())])
-                    .collect();
-                for (c, &j) in shared.iter().enumerate() {
-                    let kr = kc.at(lead, h, j, hd);
-                    for (m, &bi) in members.iter().enumerate() {
-                        let nk = ns + own[m].len();
-                        for qi in 0..nq {
-                            p[m][qi * nk + c] = dot(qv(bi, qi), Some(kr));
-                        }
+                // Scores: row (member, query) holds its shared keys, then its own. Runs of
+                // consecutive keys are matrix products against the cache in place.
+                let mut p = vec![T::zero(); rows * stride];
+                for (c0, j0, n) in runs(&shared) {
+                    let kr = kc.tail_at(lead, h, j0);
+                    let dims = (rows, n, hd);
+                    mm(
+                        dims,
+                        &mut p[c0..],
+                        stride,
+                        &qg,
+                        (hd, 1),
+                        kr,
+                        (1, kc.pos),
+                        false,
+                    );
+                }
+                for (m, &bi) in members.iter().enumerate() {
+                    for (c0, j0, n) in runs(&own[m]) {
+                        let kr = kc.tail_at(bi, h, j0);
+                        let dst = &mut p[m * nq * stride + ns + c0..];
+                        let lhs = &qg[m * nq * hd..];
+                        mm(
+                            (nq, n, hd),
+                            dst,
+                            stride,
+                            lhs,
+                            (hd, 1),
+                            kr,
+                            (1, kc.pos),
+                            false,
+                        );
                     }
                 }
-                let mut outs = Vec::with_capacity(members.len());
                 for (m, &bi) in members.iter().enumerate() {
                     let nk = ns + own[m].len();
-                    for (c, &j) in own[m].iter().enumerate() {
-                        let kr = kc.at(bi, h, j, hd);
-                        for qi in 0..nq {
-                            p[m][qi * nk + ns + c] = dot(qv(bi, qi), Some(kr));
-                        }
-                    }
                     for qi in 0..nq {
                         let mrow = &masks(bi)[(qi / g) * len..(qi / g + 1) * len];
-                        let row = &mut p[m][qi * nk..(qi + 1) * nk];
+                        let r = m * nq + qi;
+                        let row = &mut p[r * stride..r * stride + nk];
                         for (x, &j) in row.iter_mut().zip(shared.iter().chain(&own[m])) {
                             *x = *x * scale + mrow[j];
                         }
                         softmax_in_place(row, T::one());
                     }
-                    outs.push((bi, vec![T::zero(); nq * hd]));
                 }
-                for (c, &j) in shared.iter().enumerate() {
-                    let vr = vc.at(lead, h, j, hd);
-                    for (m, (_, out)) in outs.iter_mut().enumerate() {
-                        let nk = ns + own[m].len();
-                        for qi in 0..nq {
-                            let pj = p[m][qi * nk + c];
-                            for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
-                                *o = *o + pj * x;
-                            }
-                        }
+                // Outputs: the same runs, weights times values.
+                let mut out = vec![T::zero(); rows * hd];
+                for (c0, j0, n) in runs(&shared) {
+                    let vr = vc.tail_at(lead, h, j0);
+                    let dims = (rows, hd, n);
+                    mm(
+                        dims,
+                        &mut out,
+                        hd,
+                        &p[c0..],
+                        (stride, 1),
+                        vr,
+                        (vc.pos, 1),
+                        true,
+                    );
+                }
+                for (m, &bi) in members.iter().enumerate() {
+                    for (c0, j0, n) in runs(&own[m]) {
+                        let vr = vc.tail_at(bi, h, j0);
+                        let lhs = &p[m * nq * stride + ns + c0..];
+                        let dst = &mut out[m * nq * hd..];
+                        mm(
+                            (nq, hd, n),
+                            dst,
+                            hd,
+                            lhs,
+                            (stride, 1),
+                            vr,
+                            (vc.pos, 1),
+                            true,
+                        );
                     }
                 }
-                for (m, (bi, out)) in outs.iter_mut().enumerate() {
-                    let nk = ns + own[m].len();
-                    for (c, &j) in own[m].iter().enumerate() {
-                        let vr = vc.at(*bi, h, j, hd);
-                        for qi in 0..nq {
-                            let pj = p[m][qi * nk + ns + c];
-                            for (o, &x) in out[qi * hd..(qi + 1) * hd].iter_mut().zip(vr) {
-                                *o = *o + pj * x;
-                            }
-                        }
-                    }
-                }
-                outs
+                members
+                    .iter()
+                    .enumerate()
+                    .map(|(m, &bi)| (bi, out[m * nq * hd..(m + 1) * nq * hd].to_vec()))
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
@@ -194,6 +230,18 @@ fn decode_attn_fwd<T: Elem>(
         }
     }
     Ok((T::to_cpu_storage_owned(y), Shape::from((b, s, nh, hd))))
+}
+
+/// Runs of consecutive keys in an ascending list: `(index in the list, first key, count)`.
+fn runs(keys: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut out: Vec<(usize, usize, usize)> = Vec::new();
+    for (c, &j) in keys.iter().enumerate() {
+        match out.last_mut() {
+            Some((_, j0, n)) if *j0 + *n == j => *n += 1,
+            _ => out.push((c, j, 1)),
+        }
+    }
+    out
 }
 
 /// The rows of a batch in groups that read their first columns from one row (the first
