@@ -722,6 +722,49 @@ pub(crate) mod tests {
         }
     }
 
+    /// Rows that share their first columns with a leader row (copies of one prompt's keys
+    /// and values) give the same attention when the kernel reads those columns once for
+    /// the group, with masked keys and a finished row (a hole) among them.
+    #[test]
+    fn grouped_rows_read_shared_columns_once_with_the_same_result() {
+        let (b, nh, nkv, hd, len, cols) = (4, 6, 2, 8, 30, 20);
+        for s in [1, 3] {
+            let q = rand64(&[b, nh, s, hd], 11);
+            // Rows 0, 2 and 3 hold the same first 20 positions; row 1 is other.
+            let copy_prefix = |t: Tensor| {
+                let p = t.narrow(0, 0, 1).unwrap().narrow(2, 0, cols).unwrap();
+                for r in [2, 3] {
+                    t.narrow(0, r, 1)
+                        .unwrap()
+                        .slice_set(&p.contiguous().unwrap(), 2, 0)
+                        .unwrap();
+                }
+                t
+            };
+            let k = copy_prefix(rand64(&[b, nkv, len, hd], 12));
+            let v = copy_prefix(rand64(&[b, nkv, len, hd], 13));
+            let mut m = vec![0f64; b * s * len];
+            for i in 0..s {
+                // Row 2 has positions 5..8 masked; row 3 has finished (sees its last key).
+                for j in 5..8 {
+                    m[(2 * s + i) * len + j] = f64::NEG_INFINITY;
+                }
+                for j in 0..len - 1 {
+                    m[(3 * s + i) * len + j] = f64::NEG_INFINITY;
+                }
+            }
+            let mask = Tensor::from_vec(m, (b, s, len), &Device::Cpu).unwrap();
+            let want = grouped_attention(&q, &k, &v, &mask, 0.3).unwrap();
+            let share = [(0, cols), (1, 0), (0, cols), (0, cols)];
+            let got = cached_attention(&q, &k, &v, &mask, 0.3, &share).unwrap();
+            let e = max_abs_diff(&got, &want);
+            assert!(e < 1e-12, "s={s}: difference {e}");
+            // A row naming a leader after it is refused.
+            let bad = [(0, cols), (2, 5), (2, 5), (3, 0)];
+            assert!(cached_attention(&q, &k, &v, &mask, 0.3, &bad).is_err());
+        }
+    }
+
     #[test]
     fn add_bias_grad() {
         check_grads(&[rand64(&[5, 7], 11), rand64(&[7], 12)], &|t| {
