@@ -534,33 +534,12 @@ fn rows_finishing_at_different_steps_equal_each_prompt_alone() {
         "rows should end at several different steps: {lens:?}"
     );
     // The same batch through a prefix cache, then a next turn extending every row.
-    let mut pc = PrefixCache::default();
-    let got = m
-        .generate_reusing(&prompts, &p, None, Some(&mut pc))
-        .unwrap();
-    for (g, w) in got.iter().zip(&batch) {
-        assert_eq!(g.tokens, w.tokens);
-    }
-    let next: Vec<Vec<u32>> = prompts
-        .iter()
-        .zip(&got)
-        .enumerate()
-        .map(|(i, (pr, g))| [&pr[..], &g.tokens[..], &ids(2 + i, 40)[..]].concat())
-        .collect();
     let q = SamplingParams {
         stop_token_ids: vec![],
         seed: 5,
         ..p.clone()
     };
-    let want = m.generate(&next, &q, None).unwrap();
-    pc.begin_round();
-    let again = m.generate_reusing(&next, &q, None, Some(&mut pc)).unwrap();
-    for (i, (a, w)) in again.iter().zip(&want).enumerate() {
-        assert_eq!(a.tokens, w.tokens, "row {i}");
-        for (x, y) in a.logprobs.iter().zip(&w.logprobs) {
-            assert!((x - y).abs() < 1e-4, "row {i}: {x} vs {y}");
-        }
-    }
+    assert_two_turns_through_a_cache(&m, &prompts, &batch, &p, &q, |i| ids(2 + i, 40));
 }
 
 /// Several samples of each prompt (prompts long enough for decoding to read a group's
@@ -585,26 +564,37 @@ fn samples_of_one_prompt_decoded_as_a_group_equal_each_alone() {
     let free = m.generate(&prompts, &p, None).unwrap();
     p.stop_token_ids = vec![free[1].tokens[2], free[5].tokens[4]];
     let first = assert_matches_each_alone(&m, &prompts, &p);
+    let q = SamplingParams {
+        seed: 4,
+        ..p.clone()
+    };
+    assert_two_turns_through_a_cache(&m, &prompts, &first, &p, &q, |i| ids(3 + i % 4, 50));
+}
+
+/// `prompts` through a prefix cache under `p` give `first`; then each row continued by its
+/// reply and `tool(i)` gives, under `q`, what a fresh computation gives.
+fn assert_two_turns_through_a_cache(
+    m: &CausalLM,
+    prompts: &[Vec<u32>],
+    first: &[Generation],
+    p: &SamplingParams,
+    q: &SamplingParams,
+    tool: impl Fn(usize) -> Vec<u32>,
+) {
     let mut pc = PrefixCache::default();
-    let got = m
-        .generate_reusing(&prompts, &p, None, Some(&mut pc))
-        .unwrap();
-    for (g, w) in got.iter().zip(&first) {
+    let got = m.generate_reusing(prompts, p, None, Some(&mut pc)).unwrap();
+    for (g, w) in got.iter().zip(first) {
         assert_eq!(g.tokens, w.tokens);
     }
     let next: Vec<Vec<u32>> = prompts
         .iter()
         .zip(&got)
         .enumerate()
-        .map(|(i, (pr, g))| [&pr[..], &g.tokens[..], &ids(3 + i % 4, 50)[..]].concat())
+        .map(|(i, (pr, g))| [&pr[..], &g.tokens[..], &tool(i)[..]].concat())
         .collect();
-    let q = SamplingParams {
-        seed: 4,
-        ..p.clone()
-    };
-    let want = m.generate(&next, &q, None).unwrap();
+    let want = m.generate(&next, q, None).unwrap();
     pc.begin_round();
-    let again = m.generate_reusing(&next, &q, None, Some(&mut pc)).unwrap();
+    let again = m.generate_reusing(&next, q, None, Some(&mut pc)).unwrap();
     for (i, (a, w)) in again.iter().zip(&want).enumerate() {
         assert_eq!(a.tokens, w.tokens, "row {i}");
         for (x, y) in a.logprobs.iter().zip(&w.logprobs) {
