@@ -592,6 +592,8 @@ impl CausalLM {
             cache = KvCache::from_rows(&rows, width, reserve)?;
         }
         drop(taken);
+        // Rows whose cached prefixes hold the same tokens read them once.
+        let share = kv_groups(prompts, plan);
         // The suffixes attend to the cached prefixes and to themselves, in chunks of
         // query rows that bound the `[b, heads, rows, keys]` scores to ~256 MB.
         let heads = self.config().num_attention_heads;
@@ -599,7 +601,8 @@ impl CausalLM {
         let mut hid = None;
         for c0 in (0..p).step_by(rows) {
             let c1 = (c0 + rows).min(p);
-            let layout = suffix_layout(pre, width, pads, c0, c1, dev)?;
+            let mut layout = suffix_layout(pre, width, pads, c0, c1, dev)?;
+            layout.kv_share.clone_from(&share);
             hid = Some(self.forward_cached(&ids.narrow(1, c0, c1 - c0)?, &layout, &mut cache)?);
         }
         let hid = hid.expect("p >= 1");

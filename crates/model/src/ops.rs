@@ -236,10 +236,11 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
     softmax_generic(&x)
 }
 
-/// Queries per step up to which [`cached_attention`] uses the streaming CPU kernel; longer
-/// suffixes (a tool result appended to a cached conversation) are compute-bound and go to
-/// the matrix products.
-const STREAMING_MAX_QUERIES: usize = 16;
+/// Queries per step up to which [`cached_attention`] uses the CPU kernel (small matrix
+/// products against the cache in place, masked keys skipped): decoding, and the chunks of
+/// a suffix (a tool result) appended to cached conversations; longer ones go to the
+/// batched matrix products.
+const STREAMING_MAX_QUERIES: usize = 256;
 
 /// Attention of new positions to cached keys and values, for inference (no gradient):
 /// `q: [b, heads, s, head_dim]` (roped), `k`, `v: [b, kv_heads, len, head_dim]` (grouped
@@ -728,7 +729,7 @@ pub(crate) mod tests {
     #[test]
     fn grouped_rows_read_shared_columns_once_with_the_same_result() {
         let (b, nh, nkv, hd, len, cols) = (4, 6, 2, 8, 30, 20);
-        for s in [1, 3] {
+        for s in [1, 3, 40] {
             let q = rand64(&[b, nh, s, hd], 11);
             // Rows 0, 2 and 3 hold the same first 20 positions; row 1 is other.
             let copy_prefix = |t: Tensor| {
