@@ -770,9 +770,10 @@ fn kv_groups(prompts: &[Vec<u32>], plan: &PrefixPlan) -> Vec<(usize, usize)> {
             .count();
         n.min(plan.pre[i]).min(plan.pre[l])
     };
-    let mut groups: Vec<(usize, usize)> = Vec::with_capacity(b);
-    // Open groups: (leader, members, common columns; 0 while the leader is alone).
+    // Groups: (leader, members, common columns; 0 while the leader is alone), and each
+    // row's group.
     let mut open: Vec<(usize, usize, usize)> = Vec::new();
+    let mut of_row = Vec::with_capacity(b);
     for i in 0..b {
         let best = open
             .iter()
@@ -783,22 +784,17 @@ fn kv_groups(prompts: &[Vec<u32>], plan: &PrefixPlan) -> Vec<(usize, usize)> {
             .max_by_key(|&(_, n, _)| n);
         match best {
             Some((k, n, cols)) => {
-                let g = &mut open[k];
-                g.1 += 1;
-                g.2 = if cols == 0 { n } else { cols.min(n) };
-                groups.push((g.0, 0));
+                open[k].1 += 1;
+                open[k].2 = if cols == 0 { n } else { cols.min(n) };
+                of_row.push(k);
             }
             None => {
+                of_row.push(open.len());
                 open.push((i, 1, 0));
-                groups.push((i, 0));
             }
         }
     }
-    for g in groups.iter_mut() {
-        let cols = open.iter().find(|o| o.0 == g.0).map_or(0, |o| o.2);
-        g.1 = cols;
-    }
-    groups
+    of_row.iter().map(|&k| (open[k].0, open[k].2)).collect()
 }
 
 /// Layout of one decoding step: one new token per row of the cache, attending to all of

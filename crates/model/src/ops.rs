@@ -240,14 +240,15 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
 /// products against the cache in place, masked keys skipped): decoding, and the chunks of
 /// a suffix (a tool result) appended to cached conversations; longer ones go to the
 /// batched matrix products.
-const STREAMING_MAX_QUERIES: usize = 256;
+const KERNEL_MAX_QUERIES: usize = 256;
 
 /// Attention of new positions to cached keys and values, for inference (no gradient):
 /// `q: [b, heads, s, head_dim]` (roped), `k`, `v: [b, kv_heads, len, head_dim]` (grouped
 /// query heads share a kv head), `mask: [b, s, len]` additive. Returns `[b * s, heads *
-/// head_dim]`. On the CPU, for a few new positions, a kernel streams each kv head's keys
-/// and values once (views of a preallocated cache are read in place, where a batched
-/// matrix product would copy them first); otherwise [`grouped_attention`].
+/// head_dim]`. On the CPU, for up to 256 new positions, a kernel reads the cache in place
+/// (views of a preallocated cache, where a batched matrix product would copy them first),
+/// skipping masked keys, with small matrix products per kv head; otherwise
+/// [`grouped_attention`].
 ///
 /// `share` (per row `(leader, columns)`, or empty) says which rows hold copies of another
 /// row's first keys and values (the samples of one prompt): the kernel reads those once
@@ -264,7 +265,7 @@ pub fn cached_attention(
     let same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
     // The kernel has no backward: anything tracked takes the differentiable path.
     let untracked = !(tracked(q) || tracked(k) || tracked(v));
-    if !(cpu_kernel(q) && same && untracked && s <= STREAMING_MAX_QUERIES) {
+    if !(cpu_kernel(q) && same && untracked && s <= KERNEL_MAX_QUERIES) {
         return grouped_attention(q, k, v, mask, scale);
     }
     // The kernel reads any view whose head_dim is contiguous (a cache's filled part).

@@ -93,25 +93,15 @@ fn decode_attn_fwd<T: Elem>(
     let g = nh / nkv;
     let nq = s * g;
     let scale: T = cast(op.scale);
-    let groups = share_groups(&op.share, b, len)?;
     let neg = T::neg_infinity();
-    // One task per (group of rows, kv head): the group's shared columns are read once for
-    // all of its rows' query vectors, each row's own columns for its own.
-    let parts: Vec<Vec<(usize, Vec<T>)>> = (0..groups.len() * nkv)
+    let masks = |bi: usize| &ms[bi * s * len..(bi + 1) * s * len];
+    // Each group's keys, the same for every kv head (and layer): only the keys some query
+    // may see are read; the masked ones (padding, other rows' prefixes, a finished row's
+    // whole cache) would get weight exactly 0.
+    let groups: Vec<GroupKeys> = share_groups(&op.share, b, len)?
         .into_par_iter()
-        .map(|task| {
-            let (gi, h) = (task / nkv, task % nkv);
-            let (members, cols) = (&groups[gi].0, groups[gi].1);
-            let lead = members[0];
-            let qv = |bi: usize, qi: usize| {
-                let (i, gq) = (qi / g, qi % g);
-                let o = ((bi * nh + h * g + gq) * s + i) * hd;
-                &qs[o..o + hd]
-            };
-            let masks = |bi: usize| &ms[bi * s * len..(bi + 1) * s * len];
+        .map(|(members, cols)| {
             let seen = |bi: usize, j: usize| (0..s).any(|i| masks(bi)[i * len + j] != neg);
-            // Only the keys some query may see are read: the masked ones (padding, other
-            // rows' prefixes, a finished row's whole cache) would get weight exactly 0.
             let shared: Vec<usize> = (0..cols)
                 .filter(|&j| members.iter().any(|&bi| seen(bi, j)))
                 .collect();
@@ -119,6 +109,34 @@ fn decode_attn_fwd<T: Elem>(
                 .iter()
                 .map(|&bi| (cols..len).filter(|&j| seen(bi, j)).collect())
                 .collect();
+            GroupKeys {
+                shared_runs: runs(&shared),
+                own_runs: own.iter().map(|o| runs(o)).collect(),
+                members,
+                shared,
+                own,
+            }
+        })
+        .collect();
+    // One task per (group of rows, kv head): the group's shared columns are read once for
+    // all of its rows' query vectors, each row's own columns for its own.
+    let parts: Vec<Vec<(usize, Vec<T>)>> = (0..groups.len() * nkv)
+        .into_par_iter()
+        .map(|task| {
+            let (gi, h) = (task / nkv, task % nkv);
+            let GroupKeys {
+                members,
+                shared,
+                own,
+                shared_runs,
+                own_runs,
+            } = &groups[gi];
+            let lead = members[0];
+            let qv = |bi: usize, qi: usize| {
+                let (i, gq) = (qi / g, qi % g);
+                let o = ((bi * nh + h * g + gq) * s + i) * hd;
+                &qs[o..o + hd]
+            };
             let ns = shared.len();
             let own_max = own.iter().map(Vec::len).max().unwrap_or(0);
             let stride = ns + own_max;
@@ -134,7 +152,7 @@ fn decode_attn_fwd<T: Elem>(
                 // Scores: row (member, query) holds its shared keys, then its own. Runs of
                 // consecutive keys are matrix products against the cache in place.
                 let mut p = vec![T::zero(); rows * stride];
-                for (c0, j0, n) in runs(&shared) {
+                for &(c0, j0, n) in shared_runs {
                     let kr = kc.tail_at(lead, h, j0);
                     let dims = (rows, n, hd);
                     mm(
@@ -149,7 +167,7 @@ fn decode_attn_fwd<T: Elem>(
                     );
                 }
                 for (m, &bi) in members.iter().enumerate() {
-                    for (c0, j0, n) in runs(&own[m]) {
+                    for &(c0, j0, n) in &own_runs[m] {
                         let kr = kc.tail_at(bi, h, j0);
                         let dst = &mut p[m * nq * stride + ns + c0..];
                         let lhs = &qg[m * nq * hd..];
@@ -179,7 +197,7 @@ fn decode_attn_fwd<T: Elem>(
                 }
                 // Outputs: the same runs, weights times values.
                 let mut out = vec![T::zero(); rows * hd];
-                for (c0, j0, n) in runs(&shared) {
+                for &(c0, j0, n) in shared_runs {
                     let vr = vc.tail_at(lead, h, j0);
                     let dims = (rows, hd, n);
                     mm(
@@ -194,7 +212,7 @@ fn decode_attn_fwd<T: Elem>(
                     );
                 }
                 for (m, &bi) in members.iter().enumerate() {
-                    for (c0, j0, n) in runs(&own[m]) {
+                    for &(c0, j0, n) in &own_runs[m] {
                         let vr = vc.tail_at(bi, h, j0);
                         let lhs = &p[m * nq * stride + ns + c0..];
                         let dst = &mut out[m * nq * hd..];
@@ -230,6 +248,16 @@ fn decode_attn_fwd<T: Elem>(
         }
     }
     Ok((T::to_cpu_storage_owned(y), Shape::from((b, s, nh, hd))))
+}
+
+/// The rows of one group and the keys they read: `shared` (from the first member) and each
+/// member's `own`, ascending, with their runs of consecutive keys ([`runs`]).
+struct GroupKeys {
+    members: Vec<usize>,
+    shared: Vec<usize>,
+    own: Vec<Vec<usize>>,
+    shared_runs: Vec<(usize, usize, usize)>,
+    own_runs: Vec<Vec<(usize, usize, usize)>>,
 }
 
 /// Runs of consecutive keys in an ascending list: `(index in the list, first key, count)`.
