@@ -39,6 +39,9 @@ pub struct Args {
     /// Encode --prompt as-is instead of rendering it with the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Linear layers in bf16 on AMX tiles (a CPU that has them; f32 otherwise).
+    #[arg(long)]
+    pub bf16: bool,
 }
 
 /// What to feed the model, as asked on the command line.
@@ -159,6 +162,7 @@ pub fn run(a: Args) -> Result<()> {
         stop_strings: vec![],
         seed: a.seed,
         row_seeds: vec![],
+        bf16: a.bf16,
     };
     let t0 = Instant::now();
     let g = ckpt

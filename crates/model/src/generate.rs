@@ -26,6 +26,10 @@ pub struct SamplingParams {
     /// When not empty (one per prompt): sequence `i` samples with `row_seeds[i]`
     /// instead, so that a row's stream does not depend on its place in a batch.
     pub row_seeds: Vec<u64>,
+    /// Linear layers and the output projection in bf16 on AMX tiles (f32 weights on a
+    /// CPU that has them; otherwise f32 as usual): several times faster, with log-probs
+    /// a few hundredths of a nat from f32's (greedy choices can differ on near-ties).
+    pub bf16: bool,
 }
 
 impl Default for SamplingParams {
@@ -39,6 +43,7 @@ impl Default for SamplingParams {
             stop_strings: vec![],
             seed: 0,
             row_seeds: vec![],
+            bf16: false,
         }
     }
 }
@@ -460,6 +465,11 @@ impl CausalLM {
         }
         st.prefill_s = t0.elapsed().as_secs_f64();
         let w = self.lm_head_weight(false);
+        let amx = if params.bf16 {
+            self.amx_weights()?
+        } else {
+            None
+        };
         let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
             .map(|i| {
                 let seed = match params.row_seeds.get(i) {
@@ -486,7 +496,13 @@ impl CausalLM {
             } else {
                 last
             };
-            let logits: Vec<Vec<f32>> = hid.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
+            let logits = match &amx {
+                Some(a) => hid
+                    .contiguous()?
+                    .apply_op1_no_bwd(&crate::kernels::AmxLinear(a.lm_head.clone()))?,
+                None => hid.matmul(&w.t()?)?,
+            };
+            let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
             let mut next = vec![0u32; slots.len()];
             let mut ended = Vec::new();
             for (k, &r) in live.iter().enumerate() {
@@ -567,7 +583,7 @@ impl CausalLM {
         }
         let ids = Tensor::from_vec(ids, (b, p), dev)?;
         let reserve = p + params.max_new_tokens;
-        let mut cache = KvCache::reserving(reserve);
+        let mut cache = KvCache::reserving(reserve).with_bf16(params.bf16);
         if let Some(pc) = reuse {
             pc.reused_tokens += pre.iter().sum::<usize>() as u64;
             pc.computed_tokens += (0..b).map(|i| lens[i] - pre[i]).sum::<usize>() as u64;
@@ -589,7 +605,7 @@ impl CausalLM {
                 .zip(pre)
                 .map(|(t, &n)| t.as_ref().map(|e| (e.kv.as_slice(), n)))
                 .collect();
-            cache = KvCache::from_rows(&rows, width, reserve)?;
+            cache = KvCache::from_rows(&rows, width, reserve)?.with_bf16(params.bf16);
         }
         drop(taken);
         // Rows whose cached prefixes hold the same tokens read them once.

@@ -7,7 +7,9 @@ use crate::error::{invalid, Error, Result};
 use crate::ops;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
+use crate::kernels::AmxMatrix;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Where each token of a batch sits: its position id and which keys it may attend to.
 ///
@@ -150,6 +152,9 @@ pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     /// Positions to reserve beyond the first (prefill) pass, e.g. the tokens to generate.
     reserve: usize,
+    /// The passes through this cache run their linear layers in bf16 on AMX tiles, when
+    /// the CPU has them ([`KvCache::with_bf16`]).
+    bf16: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -166,7 +171,21 @@ impl KvCache {
         Self {
             layers: vec![],
             reserve: extra,
+            bf16: false,
         }
+    }
+
+    /// With `on`, the passes through this cache (f32 weights on a CPU with AMX) compute
+    /// their linear layers from bf16-rounded weights and activations with f32 sums,
+    /// several times faster than f32; without AMX they stay f32. Inference only.
+    pub fn with_bf16(mut self, on: bool) -> Self {
+        self.bf16 = on;
+        self
+    }
+
+    /// Whether the passes through this cache may use bf16 linear layers.
+    pub fn bf16(&self) -> bool {
+        self.bf16
     }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
@@ -218,7 +237,11 @@ impl KvCache {
             }
             layers.push(Some(LayerKv { k, v, len: width }));
         }
-        Ok(KvCache { layers, reserve })
+        Ok(KvCache {
+            layers,
+            reserve,
+            bf16: false,
+        })
     }
 
     /// Row `r`'s keys and values at the given position ranges, concatenated: per layer
@@ -359,9 +382,20 @@ fn w(v: &Var, t: Track) -> Tensor {
     }
 }
 
-/// `x: [n, in] @ weight_t: [in, out]`, plus an optional bias.
-fn linear(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(weight_t)?;
+/// `x: [n, in] @ weight_t: [in, out]`, plus an optional bias; with `amx` (the same
+/// weight packed as bf16 tiles) the product runs on AMX.
+fn linear(
+    x: &Tensor,
+    weight_t: &Tensor,
+    bias: Option<&Tensor>,
+    amx: Option<&Arc<AmxMatrix>>,
+) -> Result<Tensor> {
+    let y = match amx {
+        Some(m) => x
+            .contiguous()?
+            .apply_op1_no_bwd(&crate::kernels::AmxLinear(m.clone()))?,
+        None => x.matmul(weight_t)?,
+    };
     Ok(match bias {
         Some(b) => ops::add_bias(&y, b)?,
         None => y,
@@ -386,6 +420,17 @@ pub struct CausalLM {
     lora: Option<crate::lora::Lora>,
     /// Seed of the LoRA dropout masks of the next training passes.
     dropout_seed: std::sync::atomic::AtomicU64,
+    /// The linear weights packed for bf16 AMX products, for the weights version they were
+    /// packed from (made on first use by a [`KvCache::with_bf16`] pass).
+    amx: std::sync::Mutex<Option<Arc<AmxWeights>>>,
+}
+
+/// A model's linear weights as bf16 AMX tiles: per layer the qkv, o, gate-up and down
+/// projections, then the output projection.
+pub(crate) struct AmxWeights {
+    version: u64,
+    layers: Vec<[Arc<AmxMatrix>; 4]>,
+    pub(crate) lm_head: Arc<AmxMatrix>,
 }
 
 /// Source of weight versions: unique across every model of the process.
@@ -550,6 +595,7 @@ impl CausalLM {
             version: std::sync::atomic::AtomicU64::new(next_weights_version()),
             lora: None,
             dropout_seed: std::sync::atomic::AtomicU64::new(0),
+            amx: std::sync::Mutex::new(None),
         })
     }
 
@@ -688,6 +734,43 @@ impl CausalLM {
         } else {
             None
         })
+    }
+
+    /// The linear weights packed as bf16 AMX tiles for the current weights version
+    /// (packed now when stale); `None` when AMX is unavailable or the model is not f32 on
+    /// a CPU.
+    pub(crate) fn amx_weights(&self) -> Result<Option<Arc<AmxWeights>>> {
+        if !(self.device.is_cpu() && self.dtype == DType::F32 && crate::kernels::amx_available())
+        {
+            return Ok(None);
+        }
+        let version = self.weights_version();
+        let mut slot = self.amx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = slot.as_ref().filter(|w| w.version == version) {
+            return Ok(Some(w.clone()));
+        }
+        // The old copy goes first: two copies of the weights would be held otherwise.
+        *slot = None;
+        let pack = |v: &Var| -> Result<Arc<AmxMatrix>> {
+            let (k, n) = v.dims2()?;
+            let w = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            Ok(Arc::new(AmxMatrix::pack(&w, k, n)?))
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Ok([pack(&l.attn.qkv)?, pack(&l.attn.o)?, pack(&l.gate_up)?, pack(&l.down)?]))
+            .collect::<Result<Vec<_>>>()?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let (n, k) = head.dims2()?;
+        let w = head.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let w = Arc::new(AmxWeights {
+            version,
+            layers,
+            lm_head: Arc::new(AmxMatrix::pack_transposed(&w, n, k)?),
+        });
+        *slot = Some(w.clone());
+        Ok(Some(w))
     }
 
     /// A number that identifies this model's current weights: unique in the process,
@@ -847,6 +930,7 @@ impl CausalLM {
         cache: Option<(&mut Option<LayerKv>, usize)>,
         t: Track,
         drop: Option<u64>,
+        amx: Option<&[Arc<AmxMatrix>; 4]>,
     ) -> Result<Tensor> {
         let l = &self.layers[li];
         let cfg = &self.cfg;
@@ -864,6 +948,7 @@ impl CausalLM {
             &h,
             &self.bw(&a.qkv, t),
             a.qkv_bias.as_ref().map(|b| self.bw(b, t)).as_ref(),
+            amx.map(|m| &m[0]),
         )?;
         if let Some(d) =
             self.packed_adapters(li, &[0, 1, 2], &[nh * hd, nkv * hd, nkv * hd], &h, t, drop)?
@@ -910,19 +995,19 @@ impl CausalLM {
                     ops::grouped_attention(&q, &k, &v, &mask3, scale)?
                 }
             };
-        let mut o = linear(&ctx, &self.bw(&a.o, t), None)?;
+        let mut o = linear(&ctx, &self.bw(&a.o, t), None, amx.map(|m| &m[1]))?;
         if let Some(d) = self.adapter(li, 3, &ctx, t, drop)? {
             o = (o + d)?;
         }
         let x = (x + o)?;
         let h = ops::rms_norm(&x, &self.bw(&l.post_norm, t), eps)?;
         let inter = cfg.intermediate_size;
-        let mut gu = linear(&h, &self.bw(&l.gate_up, t), None)?;
+        let mut gu = linear(&h, &self.bw(&l.gate_up, t), None, amx.map(|m| &m[2]))?;
         if let Some(d) = self.packed_adapters(li, &[4, 5], &[inter, inter], &h, t, drop)? {
             gu = (gu + d)?;
         }
         let act = ops::swiglu(&gu)?;
-        let mut down = linear(&act, &self.bw(&l.down, t), None)?;
+        let mut down = linear(&act, &self.bw(&l.down, t), None, amx.map(|m| &m[3]))?;
         if let Some(d) = self.adapter(li, 6, &act, t, drop)? {
             down = (down + d)?;
         }
@@ -963,6 +1048,10 @@ impl CausalLM {
     ) -> Result<Tensor> {
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         self.check_layout(ids, layout, past)?;
+        let amx = match &cache {
+            Some(c) if c.bf16 => self.amx_weights()?,
+            _ => None,
+        };
         let (cos, sin) = self.rope_tables(&layout.positions)?;
         let mut x = self.embed_ids(ids, t)?;
         if let Some(c) = cache.as_mut() {
@@ -983,6 +1072,7 @@ impl CausalLM {
                 slot,
                 t,
                 drop,
+                amx.as_ref().map(|a| &a.layers[li]),
             )?;
         }
         let (b, s) = ids.dims2()?;
@@ -1044,7 +1134,7 @@ impl CausalLM {
         let mut x = self.embed_ids(ids, Track::No)?;
         for li in 0..self.layers.len() {
             let next =
-                self.layer_forward(li, &x, &cos, &sin, &layout.mask, &[], None, Track::No, drop)?;
+                self.layer_forward(li, &x, &cos, &sin, &layout.mask, &[], None, Track::No, drop, None)?;
             inputs.push(x);
             x = next;
         }
@@ -1071,6 +1161,7 @@ impl CausalLM {
                 None,
                 Track::Yes,
                 drop,
+                None,
             )?;
             let g = backward(&(y * dx.detach())?.sum_all()?)?;
             merge_grads(&mut grads, g, self.trainable(), Some(xin.as_tensor()))?;

@@ -602,3 +602,84 @@ fn assert_two_turns_through_a_cache(
         }
     }
 }
+
+/// Log-probs of `tokens` after `prompt` under the model in f32 (full recomputation,
+/// temperature 1).
+fn f32_logprobs(m: &CausalLM, prompt: &[u32], tokens: &[u32]) -> Vec<f32> {
+    let seq: Vec<u32> = prompt.iter().chain(tokens).copied().collect();
+    let t = seq.len();
+    let x = Tensor::new(seq.as_slice(), m.device()).unwrap().unsqueeze(0).unwrap();
+    let layout = SeqLayout::packed(&[vec![t]], t, m.device()).unwrap();
+    let logits: Vec<Vec<f32>> = m.logits(&x, &layout).unwrap().get(0).unwrap().to_vec2().unwrap();
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(j, &tok)| {
+            let row = &logits[prompt.len() + j - 1];
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f32>().ln();
+            row[tok as usize] - lse
+        })
+        .collect()
+}
+
+/// bf16 decoding (AMX): each sampled token's log-prob is within a few hundredths of the
+/// f32 model's, also after the weights change (the packed copy follows them). Without
+/// AMX the option changes nothing.
+#[test]
+fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
+    let m = model(&Device::Cpu);
+    let prs = prompts();
+    let p = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 10,
+        row_seeds: vec![7, 8, 9],
+        bf16: true,
+        ..Default::default()
+    };
+    let check = |m: &CausalLM| {
+        let out = m.generate(&prs, &p, None).unwrap();
+        let mut worst = 0f32;
+        for (pr, g) in prs.iter().zip(&out) {
+            let want = f32_logprobs(m, pr, &g.tokens);
+            for (a, b) in g.logprobs.iter().zip(&want) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        let f32_out = m
+            .generate(&prs, &SamplingParams { bf16: false, ..p.clone() }, None)
+            .unwrap();
+        if tooltrain_model::amx_available() {
+            eprintln!("bf16 log-probs within {worst} of f32");
+            assert!(worst < 0.25, "bf16 log-probs {worst} from f32");
+            // The AMX path ran: the values are not f32's bit for bit.
+            assert!(worst > 0.0, "bf16 decoding gave f32's exact log-probs");
+        } else {
+            eprintln!("no AMX: bf16 decoding is f32 decoding");
+            for (a, b) in out.iter().zip(&f32_out) {
+                assert_eq!(a.tokens, b.tokens);
+                assert_eq!(a.logprobs, b.logprobs);
+            }
+        }
+        worst
+    };
+    let before = m.generate(&prs, &SamplingParams { bf16: false, ..p.clone() }, None).unwrap();
+    check(&m);
+    // New weights: every down projection scaled by 3 (a large change of the outputs).
+    for (name, v) in m.params() {
+        if name.contains("down_proj") {
+            v.set(&(v.as_tensor() * 3.0).unwrap()).unwrap();
+        }
+    }
+    m.weights_changed();
+    check(&m);
+    // What stale packed weights would have given: the old weights' log-probs, far off.
+    let mut moved = 0f32;
+    for (pr, g) in prs.iter().zip(&before) {
+        for (a, b) in g.logprobs.iter().zip(f32_logprobs(&m, pr, &g.tokens)) {
+            moved = moved.max((a - b).abs());
+        }
+    }
+    eprintln!("the weight change moved log-probs by up to {moved}");
+    assert!(moved > 1.0, "the weight change moved log-probs by only {moved}");
+}

@@ -49,6 +49,11 @@ pub struct RolloutConfig {
     pub max_batch: usize,
     /// Keep each episode's keys and values between its turns and share a group's prompt.
     pub reuse_prefixes: bool,
+    /// Decode with bf16 linear layers on AMX tiles (a CPU that has them; f32 otherwise):
+    /// faster rollouts, at a log-prob mismatch to the trainer that the step metrics
+    /// report (`logprob_mismatch_*`); with it, `old_logprobs = "recompute"` keeps the
+    /// ratios exact.
+    pub bf16: bool,
 }
 
 impl Default for RolloutConfig {
@@ -57,6 +62,7 @@ impl Default for RolloutConfig {
             temperature: 1.0,
             max_batch: 64,
             reuse_prefixes: true,
+            bf16: false,
         }
     }
 }

@@ -383,6 +383,7 @@ fn setup(cfg: &RlConfig, run: &RunDir, progress: bool) -> Result<Session> {
         top_k: 0,
         max_batch: cfg.rollout.max_batch,
         reuse_prefixes: cfg.rollout.reuse_prefixes,
+        bf16: cfg.rollout.bf16,
     };
     let name = cfg.init.display().to_string();
     let policy = LocalModel::new(model.clone(), tokenizer.clone(), sampling.clone(), &name)

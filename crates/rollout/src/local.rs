@@ -28,6 +28,11 @@ pub struct LocalSampling {
     /// only its new tokens (the last reply and the tool result) instead of the whole
     /// conversation again. Costs the memory of about two turns' KV caches.
     pub reuse_prefixes: bool,
+    /// Linear layers and the output projection in bf16 on AMX tiles, on a CPU that has
+    /// them (f32 models): several times faster decoding and prefill; the log-probs move by
+    /// a few hundredths of a nat (an RL run logs the mismatch to the trainer's). Without
+    /// AMX it changes nothing.
+    pub bf16: bool,
 }
 
 impl Default for LocalSampling {
@@ -38,6 +43,7 @@ impl Default for LocalSampling {
             top_k: 0,
             max_batch: 16,
             reuse_prefixes: true,
+            bf16: false,
         }
     }
 }
@@ -192,6 +198,7 @@ impl Policy for LocalModel {
                 stop_strings: vec![],
                 seed: 0,
                 row_seeds: chunk.iter().map(|r| r.seed).collect(),
+                bf16: self.sampling.bf16,
             };
             let reuse = self.sampling.reuse_prefixes.then_some(&mut *prefixes);
             match self.model.generate_reusing(&prompts, &params, None, reuse) {

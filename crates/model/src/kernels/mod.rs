@@ -14,6 +14,7 @@
 //! | fused causal prefill attention (forward and backward) | `attention.rs` |
 //! | attention of new positions to a KV cache (decoding, inference only) | `decode_attention.rs` |
 //! | sum of squares of a gradient (the global gradient norm) | `reduce.rs` |
+//! | bf16 matrix products on AMX tiles (inference only) | `amx.rs` |
 //!
 //! The submodules are declared after the macros `fast!` and `dispatch!`, so both are in
 //! (textual) scope in every file; the shared helpers here are private, visible to the
@@ -416,6 +417,7 @@ fn mm_par<T: Elem>(
 
 // ---------------------------------------------------------------- op families
 
+mod amx;
 mod attention;
 mod bias;
 mod cross_entropy;
@@ -426,6 +428,8 @@ mod rope;
 mod softmax;
 mod swiglu;
 
+pub use amx::amx_available;
+pub(crate) use amx::{AmxLinear, AmxMatrix};
 pub(crate) use attention::Attention;
 pub(crate) use bias::BiasAdd;
 pub(crate) use cross_entropy::{LinearNll, Nll};

@@ -1,0 +1,382 @@
+//! bf16 matrix products on Intel AMX tiles, for inference only (generation with
+//! [`crate::SamplingParams::bf16`]): `x @ w` with `x` and `w` rounded to bf16 and the
+//! products summed in f32. The weights are packed once per weights version
+//! ([`AmxMatrix::pack`]); the activations are rounded on each call.
+//!
+//! A tile holds 16 rows of 64 bytes. One `tdpbf16ps` adds a `[16, 32] @ [32, 16]`
+//! product (bf16 in, f32 out) to an accumulator tile; the right-hand tile is stored
+//! "VNNI" style, row `r` holding the pairs `(w[2r][j], w[2r + 1][j])` for `j < 16`. The
+//! kernel keeps a 2 x 2 block of accumulators (32 x 32 outputs), two left and two right
+//! tiles. AMX is used when the CPU has it, Linux grants the tile state
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and `TOOLTRAIN_SIMD` does not cap the kernels
+//! below AVX-512; otherwise callers keep the f32 path.
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Whether the bf16 AMX products can run in this process (checked once).
+pub fn amx_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        super::simd_level() == super::SimdLevel::Avx512 && imp::request_tiles()
+    })
+}
+
+/// A weight `w: [k, n]` (the product is `x @ w`) rounded to bf16 and laid out in tiles:
+/// tile `(nb, kb)` (columns `16 nb..`, rows `32 kb..`) is 512 values at
+/// `(nb * kbs + kb) * 512`, so a column block's tiles are contiguous. `k` and `n` are
+/// padded with zeros to multiples of 32.
+pub(crate) struct AmxMatrix {
+    k: usize,
+    n: usize,
+    kp: usize,
+    np: usize,
+    data: Vec<u16>,
+}
+
+/// `x` rounded to the nearest bf16, ties to even (NaN stays NaN).
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+#[cfg(test)]
+pub(crate) fn bf16_value(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+impl AmxMatrix {
+    /// Packs `w`, row-major `[k, n]`.
+    pub fn pack(w: &[f32], k: usize, n: usize) -> Result<AmxMatrix> {
+        Self::pack_with(w, k, n, |kk, j| kk * n + j)
+    }
+
+    /// Packs the transpose of `w`, row-major `[n, k]` (an output projection stored as
+    /// `[vocab, hidden]`).
+    pub fn pack_transposed(w: &[f32], n: usize, k: usize) -> Result<AmxMatrix> {
+        Self::pack_with(w, k, n, |kk, j| j * k + kk)
+    }
+
+    fn pack_with(
+        w: &[f32],
+        k: usize,
+        n: usize,
+        at: impl Fn(usize, usize) -> usize + Sync,
+    ) -> Result<AmxMatrix> {
+        if w.len() != k * n || k == 0 || n == 0 {
+            bail!("AMX pack: {} values for a [{k}, {n}] weight", w.len())
+        }
+        let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
+        let kbs = kp / 32;
+        let mut data = vec![0u16; kp * np];
+        data.par_chunks_mut(kbs * 512)
+            .enumerate()
+            .for_each(|(nb, col)| {
+                for (kb, tile) in col.chunks_mut(512).enumerate() {
+                    for kk in 0..32 {
+                        let kr = kb * 32 + kk;
+                        if kr >= k {
+                            break;
+                        }
+                        for j in 0..16 {
+                            let c = nb * 16 + j;
+                            if c < n {
+                                tile[(kk / 2) * 32 + j * 2 + kk % 2] = bf16_bits(w[at(kr, c)]);
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(AmxMatrix {
+            k,
+            n,
+            kp,
+            np,
+            data,
+        })
+    }
+
+    /// `x @ w` for `x` row-major `[m, k]`: `[m, n]`, row-major.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        if x.len() != m * self.k {
+            bail!("AMX matmul: {} values for [{m}, {}]", x.len(), self.k)
+        }
+        if !amx_available() {
+            bail!("AMX matmul: this CPU or process has no AMX tiles")
+        }
+        if m == 0 {
+            return Ok(Vec::new());
+        }
+        let (k, kp, np) = (self.k, self.kp, self.np);
+        let mp = m.div_ceil(32) * 32;
+        let mut a = vec![0u16; mp * kp];
+        a.par_chunks_mut(kp)
+            .zip(x.par_chunks(k))
+            .for_each(|(dst, src)| {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = bf16_bits(s);
+                }
+            });
+        let mut c = vec![0f32; mp * np];
+        // Tasks: blocks of 128 rows (the left tiles stay in L2) x runs of column pairs.
+        const MB: usize = 128;
+        let npairs = np / 32;
+        let chunk = npairs
+            .div_ceil(4 * rayon::current_num_threads())
+            .clamp(1, 8);
+        let mblocks = mp.div_ceil(MB);
+        let nchunks = npairs.div_ceil(chunk);
+        let cp = SendPtr(c.as_mut_ptr());
+        (0..mblocks * nchunks).into_par_iter().for_each(|t| {
+            let (mb, nc) = (t / nchunks, t % nchunks);
+            let m0 = mb * MB;
+            let m1 = (m0 + MB).min(mp);
+            let p0 = nc * chunk;
+            let p1 = (p0 + chunk).min(npairs);
+            // SAFETY: AMX is available (checked above); each task writes only rows
+            // m0..m1 of columns 32 p0..32 p1 of `c`, which no other task touches, and
+            // reads `a` and the packed weight within their bounds (padded sizes).
+            unsafe { imp::block(&a, kp, m0, m1, &self.data, p0, p1, cp.get(), np) };
+        });
+        if np == self.n {
+            c.truncate(m * np);
+            return Ok(c);
+        }
+        let n = self.n;
+        let mut out = Vec::with_capacity(m * n);
+        for r in 0..m {
+            out.extend_from_slice(&c[r * np..r * np + n]);
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the tasks that share it write disjoint parts (see `AmxMatrix::matmul`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use std::arch::asm;
+
+    /// Asks Linux for the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+    /// XFEATURE_XTILEDATA)`), after checking CPUID for AMX-TILE and AMX-BF16.
+    pub(super) fn request_tiles() -> bool {
+        if std::arch::x86_64::__cpuid(0).eax < 7 {
+            return false;
+        }
+        let l7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (tile, bf16) = (l7.edx & (1 << 24) != 0, l7.edx & (1 << 22) != 0);
+        if !(tile && bf16) {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain system call with integer arguments.
+        let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+        r == 0
+    }
+
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    /// Rows `m0..m1` (multiples of 32) of `c` (row stride `ldc` floats) for the column
+    /// pairs `p0..p1` (32 columns each): `a` is bf16 `[*, kp]`, `w` the packed weight.
+    ///
+    /// # Safety
+    /// AMX must be available to the process, and the rows and columns must lie within
+    /// `a`, `w` and `c`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn block(
+        a: &[u16],
+        kp: usize,
+        m0: usize,
+        m1: usize,
+        w: &[u16],
+        p0: usize,
+        p1: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // Palette 1; 8 tiles of 16 rows x 64 bytes.
+        let mut cfg = TileConfig([0u8; 64]);
+        cfg.0[0] = 1;
+        for t in 0..8 {
+            cfg.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            cfg.0[48 + t] = 16;
+        }
+        asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        let kbs = kp / 32;
+        let (lda, ldc_b) = (kp * 2, ldc * 4);
+        for p in p0..p1 {
+            let b0 = w.as_ptr().add(2 * p * kbs * 512);
+            let b1 = b0.add(kbs * 512);
+            for mr in (m0..m1).step_by(32) {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                let a0 = a.as_ptr().add(mr * kp);
+                for kb in 0..kbs {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {lda}*1]",
+                        "tileloadd tmm5, [{a1} + {lda}*1]",
+                        "tileloadd tmm6, [{b0} + {ldb}*1]",
+                        "tileloadd tmm7, [{b1} + {ldb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0.add(kb * 32),
+                        a1 = in(reg) a0.add(16 * kp + kb * 32),
+                        b0 = in(reg) b0.add(kb * 512),
+                        b1 = in(reg) b1.add(kb * 512),
+                        lda = in(reg) lda,
+                        ldb = in(reg) 64usize,
+                        options(nostack, readonly)
+                    );
+                }
+                let c0 = c.add(mr * ldc + 32 * p);
+                asm!(
+                    "tilestored [{c0} + {ldc}*1], tmm0",
+                    "tilestored [{c1} + {ldc}*1], tmm1",
+                    "tilestored [{c2} + {ldc}*1], tmm2",
+                    "tilestored [{c3} + {ldc}*1], tmm3",
+                    c0 = in(reg) c0,
+                    c1 = in(reg) c0.add(16),
+                    c2 = in(reg) c0.add(16 * ldc),
+                    c3 = in(reg) c0.add(16 * ldc + 16),
+                    ldc = in(reg) ldc_b,
+                    options(nostack)
+                );
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod imp {
+    pub(super) fn request_tiles() -> bool {
+        false
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn block(
+        _: &[u16],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &[u16],
+        _: usize,
+        _: usize,
+        _: *mut f32,
+        _: usize,
+    ) {
+        unreachable!("AMX is x86-64 only")
+    }
+}
+
+/// `x: [.., k] @ w` as a candle op (f32, CPU, no backward).
+pub(crate) struct AmxLinear(pub Arc<AmxMatrix>);
+
+impl CustomOp1 for AmxLinear {
+    fn name(&self) -> &'static str {
+        "amx-bf16-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = s else {
+            bail!("AMX linear: f32 input only")
+        };
+        let Some((o0, o1)) = l.contiguous_offsets() else {
+            bail!("AMX linear: the input must be contiguous")
+        };
+        let dims = l.shape().dims();
+        let k = *dims.last().unwrap_or(&0);
+        if k != self.0.k {
+            bail!("AMX linear: input width {k}, weight has {} rows", self.0.k)
+        }
+        let m = l.shape().elem_count() / k.max(1);
+        let y = self.0.matmul(&v[o0..o1], m)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("k") = self.0.n;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = tooltrain_util::Rng::new(seed);
+        (0..n)
+            .map(|_| ((r.next_u64() >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
+        assert_eq!(bf16_value(bf16_bits(1.0 + 1.0 / 256.0)), 1.0);
+        // 1 + 3 * 2^-8 is halfway as well; even is 1 + 2^-6 + ... = 1.015625.
+        assert_eq!(bf16_value(bf16_bits(1.0 + 3.0 / 256.0)), 1.015625);
+        assert_eq!(bf16_value(bf16_bits(1.0 + 1.5 / 256.0)), 1.0078125);
+        assert_eq!(bf16_value(bf16_bits(-2.5)), -2.5);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
+    }
+
+    /// The AMX product equals the f64 product of the bf16-rounded operands to f32
+    /// summation error, for shapes that need padding in every dimension.
+    #[test]
+    fn amx_product_equals_the_product_of_rounded_operands() {
+        if !amx_available() {
+            eprintln!("skipped: no AMX tiles on this machine");
+            return;
+        }
+        for &(m, k, n) in &[(1, 32, 32), (33, 576, 192), (5, 40, 20), (130, 96, 70), (64, 1536, 64)] {
+            let x = values(m * k, 1 + m as u64);
+            let w = values(k * n, 2 + n as u64);
+            let packed = AmxMatrix::pack(&w, k, n).unwrap();
+            let y = packed.matmul(&x, m).unwrap();
+            let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            let yt = AmxMatrix::pack_transposed(&wt, n, k).unwrap().matmul(&x, m).unwrap();
+            assert_eq!(y, yt, "pack and pack_transposed give the same product");
+            assert_eq!(y.len(), m * n);
+            let r = |v: f32| bf16_value(bf16_bits(v)) as f64;
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|kk| r(x[i * k + kk]) * r(w[kk * n + j])).sum();
+                    let got = y[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6 * want.abs(),
+                        "[{m},{k},{n}] at ({i},{j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        assert!(AmxMatrix::pack(&[0.0; 6], 2, 2).is_err());
+        let p = AmxMatrix::pack(&[0.0; 6], 2, 3).unwrap();
+        assert!(p.matmul(&[0.0; 3], 1).is_err());
+    }
+}
