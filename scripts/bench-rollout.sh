@@ -12,6 +12,8 @@
 #                                                                  # generated tokens/s
 # TASKS_DIR holds `tooltrain synth` output (dataset.jsonl, gt.json, repos/); made with
 # configs/synth-medium.json and seed 2 when missing. TOOLTRAIN_BIN_DIR: prebuilt binaries.
+# BF16=1: the build under test runs its linear layers in bf16 on AMX tiles
+# (policy.model.bf16; f32 on a CPU without AMX); the baseline stays as it is.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib-binaries.sh
@@ -19,6 +21,7 @@ CKPT="${1:-runs/rl-synthetic/sft-run/final}"
 TASKS="${2:-runs/bench-rollout/tasks}"
 OUT="${OUT:-runs/bench-rollout}"
 ROUNDS="${ROUNDS:-3}"
+mkdir -p "$OUT"
 if [[ ! -f "$CKPT/config.json" ]]; then
   echo "no checkpoint at $CKPT: run scripts/rl-synthetic.sh (its SFT stage) or pass one" >&2
   exit 1
@@ -30,7 +33,7 @@ cpu="$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)"
 simd="$(grep -o -w -E 'avx2|avx512f|amx_bf16' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')"
 echo "machine: ${cpu:-unknown CPU}, $(nproc) cores; CPU SIMD: ${simd:-none}; TOOLTRAIN_SIMD=${TOOLTRAIN_SIMD:-auto}"
 
-run() { # $1 = binary, $2 = out dir; prints one JSON line
+run() { # $1 = binary, $2 = out dir, then extra arguments; prints one JSON line
   rm -rf "$2"
   local t0 t1
   t0=$(date +%s.%N)
@@ -38,7 +41,7 @@ run() { # $1 = binary, $2 = out dir; prints one JSON line
     --dataset "$TASKS/dataset.jsonl" --gt "$TASKS/gt.json" --repos-dir "$TASKS/repos" \
     --out "$2" --limit 8 --set samples=8 --set batch_size=64 \
     --set policy.model.path="$CKPT" --set policy.model.temperature=1.0 \
-    --set policy.model.max_batch=64 >/dev/null 2>"$2.log" || { cat "$2.log" >&2; exit 1; }
+    --set policy.model.max_batch=64 "${@:3}" >/dev/null 2>"$2.log" || { cat "$2.log" >&2; exit 1; }
   t1=$(date +%s.%N)
   python3 - "$2" "$t0" "$t1" <<'PY'
 import json, sys
@@ -66,9 +69,11 @@ print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in ro
 PY
 }
 
-ours=(); theirs=()
+ours=(); theirs=(); ours_args=()
+if [[ "${BF16:-0}" == "1" ]]; then ours_args=(--set policy.model.bf16=true); fi
+echo "tooltrain: ${ours_args[*]:-f32}"
 for ((r = 1; r <= ROUNDS; r++)); do
-  line=$(run "$T" "$OUT/round-$r")
+  line=$(run "$T" "$OUT/round-$r" "${ours_args[@]}")
   echo "round $r tooltrain: $line"
   ours+=("$line")
   if [[ -n "${BASELINE_BIN:-}" ]]; then

@@ -19,7 +19,15 @@ pub(crate) struct DecodeAttention {
     /// `leader`'s (copies of one shared prefix), so they are read once for the group.
     /// Empty: every row reads its own.
     pub share: Vec<(usize, usize)>,
+    /// The products of a group with at least [`BF16_MIN_ROWS`] query rows (a prefill
+    /// chunk) take bf16 operands on AMX tiles, when the CPU has them (f32 only). Decoding
+    /// steps stay f32: with few rows they are bound by reading the cache, which the
+    /// rounding would read once more.
+    pub bf16: bool,
 }
+
+/// See [`DecodeAttention::bf16`].
+const BF16_MIN_ROWS: usize = 64;
 
 /// The storage of a `[b, h, len, d]` view whose `d` elements per position are contiguous
 /// (any batch, head and position strides), with those strides and its start offset.
@@ -141,6 +149,13 @@ fn decode_attn_fwd<T: Elem>(
             let own_max = own.iter().map(Vec::len).max().unwrap_or(0);
             let stride = ns + own_max;
             let rows = members.len() * nq;
+            let bf16 = op.bf16 && rows >= BF16_MIN_ROWS;
+            #[allow(clippy::too_many_arguments)]
+            let mm = |dims, dst: &mut [T], ldd, lhs: &[T], ls, rhs: &[T], rs, acc| {
+                if !(bf16 && T::mm_bf16(dims, dst, ldd, lhs, ls, rhs, rs, acc)) {
+                    mm(dims, dst, ldd, lhs, ls, rhs, rs, acc)
+                }
+            };
             // The group's query vectors, one row each (member, query).
             let mut qg = Vec::with_capacity(rows * hd);
             for &bi in members {
@@ -189,8 +204,13 @@ fn decode_attn_fwd<T: Elem>(
                         let mrow = &masks(bi)[(qi / g) * len..(qi / g + 1) * len];
                         let r = m * nq + qi;
                         let row = &mut p[r * stride..r * stride + nk];
-                        for (x, &j) in row.iter_mut().zip(shared.iter().chain(&own[m])) {
-                            *x = *x * scale + mrow[j];
+                        // Scale and mask run by run: contiguous slices of the scores and
+                        // of the mask row, so the loop vectorises.
+                        let own_at = own_runs[m].iter().map(|&(c0, j0, n)| (ns + c0, j0, n));
+                        for (c0, j0, n) in shared_runs.iter().copied().chain(own_at) {
+                            for (x, &mk) in row[c0..c0 + n].iter_mut().zip(&mrow[j0..j0 + n]) {
+                                *x = *x * scale + mk;
+                            }
                         }
                         softmax_in_place(row, T::one());
                     }
