@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole two-stage recipe on synthetic tasks, from a clean checkout, on a CPU:
 #   synth (three disjoint task sets from three seeds: SFT tasks from
-#   configs/synth-easy.json, where every report names the culprit; RL and held-out test
+#   configs/synth-sft-varied.json, where every report names its culprits, up to two of
+#   them, a quarter through a wrapper; RL and held-out test
 #   tasks from configs/synth-medium.json, where reports name it half the time, go
 #   through wrappers, and have more decoys and up to two culprits)
 #   -> sample (scripted teacher) -> train-sft (configs/sft-smollm2-synthetic.toml)
@@ -50,7 +51,7 @@ source scripts/lib-binaries.sh
 R="$TOOLTRAIN_BIN_DIR/train-rl"
 
 mkdir -p "$OUT"
-SFT_SYNTH="${SFT_SYNTH:-configs/synth-easy.json}"
+SFT_SYNTH="${SFT_SYNTH:-configs/synth-sft-varied.json}"
 TASK_SYNTH="${TASK_SYNTH:-configs/synth-medium.json}"
 synth() { # $1 = name, $2 = seed, $3 = count, $4 = synth config
   if [[ ! -f "$OUT/$1/dataset.jsonl" ]]; then

@@ -990,7 +990,7 @@ impl CausalLM {
                 }
                 let scale = 1.0 / (hd as f64).sqrt();
                 if cached {
-                    ops::cached_attention(&q, &k, &v, &mask3, scale, kv_share, amx.is_some())?
+                    ops::cached_attention(&q, &k, &v, &mask3, scale, kv_share)?
                 } else {
                     ops::grouped_attention(&q, &k, &v, &mask3, scale)?
                 }

@@ -252,9 +252,7 @@ const KERNEL_MAX_QUERIES: usize = 256;
 ///
 /// `share` (per row `(leader, columns)`, or empty) says which rows hold copies of another
 /// row's first keys and values (the samples of one prompt): the kernel reads those once
-/// per group. The other paths read every row's own, which are equal. With `bf16`, the
-/// kernel's products for groups of 64 query rows or more (prefill chunks) take bf16
-/// operands on AMX tiles when the CPU has them (f32 only; the other paths ignore it).
+/// per group. The other paths read every row's own, which are equal.
 pub fn cached_attention(
     q: &Tensor,
     k: &Tensor,
@@ -262,7 +260,6 @@ pub fn cached_attention(
     mask: &Tensor,
     scale: f64,
     share: &[(usize, usize)],
-    bf16: bool,
 ) -> Result<Tensor> {
     let (b, nh, s, hd) = q.dims4()?;
     let same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
@@ -283,7 +280,6 @@ pub fn cached_attention(
         mask: mask.to_dtype(q.dtype())?.contiguous()?,
         scale,
         share: share.to_vec(),
-        bf16,
     };
     q.contiguous()?
         .apply_op3_no_bwd(&rows(k)?, &rows(v)?, &op)?
@@ -717,12 +713,12 @@ pub(crate) mod tests {
             let scale = 0.35;
             let (kc, vc) = (k.contiguous().unwrap(), v.contiguous().unwrap());
             let want = grouped_attention(&q, &kc, &vc, &mask, scale).unwrap();
-            let got = cached_attention(&q, &k, &v, &mask, scale, &[], false).unwrap();
+            let got = cached_attention(&q, &k, &v, &mask, scale, &[]).unwrap();
             assert_eq!(got.dims(), [b * s, nh * hd]);
             let e = max_abs_diff(&got, &want);
             assert!(e < 1e-12, "s={s}: f64 difference {e}");
             let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let got32 = cached_attention(&f(&q), &f(&k), &f(&v), &f(&mask), scale, &[], false).unwrap();
+            let got32 = cached_attention(&f(&q), &f(&k), &f(&v), &f(&mask), scale, &[]).unwrap();
             let e = max_abs_diff(&got32.to_dtype(DType::F64).unwrap(), &want);
             assert!(e < 1e-5, "s={s}: f32 difference {e}");
         }
@@ -762,23 +758,12 @@ pub(crate) mod tests {
             let mask = Tensor::from_vec(m, (b, s, len), &Device::Cpu).unwrap();
             let want = grouped_attention(&q, &k, &v, &mask, 0.3).unwrap();
             let share = [(0, cols), (1, 0), (0, cols), (0, cols)];
-            let got = cached_attention(&q, &k, &v, &mask, 0.3, &share, false).unwrap();
+            let got = cached_attention(&q, &k, &v, &mask, 0.3, &share).unwrap();
             let e = max_abs_diff(&got, &want);
             assert!(e < 1e-12, "s={s}: difference {e}");
-            // In f32 with bf16 products (AMX; groups of 64 query rows or more, here s = 40):
-            // within bf16 rounding of the same result.
-            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let (q32, k32, v32, m32) = (f(&q), f(&k), f(&v), f(&mask));
-            let got16 = cached_attention(&q32, &k32, &v32, &m32, 0.3, &share, true).unwrap();
-            let e = max_abs_diff(&got16.to_dtype(DType::F64).unwrap(), &want);
-            if crate::amx_available() && s == 40 {
-                assert!(e < 0.03 && e > 1e-6, "s={s}: bf16 difference {e}");
-            } else {
-                assert!(e < 1e-5, "s={s}: f32 difference {e}");
-            }
             // A row naming a leader after it is refused.
             let bad = [(0, cols), (2, 5), (2, 5), (3, 0)];
-            assert!(cached_attention(&q, &k, &v, &mask, 0.3, &bad, false).is_err());
+            assert!(cached_attention(&q, &k, &v, &mask, 0.3, &bad).is_err());
         }
     }
 
@@ -984,7 +969,7 @@ pub(crate) mod tests {
             );
             let dmask = f32t(Tensor::zeros((2, 3, 21), DType::F64, &Device::Cpu).unwrap());
             out.push(flat(
-                &cached_attention(&q, &k, &v, &dmask, 0.35, &[], false).unwrap(),
+                &cached_attention(&q, &k, &v, &dmask, 0.35, &[]).unwrap(),
             ));
             let g = f32t(rand64(&[1000, 3], 19));
             let sq = crate::kernels::sum_squares_f32(&g).unwrap();

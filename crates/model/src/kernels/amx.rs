@@ -54,49 +54,52 @@ pub(crate) fn bf16_value(h: u16) -> f32 {
 impl AmxMatrix {
     /// Packs `w`, row-major `[k, n]`.
     pub fn pack(w: &[f32], k: usize, n: usize) -> Result<AmxMatrix> {
-        if w.len() != k * n || k == 0 || n == 0 {
-            bail!("AMX pack: {} values for a [{k}, {n}] weight", w.len())
-        }
-        Ok(Self::pack_strided(w, k, n, (n, 1), true))
+        Self::pack_with(w, k, n, |kk, j| kk * n + j)
     }
 
     /// Packs the transpose of `w`, row-major `[n, k]` (an output projection stored as
     /// `[vocab, hidden]`).
     pub fn pack_transposed(w: &[f32], n: usize, k: usize) -> Result<AmxMatrix> {
-        if w.len() != k * n || k == 0 || n == 0 {
-            bail!("AMX pack: {} values for a [{n}, {k}] weight", w.len())
-        }
-        Ok(Self::pack_strided(w, k, n, (1, k), true))
+        Self::pack_with(w, k, n, |kk, j| j * k + kk)
     }
 
-    /// Packs the `[k, n]` matrix whose element `(r, c)` is `w[r * rs + c * cs]` (k, n >= 1,
-    /// every index in bounds: the callers check), on rayon's threads with `par`.
-    fn pack_strided(w: &[f32], k: usize, n: usize, (rs, cs): (usize, usize), par: bool) -> AmxMatrix {
+    fn pack_with(
+        w: &[f32],
+        k: usize,
+        n: usize,
+        at: impl Fn(usize, usize) -> usize + Sync,
+    ) -> Result<AmxMatrix> {
+        if w.len() != k * n || k == 0 || n == 0 {
+            bail!("AMX pack: {} values for a [{k}, {n}] weight", w.len())
+        }
         let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
         let kbs = kp / 32;
         let mut data = vec![0u16; kp * np];
-        let column_block = |(nb, col): (usize, &mut [u16])| {
-            for (kb, tile) in col.chunks_mut(512).enumerate() {
-                for kk in 0..32.min(k.saturating_sub(kb * 32)) {
-                    let row = &w[(kb * 32 + kk) * rs..];
-                    for j in 0..16.min(n.saturating_sub(nb * 16)) {
-                        tile[(kk / 2) * 32 + j * 2 + kk % 2] = bf16_bits(row[(nb * 16 + j) * cs]);
+        data.par_chunks_mut(kbs * 512)
+            .enumerate()
+            .for_each(|(nb, col)| {
+                for (kb, tile) in col.chunks_mut(512).enumerate() {
+                    for kk in 0..32 {
+                        let kr = kb * 32 + kk;
+                        if kr >= k {
+                            break;
+                        }
+                        for j in 0..16 {
+                            let c = nb * 16 + j;
+                            if c < n {
+                                tile[(kk / 2) * 32 + j * 2 + kk % 2] = bf16_bits(w[at(kr, c)]);
+                            }
+                        }
                     }
                 }
-            }
-        };
-        if par {
-            data.par_chunks_mut(kbs * 512).enumerate().for_each(column_block);
-        } else {
-            data.chunks_mut(kbs * 512).enumerate().for_each(column_block);
-        }
-        AmxMatrix {
+            });
+        Ok(AmxMatrix {
             k,
             n,
             kp,
             np,
             data,
-        }
+        })
     }
 
     /// `x @ w` for `x` row-major `[m, k]`: `[m, n]`, row-major.
@@ -151,58 +154,6 @@ impl AmxMatrix {
             out.extend_from_slice(&c[r * np..r * np + n]);
         }
         Ok(out)
-    }
-}
-
-/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]` with the operands rounded to bf16 and f32
-/// sums, on the calling thread: the arguments of `kernels::mm` (strides of `lhs` and
-/// `rhs` as (row, column), `dst` row-major with row stride `dst_rs`). AMX must be
-/// available.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: &[f32],
-    (lrs, lcs): (usize, usize),
-    rhs: &[f32],
-    (rrs, rcs): (usize, usize),
-    accumulate: bool,
-) {
-    assert!(amx_available(), "AMX product without AMX");
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst.len() >= (m - 1) * dst_rs + n);
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs);
-    assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs);
-    let b = AmxMatrix::pack_strided(rhs, k, n, (rrs, rcs), false);
-    let (kp, np, mp) = (b.kp, b.np, m.div_ceil(32) * 32);
-    let mut a = vec![0u16; mp * kp];
-    for (i, row) in a.chunks_mut(kp).take(m).enumerate() {
-        let src = &lhs[i * lrs..];
-        for (kk, d) in row[..k].iter_mut().enumerate() {
-            *d = bf16_bits(src[kk * lcs]);
-        }
-    }
-    let mut c = vec![0f32; mp * np];
-    // SAFETY: AMX is available (asserted); `a`, `b` and `c` have the padded sizes.
-    unsafe { imp::block(&a, kp, 0, mp, &b.data, 0, np / 32, c.as_mut_ptr(), np) };
-    for i in 0..m {
-        let (d, s) = (&mut dst[i * dst_rs..i * dst_rs + n], &c[i * np..i * np + n]);
-        if accumulate {
-            d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
-        } else {
-            d.copy_from_slice(s);
-        }
     }
 }
 
@@ -418,35 +369,6 @@ mod tests {
                         "[{m},{k},{n}] at ({i},{j}): {got} vs {want}"
                     );
                 }
-            }
-        }
-    }
-
-    /// The strided product (the kernels' `mm`): a transposed right operand, a row stride
-    /// in the destination, and accumulation.
-    #[test]
-    fn strided_product_accumulates_into_a_strided_destination() {
-        if !amx_available() {
-            eprintln!("skipped: no AMX tiles on this machine");
-            return;
-        }
-        let (m, n, k, ldd) = (70, 21, 45, 30);
-        let x = values(m * k, 5);
-        let wt = values(n * k, 6); // [n, k]: rhs element (r, c) at c * k + r
-        let mut dst = values(m * ldd, 7);
-        let before = dst.clone();
-        mm((m, n, k), &mut dst, ldd, &x, (k, 1), &wt, (1, k), true);
-        let r = |v: f32| bf16_value(bf16_bits(v)) as f64;
-        for i in 0..m {
-            for j in 0..ldd {
-                let got = dst[i * ldd + j] as f64;
-                if j >= n {
-                    assert_eq!(got, before[i * ldd + j] as f64, "column {j} is not the product's");
-                    continue;
-                }
-                let p: f64 = (0..k).map(|kk| r(x[i * k + kk]) * r(wt[j * k + kk])).sum();
-                let want = before[i * ldd + j] as f64 + p;
-                assert!((got - want).abs() < 1e-4, "({i},{j}): {got} vs {want}");
             }
         }
     }

@@ -19,15 +19,7 @@ pub(crate) struct DecodeAttention {
     /// `leader`'s (copies of one shared prefix), so they are read once for the group.
     /// Empty: every row reads its own.
     pub share: Vec<(usize, usize)>,
-    /// The products of a group with at least [`BF16_MIN_ROWS`] query rows (a prefill
-    /// chunk) take bf16 operands on AMX tiles, when the CPU has them (f32 only). Decoding
-    /// steps stay f32: with few rows they are bound by reading the cache, which the
-    /// rounding would read once more.
-    pub bf16: bool,
 }
-
-/// See [`DecodeAttention::bf16`].
-const BF16_MIN_ROWS: usize = 64;
 
 /// The storage of a `[b, h, len, d]` view whose `d` elements per position are contiguous
 /// (any batch, head and position strides), with those strides and its start offset.
@@ -149,13 +141,6 @@ fn decode_attn_fwd<T: Elem>(
             let own_max = own.iter().map(Vec::len).max().unwrap_or(0);
             let stride = ns + own_max;
             let rows = members.len() * nq;
-            let bf16 = op.bf16 && rows >= BF16_MIN_ROWS;
-            #[allow(clippy::too_many_arguments)]
-            let mm = |dims, dst: &mut [T], ldd, lhs: &[T], ls, rhs: &[T], rs, acc| {
-                if !(bf16 && T::mm_bf16(dims, dst, ldd, lhs, ls, rhs, rs, acc)) {
-                    mm(dims, dst, ldd, lhs, ls, rhs, rs, acc)
-                }
-            };
             // The group's query vectors, one row each (member, query).
             let mut qg = Vec::with_capacity(rows * hd);
             for &bi in members {

@@ -30,21 +30,6 @@ pub(crate) trait Elem: WithDType + Float + Send + Sync + std::iter::Sum {
     fn fexp(self) -> Self;
     /// The storage's elements by value (no copy), if it holds this type.
     fn into_vec(s: CpuStorage) -> Option<Vec<Self>>;
-    /// [`mm`] with the operands rounded to bf16 on AMX tiles (`amx::mm`), if this type
-    /// and the process allow it; false (nothing done) otherwise.
-    #[allow(clippy::too_many_arguments)]
-    fn mm_bf16(
-        _dims: (usize, usize, usize),
-        _dst: &mut [Self],
-        _dst_rs: usize,
-        _lhs: &[Self],
-        _ls: (usize, usize),
-        _rhs: &[Self],
-        _rs: (usize, usize),
-        _accumulate: bool,
-    ) -> bool {
-        false
-    }
 }
 
 impl Elem for f32 {
@@ -53,22 +38,6 @@ impl Elem for f32 {
             CpuStorage::F32(v) => Some(v),
             _ => None,
         }
-    }
-    fn mm_bf16(
-        dims: (usize, usize, usize),
-        dst: &mut [f32],
-        dst_rs: usize,
-        lhs: &[f32],
-        ls: (usize, usize),
-        rhs: &[f32],
-        rs: (usize, usize),
-        accumulate: bool,
-    ) -> bool {
-        if !amx::amx_available() {
-            return false;
-        }
-        amx::mm(dims, dst, dst_rs, lhs, ls, rhs, rs, accumulate);
-        true
     }
     #[inline(always)]
     fn fexp(self) -> f32 {
