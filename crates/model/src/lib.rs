@@ -33,7 +33,9 @@ pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
 pub use generate::{FinishReason, GenStats, Generation, PrefixCache, SamplingParams};
-pub use kernels::{amx_available, detected_simd_level, set_simd_level, simd_level, simd_summary, SimdLevel};
+pub use kernels::{
+    amx_available, detected_simd_level, set_simd_level, simd_level, simd_summary, SimdLevel,
+};
 pub use load::{load, save, Checkpoint};
 pub use logprobs::{chunked_logprobs, pack_rows, SequenceScores, DEFAULT_VOCAB_CHUNK};
 pub use lora::{dropout_mask, LoraConfig};

@@ -4,10 +4,10 @@
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::{invalid, Error, Result};
+use crate::kernels::AmxMatrix;
 use crate::ops;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
-use crate::kernels::AmxMatrix;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -740,8 +740,7 @@ impl CausalLM {
     /// (packed now when stale); `None` when AMX is unavailable or the model is not f32 on
     /// a CPU.
     pub(crate) fn amx_weights(&self) -> Result<Option<Arc<AmxWeights>>> {
-        if !(self.device.is_cpu() && self.dtype == DType::F32 && crate::kernels::amx_available())
-        {
+        if !(self.device.is_cpu() && self.dtype == DType::F32 && crate::kernels::amx_available()) {
             return Ok(None);
         }
         let version = self.weights_version();
@@ -759,7 +758,14 @@ impl CausalLM {
         let layers = self
             .layers
             .iter()
-            .map(|l| Ok([pack(&l.attn.qkv)?, pack(&l.attn.o)?, pack(&l.gate_up)?, pack(&l.down)?]))
+            .map(|l| {
+                Ok([
+                    pack(&l.attn.qkv)?,
+                    pack(&l.attn.o)?,
+                    pack(&l.gate_up)?,
+                    pack(&l.down)?,
+                ])
+            })
             .collect::<Result<Vec<_>>>()?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (n, k) = head.dims2()?;
@@ -1133,8 +1139,18 @@ impl CausalLM {
         let mut inputs = Vec::with_capacity(self.layers.len() + 1);
         let mut x = self.embed_ids(ids, Track::No)?;
         for li in 0..self.layers.len() {
-            let next =
-                self.layer_forward(li, &x, &cos, &sin, &layout.mask, &[], None, Track::No, drop, None)?;
+            let next = self.layer_forward(
+                li,
+                &x,
+                &cos,
+                &sin,
+                &layout.mask,
+                &[],
+                None,
+                Track::No,
+                drop,
+                None,
+            )?;
             inputs.push(x);
             x = next;
         }

@@ -608,9 +608,18 @@ fn assert_two_turns_through_a_cache(
 fn f32_logprobs(m: &CausalLM, prompt: &[u32], tokens: &[u32]) -> Vec<f32> {
     let seq: Vec<u32> = prompt.iter().chain(tokens).copied().collect();
     let t = seq.len();
-    let x = Tensor::new(seq.as_slice(), m.device()).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(seq.as_slice(), m.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let layout = SeqLayout::packed(&[vec![t]], t, m.device()).unwrap();
-    let logits: Vec<Vec<f32>> = m.logits(&x, &layout).unwrap().get(0).unwrap().to_vec2().unwrap();
+    let logits: Vec<Vec<f32>> = m
+        .logits(&x, &layout)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     tokens
         .iter()
         .enumerate()
@@ -647,7 +656,14 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
             }
         }
         let f32_out = m
-            .generate(&prs, &SamplingParams { bf16: false, ..p.clone() }, None)
+            .generate(
+                &prs,
+                &SamplingParams {
+                    bf16: false,
+                    ..p.clone()
+                },
+                None,
+            )
             .unwrap();
         if tooltrain_model::amx_available() {
             eprintln!("bf16 log-probs within {worst} of f32");
@@ -663,7 +679,16 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
         }
         worst
     };
-    let before = m.generate(&prs, &SamplingParams { bf16: false, ..p.clone() }, None).unwrap();
+    let before = m
+        .generate(
+            &prs,
+            &SamplingParams {
+                bf16: false,
+                ..p.clone()
+            },
+            None,
+        )
+        .unwrap();
     check(&m);
     // New weights: every down projection scaled by 3 (a large change of the outputs).
     for (name, v) in m.params() {
@@ -681,5 +706,8 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
         }
     }
     eprintln!("the weight change moved log-probs by up to {moved}");
-    assert!(moved > 1.0, "the weight change moved log-probs by only {moved}");
+    assert!(
+        moved > 1.0,
+        "the weight change moved log-probs by only {moved}"
+    );
 }

@@ -18,9 +18,8 @@ use std::sync::Arc;
 /// Whether the bf16 AMX products can run in this process (checked once).
 pub fn amx_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        super::simd_level() == super::SimdLevel::Avx512 && imp::request_tiles()
-    })
+    *AVAILABLE
+        .get_or_init(|| super::simd_level() == super::SimdLevel::Avx512 && imp::request_tiles())
 }
 
 /// A weight `w: [k, n]` (the product is `x @ w`) rounded to bf16 and laid out in tiles:
@@ -93,13 +92,7 @@ impl AmxMatrix {
                     }
                 }
             });
-        Ok(AmxMatrix {
-            k,
-            n,
-            kp,
-            np,
-            data,
-        })
+        Ok(AmxMatrix { k, n, kp, np, data })
     }
 
     /// `x @ w` for `x` row-major `[m, k]`: `[m, n]`, row-major.
@@ -186,7 +179,13 @@ mod imp {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // SAFETY: a plain system call with integer arguments.
-        let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
         r == 0
     }
 
@@ -350,13 +349,22 @@ mod tests {
             eprintln!("skipped: no AMX tiles on this machine");
             return;
         }
-        for &(m, k, n) in &[(1, 32, 32), (33, 576, 192), (5, 40, 20), (130, 96, 70), (64, 1536, 64)] {
+        for &(m, k, n) in &[
+            (1, 32, 32),
+            (33, 576, 192),
+            (5, 40, 20),
+            (130, 96, 70),
+            (64, 1536, 64),
+        ] {
             let x = values(m * k, 1 + m as u64);
             let w = values(k * n, 2 + n as u64);
             let packed = AmxMatrix::pack(&w, k, n).unwrap();
             let y = packed.matmul(&x, m).unwrap();
             let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
-            let yt = AmxMatrix::pack_transposed(&wt, n, k).unwrap().matmul(&x, m).unwrap();
+            let yt = AmxMatrix::pack_transposed(&wt, n, k)
+                .unwrap()
+                .matmul(&x, m)
+                .unwrap();
             assert_eq!(y, yt, "pack and pack_transposed give the same product");
             assert_eq!(y.len(), m * n);
             let r = |v: f32| bf16_value(bf16_bits(v)) as f64;
