@@ -7,7 +7,9 @@
 //! one JSON line. `--model` measures a real checkpoint (e.g. assets/smollm2-hf),
 //! `--config` a random model of that shape; `--steps 0` skips training, `--new-tokens 0`
 //! generation. bf16 trains bf16 weights with f32 AdamW moments (the trainers add f32
-//! master weights). Peak memory: the process's peak RSS (`VmHWM`) after each phase.
+//! master weights). `--bf16`: f32 weights whose linear layers take bf16-rounded operands
+//! on AMX tiles (mixed-precision training, bf16 decoding; f32 without AMX). Peak
+//! memory: the process's peak RSS (`VmHWM`) after each phase.
 
 use std::time::Instant;
 use tooltrain_model::{
@@ -50,6 +52,8 @@ fn main() -> tooltrain_model::Result<()> {
         arg("--seq", 256),
     );
     let checkpoint = std::env::args().any(|a| a == "--checkpoint");
+    // bf16 products on AMX tiles: mixed-precision training and bf16 decoding.
+    let bf16 = std::env::args().any(|a| a == "--bf16");
     // TOOLTRAIN_REPO_ROOT: a bench binary run from another checkout (scripts/gpu-check.sh).
     let root = std::env::var_os("TOOLTRAIN_REPO_ROOT")
         .map(std::path::PathBuf::from)
@@ -82,6 +86,7 @@ fn main() -> tooltrain_model::Result<()> {
             (cfg, model)
         }
     };
+    let bf16 = bf16 && model.set_bf16_matmuls(true);
     let mut opt = AdamW::new(
         model.params(),
         AdamWConfig {
@@ -137,6 +142,7 @@ fn main() -> tooltrain_model::Result<()> {
     let params = SamplingParams {
         temperature: 0.0,
         max_new_tokens: new,
+        bf16,
         ..Default::default()
     };
     let (mut gen_s, mut gen_tokens) = (0.0, 0);
@@ -166,6 +172,7 @@ fn main() -> tooltrain_model::Result<()> {
             "device": if dev.is_cpu() { "cpu" } else { "cuda" },
             "dtype": format!("{dtype:?}").to_lowercase(),
             "checkpoint": checkpoint,
+            "bf16_amx": bf16,
             "train_step_s": train_s,
             "train_tokens_per_s": if steps > 0 { (batch * seq) as f64 / train_s } else { 0.0 },
             "gen_tokens_per_s": if gen_s > 0.0 { gen_tokens as f64 / gen_s } else { 0.0 },

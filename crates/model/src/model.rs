@@ -382,19 +382,38 @@ fn w(v: &Var, t: Track) -> Tensor {
     }
 }
 
-/// `x: [n, in] @ weight_t: [in, out]`, plus an optional bias; with `amx` (the same
-/// weight packed as bf16 tiles) the product runs on AMX.
-fn linear(
-    x: &Tensor,
-    weight_t: &Tensor,
-    bias: Option<&Tensor>,
-    amx: Option<&Arc<AmxMatrix>>,
-) -> Result<Tensor> {
-    let y = match amx {
-        Some(m) => x
+/// How a linear layer computes its product.
+#[derive(Clone, Copy)]
+enum Product<'a> {
+    /// f32 (any device and dtype).
+    F32,
+    /// Inference on the weight's bf16 AMX tiles.
+    Packed(&'a Arc<AmxMatrix>),
+    /// Training with bf16-rounded operands on AMX, forward and backward; `need_dw`: the
+    /// weight takes a gradient.
+    Bf16 { need_dw: bool },
+}
+
+/// How a pass computes its linear layers.
+#[derive(Clone, Copy)]
+enum Prec<'a> {
+    F32,
+    /// Inference on a layer's weights packed as bf16 AMX tiles (qkv, o, gate-up, down).
+    Packed(&'a [Arc<AmxMatrix>; 4]),
+    /// bf16-rounded operands on AMX, with a backward ([`CausalLM::set_bf16_matmuls`]).
+    Bf16,
+}
+
+/// `x: [n, in] @ weight_t: [in, out]`, plus an optional bias, computed as `how` says.
+fn linear(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>, how: Product) -> Result<Tensor> {
+    let y = match how {
+        Product::Packed(m) => x
             .contiguous()?
             .apply_op1_no_bwd(&crate::kernels::AmxLinear(m.clone()))?,
-        None => x.matmul(weight_t)?,
+        Product::Bf16 { need_dw } => x
+            .contiguous()?
+            .apply_op2(&weight_t.contiguous()?, crate::kernels::AmxMatmul { need_dw })?,
+        Product::F32 => x.matmul(weight_t)?,
     };
     Ok(match bias {
         Some(b) => ops::add_bias(&y, b)?,
@@ -423,6 +442,9 @@ pub struct CausalLM {
     /// The linear weights packed for bf16 AMX products, for the weights version they were
     /// packed from (made on first use by a [`KvCache::with_bf16`] pass).
     amx: std::sync::Mutex<Option<Arc<AmxWeights>>>,
+    /// Training passes compute the linear layers from bf16-rounded operands on AMX
+    /// ([`CausalLM::set_bf16_matmuls`]).
+    bf16_matmuls: std::sync::atomic::AtomicBool,
 }
 
 /// A model's linear weights as bf16 AMX tiles: per layer the qkv, o, gate-up and down
@@ -596,6 +618,7 @@ impl CausalLM {
             lora: None,
             dropout_seed: std::sync::atomic::AtomicU64::new(0),
             amx: std::sync::Mutex::new(None),
+            bf16_matmuls: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -734,6 +757,25 @@ impl CausalLM {
         } else {
             None
         })
+    }
+
+    /// With `on`, the training passes (`forward_hidden`, `forward_backward`) compute the
+    /// linear layers' products, forward and backward, from bf16-rounded operands on AMX
+    /// tiles with f32 sums (mixed precision; the weights, their gradients and the
+    /// optimizer stay f32), when the model is f32 on a CPU that has AMX; otherwise it
+    /// changes nothing. Returns whether the products now run on AMX.
+    pub fn set_bf16_matmuls(&self, on: bool) -> bool {
+        self.bf16_matmuls
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+        self.bf16_training()
+    }
+
+    /// Whether training passes run their linear layers on AMX.
+    fn bf16_training(&self) -> bool {
+        self.bf16_matmuls.load(std::sync::atomic::Ordering::SeqCst)
+            && self.device.is_cpu()
+            && self.dtype == DType::F32
+            && crate::kernels::amx_available()
     }
 
     /// The linear weights packed as bf16 AMX tiles for the current weights version
@@ -936,11 +978,18 @@ impl CausalLM {
         cache: Option<(&mut Option<LayerKv>, usize)>,
         t: Track,
         drop: Option<u64>,
-        amx: Option<&[Arc<AmxMatrix>; 4]>,
+        prec: Prec<'_>,
     ) -> Result<Tensor> {
         let l = &self.layers[li];
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
+        let how = |i: usize| match prec {
+            Prec::Packed(m) => Product::Packed(&m[i]),
+            Prec::Bf16 => Product::Bf16 {
+                need_dw: self.lora.is_none(),
+            },
+            Prec::F32 => Product::F32,
+        };
         // Activations are 2-D `[b * s, hidden]` inside the layers.
         let (b, _, s, _) = mask.dims4()?;
         let (nh, nkv, hd) = (
@@ -954,7 +1003,7 @@ impl CausalLM {
             &h,
             &self.bw(&a.qkv, t),
             a.qkv_bias.as_ref().map(|b| self.bw(b, t)).as_ref(),
-            amx.map(|m| &m[0]),
+            how(0),
         )?;
         if let Some(d) =
             self.packed_adapters(li, &[0, 1, 2], &[nh * hd, nkv * hd, nkv * hd], &h, t, drop)?
@@ -1001,19 +1050,19 @@ impl CausalLM {
                     ops::grouped_attention(&q, &k, &v, &mask3, scale)?
                 }
             };
-        let mut o = linear(&ctx, &self.bw(&a.o, t), None, amx.map(|m| &m[1]))?;
+        let mut o = linear(&ctx, &self.bw(&a.o, t), None, how(1))?;
         if let Some(d) = self.adapter(li, 3, &ctx, t, drop)? {
             o = (o + d)?;
         }
         let x = (x + o)?;
         let h = ops::rms_norm(&x, &self.bw(&l.post_norm, t), eps)?;
         let inter = cfg.intermediate_size;
-        let mut gu = linear(&h, &self.bw(&l.gate_up, t), None, amx.map(|m| &m[2]))?;
+        let mut gu = linear(&h, &self.bw(&l.gate_up, t), None, how(2))?;
         if let Some(d) = self.packed_adapters(li, &[4, 5], &[inter, inter], &h, t, drop)? {
             gu = (gu + d)?;
         }
         let act = ops::swiglu(&gu)?;
-        let mut down = linear(&act, &self.bw(&l.down, t), None, amx.map(|m| &m[3]))?;
+        let mut down = linear(&act, &self.bw(&l.down, t), None, how(3))?;
         if let Some(d) = self.adapter(li, 6, &act, t, drop)? {
             down = (down + d)?;
         }
@@ -1058,6 +1107,7 @@ impl CausalLM {
             Some(c) if c.bf16 => self.amx_weights()?,
             _ => None,
         };
+        let bf16 = cache.is_none() && self.bf16_training();
         let (cos, sin) = self.rope_tables(&layout.positions)?;
         let mut x = self.embed_ids(ids, t)?;
         if let Some(c) = cache.as_mut() {
@@ -1078,7 +1128,11 @@ impl CausalLM {
                 slot,
                 t,
                 drop,
-                amx.as_ref().map(|a| &a.layers[li]),
+                match &amx {
+                    Some(a) => Prec::Packed(&a.layers[li]),
+                    None if bf16 => Prec::Bf16,
+                    None => Prec::F32,
+                },
             )?;
         }
         let (b, s) = ids.dims2()?;
@@ -1135,6 +1189,12 @@ impl CausalLM {
         }
         self.check_layout(ids, layout, 0)?;
         let (cos, sin) = self.rope_tables(&layout.positions)?;
+        // The recomputed layers must compute what the forward pass did.
+        let prec = if self.bf16_training() {
+            Prec::Bf16
+        } else {
+            Prec::F32
+        };
         // Forward without graph, keeping each layer's input.
         let mut inputs = Vec::with_capacity(self.layers.len() + 1);
         let mut x = self.embed_ids(ids, Track::No)?;
@@ -1149,7 +1209,7 @@ impl CausalLM {
                 None,
                 Track::No,
                 drop,
-                None,
+                prec,
             )?;
             inputs.push(x);
             x = next;
@@ -1177,7 +1237,7 @@ impl CausalLM {
                 None,
                 Track::Yes,
                 drop,
-                None,
+                prec,
             )?;
             let g = backward(&(y * dx.detach())?.sum_all()?)?;
             merge_grads(&mut grads, g, self.trainable(), Some(xin.as_tensor()))?;

@@ -388,3 +388,42 @@ fn bad_checkpoints_give_clear_errors() {
         .to_string();
     assert!(e.contains("nope.gguf"), "{e}");
 }
+
+/// Mixed precision on AMX (`set_bf16_matmuls`): the loss and every parameter's gradient
+/// stay within bf16 rounding of transformers' f32 values, with and without
+/// recomputation; on a CPU without AMX the switch changes nothing.
+#[test]
+fn bf16_matmuls_train_close_to_transformers() {
+    for name in MODELS {
+        let r = reference(name);
+        let ck = load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let (loss32, grads32) = next_token_loss(&ck.model, &ids, false);
+        let on = ck.model.set_bf16_matmuls(true);
+        assert_eq!(on, tooltrain_model::amx_available());
+        let want = r["loss"].to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        for checkpoint in [false, true] {
+            let (loss, grads) = next_token_loss(&ck.model, &ids, checkpoint);
+            if !on {
+                assert_eq!(loss, loss32);
+                continue;
+            }
+            assert!((loss - want).abs() / want < 2e-3, "{name}: loss {loss} vs {want}");
+            assert_ne!(loss, loss32, "{name}: the AMX path gave f32's loss bit for bit");
+            let hf = ck.model.hf_grads(&grads).unwrap();
+            let mut worst = 0f64;
+            for (pname, g) in &hf {
+                let e = rel_err(g, &r[&format!("grad.{pname}")]);
+                worst = worst.max(e);
+                // Up to ~5% on the fixtures (bias and norm gradients, sums with
+                // cancellation); a wrong operand would be off by ~100%.
+                assert!(e < 6e-2, "{name}: `{pname}` gradient relative error {e}");
+            }
+            eprintln!("{name} (checkpoint {checkpoint}): loss {loss} vs {want}, worst gradient error {worst:.2e}");
+        }
+        ck.model.set_bf16_matmuls(false);
+        let (loss, _) = next_token_loss(&ck.model, &ids, false);
+        assert_eq!(loss, loss32, "{name}: switching back gives f32 again");
+        drop(grads32);
+    }
+}

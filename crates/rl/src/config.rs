@@ -156,6 +156,10 @@ pub struct RlConfig {
     pub master_weights: bool,
     /// Recompute activations in the backward pass.
     pub checkpointing: bool,
+    /// The trainer's linear layers (forward, backward and recomputed log-probs) take
+    /// bf16-rounded operands on AMX tiles with f32 sums: mixed precision, with f32
+    /// weights, gradients and optimizer. f32 models on CPUs with AMX; f32 elsewhere.
+    pub bf16_matmuls: bool,
     /// Checkpoint every this many steps (0: at the end and when stopped).
     pub save_every: u64,
     pub keep_checkpoints: usize,
@@ -225,6 +229,7 @@ impl Default for RlConfig {
             max_grad_norm: 1.0,
             master_weights: true,
             checkpointing: false,
+            bf16_matmuls: false,
             save_every: 10,
             keep_checkpoints: 2,
             resume: false,

@@ -11,7 +11,7 @@
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and `TOOLTRAIN_SIMD` does not cap the kernels
 //! below AVX-512; otherwise callers keep the f32 path.
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -53,24 +53,30 @@ pub(crate) fn bf16_value(h: u16) -> f32 {
 impl AmxMatrix {
     /// Packs `w`, row-major `[k, n]`.
     pub fn pack(w: &[f32], k: usize, n: usize) -> Result<AmxMatrix> {
-        Self::pack_with(w, k, n, |kk, j| kk * n + j)
+        if w.len() != k * n || k == 0 || n == 0 {
+            bail!("AMX pack: {} values for a [{k}, {n}] weight", w.len())
+        }
+        Ok(Self::pack_with(w, k, n, |kk, j| kk * n + j))
     }
 
     /// Packs the transpose of `w`, row-major `[n, k]` (an output projection stored as
     /// `[vocab, hidden]`).
     pub fn pack_transposed(w: &[f32], n: usize, k: usize) -> Result<AmxMatrix> {
-        Self::pack_with(w, k, n, |kk, j| j * k + kk)
+        if w.len() != k * n || k == 0 || n == 0 {
+            bail!("AMX pack: {} values for a [{n}, {k}] weight", w.len())
+        }
+        Ok(Self::pack_with(w, k, n, |kk, j| j * k + kk))
     }
+
+    /// Packs the `[k, n]` matrix whose element `(r, c)` is `w[at(r, c)]` (k, n >= 1;
+    /// the callers check that every index is in bounds).
 
     fn pack_with(
         w: &[f32],
         k: usize,
         n: usize,
         at: impl Fn(usize, usize) -> usize + Sync,
-    ) -> Result<AmxMatrix> {
-        if w.len() != k * n || k == 0 || n == 0 {
-            bail!("AMX pack: {} values for a [{k}, {n}] weight", w.len())
-        }
+    ) -> AmxMatrix {
         let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
         let kbs = kp / 32;
         let mut data = vec![0u16; kp * np];
@@ -92,7 +98,7 @@ impl AmxMatrix {
                     }
                 }
             });
-        Ok(AmxMatrix { k, n, kp, np, data })
+        AmxMatrix { k, n, kp, np, data }
     }
 
     /// `x @ w` for `x` row-major `[m, k]`: `[m, n]`, row-major.
@@ -106,16 +112,16 @@ impl AmxMatrix {
         if m == 0 {
             return Ok(Vec::new());
         }
-        let (k, kp, np) = (self.k, self.kp, self.np);
+        let a = rows_bf16(x, m, self.k, (self.k, 1), self.kp);
+        Ok(self.product(&a, m))
+    }
+
+    /// `a @ w` for `a` from [`rows_bf16`] (`m` rows of this matrix's padded width):
+    /// `[m, n]`, row-major. AMX must be available.
+    fn product(&self, a: &[u16], m: usize) -> Vec<f32> {
+        let (kp, np) = (self.kp, self.np);
         let mp = m.div_ceil(32) * 32;
-        let mut a = vec![0u16; mp * kp];
-        a.par_chunks_mut(kp)
-            .zip(x.par_chunks(k))
-            .for_each(|(dst, src)| {
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = bf16_bits(s);
-                }
-            });
+        debug_assert_eq!(a.len(), mp * kp);
         let mut c = vec![0f32; mp * np];
         // Tasks: blocks of 128 rows (the left tiles stay in L2) x runs of column pairs.
         const MB: usize = 128;
@@ -135,18 +141,169 @@ impl AmxMatrix {
             // SAFETY: AMX is available (checked above); each task writes only rows
             // m0..m1 of columns 32 p0..32 p1 of `c`, which no other task touches, and
             // reads `a` and the packed weight within their bounds (padded sizes).
-            unsafe { imp::block(&a, kp, m0, m1, &self.data, p0, p1, cp.get(), np) };
+            unsafe { imp::block(a, kp, m0, m1, &self.data, p0, p1, cp.get(), np) };
         });
         if np == self.n {
             c.truncate(m * np);
-            return Ok(c);
+            return c;
         }
         let n = self.n;
         let mut out = Vec::with_capacity(m * n);
         for r in 0..m {
             out.extend_from_slice(&c[r * np..r * np + n]);
         }
-        Ok(out)
+        out
+    }
+}
+
+/// The `[m, k]` matrix whose element `(i, j)` is `x[i * rs + j * cs]`, rounded to bf16,
+/// as rows of `kp` values (zero-padded), `m` rounded up to 32 rows. A column-major
+/// source (`rs == 1`) is read 16 rows at a time, along its contiguous columns.
+fn rows_bf16(x: &[f32], m: usize, k: usize, (rs, cs): (usize, usize), kp: usize) -> Vec<u16> {
+    let mp = m.div_ceil(32) * 32;
+    let mut a = vec![0u16; mp * kp];
+    if rs == 1 && cs != 1 {
+        a.par_chunks_mut(16 * kp).enumerate().for_each(|(blk, dst)| {
+            let (i0, i1) = (blk * 16, (blk * 16 + 16).min(m));
+            if i0 >= i1 {
+                return;
+            }
+            for j in 0..k {
+                let col = &x[j * cs + i0..j * cs + i1];
+                for (r, &v) in col.iter().enumerate() {
+                    dst[r * kp + j] = bf16_bits(v);
+                }
+            }
+        });
+    } else {
+        a.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, dst)| {
+            let src = &x[i * rs..];
+            for (j, d) in dst[..k].iter_mut().enumerate() {
+                *d = bf16_bits(src[j * cs]);
+            }
+        });
+    }
+    a
+}
+
+/// `op(a) @ op(b)` for `a: [m, k]`, `b: [k, n]` given by (row, column) strides into
+/// their storage: `[m, n]` row-major, from bf16-rounded operands with f32 sums. The
+/// products of training (forward and both gradients); AMX must be available.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    astr: (usize, usize),
+    b: &[f32],
+    bstr: (usize, usize),
+) -> Result<Vec<f32>> {
+    if !amx_available() {
+        bail!("AMX product: this CPU or process has no AMX tiles")
+    }
+    if m == 0 || n == 0 {
+        return Ok(Vec::new());
+    }
+    if k == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    let last = |(rs, cs): (usize, usize), r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    if a.len() <= last(astr, m, k) || b.len() <= last(bstr, k, n) {
+        bail!("AMX product: operands too short for [{m}, {k}] x [{k}, {n}]")
+    }
+    let w = AmxMatrix::pack_with(b, k, n, |r, c| r * bstr.0 + c * bstr.1);
+    let x = rows_bf16(a, m, k, astr, w.kp);
+    Ok(w.product(&x, m))
+}
+
+/// Which operands of [`AmxGemm`] are transposed.
+#[derive(Clone, Copy)]
+pub(crate) enum Trans {
+    /// `a @ b`
+    None,
+    /// `a @ b^T`
+    B,
+    /// `a^T @ b`
+    A,
+}
+
+/// `op(a) @ op(b)` of two contiguous 2-D f32 tensors on AMX (no backward): the three
+/// products of a linear layer's training pass.
+pub(crate) struct AmxGemm(pub Trans);
+
+impl CustomOp2 for AmxGemm {
+    fn name(&self) -> &'static str {
+        "amx-bf16-gemm"
+    }
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (sa, sb) else {
+            bail!("AMX product: f32 operands only")
+        };
+        let (Some((a0, a1)), Some((b0, b1))) = (la.contiguous_offsets(), lb.contiguous_offsets())
+        else {
+            bail!("AMX product: the operands must be contiguous")
+        };
+        let ((ar, ac), (br, bc)) = (la.shape().dims2()?, lb.shape().dims2()?);
+        let (a, b) = (&a[a0..a1], &b[b0..b1]);
+        // (m, k, n) and the strides of op(a), op(b) into the row-major storages.
+        let (dims, astr, bstr) = match self.0 {
+            Trans::None => ((ar, ac, bc), (ac, 1), (bc, 1)),
+            Trans::B => ((ar, ac, br), (ac, 1), (1, bc)),
+            Trans::A => ((ac, ar, bc), (1, ac), (bc, 1)),
+        };
+        let inner_b = match self.0 {
+            Trans::B => bc,
+            _ => br,
+        };
+        if dims.1 != inner_b {
+            bail!("AMX product: {:?} and {:?} do not fit", la.dims(), lb.dims())
+        }
+        let y = gemm(dims, a, astr, b, bstr)?;
+        Ok((CpuStorage::F32(y), Shape::from((dims.0, dims.2))))
+    }
+}
+
+/// `x @ w` for training: `x: [m, k]`, `w: [k, n]`, f32, with bf16-rounded operands on
+/// AMX in the forward pass and in both gradients (`dx = dy @ w^T`, `dw = x^T @ dy`;
+/// `dw` only when `need_dw`: a frozen weight under LoRA takes none).
+pub(crate) struct AmxMatmul {
+    pub need_dw: bool,
+}
+
+impl CustomOp2 for AmxMatmul {
+    fn name(&self) -> &'static str {
+        "amx-bf16-matmul"
+    }
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        AmxGemm(Trans::None).cpu_fwd(sa, la, sb, lb)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (x, w) = (x.detach(), w.detach());
+        let dx = g.apply_op2_no_bwd(&w, &AmxGemm(Trans::B))?;
+        let dw = if self.need_dw {
+            Some(x.apply_op2_no_bwd(&g, &AmxGemm(Trans::A))?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
     }
 }
 
@@ -379,6 +536,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The training products (`x @ w`, `dy @ w^T`, `x^T @ dy`) equal the f64 products of
+    /// the bf16-rounded operands to f32 summation error, for row counts that are not
+    /// multiples of 16 or 32 (the column-major read of `x^T` goes 16 rows at a time).
+    #[test]
+    fn training_products_equal_the_products_of_rounded_operands() {
+        if !amx_available() {
+            eprintln!("skipped: no AMX tiles on this machine");
+            return;
+        }
+        let (m, k, n) = (45, 70, 37);
+        let x = values(m * k, 21); // [m, k]
+        let w = values(k * n, 22); // [k, n]
+        let g = values(m * n, 23); // [m, n]
+        let r = |v: f32| bf16_value(bf16_bits(v)) as f64;
+        let check = |got: Vec<f32>, rows: usize, cols: usize, want: &dyn Fn(usize, usize) -> f64| {
+            assert_eq!(got.len(), rows * cols);
+            for i in 0..rows {
+                for j in 0..cols {
+                    let (a, b) = (got[i * cols + j] as f64, want(i, j));
+                    assert!((a - b).abs() < 1e-4, "({i},{j}): {a} vs {b}");
+                }
+            }
+        };
+        let y = gemm((m, k, n), &x, (k, 1), &w, (n, 1)).unwrap();
+        check(y, m, n, &|i, j| (0..k).map(|t| r(x[i * k + t]) * r(w[t * n + j])).sum());
+        // dx = g @ w^T: [m, k].
+        let dx = gemm((m, n, k), &g, (n, 1), &w, (1, n)).unwrap();
+        check(dx, m, k, &|i, j| (0..n).map(|t| r(g[i * n + t]) * r(w[j * n + t])).sum());
+        // dw = x^T @ g: [k, n].
+        let dw = gemm((k, m, n), &x, (1, k), &g, (n, 1)).unwrap();
+        check(dw, k, n, &|i, j| (0..m).map(|t| r(x[t * k + i]) * r(g[t * n + j])).sum());
+        assert!(gemm((m, k, n), &x[1..], (k, 1), &w, (n, 1)).is_err());
     }
 
     #[test]

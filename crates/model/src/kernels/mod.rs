@@ -429,7 +429,7 @@ mod softmax;
 mod swiglu;
 
 pub use amx::amx_available;
-pub(crate) use amx::{AmxLinear, AmxMatrix};
+pub(crate) use amx::{AmxLinear, AmxMatmul, AmxMatrix};
 pub(crate) use attention::Attention;
 pub(crate) use bias::BiasAdd;
 pub(crate) use cross_entropy::{LinearNll, Nll};
