@@ -410,9 +410,10 @@ fn linear(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>, how: Product) ->
         Product::Packed(m) => x
             .contiguous()?
             .apply_op1_no_bwd(&crate::kernels::AmxLinear(m.clone()))?,
-        Product::Bf16 { need_dw } => x
-            .contiguous()?
-            .apply_op2(&weight_t.contiguous()?, crate::kernels::AmxMatmul { need_dw })?,
+        Product::Bf16 { need_dw } => x.contiguous()?.apply_op2(
+            &weight_t.contiguous()?,
+            crate::kernels::AmxMatmul { need_dw },
+        )?,
         Product::F32 => x.matmul(weight_t)?,
     };
     Ok(match bias {

@@ -401,15 +401,25 @@ fn bf16_matmuls_train_close_to_transformers() {
         let (loss32, grads32) = next_token_loss(&ck.model, &ids, false);
         let on = ck.model.set_bf16_matmuls(true);
         assert_eq!(on, tooltrain_model::amx_available());
-        let want = r["loss"].to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let want = r["loss"]
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         for checkpoint in [false, true] {
             let (loss, grads) = next_token_loss(&ck.model, &ids, checkpoint);
             if !on {
                 assert_eq!(loss, loss32);
                 continue;
             }
-            assert!((loss - want).abs() / want < 2e-3, "{name}: loss {loss} vs {want}");
-            assert_ne!(loss, loss32, "{name}: the AMX path gave f32's loss bit for bit");
+            assert!(
+                (loss - want).abs() / want < 2e-3,
+                "{name}: loss {loss} vs {want}"
+            );
+            assert_ne!(
+                loss, loss32,
+                "{name}: the AMX path gave f32's loss bit for bit"
+            );
             let hf = ck.model.hf_grads(&grads).unwrap();
             let mut worst = 0f64;
             for (pname, g) in &hf {

@@ -376,7 +376,9 @@ fn setup(cfg: &RlConfig, run: &RunDir, progress: bool) -> Result<Session> {
     })?);
     let model = Arc::new(ck.model);
     if cfg.bf16_matmuls && !model.set_bf16_matmuls(true) {
-        tracing::warn!("bf16_matmuls: no AMX on this CPU (or the model is not f32): training in f32");
+        tracing::warn!(
+            "bf16_matmuls: no AMX on this CPU (or the model is not f32): training in f32"
+        );
     }
     let renderer =
         Renderer::new(tokenizer.clone()).map_err(|e| anyhow!("{}: {e}", from.display()))?;

@@ -163,25 +163,30 @@ fn rows_bf16(x: &[f32], m: usize, k: usize, (rs, cs): (usize, usize), kp: usize)
     let mp = m.div_ceil(32) * 32;
     let mut a = vec![0u16; mp * kp];
     if rs == 1 && cs != 1 {
-        a.par_chunks_mut(16 * kp).enumerate().for_each(|(blk, dst)| {
-            let (i0, i1) = (blk * 16, (blk * 16 + 16).min(m));
-            if i0 >= i1 {
-                return;
-            }
-            for j in 0..k {
-                let col = &x[j * cs + i0..j * cs + i1];
-                for (r, &v) in col.iter().enumerate() {
-                    dst[r * kp + j] = bf16_bits(v);
+        a.par_chunks_mut(16 * kp)
+            .enumerate()
+            .for_each(|(blk, dst)| {
+                let (i0, i1) = (blk * 16, (blk * 16 + 16).min(m));
+                if i0 >= i1 {
+                    return;
                 }
-            }
-        });
+                for j in 0..k {
+                    let col = &x[j * cs + i0..j * cs + i1];
+                    for (r, &v) in col.iter().enumerate() {
+                        dst[r * kp + j] = bf16_bits(v);
+                    }
+                }
+            });
     } else {
-        a.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, dst)| {
-            let src = &x[i * rs..];
-            for (j, d) in dst[..k].iter_mut().enumerate() {
-                *d = bf16_bits(src[j * cs]);
-            }
-        });
+        a.par_chunks_mut(kp)
+            .take(m)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let src = &x[i * rs..];
+                for (j, d) in dst[..k].iter_mut().enumerate() {
+                    *d = bf16_bits(src[j * cs]);
+                }
+            });
     }
     a
 }
@@ -261,7 +266,11 @@ impl CustomOp2 for AmxGemm {
             _ => br,
         };
         if dims.1 != inner_b {
-            bail!("AMX product: {:?} and {:?} do not fit", la.dims(), lb.dims())
+            bail!(
+                "AMX product: {:?} and {:?} do not fit",
+                la.dims(),
+                lb.dims()
+            )
         }
         let y = gemm(dims, a, astr, b, bstr)?;
         Ok((CpuStorage::F32(y), Shape::from((dims.0, dims.2))))
@@ -552,23 +561,30 @@ mod tests {
         let w = values(k * n, 22); // [k, n]
         let g = values(m * n, 23); // [m, n]
         let r = |v: f32| bf16_value(bf16_bits(v)) as f64;
-        let check = |got: Vec<f32>, rows: usize, cols: usize, want: &dyn Fn(usize, usize) -> f64| {
-            assert_eq!(got.len(), rows * cols);
-            for i in 0..rows {
-                for j in 0..cols {
-                    let (a, b) = (got[i * cols + j] as f64, want(i, j));
-                    assert!((a - b).abs() < 1e-4, "({i},{j}): {a} vs {b}");
+        let check =
+            |got: Vec<f32>, rows: usize, cols: usize, want: &dyn Fn(usize, usize) -> f64| {
+                assert_eq!(got.len(), rows * cols);
+                for i in 0..rows {
+                    for j in 0..cols {
+                        let (a, b) = (got[i * cols + j] as f64, want(i, j));
+                        assert!((a - b).abs() < 1e-4, "({i},{j}): {a} vs {b}");
+                    }
                 }
-            }
-        };
+            };
         let y = gemm((m, k, n), &x, (k, 1), &w, (n, 1)).unwrap();
-        check(y, m, n, &|i, j| (0..k).map(|t| r(x[i * k + t]) * r(w[t * n + j])).sum());
+        check(y, m, n, &|i, j| {
+            (0..k).map(|t| r(x[i * k + t]) * r(w[t * n + j])).sum()
+        });
         // dx = g @ w^T: [m, k].
         let dx = gemm((m, n, k), &g, (n, 1), &w, (1, n)).unwrap();
-        check(dx, m, k, &|i, j| (0..n).map(|t| r(g[i * n + t]) * r(w[j * n + t])).sum());
+        check(dx, m, k, &|i, j| {
+            (0..n).map(|t| r(g[i * n + t]) * r(w[j * n + t])).sum()
+        });
         // dw = x^T @ g: [k, n].
         let dw = gemm((k, m, n), &x, (1, k), &g, (n, 1)).unwrap();
-        check(dw, k, n, &|i, j| (0..m).map(|t| r(x[t * k + i]) * r(g[t * n + j])).sum());
+        check(dw, k, n, &|i, j| {
+            (0..m).map(|t| r(x[t * k + i]) * r(g[t * n + j])).sum()
+        });
         assert!(gemm((m, k, n), &x[1..], (k, 1), &w, (n, 1)).is_err());
     }
 
