@@ -37,11 +37,15 @@ pub(crate) struct AmxMatrix {
 /// `x` rounded to the nearest bf16, ties to even (NaN stays NaN).
 #[inline(always)]
 pub(crate) fn bf16_bits(x: f32) -> u16 {
+    // Branch-free, so that the conversion loops vectorise.
     let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
+    let quiet_nan = (b >> 16) | 0x40;
+    (if b & 0x7fff_ffff > 0x7f80_0000 {
+        quiet_nan
+    } else {
+        rounded
+    }) as u16
 }
 
 /// The f32 value of bf16 bits.
@@ -83,20 +87,23 @@ impl AmxMatrix {
         data.par_chunks_mut(kbs * 512)
             .enumerate()
             .for_each(|(nb, col)| {
-                for (kb, tile) in col.chunks_mut(512).enumerate() {
-                    for kk in 0..32 {
-                        let kr = kb * 32 + kk;
-                        if kr >= k {
-                            break;
-                        }
-                        for j in 0..16 {
-                            let c = nb * 16 + j;
-                            if c < n {
-                                tile[(kk / 2) * 32 + j * 2 + kk % 2] = bf16_bits(w[at(kr, c)]);
+                fast!({
+                    for (kb, tile) in col.chunks_mut(512).enumerate() {
+                        for kk in 0..32 {
+                            let kr = kb * 32 + kk;
+                            if kr >= k {
+                                break;
+                            }
+                            for j in 0..16 {
+                                let c = nb * 16 + j;
+                                if c < n {
+                                    tile[(kk / 2) * 32 + j * 2 + kk % 2] =
+                                        bf16_bits(w[at(kr, c)]);
+                                }
                             }
                         }
                     }
-                }
+                })
             });
         AmxMatrix { k, n, kp, np, data }
     }
@@ -170,12 +177,14 @@ fn rows_bf16(x: &[f32], m: usize, k: usize, (rs, cs): (usize, usize), kp: usize)
                 if i0 >= i1 {
                     return;
                 }
-                for j in 0..k {
-                    let col = &x[j * cs + i0..j * cs + i1];
-                    for (r, &v) in col.iter().enumerate() {
-                        dst[r * kp + j] = bf16_bits(v);
+                fast!({
+                    for j in 0..k {
+                        let col = &x[j * cs + i0..j * cs + i1];
+                        for (r, &v) in col.iter().enumerate() {
+                            dst[r * kp + j] = bf16_bits(v);
+                        }
                     }
-                }
+                })
             });
     } else {
         a.par_chunks_mut(kp)
@@ -183,9 +192,17 @@ fn rows_bf16(x: &[f32], m: usize, k: usize, (rs, cs): (usize, usize), kp: usize)
             .enumerate()
             .for_each(|(i, dst)| {
                 let src = &x[i * rs..];
-                for (j, d) in dst[..k].iter_mut().enumerate() {
-                    *d = bf16_bits(src[j * cs]);
-                }
+                fast!({
+                    if cs == 1 {
+                        for (d, &v) in dst[..k].iter_mut().zip(&src[..k]) {
+                            *d = bf16_bits(v);
+                        }
+                    } else {
+                        for (j, d) in dst[..k].iter_mut().enumerate() {
+                            *d = bf16_bits(src[j * cs]);
+                        }
+                    }
+                })
             });
     }
     a
