@@ -646,25 +646,26 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
         bf16: true,
         ..Default::default()
     };
-    let check = |m: &CausalLM| {
-        let out = m.generate(&prs, &p, None).unwrap();
+    let f32_gen = |m: &CausalLM| {
+        let p32 = SamplingParams {
+            bf16: false,
+            ..p.clone()
+        };
+        m.generate(&prs, &p32, None).unwrap()
+    };
+    // The largest gap between generations' log-probs and the f32 model's for their tokens.
+    let gap = |m: &CausalLM, gens: &[tooltrain_model::Generation]| {
         let mut worst = 0f32;
-        for (pr, g) in prs.iter().zip(&out) {
-            let want = f32_logprobs(m, pr, &g.tokens);
-            for (a, b) in g.logprobs.iter().zip(&want) {
+        for (pr, g) in prs.iter().zip(gens) {
+            for (a, b) in g.logprobs.iter().zip(f32_logprobs(m, pr, &g.tokens)) {
                 worst = worst.max((a - b).abs());
             }
         }
-        let f32_out = m
-            .generate(
-                &prs,
-                &SamplingParams {
-                    bf16: false,
-                    ..p.clone()
-                },
-                None,
-            )
-            .unwrap();
+        worst
+    };
+    let check = |m: &CausalLM| {
+        let out = m.generate(&prs, &p, None).unwrap();
+        let worst = gap(m, &out);
         if tooltrain_model::amx_available() {
             eprintln!("bf16 log-probs within {worst} of f32");
             assert!(worst < 0.25, "bf16 log-probs {worst} from f32");
@@ -672,23 +673,13 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
             assert!(worst > 0.0, "bf16 decoding gave f32's exact log-probs");
         } else {
             eprintln!("no AMX: bf16 decoding is f32 decoding");
-            for (a, b) in out.iter().zip(&f32_out) {
+            for (a, b) in out.iter().zip(&f32_gen(m)) {
                 assert_eq!(a.tokens, b.tokens);
                 assert_eq!(a.logprobs, b.logprobs);
             }
         }
-        worst
     };
-    let before = m
-        .generate(
-            &prs,
-            &SamplingParams {
-                bf16: false,
-                ..p.clone()
-            },
-            None,
-        )
-        .unwrap();
+    let before = f32_gen(&m);
     check(&m);
     // New weights: every down projection scaled by 3 (a large change of the outputs).
     for (name, v) in m.params() {
@@ -699,12 +690,7 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
     m.weights_changed();
     check(&m);
     // What stale packed weights would have given: the old weights' log-probs, far off.
-    let mut moved = 0f32;
-    for (pr, g) in prs.iter().zip(&before) {
-        for (a, b) in g.logprobs.iter().zip(f32_logprobs(&m, pr, &g.tokens)) {
-            moved = moved.max((a - b).abs());
-        }
-    }
+    let moved = gap(&m, &before);
     eprintln!("the weight change moved log-probs by up to {moved}");
     assert!(
         moved > 1.0,

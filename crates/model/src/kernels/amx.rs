@@ -97,8 +97,7 @@ impl AmxMatrix {
                             for j in 0..16 {
                                 let c = nb * 16 + j;
                                 if c < n {
-                                    tile[(kk / 2) * 32 + j * 2 + kk % 2] =
-                                        bf16_bits(w[at(kr, c)]);
+                                    tile[(kk / 2) * 32 + j * 2 + kk % 2] = bf16_bits(w[at(kr, c)]);
                                 }
                             }
                         }
