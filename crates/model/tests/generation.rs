@@ -56,25 +56,24 @@ fn assert_matches_each_alone(
     batch
 }
 
+/// The logits at every position of `seq`, computed without any cache.
+fn full_logits(m: &CausalLM, seq: &[u32]) -> Vec<Vec<f32>> {
+    let t = seq.len();
+    let x = Tensor::new(seq, m.device()).unwrap().unsqueeze(0).unwrap();
+    let layout = SeqLayout::packed(&[vec![t]], t, m.device()).unwrap();
+    m.logits(&x, &layout)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
 /// Greedy continuation computed without any cache: full recomputation every step.
 fn greedy_by_recompute(m: &CausalLM, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut seq = prompt.to_vec();
     for _ in 0..n {
-        let t = seq.len();
-        let x = Tensor::new(seq.as_slice(), m.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let layout = SeqLayout::packed(&[vec![t]], t, m.device()).unwrap();
-        let logits: Vec<f32> = m
-            .logits(&x, &layout)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(t - 1)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let logits = full_logits(m, &seq).pop().unwrap();
         let best = (0..logits.len())
             .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
             .unwrap();
@@ -607,19 +606,7 @@ fn assert_two_turns_through_a_cache(
 /// temperature 1).
 fn f32_logprobs(m: &CausalLM, prompt: &[u32], tokens: &[u32]) -> Vec<f32> {
     let seq: Vec<u32> = prompt.iter().chain(tokens).copied().collect();
-    let t = seq.len();
-    let x = Tensor::new(seq.as_slice(), m.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let layout = SeqLayout::packed(&[vec![t]], t, m.device()).unwrap();
-    let logits: Vec<Vec<f32>> = m
-        .logits(&x, &layout)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let logits = full_logits(m, &seq);
     tokens
         .iter()
         .enumerate()
