@@ -183,10 +183,6 @@ impl KvCache {
         self
     }
 
-    /// Whether the passes through this cache may use bf16 linear layers.
-    pub fn bf16(&self) -> bool {
-        self.bf16
-    }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.layers
@@ -773,17 +769,19 @@ impl CausalLM {
 
     /// Whether training passes run their linear layers on AMX.
     fn bf16_training(&self) -> bool {
-        self.bf16_matmuls.load(std::sync::atomic::Ordering::SeqCst)
-            && self.device.is_cpu()
-            && self.dtype == DType::F32
-            && crate::kernels::amx_available()
+        self.bf16_matmuls.load(std::sync::atomic::Ordering::SeqCst) && self.amx_usable()
+    }
+
+    /// Whether this model can run its products on AMX: f32 weights on a CPU with AMX.
+    fn amx_usable(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32 && crate::kernels::amx_available()
     }
 
     /// The linear weights packed as bf16 AMX tiles for the current weights version
     /// (packed now when stale); `None` when AMX is unavailable or the model is not f32 on
     /// a CPU.
     pub(crate) fn amx_weights(&self) -> Result<Option<Arc<AmxWeights>>> {
-        if !(self.device.is_cpu() && self.dtype == DType::F32 && crate::kernels::amx_available()) {
+        if !self.amx_usable() {
             return Ok(None);
         }
         let version = self.weights_version();
