@@ -8,6 +8,9 @@
 #   [ROUNDS=3] [CONFIG=benches/qwen2-12m.json] scripts/bench.sh [--steps N] [--batch B]
 #       [--seq T] [--gen-batch B] [--prompt-len T] [--new-tokens N]
 #   scripts/bench-smollm2.sh     # SmolLM2-135M: an SFT step and RL-style decoding
+#   BF16=1 scripts/bench.sh ...  # both sides in mixed precision: ours `--bf16` (bf16
+#                                # products on AMX tiles, f32 elsewhere), PyTorch
+#                                # `--dtype bf16` (bf16 autocast training, bf16 generate)
 #
 # Needs a Python with torch+transformers: $PYTHON, else .venv/bin/python
 # (scripts/setup-python.sh makes it).
@@ -28,10 +31,16 @@ echo "machine: ${cpu:-unknown CPU}, $(nproc) cores; CPU SIMD: ${simd:-none of av
 ROUNDS="${ROUNDS:-3}"
 CONFIG="${CONFIG:-benches/qwen2-12m.json}"
 echo "model: $CONFIG; arguments: $*"
+ours_args=() theirs_args=()
+if [[ "${BF16:-0}" == "1" ]]; then
+  ours_args=(--bf16) theirs_args=(--dtype bf16)
+  echo "precision: mixed (bf16 products; tooltrain --bf16, pytorch --dtype bf16)"
+fi
 results=()
 for ((r = 1; r <= ROUNDS; r++)); do
-  ours=$(cargo bench -q -p tooltrain-model --bench train_gen -- --config "$CONFIG" "$@" | tail -n 1)
-  theirs=$("$PY" scripts/bench_torch.py --config "$CONFIG" "$@" | tail -n 1)
+  ours=$(cargo bench -q -p tooltrain-model --bench train_gen -- --config "$CONFIG" "$@" \
+    "${ours_args[@]}" | tail -n 1)
+  theirs=$("$PY" scripts/bench_torch.py --config "$CONFIG" "$@" "${theirs_args[@]}" | tail -n 1)
   echo "round $r tooltrain: $ours"
   echo "round $r pytorch:   $theirs"
   results+=("$ours" "$theirs")

@@ -137,6 +137,10 @@ pub struct SftConfig {
     /// Recompute each layer's activations in the backward pass (less memory, ~1/3
     /// more compute; identical gradients).
     pub checkpointing: bool,
+    /// The linear layers' forward and both gradients take bf16-rounded operands on AMX
+    /// tiles with f32 sums: mixed precision, with f32 weights, gradients and optimizer.
+    /// f32 models on CPUs with AMX; elsewhere a warning, and f32.
+    pub bf16_matmuls: bool,
     /// Validation loss every this many steps (0: only at the end).
     pub eval_every: u64,
     /// Checkpoint every this many steps (0: only at the end and when stopped).
@@ -188,6 +192,7 @@ impl Default for SftConfig {
             max_grad_norm: 1.0,
             master_weights: true,
             checkpointing: false,
+            bf16_matmuls: false,
             eval_every: 0,
             save_every: 0,
             keep_checkpoints: 2,
@@ -563,6 +568,13 @@ fn setup(cfg: &SftConfig, run: &RunDir, progress: bool) -> Result<Session> {
                 .load_adapter(&a)
                 .with_context(|| format!("loading the adapters {}", a.display()))?;
         }
+    }
+    if cfg.bf16_matmuls && !model.set_bf16_matmuls(true) {
+        pb.suspend(|| {
+            tracing::warn!(
+                "bf16_matmuls: no AMX on this CPU (or the model is not f32): training in f32"
+            )
+        });
     }
     if tokenizer.is_none() {
         pb.suspend(|| {

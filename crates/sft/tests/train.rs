@@ -318,6 +318,27 @@ fn loss_is_the_masked_token_mean_however_batched() {
     let l = step_losses(&h);
     assert!(rel(l[0], base[0]) < 5e-3, "bf16: {} vs {}", l[0], base[0]);
 
+    // Mixed precision on AMX (`bf16_matmuls`): the linear layers take bf16-rounded
+    // operands, so the loss moves off f32's, but only a little, before and after an
+    // update. Without AMX the switch changes nothing.
+    let mut mp = cfg.clone();
+    mp.bf16_matmuls = true;
+    mp.output_dir = dir.path().join("bf16-matmuls");
+    let l = step_losses(&mp);
+    if tooltrain_model::amx_available() {
+        assert!(l[0] != base[0], "bf16_matmuls did not reach the model");
+        for i in 0..2 {
+            assert!(
+                rel(l[i], base[i]) < 5e-3,
+                "bf16_matmuls step {i}: {} vs {}",
+                l[i],
+                base[i]
+            );
+        }
+    } else {
+        assert_eq!(l, base);
+    }
+
     // At lr 1e-5 most updates are below bf16's resolution: bf16 weights alone lose them,
     // f32 master weights keep them. 30 steps on the same batch: the loss falls as in f32.
     let mut m = h.clone();

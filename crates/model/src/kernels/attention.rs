@@ -7,7 +7,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::{cast, dot, mm, slice, softmax_in_place, Elem};
+use super::{cast, dot, mm, slice, softmax_in_place, written_in_full, Elem};
 
 /// Causal multi-head attention with RoPE and grouped key/value heads, fused into one
 /// op over the packed projection `qkv: [b * s, (heads + 2 kv_heads) * head_dim]`
@@ -104,7 +104,7 @@ fn head_rows<T: Elem>(
     cs: Option<(&[T], &[T])>,
 ) -> Vec<T> {
     let (s, hd, half) = (g.s, g.hd, g.hd / 2);
-    let mut out = vec![T::zero(); s * hd];
+    let mut out = written_in_full(s * hd);
     for t in 0..s {
         let src = &qkv[(bi * s + t) * g.d + col..(bi * s + t) * g.d + col + hd];
         let dst = &mut out[t * hd..(t + 1) * hd];
@@ -204,8 +204,8 @@ fn attn_fwd_with<T: Elem>(
                 let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
                 let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
                 let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
-                let mut o = vec![T::zero(); s * hd];
-                let mut p = vec![T::zero(); QBLOCK * s];
+                let mut o = written_in_full(s * hd);
+                let mut p = written_in_full(QBLOCK * s);
                 for r0 in (0..s).step_by(QBLOCK) {
                     let r1 = (r0 + QBLOCK).min(s);
                     probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
@@ -224,7 +224,7 @@ fn attn_fwd_with<T: Elem>(
             })
         })
         .collect();
-    let mut out = vec![T::zero(); g.b * s * nh * hd];
+    let mut out = written_in_full(g.b * s * nh * hd);
     for (task, o) in heads.iter().enumerate() {
         let (bi, h) = (task / nh, task % nh);
         for t in 0..s {
@@ -293,12 +293,12 @@ fn attn_bwd_with<T: Elem>(
                 let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
                 let mut dk = vec![T::zero(); s * hd];
                 let mut dv = vec![T::zero(); s * hd];
-                let mut p = vec![T::zero(); QBLOCK * s];
-                let mut dp = vec![T::zero(); QBLOCK * s];
+                let mut p = written_in_full(QBLOCK * s);
+                let mut dp = written_in_full(QBLOCK * s);
                 let mut dqs = Vec::with_capacity(grp);
                 for h in j * grp..(j + 1) * grp {
                     let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
-                    let mut dq = vec![T::zero(); s * hd];
+                    let mut dq = written_in_full(s * hd);
                     let dob = &dout[(bi * s) * od + h * hd..];
                     for r0 in (0..s).step_by(QBLOCK) {
                         let r1 = (r0 + QBLOCK).min(s);
@@ -364,7 +364,7 @@ fn attn_bwd_with<T: Elem>(
             })
         })
         .collect();
-    let mut dx = vec![T::zero(); x.len()];
+    let mut dx = written_in_full(x.len());
     for (task, (dqs, dk, dv)) in parts.iter().enumerate() {
         let (bi, j) = (task / nkv, task % nkv);
         for t in 0..s {

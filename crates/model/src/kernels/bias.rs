@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{rows_per_task, slice, Elem};
+use super::{rows_per_task, slice, written_in_full, Elem};
 
 /// `x + bias` row by row (`x: [n, d]`, `bias: [d]`); its backward sums the gradient's
 /// rows into the bias gradient in one pass (candle's generic reduction over the leading
@@ -19,7 +19,7 @@ fn bias_fwd<T: Elem>(
 ) -> Result<(CpuStorage, Shape)> {
     let (x, b) = (slice::<T>(x, lx, "bias")?, slice::<T>(b, lb, "bias")?);
     let d = b.len();
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = written_in_full(x.len());
     let rpt = rows_per_task(d);
     y.par_chunks_mut(d * rpt)
         .zip(x.par_chunks(d * rpt))

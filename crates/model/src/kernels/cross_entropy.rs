@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{fold_lanes, max_of, mm_par, slice, softmax_in_place, Elem, LANES};
+use super::{fold_lanes, max_of, mm_par, slice, softmax_in_place, written_in_full, Elem, LANES};
 
 /// Per-row negative log-likelihood `lse(z) - z[target]` of `logits: [n, v]` against
 /// `targets: [n]` (u32); rows whose target is `ignore` give 0.
@@ -121,7 +121,7 @@ fn nll_bwd<T: Elem>(
         slice::<T>(g, lg, "cross-entropy bwd")?,
     );
     let (_, v) = lz.shape().dims2()?;
-    let mut dz = vec![T::zero(); zs.len()];
+    let mut dz = written_in_full(zs.len());
     dz.par_chunks_mut(v)
         .zip(zs.par_chunks(v))
         .zip(tg.par_iter().zip(gs.par_iter()))
@@ -129,6 +129,8 @@ fn nll_bwd<T: Elem>(
             if Some(t) != ignore {
                 dz.copy_from_slice(z);
                 row_nll_grad(dz, t as usize, g);
+            } else {
+                dz.fill(T::zero());
             }
         });
     Ok((T::to_cpu_storage_owned(dz), lz.shape().clone()))
@@ -190,7 +192,7 @@ fn linear_nll_fwd<T: Elem>(
         )
     }
     check_targets(tg, v, op.ignore)?;
-    let mut z = vec![T::zero(); n * v];
+    let mut z = written_in_full(n * v);
     if n > 0 {
         mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
     }
@@ -281,7 +283,7 @@ fn linear_nll_bwd<T: Elem>(
             _ => bail!("linear-nll: cached logits have another dtype"),
         },
         None => {
-            let mut z = vec![T::zero(); n * v];
+            let mut z = written_in_full(n * v);
             if n > 0 {
                 mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
             }
@@ -300,7 +302,12 @@ fn linear_nll_bwd<T: Elem>(
                 z[t as usize] = z[t as usize] - g;
             }
         });
-    let mut out = vec![T::zero(); n * hd + v * hd];
+    // With no rows, the weight's gradient is zero; otherwise both products write all of it.
+    let mut out = if n > 0 {
+        written_in_full(n * hd + v * hd)
+    } else {
+        vec![T::zero(); v * hd]
+    };
     if n > 0 {
         let (dh, dw) = out.split_at_mut(n * hd);
         mm_par((n, hd, v), dh, &z, (v, 1), ws, (hd, 1));

@@ -309,6 +309,23 @@ fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
 }
 
+/// A buffer of `n` elements that the caller writes in full before anything reads it: an
+/// op's output, or a scratch row. Release builds skip the zero-fill (`vec![0; n]` clears
+/// every byte of a reused heap block); builds with debug assertions, the tests among
+/// them, fill it with NaN instead, so an element a kernel forgets to write reaches the
+/// tests that compare its outputs with a reference, and fails them.
+#[inline]
+fn written_in_full<T: Elem>(n: usize) -> Vec<T> {
+    if cfg!(debug_assertions) {
+        return vec![T::nan(); n];
+    }
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 and f64 have no invalid bit patterns and no destructors, and every
+    // caller overwrites all `n` elements before reading any (see above).
+    unsafe { v.set_len(n) };
+    v
+}
+
 macro_rules! dispatch {
     ($dtype:expr, $f:ident($($arg:expr),*)) => {
         match $dtype {

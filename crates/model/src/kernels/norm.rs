@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cast, dot, rows_per_task, slice, Elem};
+use super::{cast, dot, rows_per_task, slice, written_in_full, Elem};
 
 pub(crate) struct RmsNorm {
     pub eps: f64,
@@ -22,7 +22,7 @@ fn rms_fwd<T: Elem>(
         slice::<T>(w, lw, "rms-norm")?,
     );
     let h = w.len();
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = written_in_full(x.len());
     let rpt = rows_per_task(h);
     y.par_chunks_mut(h * rpt)
         .zip(x.par_chunks(h * rpt))
@@ -100,8 +100,9 @@ fn rms_bwd<T: Elem>(
         slice::<T>(g, lg, "rms-norm")?,
     );
     let h = w.len();
-    let mut out = vec![T::zero(); x.len() + h];
+    let mut out = written_in_full(x.len() + h);
     let (dx, dw_out) = out.split_at_mut(x.len());
+    dw_out.fill(T::zero());
     let rpt = rows_per_task(h);
     let partial: Vec<Vec<T>> = dx
         .par_chunks_mut(h * rpt)

@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, Elem};
+use super::{slice, written_in_full, Elem};
 
 /// Rotary embedding fused with the head transpose: `x: [b, t, h, d]` ->
 /// `[b, h, t, d]` (`rotate_half` convention), `cos`/`sin: [b, t, d/2]`.
@@ -23,7 +23,7 @@ fn rope_kernel<T: Elem>(
 ) -> Vec<T> {
     let (_, t, h, d) = dims;
     let half = d / 2;
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = written_in_full(x.len());
     // Output-major iteration: each output row is one contiguous slice of d.
     y.par_chunks_mut(d).enumerate().for_each(|(row, out)| {
         // Output layout: inverse -> [b, t, h, d]; forward -> [b, h, t, d].

@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cast, dot, slice, softmax_in_place, Elem};
+use super::{cast, dot, slice, softmax_in_place, written_in_full, Elem};
 
 /// `softmax(scale * x + mask)` over the last dimension. `x: [b, h, t, s]`; the optional
 /// mask `[b, t, s]` is shared by the `h` heads (no gradient flows into it).
@@ -38,7 +38,7 @@ fn softmax_fwd<T: Elem>(
 ) -> Result<(CpuStorage, Shape)> {
     let xs = slice::<T>(x, lx, "softmax")?;
     let s = *lx.dims().last().unwrap_or(&1);
-    let mut y = vec![T::zero(); xs.len()];
+    let mut y = written_in_full(xs.len());
     let scale: T = cast(scale);
     match mask {
         None => y
@@ -133,7 +133,7 @@ fn softmax_bwd<T: Elem>(
         slice::<T>(g, lg, "softmax bwd")?,
     );
     let s = *ly.dims().last().unwrap_or(&1);
-    let mut dx = vec![T::zero(); ys.len()];
+    let mut dx = written_in_full(ys.len());
     let scale: T = cast(scale);
     dx.par_chunks_mut(s)
         .zip(ys.par_chunks(s).zip(gs.par_chunks(s)))

@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, Elem};
+use super::{slice, written_in_full, Elem};
 
 /// `silu(gate) * up` where `gate_up = [.., 2 * i]` holds gate then up in each row.
 pub(crate) struct SwiGlu;
@@ -22,7 +22,7 @@ fn swiglu_fwd<T: Elem>(gu: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape
         bail!("swiglu: last dimension {i2} is odd")
     }
     let i = i2 / 2;
-    let mut y = vec![T::zero(); x.len() / 2];
+    let mut y = written_in_full(x.len() / 2);
     y.par_chunks_mut(i)
         .zip(x.par_chunks(i2))
         .for_each(|(y, x)| {
@@ -66,7 +66,7 @@ fn swiglu_bwd<T: Elem>(
     );
     let i2 = *l.dims().last().unwrap_or(&0);
     let i = i2 / 2;
-    let mut dx = vec![T::zero(); x.len()];
+    let mut dx = written_in_full(x.len());
     dx.par_chunks_mut(i2)
         .zip(x.par_chunks(i2).zip(gs.par_chunks(i)))
         .for_each(|(dx, (x, g))| {
