@@ -114,7 +114,9 @@ fn main() -> tooltrain_model::Result<()> {
         let w = model.lm_head_weight(true);
         let (loss, grads) = model.forward_backward(&ids, &layout, checkpoint, |hid| {
             let h = hid.narrow(1, 0, seq - 1)?.reshape(((), cfg.hidden_size))?;
-            Ok(ops::linear_cross_entropy(&h, &w, &targets, None)?)
+            Ok(ops::linear_cross_entropy_with(
+                &h, &w, &targets, None, bf16,
+            )?)
         })?;
         opt.step(&grads, 1e-4, 1.0)?;
         Ok(loss)

@@ -764,11 +764,13 @@ impl CausalLM {
     pub fn set_bf16_matmuls(&self, on: bool) -> bool {
         self.bf16_matmuls
             .store(on, std::sync::atomic::Ordering::SeqCst);
-        self.bf16_training()
+        self.bf16_matmuls_active()
     }
 
-    /// Whether training passes run their linear layers on AMX.
-    fn bf16_training(&self) -> bool {
+    /// Whether training passes run their linear layers on AMX: [`Self::set_bf16_matmuls`]
+    /// is on and the model can (f32 weights, a CPU with AMX). The fused loss head
+    /// ([`crate::ops::linear_cross_entropy_with`]) follows it.
+    pub fn bf16_matmuls_active(&self) -> bool {
         self.bf16_matmuls.load(std::sync::atomic::Ordering::SeqCst) && self.amx_usable()
     }
 
@@ -1106,7 +1108,7 @@ impl CausalLM {
             Some(c) if c.bf16 => self.amx_weights()?,
             _ => None,
         };
-        let bf16 = cache.is_none() && self.bf16_training();
+        let bf16 = cache.is_none() && self.bf16_matmuls_active();
         let (cos, sin) = self.rope_tables(&layout.positions)?;
         let mut x = self.embed_ids(ids, t)?;
         if let Some(c) = cache.as_mut() {
@@ -1189,7 +1191,7 @@ impl CausalLM {
         self.check_layout(ids, layout, 0)?;
         let (cos, sin) = self.rope_tables(&layout.positions)?;
         // The recomputed layers must compute what the forward pass did.
-        let prec = if self.bf16_training() {
+        let prec = if self.bf16_matmuls_active() {
             Prec::Bf16
         } else {
             Prec::F32

@@ -455,6 +455,20 @@ pub fn linear_cross_entropy(
     targets: &Tensor,
     ignore: Option<u32>,
 ) -> Result<Tensor> {
+    linear_cross_entropy_with(hidden, weight, targets, ignore, false)
+}
+
+/// [`linear_cross_entropy`], with `bf16`: the logits and both gradients' products from
+/// bf16-rounded operands with f32 sums on AMX tiles (mixed-precision training, as
+/// [`crate::CausalLM::bf16_matmuls_active`] says), the softmax in f32. Without AMX, or for
+/// other dtypes, `bf16` changes nothing.
+pub fn linear_cross_entropy_with(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    ignore: Option<u32>,
+    bf16: bool,
+) -> Result<Tensor> {
     let targets = targets.to_dtype(DType::U32)?;
     if !(cpu_kernel(hidden) && weight.dtype() == hidden.dtype()) {
         return cross_entropy(&hidden.matmul(&weight.t()?)?, &targets, ignore);
@@ -462,6 +476,7 @@ pub fn linear_cross_entropy(
     let op = kernels::LinearNll {
         ignore,
         logits: Default::default(),
+        bf16: bf16 && hidden.dtype() == DType::F32 && kernels::amx_available(),
     };
     let per_row =
         hidden
@@ -830,6 +845,64 @@ pub(crate) mod tests {
             .to_scalar::<f64>()
             .unwrap();
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+
+    /// The fused head in mixed precision: its loss is the f32 loss of the bf16-rounded
+    /// hidden states and weight (only the summation order differs), and its gradients
+    /// are theirs up to the rounding of the logits' gradient. Without AMX it is f32.
+    #[test]
+    fn bf16_head_is_the_f32_head_of_rounded_operands() {
+        let round = |t: &Tensor| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let r: Vec<f32> = v
+                .iter()
+                .map(|&x| kernels::amx::bf16_value(kernels::amx::bf16_bits(x)))
+                .collect();
+            Tensor::from_vec(r, t.shape(), t.device()).unwrap()
+        };
+        let f32t = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        // Sizes that are not multiples of the 16 x 32 tiles.
+        let (h, w) = (f32t(rand64(&[37, 40], 41)), f32t(rand64(&[70, 40], 42)));
+        let targets = Tensor::new(
+            &(0..37u32).map(|i| (i * 29 + 3) % 70).collect::<Vec<_>>()[..],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let run = |h: &Tensor, w: &Tensor, bf16: bool| {
+            let (hv, wv) = (Var::from_tensor(h).unwrap(), Var::from_tensor(w).unwrap());
+            let loss =
+                linear_cross_entropy_with(hv.as_tensor(), wv.as_tensor(), &targets, None, bf16)
+                    .unwrap();
+            let g = loss.backward().unwrap();
+            let grads = [hv.as_tensor(), wv.as_tensor()].map(|v| g.get(v).unwrap().clone());
+            (loss.to_scalar::<f32>().unwrap() as f64, grads)
+        };
+        let (l32, g32) = run(&h, &w, false);
+        let (l16, g16) = run(&h, &w, true);
+        if !kernels::amx_available() {
+            assert_eq!(l16, l32);
+            return;
+        }
+        let (lr, gr) = run(&round(&h), &round(&w), false);
+        assert!((l16 - lr).abs() < 1e-6 * lr, "loss {l16} vs {lr}");
+        assert!(
+            (l16 - l32).abs() > 1e-6 * l32,
+            "the AMX head gave the f32 loss"
+        );
+        for (i, (a, b)) in g16.iter().zip(&gr).enumerate() {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            let d = max_abs_diff(
+                &a.to_dtype(DType::F64).unwrap(),
+                &b.to_dtype(DType::F64).unwrap(),
+            );
+            assert!(d < 1e-2 * scale, "gradient {i}: {d} off (scale {scale})");
+        }
     }
 
     #[test]

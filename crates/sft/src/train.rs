@@ -775,11 +775,12 @@ fn forward_backward_batch(
         // the sum over micro-batches is the token mean over the whole batch.
         let weight = t.kept as f64 / kept_global as f64;
         let w = model.lm_head_weight(true);
+        let bf16 = model.bf16_matmuls_active();
         let (loss, mut grads) =
             model.forward_backward(&t.ids, &t.layout, cfg.checkpointing, |hid| {
                 // Only positions with a target reach the output projection.
                 let h = hid.reshape(((), hidden))?.index_select(&t.positions, 0)?;
-                Ok((head_loss(&h, &w, &t.targets)? * weight)?)
+                Ok((head_loss(&h, &w, &t.targets, bf16)? * weight)?)
             })?;
         loss_sum += loss;
         tokens += t.tokens;
@@ -792,16 +793,18 @@ fn forward_backward_batch(
     Ok(Some((loss_sum, acc, tokens)))
 }
 
-/// Mean cross-entropy of `targets` under the logits `h @ w^T`. Half-precision
-/// weights are upcast to f32 first: a log-softmax summed in bf16 over a 150k vocabulary
-/// stalls (bf16 has 8 significant bits) and the loss would be wrong.
+/// Mean cross-entropy of `targets` under the logits `h @ w^T` (with `bf16`, its products
+/// on AMX like the layers': `bf16_matmuls`). Half-precision weights are upcast to f32
+/// first: a log-softmax summed in bf16 over a 150k vocabulary stalls (bf16 has 8
+/// significant bits) and the loss would be wrong.
 fn head_loss(
     h: &candle_core::Tensor,
     w: &candle_core::Tensor,
     targets: &candle_core::Tensor,
+    bf16: bool,
 ) -> candle_core::Result<candle_core::Tensor> {
     if matches!(h.dtype(), DType::F32 | DType::F64) {
-        return ops::linear_cross_entropy(h, w, targets, None);
+        return ops::linear_cross_entropy_with(h, w, targets, None, bf16);
     }
     ops::linear_cross_entropy(
         &h.to_dtype(DType::F32)?,
@@ -822,7 +825,7 @@ fn evaluate(model: &CausalLM, set: &[SftExample], cfg: &SftConfig) -> Result<f64
         let t = build_micro_batch(&refs, &mb, model.device())?;
         let hid = model.hidden_states(&t.ids, &t.layout)?;
         let h = hid.reshape(((), hidden))?.index_select(&t.positions, 0)?;
-        let loss = head_loss(&h, &w, &t.targets)?;
+        let loss = head_loss(&h, &w, &t.targets, false)?;
         sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * t.kept as f64;
         kept += t.kept;
     }

@@ -163,6 +163,42 @@ impl CustomOp3 for NllBwd {
 pub(crate) struct LinearNll {
     pub ignore: Option<u32>,
     pub logits: CachedLogits,
+    /// The three products on AMX tiles from bf16-rounded operands with f32 sums (f32
+    /// only; the caller checks that AMX is available). The softmax stays f32.
+    pub bf16: bool,
+}
+
+/// `dst[m x n] = a[m x k] @ b[k x n]`, operands by (row, column) strides: gemm in `T`,
+/// or with `bf16` (f32 only) on AMX tiles from bf16-rounded operands with f32 sums.
+#[allow(clippy::too_many_arguments)]
+fn head_product<T: Elem>(
+    bf16: bool,
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    a: &[T],
+    astr: (usize, usize),
+    b: &[T],
+    bstr: (usize, usize),
+) -> Result<()> {
+    if !bf16 {
+        mm_par((m, n, k), dst, a, astr, b, bstr);
+        return Ok(());
+    }
+    if T::DTYPE != DType::F32 {
+        bail!(
+            "linear-nll: bf16 products take f32 operands, not {:?}",
+            T::DTYPE
+        )
+    }
+    let f32s = |s: &[T]| {
+        // SAFETY: T is f32 (checked above).
+        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) }
+    };
+    let c = super::amx::gemm((m, k, n), f32s(a), astr, f32s(b), bstr)?;
+    // SAFETY: as above.
+    let d = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len()) };
+    d[..c.len()].copy_from_slice(&c);
+    Ok(())
 }
 
 /// The logits `[n, vocab]` of a [`LinearNll`] forward and their per-row log-sum-exp `[n]`,
@@ -194,7 +230,7 @@ fn linear_nll_fwd<T: Elem>(
     check_targets(tg, v, op.ignore)?;
     let mut z = written_in_full(n * v);
     if n > 0 {
-        mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
+        head_product(op.bf16, (n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd))?;
     }
     let lse: Vec<T> = z.par_chunks(v).map(row_lse).collect();
     let out: Vec<T> = (0..n)
@@ -237,6 +273,7 @@ impl CustomOp3 for LinearNll {
         // The row gradients travel with the targets: [n] u32 + [n] grad in one op call.
         let bwd = LinearNllBwd {
             ignore: self.ignore,
+            bf16: self.bf16,
             logits: self.logits.clone(),
             targets: t.clone(),
         };
@@ -251,6 +288,7 @@ impl CustomOp3 for LinearNll {
 
 struct LinearNllBwd {
     ignore: Option<u32>,
+    bf16: bool,
     logits: CachedLogits,
     targets: Tensor,
 }
@@ -285,7 +323,7 @@ fn linear_nll_bwd<T: Elem>(
         None => {
             let mut z = written_in_full(n * v);
             if n > 0 {
-                mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
+                head_product(op.bf16, (n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd))?;
             }
             let lse = z.par_chunks(v).map(row_lse).collect();
             (z, lse)
@@ -310,8 +348,8 @@ fn linear_nll_bwd<T: Elem>(
     };
     if n > 0 {
         let (dh, dw) = out.split_at_mut(n * hd);
-        mm_par((n, hd, v), dh, &z, (v, 1), ws, (hd, 1));
-        mm_par((v, hd, n), dw, &z, (1, v), hs, (hd, 1));
+        head_product(op.bf16, (n, hd, v), dh, &z, (v, 1), ws, (hd, 1))?;
+        head_product(op.bf16, (v, hd, n), dw, &z, (1, v), hs, (hd, 1))?;
     }
     let len = out.len();
     Ok((T::to_cpu_storage_owned(out), Shape::from(len)))

@@ -434,7 +434,7 @@ fn mm_par<T: Elem>(
 
 // ---------------------------------------------------------------- op families
 
-mod amx;
+pub(crate) mod amx;
 mod attention;
 mod bias;
 mod cross_entropy;
