@@ -168,22 +168,15 @@ pub(crate) struct LinearNll {
     pub bf16: bool,
 }
 
-/// `dst[m x n] = a[m x k] @ b[k x n]`, operands by (row, column) strides: gemm in `T`,
-/// or with `bf16` (f32 only) on AMX tiles from bf16-rounded operands with f32 sums.
-#[allow(clippy::too_many_arguments)]
-fn head_product<T: Elem>(
-    bf16: bool,
+/// `a[m x k] @ b[k x n]` on AMX tiles from bf16-rounded operands with f32 sums, operands
+/// by (row, column) strides; `T` must be f32.
+fn amx_product<T: Elem>(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
     a: &[T],
     astr: (usize, usize),
     b: &[T],
     bstr: (usize, usize),
-) -> Result<()> {
-    if !bf16 {
-        mm_par((m, n, k), dst, a, astr, b, bstr);
-        return Ok(());
-    }
+) -> Result<Vec<T>> {
     if T::DTYPE != DType::F32 {
         bail!(
             "linear-nll: bf16 products take f32 operands, not {:?}",
@@ -194,11 +187,49 @@ fn head_product<T: Elem>(
         // SAFETY: T is f32 (checked above).
         unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) }
     };
-    let c = super::amx::gemm((m, k, n), f32s(a), astr, f32s(b), bstr)?;
-    // SAFETY: as above.
-    let d = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len()) };
-    d[..c.len()].copy_from_slice(&c);
+    let c = std::mem::ManuallyDrop::new(super::amx::gemm((m, k, n), f32s(a), astr, f32s(b), bstr)?);
+    // SAFETY: as above; the allocation moves over unchanged (same size and alignment).
+    Ok(unsafe { Vec::from_raw_parts(c.as_ptr() as *mut T, c.len(), c.capacity()) })
+}
+
+/// `dst[m x n] = a[m x k] @ b[k x n]`, operands by (row, column) strides: gemm in `T`,
+/// or with `bf16` (f32 only) on AMX tiles ([`amx_product`]).
+#[allow(clippy::too_many_arguments)]
+fn head_product<T: Elem>(
+    bf16: bool,
+    dims: (usize, usize, usize),
+    dst: &mut [T],
+    a: &[T],
+    astr: (usize, usize),
+    b: &[T],
+    bstr: (usize, usize),
+) -> Result<()> {
+    if bf16 {
+        let c = amx_product(dims, a, astr, b, bstr)?;
+        dst[..c.len()].copy_from_slice(&c);
+    } else {
+        mm_par(dims, dst, a, astr, b, bstr);
+    }
     Ok(())
+}
+
+/// The logits `h @ w^T` (`[n, v]`) of `hs: [n, hd]` and `ws: [v, hd]`; on AMX with `bf16`
+/// (no copy: the tiles' result is the buffer).
+fn head_logits<T: Elem>(
+    bf16: bool,
+    (n, v, hd): (usize, usize, usize),
+    hs: &[T],
+    ws: &[T],
+) -> Result<Vec<T>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if bf16 {
+        return amx_product((n, v, hd), hs, (hd, 1), ws, (1, hd));
+    }
+    let mut z = written_in_full(n * v);
+    mm_par((n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd));
+    Ok(z)
 }
 
 /// The logits `[n, vocab]` of a [`LinearNll`] forward and their per-row log-sum-exp `[n]`,
@@ -228,10 +259,7 @@ fn linear_nll_fwd<T: Elem>(
         )
     }
     check_targets(tg, v, op.ignore)?;
-    let mut z = written_in_full(n * v);
-    if n > 0 {
-        head_product(op.bf16, (n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd))?;
-    }
+    let z = head_logits(op.bf16, (n, v, hd), hs, ws)?;
     let lse: Vec<T> = z.par_chunks(v).map(row_lse).collect();
     let out: Vec<T> = (0..n)
         .map(|i| match tg[i] {
@@ -321,10 +349,7 @@ fn linear_nll_bwd<T: Elem>(
             _ => bail!("linear-nll: cached logits have another dtype"),
         },
         None => {
-            let mut z = written_in_full(n * v);
-            if n > 0 {
-                head_product(op.bf16, (n, v, hd), &mut z, hs, (hd, 1), ws, (1, hd))?;
-            }
+            let z = head_logits(op.bf16, (n, v, hd), hs, ws)?;
             let lse = z.par_chunks(v).map(row_lse).collect();
             (z, lse)
         }
