@@ -28,7 +28,7 @@ if [[ -z "$nvcc_path" ]]; then
     "$PYTHON" -m venv "$VENV" >&2
   fi
   echo "install-nvcc: pip install $SPEC" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$SPEC" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "$SPEC" >&2
   nvcc_path="$(find_nvcc || true)"
 fi
 if [[ -z "$nvcc_path" ]]; then
