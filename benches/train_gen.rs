@@ -8,7 +8,8 @@
 //! `--config` a random model of that shape; `--steps 0` skips training, `--new-tokens 0`
 //! generation. bf16 trains bf16 weights with f32 AdamW moments (the trainers add f32
 //! master weights). `--bf16`: f32 weights whose linear layers take bf16-rounded operands
-//! on AMX tiles (mixed-precision training, bf16 decoding; f32 without AMX). Peak
+//! on AMX tiles (mixed-precision training, bf16 decoding; f32 without AMX). `--kv-bf16`:
+//! generation keeps its KV cache in bf16 (f32 models on the CPU). Peak
 //! memory: the process's peak RSS (`VmHWM`) after each phase.
 
 use std::time::Instant;
@@ -54,6 +55,7 @@ fn main() -> tooltrain_model::Result<()> {
     let checkpoint = std::env::args().any(|a| a == "--checkpoint");
     // bf16 products on AMX tiles: mixed-precision training and bf16 decoding.
     let bf16 = std::env::args().any(|a| a == "--bf16");
+    let kv_bf16 = std::env::args().any(|a| a == "--kv-bf16");
     // TOOLTRAIN_REPO_ROOT: a bench binary run from another checkout (scripts/gpu-check.sh).
     let root = std::env::var_os("TOOLTRAIN_REPO_ROOT")
         .map(std::path::PathBuf::from)
@@ -145,6 +147,7 @@ fn main() -> tooltrain_model::Result<()> {
         temperature: 0.0,
         max_new_tokens: new,
         bf16,
+        kv_bf16,
         ..Default::default()
     };
     let (mut gen_s, mut gen_tokens) = (0.0, 0);
@@ -175,6 +178,7 @@ fn main() -> tooltrain_model::Result<()> {
             "dtype": format!("{dtype:?}").to_lowercase(),
             "checkpoint": checkpoint,
             "bf16_amx": bf16,
+            "kv_bf16": kv_bf16,
             "train_step_s": train_s,
             "train_tokens_per_s": if steps > 0 { (batch * seq) as f64 / train_s } else { 0.0 },
             "gen_tokens_per_s": if gen_s > 0.0 { gen_tokens as f64 / gen_s } else { 0.0 },

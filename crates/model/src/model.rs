@@ -155,6 +155,8 @@ pub struct KvCache {
     /// The passes through this cache run their linear layers in bf16 on AMX tiles, when
     /// the CPU has them ([`KvCache::with_bf16`]).
     bf16: bool,
+    /// The keys and values are stored in bf16 ([`KvCache::with_kv_bf16`]).
+    kv_bf16: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +174,7 @@ impl KvCache {
             layers: vec![],
             reserve: extra,
             bf16: false,
+            kv_bf16: false,
         }
     }
 
@@ -181,6 +184,24 @@ impl KvCache {
     pub fn with_bf16(mut self, on: bool) -> Self {
         self.bf16 = on;
         self
+    }
+
+    /// With `on`, keys and values are stored rounded to bf16 (f32 models on the CPU):
+    /// half the memory, and half of what each decoding step reads from the cache. The
+    /// attention kernel widens them back to f32; the other paths convert. Inference
+    /// only; set it before the first pass (the buffers take their type then).
+    pub fn with_kv_bf16(mut self, on: bool) -> Self {
+        self.kv_bf16 = on;
+        self
+    }
+
+    /// The type the keys and values are stored in, for a model computing in `dtype`.
+    fn kv_dtype(&self, dtype: DType) -> DType {
+        if self.kv_bf16 && dtype == DType::F32 {
+            DType::BF16
+        } else {
+            dtype
+        }
     }
 
     /// Number of cached positions.
@@ -206,12 +227,22 @@ impl KvCache {
     /// A cache of `rows.len()` rows whose row `r` holds `rows[r]`'s first `len` positions
     /// (`None`: nothing), at positions `0..len`; buffers have room for `width + reserve`
     /// positions and the cache counts `width` (rows shorter than `width` are masked there
-    /// by the caller).
+    /// by the caller). The buffers take the type a model computing in `model_dtype`
+    /// stores (bf16 with `kv_bf16`), converting rows kept in another.
     pub(crate) fn from_rows(
         rows: &[Option<(&[(Tensor, Tensor)], usize)>],
         width: usize,
         reserve: usize,
+        (model_dtype, kv_bf16): (DType, bool),
     ) -> Result<Self> {
+        let mut out = KvCache {
+            layers: vec![],
+            reserve,
+            bf16: false,
+            kv_bf16,
+        };
+        // The type the model's passes store, whatever type the given rows are in.
+        let dt = out.kv_dtype(model_dtype);
         let (template, _) = rows
             .iter()
             .flatten()
@@ -220,24 +251,23 @@ impl KvCache {
         let mut layers = Vec::with_capacity(template.len());
         for (li, (tk, tv)) in template.iter().enumerate() {
             let (_, h, _, d) = tk.dims4()?;
-            let k = Tensor::zeros((rows.len(), h, width + reserve, d), tk.dtype(), tk.device())?;
-            let v = Tensor::zeros((rows.len(), h, width + reserve, d), tv.dtype(), tv.device())?;
+            let k = Tensor::zeros((rows.len(), h, width + reserve, d), dt, tk.device())?;
+            let v = Tensor::zeros((rows.len(), h, width + reserve, d), dt, tv.device())?;
             for (r, row) in rows.iter().enumerate() {
                 if let Some((kv, len)) = row {
                     let (rk, rv) = &kv[li];
                     // Row r of the buffers is a contiguous view sharing their storage.
                     let (src_k, src_v) = (rk.narrow(2, 0, *len)?, rv.narrow(2, 0, *len)?);
-                    k.narrow(0, r, 1)?.slice_set(&src_k.contiguous()?, 2, 0)?;
-                    v.narrow(0, r, 1)?.slice_set(&src_v.contiguous()?, 2, 0)?;
+                    k.narrow(0, r, 1)?
+                        .slice_set(&src_k.to_dtype(dt)?.contiguous()?, 2, 0)?;
+                    v.narrow(0, r, 1)?
+                        .slice_set(&src_v.to_dtype(dt)?.contiguous()?, 2, 0)?;
                 }
             }
             layers.push(Some(LayerKv { k, v, len: width }));
         }
-        Ok(KvCache {
-            layers,
-            reserve,
-            bf16: false,
-        })
+        out.layers = layers;
+        Ok(out)
     }
 
     /// Row `r`'s keys and values at the given position ranges, concatenated: per layer
@@ -268,10 +298,16 @@ impl KvCache {
 /// and returns views of everything cached, the new positions included.
 fn append_kv(
     slot: &mut Option<LayerKv>,
-    reserve: usize,
+    (reserve, kv_bf16): (usize, bool),
     k: &Tensor,
     v: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    let (k, v) = if kv_bf16 && k.dtype() == DType::F32 {
+        (k.to_dtype(DType::BF16)?, v.to_dtype(DType::BF16)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let (k, v) = (&k, &v);
     let (b, h, s, d) = k.dims4()?;
     let len = slot.as_ref().map_or(0, |c| c.len);
     let need = len + s;
@@ -976,7 +1012,7 @@ impl CausalLM {
         sin: &Tensor,
         mask: &Tensor,
         kv_share: &[(usize, usize)],
-        cache: Option<(&mut Option<LayerKv>, usize)>,
+        cache: Option<(&mut Option<LayerKv>, (usize, bool))>,
         t: Track,
         drop: Option<u64>,
         prec: Prec<'_>,
@@ -1116,8 +1152,8 @@ impl CausalLM {
         }
         for li in 0..self.layers.len() {
             let slot = cache.as_mut().map(|c| {
-                let reserve = c.reserve;
-                (&mut c.layers[li], reserve)
+                let how = (c.reserve, c.kv_bf16);
+                (&mut c.layers[li], how)
             });
             x = self.layer_forward(
                 li,

@@ -262,11 +262,14 @@ pub fn cached_attention(
     share: &[(usize, usize)],
 ) -> Result<Tensor> {
     let (b, nh, s, hd) = q.dims4()?;
-    let same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
+    // The kernel reads a cache of the queries' type, or a bf16 one under f32 queries.
+    let readable = k.dtype() == v.dtype()
+        && (k.dtype() == q.dtype() || (q.dtype() == DType::F32 && k.dtype() == DType::BF16));
     // The kernel has no backward: anything tracked takes the differentiable path.
     let untracked = !(tracked(q) || tracked(k) || tracked(v));
-    if !(cpu_kernel(q) && same && untracked && s <= KERNEL_MAX_QUERIES) {
-        return grouped_attention(q, k, v, mask, scale);
+    if !(cpu_kernel(q) && readable && untracked && s <= KERNEL_MAX_QUERIES) {
+        let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
+        return grouped_attention(q, &k, &v, mask, scale);
     }
     // The kernel reads any view whose head_dim is contiguous (a cache's filled part).
     let rows = |t: &Tensor| -> Result<Tensor> {
@@ -621,14 +624,30 @@ pub(crate) mod tests {
     fn fused_attention_grad_and_value() {
         // 2 sequences packed in row 0, one sequence plus padding in row 1; 4 heads over
         // 2 kv heads of size 4; s = 70 crosses a query block boundary.
-        let (b, s, nh, nkv, hd) = (2, 70, 4, 2, 4);
-        let layout = crate::SeqLayout::packed(&[vec![40, 30], vec![50]], s, &Device::Cpu).unwrap();
-        let mask = layout
-            .mask
-            .squeeze(1)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
+        // The kernel reads masks of packed rows as ranges of keys, those whose rows share
+        // a prefix as two ranges, and any other mask densely: all three are checked.
+        let (b, s) = (2, 70);
+        let packed = crate::SeqLayout::packed(&[vec![40, 30], vec![50]], s, &Device::Cpu).unwrap();
+        let shared =
+            crate::SeqLayout::shared(&[vec![(40, 0), (20, 25)], vec![(50, 0)]], s, &Device::Cpu)
+                .unwrap();
+        let mut irregular = packed.mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        irregular[(s + 45) * s + 10] = f32::NEG_INFINITY; // a hole in a causal row
+        irregular[45 * s + 41] = -0.5; // a soft bias
+        let irregular = Tensor::from_vec(irregular, (b, 1, s, s), &Device::Cpu).unwrap();
+        for (what, mask, layout) in [
+            ("packed", &packed.mask, &packed),
+            ("shared prefix", &shared.mask, &shared),
+            ("irregular", &irregular, &packed),
+        ] {
+            fused_attention_case(what, mask, layout);
+        }
+    }
+
+    fn fused_attention_case(what: &str, mask: &Tensor, layout: &crate::SeqLayout) {
+        let (nh, nkv, hd) = (4, 2, 4);
+        let (b, _, s, _) = mask.dims4().unwrap();
+        let mask = mask.squeeze(1).unwrap().to_dtype(DType::F64).unwrap();
         let pos = layout
             .positions
             .to_dtype(DType::F64)
@@ -692,7 +711,7 @@ pub(crate) mod tests {
         let d = max_abs_diff(&got, &want);
         assert!(
             d < 1e-12,
-            "fused attention differs from the composed one by {d}"
+            "fused attention ({what} mask) differs from the composed one by {d}"
         );
     }
 
@@ -736,6 +755,35 @@ pub(crate) mod tests {
             let got32 = cached_attention(&f(&q), &f(&k), &f(&v), &f(&mask), scale, &[]).unwrap();
             let e = max_abs_diff(&got32.to_dtype(DType::F64).unwrap(), &want);
             assert!(e < 1e-5, "s={s}: f32 difference {e}");
+            // A bf16 cache under f32 queries (same strided views): the f32 result of the
+            // rounded keys and values, which differs from the unrounded one.
+            let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let (kb, vb) = if heads_inner {
+                let w = |seed| {
+                    bf(&rand64(&[b, cap, nkv, hd], seed))
+                        .narrow(1, 0, len)
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                };
+                (w(2), w(3))
+            } else {
+                let w = |seed| {
+                    bf(&rand64(&[b, nkv, cap, hd], seed))
+                        .narrow(2, 0, len)
+                        .unwrap()
+                };
+                (w(2), w(3))
+            };
+            assert!(!kb.is_contiguous() && kb.dtype() == DType::BF16);
+            let gotb = cached_attention(&f(&q), &kb, &vb, &f(&mask), scale, &[]).unwrap();
+            let rounded =
+                cached_attention(&f(&q), &f(&kb), &f(&vb), &f(&mask), scale, &[]).unwrap();
+            let d = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let e = max_abs_diff(&d(&gotb), &d(&rounded));
+            assert!(e < 1e-6, "s={s}: bf16 cache against its f32 values: {e}");
+            let e = max_abs_diff(&d(&gotb), &d(&got32));
+            assert!(e > 1e-4, "s={s}: the bf16 cache gave the f32 result ({e})");
         }
     }
 

@@ -684,3 +684,65 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
         "the weight change moved log-probs by only {moved}"
     );
 }
+
+/// A bf16 KV cache (`kv_bf16`): the log-probs of what it generates stay within rounding
+/// noise of the f32 model's for the same tokens, on a first turn and on a
+/// second turn whose prefixes come back from the prefix cache; and they are not f32's
+/// exactly (the keys and values were rounded).
+#[test]
+fn bf16_kv_cache_tracks_the_f32_cache() {
+    let m = model(&Device::Cpu);
+    let prs: Vec<Vec<u32>> = (0..3).map(|i| ids(40 + 9 * i, i as u32)).collect();
+    let p = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 12,
+        row_seeds: vec![3, 4, 5],
+        kv_bf16: true,
+        ..Default::default()
+    };
+    let gap = |prs: &[Vec<u32>], gens: &[Generation]| {
+        let (mut worst, mut sum, mut n) = (0f32, 0f32, 0);
+        for (pr, g) in prs.iter().zip(gens) {
+            assert!(!g.tokens.is_empty());
+            for (a, b) in g.logprobs.iter().zip(f32_logprobs(&m, pr, &g.tokens)) {
+                worst = worst.max((a - b).abs());
+                sum += (a - b).abs();
+                n += 1;
+            }
+        }
+        (worst, sum / n as f32)
+    };
+    let mut pc = PrefixCache::default();
+    let first = m.generate_reusing(&prs, &p, None, Some(&mut pc)).unwrap();
+    let next: Vec<Vec<u32>> = prs
+        .iter()
+        .zip(&first)
+        .enumerate()
+        .map(|(i, (pr, g))| [&pr[..], &g.tokens[..], &ids(5, 7 + i as u32)[..]].concat())
+        .collect();
+    pc.begin_round();
+    let second = m.generate_reusing(&next, &p, None, Some(&mut pc)).unwrap();
+    assert!(
+        pc.reused_tokens > 0,
+        "the second turn reused no cached prefix"
+    );
+    let ((w1, m1), (w2, m2)) = (gap(&prs, &first), gap(&next, &second));
+    eprintln!(
+        "bf16 KV cache: log-probs within {w1} (mean {m1}) on the first turn, {w2} (mean \
+         {m2}) on the second, of f32"
+    );
+    // This random tiny model is sensitive (the bf16 weights test sees 0.14): rounding
+    // noise gives a few hundredths on average; a misplaced key would give whole nats.
+    assert!(
+        w1 < 0.25 && w2 < 0.25,
+        "bf16 KV cache log-probs {w1}, {w2} from f32"
+    );
+    assert!(
+        m1 < 0.02 && m2 < 0.02,
+        "bf16 KV cache log-probs {m1}, {m2} from f32 on average"
+    );
+    assert!(
+        w1.max(w2) > 0.0,
+        "the bf16 KV cache gave f32's exact log-probs"
+    );
+}

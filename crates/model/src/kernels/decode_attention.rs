@@ -21,6 +21,46 @@ pub(crate) struct DecodeAttention {
     pub share: Vec<(usize, usize)>,
 }
 
+/// Element types of a KV cache that queries of type `T` read: `T` itself, or bf16 under
+/// f32 queries (a cache kept in bf16 to halve what each decoding step reads).
+pub(crate) trait KvOf<T>: WithDType {
+    /// The values as `T` without a copy, when they are `T`.
+    fn same(s: &[Self]) -> Option<&[T]>;
+    /// One value as `T` (exact: every bf16 is an f32).
+    fn widen(self) -> T;
+}
+
+impl KvOf<f32> for f32 {
+    fn same(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl KvOf<f64> for f64 {
+    fn same(s: &[f64]) -> Option<&[f64]> {
+        Some(s)
+    }
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+}
+
+impl KvOf<f32> for half::bf16 {
+    fn same(_: &[half::bf16]) -> Option<&[f32]> {
+        None
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        // Branch-free (the loops that widen a run vectorise).
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 /// The storage of a `[b, h, len, d]` view whose `d` elements per position are contiguous
 /// (any batch, head and position strides), with those strides and its start offset.
 struct CacheView<'a, T> {
@@ -52,10 +92,37 @@ impl<'a, T: WithDType> CacheView<'a, T> {
     fn tail_at(&self, b: usize, h: usize, j: usize) -> &'a [T] {
         &self.data[self.start + b * self.batch + h * self.head + j * self.pos..]
     }
+
+    /// Positions `j..j + n` of row `b`, head `h` (`d` values each) as `E` rows, with their
+    /// row stride: the cache in place when it holds `E`, else widened into `buf`.
+    #[inline(always)]
+    fn run_as<'s, E: Elem>(
+        &self,
+        (b, h, j, n, d): (usize, usize, usize, usize, usize),
+        buf: &'s mut Vec<E>,
+    ) -> (&'s [E], usize)
+    where
+        'a: 's,
+        T: KvOf<E>,
+    {
+        let tail = self.tail_at(b, h, j);
+        if let Some(same) = T::same(tail) {
+            return (same, self.pos);
+        }
+        buf.clear();
+        for t in 0..n {
+            buf.extend(
+                tail[t * self.pos..t * self.pos + d]
+                    .iter()
+                    .map(|&x| x.widen()),
+            );
+        }
+        (buf.as_slice(), d)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn decode_attn_fwd<T: Elem>(
+fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
     op: &DecodeAttention,
     q: &CpuStorage,
     lq: &Layout,
@@ -82,8 +149,8 @@ fn decode_attn_fwd<T: Elem>(
         )
     }
     let (kc, vc) = (
-        CacheView::<T>::new(k, lk, "k")?,
-        CacheView::<T>::new(v, lv, "v")?,
+        CacheView::<K>::new(k, lk, "k")?,
+        CacheView::<K>::new(v, lv, "v")?,
     );
     let (mst, ml) = op.mask.storage_and_layout();
     let candle_core::Storage::Cpu(mc) = &*mst else {
@@ -150,10 +217,12 @@ fn decode_attn_fwd<T: Elem>(
             }
             fast!({
                 // Scores: row (member, query) holds its shared keys, then its own. Runs of
-                // consecutive keys are matrix products against the cache in place.
+                // consecutive keys are matrix products against the cache in place (a bf16
+                // cache: against the run widened to f32).
                 let mut p = vec![T::zero(); rows * stride];
+                let mut buf = Vec::new();
                 for &(c0, j0, n) in shared_runs {
-                    let kr = kc.tail_at(lead, h, j0);
+                    let (kr, pos) = kc.run_as((lead, h, j0, n, hd), &mut buf);
                     let dims = (rows, n, hd);
                     mm(
                         dims,
@@ -162,25 +231,16 @@ fn decode_attn_fwd<T: Elem>(
                         &qg,
                         (hd, 1),
                         kr,
-                        (1, kc.pos),
+                        (1, pos),
                         false,
                     );
                 }
                 for (m, &bi) in members.iter().enumerate() {
                     for &(c0, j0, n) in &own_runs[m] {
-                        let kr = kc.tail_at(bi, h, j0);
+                        let (kr, pos) = kc.run_as((bi, h, j0, n, hd), &mut buf);
                         let dst = &mut p[m * nq * stride + ns + c0..];
                         let lhs = &qg[m * nq * hd..];
-                        mm(
-                            (nq, n, hd),
-                            dst,
-                            stride,
-                            lhs,
-                            (hd, 1),
-                            kr,
-                            (1, kc.pos),
-                            false,
-                        );
+                        mm((nq, n, hd), dst, stride, lhs, (hd, 1), kr, (1, pos), false);
                     }
                 }
                 for (m, &bi) in members.iter().enumerate() {
@@ -203,7 +263,7 @@ fn decode_attn_fwd<T: Elem>(
                 // Outputs: the same runs, weights times values.
                 let mut out = vec![T::zero(); rows * hd];
                 for &(c0, j0, n) in shared_runs {
-                    let vr = vc.tail_at(lead, h, j0);
+                    let (vr, pos) = vc.run_as((lead, h, j0, n, hd), &mut buf);
                     let dims = (rows, hd, n);
                     mm(
                         dims,
@@ -212,25 +272,16 @@ fn decode_attn_fwd<T: Elem>(
                         &p[c0..],
                         (stride, 1),
                         vr,
-                        (vc.pos, 1),
+                        (pos, 1),
                         true,
                     );
                 }
                 for (m, &bi) in members.iter().enumerate() {
                     for &(c0, j0, n) in &own_runs[m] {
-                        let vr = vc.tail_at(bi, h, j0);
+                        let (vr, pos) = vc.run_as((bi, h, j0, n, hd), &mut buf);
                         let lhs = &p[m * nq * stride + ns + c0..];
                         let dst = &mut out[m * nq * hd..];
-                        mm(
-                            (nq, hd, n),
-                            dst,
-                            hd,
-                            lhs,
-                            (stride, 1),
-                            vr,
-                            (vc.pos, 1),
-                            true,
-                        );
+                        mm((nq, hd, n), dst, hd, lhs, (stride, 1), vr, (pos, 1), true);
                     }
                 }
                 members
@@ -327,6 +378,20 @@ impl CustomOp3 for DecodeAttention {
         v: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(q.dtype(), decode_attn_fwd(self, q, lq, k, lk, v, lv))
+        if k.dtype() != v.dtype() {
+            bail!(
+                "decode attention: keys {:?} and values {:?} differ in type",
+                k.dtype(),
+                v.dtype()
+            )
+        }
+        match (q.dtype(), k.dtype()) {
+            (DType::F32, DType::BF16) => {
+                decode_attn_fwd::<f32, half::bf16>(self, q, lq, k, lk, v, lv)
+            }
+            (DType::F32, DType::F32) => decode_attn_fwd::<f32, f32>(self, q, lq, k, lk, v, lv),
+            (DType::F64, DType::F64) => decode_attn_fwd::<f64, f64>(self, q, lq, k, lk, v, lv),
+            (dq, dk) => bail!("decode attention: {dq:?} queries cannot read a {dk:?} cache"),
+        }
     }
 }
