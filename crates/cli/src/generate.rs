@@ -42,6 +42,9 @@ pub struct Args {
     /// Linear layers in bf16 on AMX tiles (a CPU that has them; f32 otherwise).
     #[arg(long)]
     pub bf16: bool,
+    /// Keys and values cached in bf16 (f32 models): half the KV cache's memory.
+    #[arg(long)]
+    pub kv_bf16: bool,
 }
 
 /// What to feed the model, as asked on the command line.
@@ -163,6 +166,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         row_seeds: vec![],
         bf16: a.bf16,
+        kv_bf16: a.kv_bf16,
     };
     let t0 = Instant::now();
     let g = ckpt

@@ -54,6 +54,9 @@ pub struct RolloutConfig {
     /// report (`logprob_mismatch_*`); with it, `old_logprobs = "recompute"` keeps the
     /// ratios exact.
     pub bf16: bool,
+    /// Keep the rollouts' keys and values in bf16 (f32 models): half the memory of the KV
+    /// caches and kept prefixes; the mismatch is reported the same way.
+    pub kv_bf16: bool,
 }
 
 impl Default for RolloutConfig {
@@ -63,6 +66,7 @@ impl Default for RolloutConfig {
             max_batch: 64,
             reuse_prefixes: true,
             bf16: false,
+            kv_bf16: false,
         }
     }
 }

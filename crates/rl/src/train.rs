@@ -389,6 +389,7 @@ fn setup(cfg: &RlConfig, run: &RunDir, progress: bool) -> Result<Session> {
         max_batch: cfg.rollout.max_batch,
         reuse_prefixes: cfg.rollout.reuse_prefixes,
         bf16: cfg.rollout.bf16,
+        kv_bf16: cfg.rollout.kv_bf16,
     };
     let name = cfg.init.display().to_string();
     let policy = LocalModel::new(model.clone(), tokenizer.clone(), sampling.clone(), &name)

@@ -33,6 +33,9 @@ pub struct LocalSampling {
     /// a few hundredths of a nat (an RL run logs the mismatch to the trainer's). Without
     /// AMX it changes nothing.
     pub bf16: bool,
+    /// Keys and values cached in bf16 (f32 models): half the memory of the KV caches and
+    /// of the kept prefixes, at a log-prob mismatch of rounding size.
+    pub kv_bf16: bool,
 }
 
 impl Default for LocalSampling {
@@ -44,6 +47,7 @@ impl Default for LocalSampling {
             max_batch: 16,
             reuse_prefixes: true,
             bf16: false,
+            kv_bf16: false,
         }
     }
 }
@@ -199,6 +203,7 @@ impl Policy for LocalModel {
                 seed: 0,
                 row_seeds: chunk.iter().map(|r| r.seed).collect(),
                 bf16: self.sampling.bf16,
+                kv_bf16: self.sampling.kv_bf16,
             };
             let reuse = self.sampling.reuse_prefixes.then_some(&mut *prefixes);
             match self.model.generate_reusing(&prompts, &params, None, reuse) {
