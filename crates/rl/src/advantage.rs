@@ -75,6 +75,14 @@ pub enum GroupKind {
     Uniform,
 }
 
+/// The reward a sample is trained on: the answer's reward (nDCG@5) minus `penalty` per
+/// invalid turn (a malformed tool call or a reply that parses as neither a call nor an
+/// answer). `penalty = 0` is the paper's reward; more is a format-shaping ablation that
+/// makes skipping the tools through a malformed call cost something.
+pub fn shaped_reward(reward: f64, invalid_turns: usize, penalty: f64) -> f64 {
+    reward - penalty * invalid_turns as f64
+}
+
 /// The kind of a group (zero-variance groups carry no signal and are filtered).
 pub fn group_kind(rewards: &[f64]) -> GroupKind {
     let first = rewards.first().copied().unwrap_or(0.0);
@@ -141,6 +149,20 @@ mod tests {
             &[0.75, -0.75, 0.0],
         );
         close(&advantages(&[0.7], Estimator::Rloo), &[0.0]);
+    }
+
+    #[test]
+    fn shaped_reward_by_hand() {
+        assert_eq!(shaped_reward(0.63, 0, 0.1), 0.63);
+        assert!((shaped_reward(0.63, 2, 0.1) - 0.43).abs() < 1e-12);
+        assert_eq!(shaped_reward(0.0, 3, 0.25), -0.75);
+        // The paper's setting: invalid turns cost nothing.
+        assert_eq!(shaped_reward(0.5, 4, 0.0), 0.5);
+        // A penalty separates two equal answers, one reached through an invalid turn.
+        assert_eq!(
+            group_kind(&[shaped_reward(1.0, 0, 0.1), shaped_reward(1.0, 1, 0.1)]),
+            GroupKind::Mixed
+        );
     }
 
     #[test]

@@ -47,7 +47,7 @@
 //! `skipped_updates`, `elapsed_s`, and
 //! on validation steps `val/reward` and `val/<level>/<metric>` (the paper's table).
 
-use crate::advantage::{advantages, group_kind, GroupKind};
+use crate::advantage::{advantages, group_kind, shaped_reward, GroupKind};
 use crate::aggregate::token_weights;
 use crate::config::{OldLogprobs, RlConfig, Truncated, RESUME_FREE_KEYS};
 use crate::kl::kl;
@@ -627,6 +627,8 @@ struct RolloutTally {
     episodes: usize,
     failed: usize,
     rewards: Vec<f64>,
+    /// The rewards with `invalid_turn_penalty` (what the advantages are computed from).
+    shaped: Vec<f64>,
     turns: usize,
     tool_calls: usize,
     invalid: usize,
@@ -642,13 +644,18 @@ struct RolloutTally {
 }
 
 impl RolloutTally {
-    fn add_episode(&mut self, t: &Trajectory) {
+    fn add_episode(&mut self, t: &Trajectory, penalty: f64) {
         self.episodes += 1;
         if t.error.is_some() {
             self.failed += 1;
             return;
         }
         self.rewards.push(t.reward.unwrap_or(0.0));
+        self.shaped.push(shaped_reward(
+            t.reward.unwrap_or(0.0),
+            t.invalid_turns,
+            penalty,
+        ));
         self.turns += t.turns;
         self.tool_calls += t.tool_calls;
         self.invalid += t.invalid_turns;
@@ -699,7 +706,7 @@ fn rl_step(
         for g in groups {
             tally.groups += 1;
             for t in &g {
-                tally.add_episode(t);
+                tally.add_episode(t, cfg.invalid_turn_penalty);
             }
             let ok: Vec<Trajectory> = g
                 .iter()
@@ -713,7 +720,13 @@ fn rl_step(
                 tally.too_small += 1;
                 continue;
             }
-            let rewards: Vec<f64> = ok.iter().map(|t| t.reward.unwrap_or(0.0)).collect();
+            let rewards: Vec<f64> = ok
+                .iter()
+                .map(|t| {
+                    let r = t.reward.unwrap_or(0.0);
+                    shaped_reward(r, t.invalid_turns, cfg.invalid_turn_penalty)
+                })
+                .collect();
             let kind = group_kind(&rewards);
             tally.kinds[kind as usize] += 1;
             if cfg.filter_zero_variance && kind != GroupKind::Mixed {
@@ -776,6 +789,10 @@ fn rl_step(
         .sqrt();
     put(&mut m, "reward_mean", rmean);
     put(&mut m, "reward_std", rstd);
+    if cfg.invalid_turn_penalty > 0.0 {
+        let shaped = tally.shaped.iter().sum::<f64>() / fin + 0.0;
+        put(&mut m, "shaped_reward_mean", shaped);
+    }
     let g = tally.groups.max(1) as f64;
     put(
         &mut m,

@@ -185,6 +185,37 @@ fn on_policy_updates_have_ratio_one_and_rollout_logprobs_match_the_trainer() {
     }
 }
 
+/// With `invalid_turn_penalty`, the rewards the advantages see are nDCG@5 minus the
+/// penalty per invalid turn: random weights score 0 and reply with text that is neither
+/// a call nor an answer, so the shaped mean is `-penalty x invalid turns per episode`.
+#[test]
+fn invalid_turn_penalty_shapes_the_trained_rewards() {
+    let Some(tok) = qwen() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (init, data) = setup(tmp.path(), &tok);
+    let out = tmp.path().join("penalty");
+    let cfg = RlConfig {
+        max_steps: 1,
+        mini_batches: 1,
+        val_data: DataConfig::default(),
+        invalid_turn_penalty: 0.5,
+        ..config(&init, &data, &out)
+    };
+    train_with_stop(&cfg, false, false, &AtomicBool::new(false)).unwrap();
+    let l = &metrics(&out)[0];
+    assert_eq!(f(l, "reward_mean"), 0.0, "{l:?}");
+    let invalid = f(l, "invalid_turns");
+    assert!(
+        invalid > 0.0,
+        "the random model made no invalid turn: {l:?}"
+    );
+    let shaped = f(l, "shaped_reward_mean");
+    assert!(
+        (shaped + 0.5 * invalid).abs() < 1e-9,
+        "{shaped} vs {invalid}: {l:?}"
+    );
+}
+
 #[test]
 fn stop_and_resume_is_bit_identical_to_an_uninterrupted_run() {
     let Some(tok) = qwen() else { return };
