@@ -37,7 +37,9 @@ pub use kernels::{
     amx_available, detected_simd_level, set_simd_level, simd_level, simd_summary, SimdLevel,
 };
 pub use load::{load, save, Checkpoint};
-pub use logprobs::{chunked_logprobs, pack_rows, SequenceScores, DEFAULT_VOCAB_CHUNK};
+pub use logprobs::{
+    chunked_logprobs, chunked_logprobs_with, pack_rows, SequenceScores, DEFAULT_VOCAB_CHUNK,
+};
 pub use lora::{dropout_mask, LoraConfig};
 pub use model::{CausalLM, KvCache, SeqLayout};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};

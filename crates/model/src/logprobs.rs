@@ -2,6 +2,7 @@
 //! full `[tokens x vocab]` softmax never exists at once (forward and backward).
 
 use crate::error::{invalid, Result};
+use crate::kernels::{AmxGemm, Trans};
 use crate::model::{CausalLM, SeqLayout};
 use crate::ops;
 use candle_core::{DType, Tensor, D};
@@ -20,6 +21,40 @@ pub fn chunked_logprobs(
     targets: &Tensor,
     chunk: usize,
 ) -> Result<Tensor> {
+    chunked_logprobs_with(hidden, weight, targets, chunk, false)
+}
+
+/// `op(a) @ op(b)` (`trans` says which is transposed), with `bf16` from bf16-rounded
+/// operands with f32 sums on AMX tiles (f32 CPU tensors; the caller checked AMX).
+fn product(a: &Tensor, b: &Tensor, trans: Trans, bf16: bool) -> candle_core::Result<Tensor> {
+    if bf16 {
+        return a
+            .contiguous()?
+            .apply_op2_no_bwd(&b.contiguous()?, &AmxGemm(trans));
+    }
+    match trans {
+        Trans::None => a.matmul(b),
+        Trans::B => a.matmul(&b.t()?),
+        Trans::A => a.t()?.matmul(b),
+    }
+}
+
+/// [`chunked_logprobs`], with `bf16`: the logits and both gradients' products from
+/// bf16-rounded operands with f32 sums on AMX tiles (mixed-precision training, as
+/// [`CausalLM::bf16_matmuls_active`] says), the log-sum-exp and entropy in f32. Without
+/// AMX, or for other dtypes or devices, `bf16` changes nothing.
+pub fn chunked_logprobs_with(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+    bf16: bool,
+) -> Result<Tensor> {
+    let bf16 = bf16
+        && hidden.device().is_cpu()
+        && hidden.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && crate::kernels::amx_available();
     let (n, h) = hidden.dims2()?;
     let (vocab, h2) = weight.dims2()?;
     if h != h2 {
@@ -48,9 +83,7 @@ pub fn chunked_logprobs(
     let tcol = targets.unsqueeze(1)?;
     for c0 in (0..vocab).step_by(chunk) {
         let c = chunk.min(vocab - c0);
-        let z = hd
-            .matmul(&wd.narrow(0, c0, c)?.t()?)?
-            .to_dtype(DType::F32)?;
+        let z = product(&hd, &wd.narrow(0, c0, c)?, Trans::B, bf16)?.to_dtype(DType::F32)?;
         let m_new = m.maximum(&z.max(D::Minus1)?)?;
         let scale = (&m - &m_new)?.exp()?;
         let e = z.broadcast_sub(&m_new.unsqueeze(1)?)?.exp()?;
@@ -81,14 +114,14 @@ pub fn chunked_logprobs(
             for c0 in (0..vocab).step_by(chunk) {
                 let c = chunk.min(vocab - c0);
                 let wc = w.narrow(0, c0, c)?.to_dtype(DType::F32)?;
-                let logp = hid32.matmul(&wc.t()?)?.broadcast_sub(&lse)?;
+                let logp = product(&hid32, &wc, Trans::B, bf16)?.broadcast_sub(&lse)?;
                 let p = logp.exp()?;
                 // d lp / dz = onehot - p ; d H / dz = -p (log p + H)
                 let onehot = onehot(&tcol_c, c0, c)?;
                 let dz = ((onehot - &p)?.broadcast_mul(&g_lp)?
                     - (p * logp.broadcast_add(&ent)?)?.broadcast_mul(&g_ent)?)?;
-                dh = (dh + dz.matmul(&wc)?)?;
-                dws.push(dz.t()?.matmul(&hid32)?);
+                dh = (dh + product(&dz, &wc, Trans::None, bf16)?)?;
+                dws.push(product(&dz, &hid32, Trans::A, bf16)?);
             }
             let dw = Tensor::cat(&dws, 0)?;
             Ok((dh.to_dtype(hid.dtype())?, dw.to_dtype(w.dtype())?))

@@ -3,8 +3,8 @@
 mod common;
 use common::*;
 use tooltrain_model::{
-    chunked_logprobs, load, ops, CausalLM, DType, Device, Generation, PrefixCache, SamplingParams,
-    SeqLayout, Tensor, Var,
+    chunked_logprobs, chunked_logprobs_with, load, ops, CausalLM, DType, Device, Generation,
+    PrefixCache, SamplingParams, SeqLayout, Tensor, Var,
 };
 
 fn model(dev: &Device) -> CausalLM {
@@ -399,6 +399,68 @@ fn chunked_logprobs_match_full_softmax_values_and_gradients() {
             );
             assert!(e < 1e-5, "chunk {chunk}: gradient error {e}");
         }
+    }
+}
+
+/// With `bf16` (on a CPU with AMX) the chunked log-probs are the f32 ones of the
+/// bf16-rounded hidden states and weights, values and gradients, and not the unrounded
+/// ones; without AMX they are the f32 ones exactly.
+#[test]
+fn bf16_chunked_logprobs_are_the_f32_ones_of_rounded_operands() {
+    let dev = Device::Cpu;
+    // Sizes that are not multiples of the 16 x 32 tiles; 3 chunks of the vocabulary.
+    let h = Tensor::randn(0f32, 1.0, (37, 40), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (70, 40), &dev).unwrap();
+    let targets = Tensor::new(
+        &(0..37u32).map(|i| (i * 29 + 3) % 70).collect::<Vec<_>>()[..],
+        &dev,
+    )
+    .unwrap();
+    let (gl, ge) = (
+        Tensor::randn(0f32, 1.0, 37, &dev).unwrap(),
+        Tensor::randn(0f32, 1.0, 37, &dev).unwrap(),
+    );
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let run = |h: &Tensor, w: &Tensor, bf16: bool| {
+        let (hv, wv) = (Var::from_tensor(h).unwrap(), Var::from_tensor(w).unwrap());
+        let out =
+            chunked_logprobs_with(hv.as_tensor(), wv.as_tensor(), &targets, 32, bf16).unwrap();
+        let loss = ((out.narrow(1, 0, 1).unwrap().squeeze(1).unwrap() * &gl)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            + (out.narrow(1, 1, 1).unwrap().squeeze(1).unwrap() * &ge)
+                .unwrap()
+                .sum_all()
+                .unwrap())
+        .unwrap();
+        let g = loss.backward().unwrap();
+        let grads = [hv.as_tensor(), wv.as_tensor()].map(|v| g.get(v).unwrap().clone());
+        (out, grads)
+    };
+    let (o32, _) = run(&h, &w, false);
+    let (o16, g16) = run(&h, &w, true);
+    if !tooltrain_model::amx_available() {
+        assert_eq!(
+            o16.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            o32.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        return;
+    }
+    let (or, gr) = run(&round(&h), &round(&w), false);
+    assert!(rel_err(&o16, &or) < 1e-5, "values {}", rel_err(&o16, &or));
+    assert!(
+        rel_err(&o16, &o32) > 1e-5,
+        "the AMX products gave the f32 values"
+    );
+    for (i, (a, b)) in g16.iter().zip(&gr).enumerate() {
+        let e = rel_err(a, b);
+        assert!(e < 1e-2, "gradient {i}: relative error {e}");
     }
 }
 

@@ -63,8 +63,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tooltrain_model::{
-    chunked_logprobs, default_device, parse_dtype, CausalLM, DType, LrSchedule, Tensor, Tokenizer,
-    Var, DEFAULT_VOCAB_CHUNK,
+    chunked_logprobs_with, default_device, parse_dtype, CausalLM, DType, LrSchedule, Tensor,
+    Tokenizer, Var, DEFAULT_VOCAB_CHUNK,
 };
 use tooltrain_rollout::episode::{run_episodes, EpisodeJob, Renderer, Trajectory};
 use tooltrain_rollout::eval::{
@@ -1081,8 +1081,10 @@ fn score_samples(
             &hid.reshape(((), hidden))?.index_select(&t.positions, 0)?,
             t_inv,
         )?;
+        // The head in the precision of the layers (bf16 products under `bf16_matmuls`).
+        let bf16 = model.bf16_matmuls_active();
         let lp: Vec<Vec<f32>> =
-            chunked_logprobs(&h, &w, &t.targets, DEFAULT_VOCAB_CHUNK)?.to_vec2()?;
+            chunked_logprobs_with(&h, &w, &t.targets, DEFAULT_VOCAB_CHUNK, bf16)?.to_vec2()?;
         // Each sequence lies in one micro-batch, its tokens in order.
         for ((i, _), v) in t.owners.iter().zip(lp) {
             out[*i].push(v[0] as f64);
@@ -1293,7 +1295,8 @@ fn forward_backward(
             model.forward_backward(&t.ids, &t.layout, cfg.checkpointing, |hid| {
                 let h = hid.reshape(((), hidden))?.index_select(&t.positions, 0)?;
                 let h = scaled(&h, t_inv)?;
-                let out = chunked_logprobs(&h, &w, &t.targets, DEFAULT_VOCAB_CHUNK)?;
+                let bf16 = model.bf16_matmuls_active();
+                let out = chunked_logprobs_with(&h, &w, &t.targets, DEFAULT_VOCAB_CHUNK, bf16)?;
                 let vals: Vec<Vec<f32>> = out.to_vec2()?;
                 let mut coef = vec![0f32; 2 * t.kept];
                 // The kept positions of one sequence are contiguous, in token order.

@@ -185,6 +185,39 @@ fn on_policy_updates_have_ratio_one_and_rollout_logprobs_match_the_trainer() {
     }
 }
 
+/// Mixed precision (`bf16_matmuls`, on a CPU with AMX): the recomputed old log-probs and
+/// the loss pass use the same bf16 layers and head, so one on-policy update has ratio 1;
+/// against the f32 rollout they differ (the bf16 products ran).
+#[test]
+fn bf16_matmuls_recompute_keeps_on_policy_ratios_at_one() {
+    let Some(tok) = qwen() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (init, data) = setup(tmp.path(), &tok);
+    let out = tmp.path().join("bf16");
+    let cfg = RlConfig {
+        max_steps: 1,
+        mini_batches: 1,
+        val_data: DataConfig::default(),
+        old_logprobs: OldLogprobs::Recompute,
+        bf16_matmuls: true,
+        ..config(&init, &data, &out)
+    };
+    train_with_stop(&cfg, false, false, &AtomicBool::new(false)).unwrap();
+    let l = &metrics(&out)[0];
+    for k in ["ratio_min", "ratio_mean", "ratio_max"] {
+        assert!((f(l, k) - 1.0).abs() < 1e-4, "{k} = {}", f(l, k));
+    }
+    let mismatch = f(l, "logprob_mismatch_max");
+    if tooltrain_model::amx_available() {
+        assert!(
+            mismatch > 1e-4,
+            "bf16 trainer equals the f32 rollout: {l:?}"
+        );
+    } else {
+        assert!(mismatch < 1e-4, "{l:?}");
+    }
+}
+
 /// With `invalid_turn_penalty`, the rewards the advantages see are nDCG@5 minus the
 /// penalty per invalid turn: random weights score 0 and reply with text that is neither
 /// a call nor an answer, so the shaped mean is `-penalty x invalid turns per episode`.

@@ -446,7 +446,7 @@ mod softmax;
 mod swiglu;
 
 pub use amx::amx_available;
-pub(crate) use amx::{AmxLinear, AmxMatmul, AmxMatrix};
+pub(crate) use amx::{AmxGemm, AmxLinear, AmxMatmul, AmxMatrix, Trans};
 pub(crate) use attention::Attention;
 pub(crate) use bias::BiasAdd;
 pub(crate) use cross_entropy::{LinearNll, Nll};
