@@ -167,7 +167,11 @@ pub fn sequence(s: &SeqIn<'_>, cfg: &Settings) -> SeqOut {
         st.ratio_min = st.ratio_min.min(r);
         st.ratio_max = st.ratio_max.max(r);
         st.ratio_sum += r;
-        st.approx_kl_sum += kl(s.x[t], s.old[t], KlEstimator::K3).0;
+        // KL(old || current) from the old policy's samples (Schulman's k3 with ratio
+        // r = p / p_old): r - 1 - ln r. Bounded by ln(1/r) for a token whose probability
+        // fell; the reverse orientation (1/r - 1 + ln r) grows as 1/r and lets one token
+        // dominate a step's mean.
+        st.approx_kl_sum += kl(s.old[t], s.x[t], KlEstimator::K3).0;
         st.entropy_sum += s.entropy[t];
     }
     match cfg.loss {
@@ -302,6 +306,8 @@ mod tests {
         };
         let o = run(&cfg);
         assert_eq!(o.stats.clipped_high, 1);
+        // approx KL: r - 1 - ln r per token (r = 1.5 and 1).
+        near(o.stats.approx_kl_sum, 0.5 - 1.5f64.ln());
         // Token 0: IS min(exp(0), 1.2) = 1; clipped loss -1.28, gradient 0.
         // Token 1: IS min(exp(0.5), 1.2) = 1.2; loss -1 * 1.2, gradient -1.2.
         near(o.stats.pg_loss, 0.5 * -1.28 + 0.5 * 1.2 * -1.0);

@@ -34,7 +34,7 @@
 //! step's groups), `groups_filtered`, `groups_too_small`, `resample_rounds`, `adv_mean`,
 //! `adv_std`, `adv_abs_max`, `loss` and its parts `pg_loss`, `kl_loss`, `entropy_loss`
 //! (means over the step's optimizer steps), `clip_low_frac`, `clip_high_frac`,
-//! `clip_dual_frac`, `trust_masked_frac`, `approx_kl` (k3 of old vs current, per token),
+//! `clip_dual_frac`, `trust_masked_frac`, `approx_kl` (KL(old || current) per token, k3: r - 1 - ln r),
 //! `ratio_min` / `ratio_mean` / `ratio_max`, `ref_kl` (with a reference), `entropy`,
 //! `grad_norm` (mean before clipping), `logprob_mismatch_mean` / `_max` (|Δ log p|
 //! between the sampler and the trainer on the same weights), `turns`, `tool_calls`,
