@@ -30,9 +30,10 @@ pub struct SamplingParams {
     /// CPU that has them; otherwise f32 as usual): several times faster, with log-probs
     /// a few hundredths of a nat from f32's (greedy choices can differ on near-ties).
     pub bf16: bool,
-    /// Keys and values cached in bf16 (f32 models on the CPU): half the cache memory and
-    /// half of what a decoding step reads from it, with log-probs a few thousandths of a
-    /// nat from an f32 cache's (test `bf16_kv_cache_tracks_the_f32_cache`).
+    /// Keys and values cached in bf16 (f32 models on the CPU): half the cache memory, with
+    /// log-probs within rounding noise of an f32 cache's (on the tiny test model 0.01 nat
+    /// on average, up to 0.11; test `bf16_kv_cache_tracks_the_f32_cache`). Decoding is not
+    /// faster for it on the CPUs measured (README, "Speed").
     pub kv_bf16: bool,
 }
 

@@ -187,8 +187,8 @@ impl KvCache {
     }
 
     /// With `on`, keys and values are stored rounded to bf16 (f32 models on the CPU):
-    /// half the memory, and half of what each decoding step reads from the cache. The
-    /// attention kernel widens them back to f32; the other paths convert. Inference
+    /// half the memory. The attention kernel widens them back to f32 run by run; the
+    /// other paths convert. Inference
     /// only; set it before the first pass (the buffers take their type then).
     pub fn with_kv_bf16(mut self, on: bool) -> Self {
         self.kv_bf16 = on;

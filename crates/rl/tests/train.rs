@@ -247,13 +247,12 @@ fn invalid_turn_penalty_shapes_the_trained_rewards() {
         (shaped + 0.5 * invalid).abs() < 1e-9,
         "{shaped} vs {invalid}: {l:?}"
     );
-    // The groups are judged on the shaped rewards too: each episode's one turn was
-    // invalid, so a group's rewards are all -0.5 ("uniform"), where nDCG alone would make
-    // them all 0.
-    if invalid == 1.0 {
-        assert_eq!(f(l, "groups_uniform"), 1.0, "{l:?}");
-        assert_eq!(f(l, "groups_all0"), 0.0, "{l:?}");
-    }
+    // The groups are judged on the shaped rewards too: each episode's one turn (of
+    // `max_turns = 1`) is invalid, so a group's rewards are all -0.5 ("uniform"), where
+    // nDCG alone would make them all 0.
+    assert_eq!(invalid, 1.0, "{l:?}");
+    assert_eq!(f(l, "groups_uniform"), 1.0, "{l:?}");
+    assert_eq!(f(l, "groups_all0"), 0.0, "{l:?}");
 }
 
 #[test]
