@@ -12,8 +12,8 @@
 #                                                                  # generated tokens/s
 # TASKS_DIR holds `tooltrain synth` output (dataset.jsonl, gt.json, repos/); made with
 # configs/synth-medium.json and seed 2 when missing. TOOLTRAIN_BIN_DIR: prebuilt binaries.
-# BF16=1: the build under test runs its linear layers in bf16 on AMX tiles
-# (policy.model.bf16; f32 on a CPU without AMX); the baseline stays as it is.
+# BF16=1: the build under test runs its linear layers in bf16 on AMX tiles or
+# AVX512-BF16 (policy.model.bf16; f32 on a CPU with neither); the baseline stays as it is.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib-binaries.sh
@@ -30,7 +30,7 @@ if [[ ! -f "$TASKS/dataset.jsonl" ]]; then
   "$T" synth --config configs/synth-medium.json --out "$TASKS" --n 8 --seed 2 --prefix benchrollout --force >&2
 fi
 cpu="$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)"
-simd="$(grep -o -w -E 'avx2|avx512f|amx_bf16' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')"
+simd="$(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')"
 echo "machine: ${cpu:-unknown CPU}, $(nproc) cores; CPU SIMD: ${simd:-none}; TOOLTRAIN_SIMD=${TOOLTRAIN_SIMD:-auto}"
 
 run() { # $1 = binary, $2 = out dir, then extra arguments; prints one JSON line

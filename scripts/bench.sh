@@ -9,7 +9,7 @@
 #       [--seq T] [--gen-batch B] [--prompt-len T] [--new-tokens N]
 #   scripts/bench-smollm2.sh     # SmolLM2-135M: an SFT step and RL-style decoding
 #   BF16=1 scripts/bench.sh ...  # both sides in mixed precision: ours `--bf16` (bf16
-#                                # products on AMX tiles, f32 elsewhere), PyTorch
+#                                # products on AMX or AVX512-BF16), PyTorch
 #                                # `--dtype bf16` (bf16 autocast training, bf16 generate)
 #
 # Needs a Python with torch+transformers: $PYTHON, else .venv/bin/python

@@ -39,7 +39,7 @@ pub struct Args {
     /// Encode --prompt as-is instead of rendering it with the chat template.
     #[arg(long)]
     pub raw: bool,
-    /// Linear layers in bf16 on AMX tiles (a CPU that has them; f32 otherwise).
+    /// Linear layers in bf16 on AMX tiles or AVX512-BF16 (f32 without either).
     #[arg(long)]
     pub bf16: bool,
     /// Keys and values cached in bf16 (f32 models): half the KV cache's memory.

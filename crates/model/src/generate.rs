@@ -26,8 +26,8 @@ pub struct SamplingParams {
     /// When not empty (one per prompt): sequence `i` samples with `row_seeds[i]`
     /// instead, so that a row's stream does not depend on its place in a batch.
     pub row_seeds: Vec<u64>,
-    /// Linear layers and the output projection in bf16 on AMX tiles (f32 weights on a
-    /// CPU that has them; otherwise f32 as usual): several times faster, with log-probs
+    /// Linear layers and the output projection in bf16 on AMX tiles or AVX512-BF16 (f32
+    /// weights on a CPU that has either; otherwise f32 as usual): several times faster, with log-probs
     /// a few hundredths of a nat from f32's (greedy choices can differ on near-ties).
     pub bf16: bool,
     /// Keys and values cached in bf16 (f32 models on the CPU): half the cache memory, with

@@ -34,7 +34,8 @@ pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
 pub use generate::{FinishReason, GenStats, Generation, PrefixCache, SamplingParams};
 pub use kernels::{
-    amx_available, detected_simd_level, set_simd_level, simd_level, simd_summary, SimdLevel,
+    bf16_available, bf16_kernel, detected_simd_level, set_simd_level, simd_level, simd_summary,
+    Bf16Kernel, SimdLevel,
 };
 pub use load::{load, save, Checkpoint};
 pub use logprobs::{

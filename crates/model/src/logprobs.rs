@@ -54,7 +54,7 @@ pub fn chunked_logprobs_with(
         && hidden.device().is_cpu()
         && hidden.dtype() == DType::F32
         && weight.dtype() == DType::F32
-        && crate::kernels::amx_available();
+        && crate::kernels::bf16_available();
     let (n, h) = hidden.dims2()?;
     let (vocab, h2) = weight.dims2()?;
     if h != h2 {

@@ -152,8 +152,8 @@ pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     /// Positions to reserve beyond the first (prefill) pass, e.g. the tokens to generate.
     reserve: usize,
-    /// The passes through this cache run their linear layers in bf16 on AMX tiles, when
-    /// the CPU has them ([`KvCache::with_bf16`]).
+    /// The passes through this cache run their linear layers in bf16 (AMX tiles or
+    /// AVX512-BF16), when the CPU has either ([`KvCache::with_bf16`]).
     bf16: bool,
     /// The keys and values are stored in bf16 ([`KvCache::with_kv_bf16`]).
     kv_bf16: bool,
@@ -178,9 +178,9 @@ impl KvCache {
         }
     }
 
-    /// With `on`, the passes through this cache (f32 weights on a CPU with AMX) compute
+    /// With `on`, the passes through this cache (f32 weights on a CPU with AMX or AVX512-BF16) compute
     /// their linear layers from bf16-rounded weights and activations with f32 sums,
-    /// several times faster than f32; without AMX they stay f32. Inference only.
+    /// faster than f32; without either they stay f32. Inference only.
     pub fn with_bf16(mut self, on: bool) -> Self {
         self.bf16 = on;
         self
@@ -793,30 +793,31 @@ impl CausalLM {
     }
 
     /// With `on`, the training passes (`forward_hidden`, `forward_backward`) compute the
-    /// linear layers' products, forward and backward, from bf16-rounded operands on AMX
-    /// tiles with f32 sums (mixed precision; the weights, their gradients and the
-    /// optimizer stay f32), when the model is f32 on a CPU that has AMX; otherwise it
-    /// changes nothing. Returns whether the products now run on AMX.
+    /// linear layers' products, forward and backward, from bf16-rounded operands with f32
+    /// sums (mixed precision; the weights, their gradients and the
+    /// optimizer stay f32), when the model is f32 on a CPU with AMX or AVX512-BF16;
+    /// otherwise it changes nothing. Returns whether the products now run in bf16.
     pub fn set_bf16_matmuls(&self, on: bool) -> bool {
         self.bf16_matmuls
             .store(on, std::sync::atomic::Ordering::SeqCst);
         self.bf16_matmuls_active()
     }
 
-    /// Whether training passes run their linear layers on AMX: [`Self::set_bf16_matmuls`]
-    /// is on and the model can (f32 weights, a CPU with AMX). The fused loss head
+    /// Whether training passes run their linear layers in bf16: [`Self::set_bf16_matmuls`]
+    /// is on and the model can (f32 weights, a CPU with AMX or AVX512-BF16). The fused loss head
     /// ([`crate::ops::linear_cross_entropy_with`]) follows it.
     pub fn bf16_matmuls_active(&self) -> bool {
         self.bf16_matmuls.load(std::sync::atomic::Ordering::SeqCst) && self.amx_usable()
     }
 
-    /// Whether this model can run its products on AMX: f32 weights on a CPU with AMX.
+    /// Whether this model can run its products in bf16: f32 weights on a CPU with AMX or
+    /// AVX512-BF16 ([`crate::bf16_kernel`]).
     fn amx_usable(&self) -> bool {
-        self.device.is_cpu() && self.dtype == DType::F32 && crate::kernels::amx_available()
+        self.device.is_cpu() && self.dtype == DType::F32 && crate::kernels::bf16_available()
     }
 
     /// The linear weights packed as bf16 AMX tiles for the current weights version
-    /// (packed now when stale); `None` when AMX is unavailable or the model is not f32 on
+    /// (packed now when stale); `None` without a bf16 kernel or the model is not f32 on
     /// a CPU.
     pub(crate) fn amx_weights(&self) -> Result<Option<Arc<AmxWeights>>> {
         if !self.amx_usable() {

@@ -445,7 +445,7 @@ fn bf16_chunked_logprobs_are_the_f32_ones_of_rounded_operands() {
     };
     let (o32, _) = run(&h, &w, false);
     let (o16, g16) = run(&h, &w, true);
-    if !tooltrain_model::amx_available() {
+    if !tooltrain_model::bf16_available() {
         assert_eq!(
             o16.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             o32.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -715,7 +715,7 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
     let check = |m: &CausalLM| {
         let out = m.generate(&prs, &p, None).unwrap();
         let worst = gap(m, &out);
-        if tooltrain_model::amx_available() {
+        if tooltrain_model::bf16_available() {
             eprintln!("bf16 log-probs within {worst} of f32");
             assert!(worst < 0.25, "bf16 log-probs {worst} from f32");
             // The AMX path ran: the values are not f32's bit for bit.

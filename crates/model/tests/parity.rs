@@ -400,7 +400,7 @@ fn bf16_matmuls_train_close_to_transformers() {
         let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
         let (loss32, grads32) = next_token_loss(&ck.model, &ids, false);
         let on = ck.model.set_bf16_matmuls(true);
-        assert_eq!(on, tooltrain_model::amx_available());
+        assert_eq!(on, tooltrain_model::bf16_available());
         let want = r["loss"]
             .to_dtype(DType::F64)
             .unwrap()

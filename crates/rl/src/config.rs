@@ -49,7 +49,7 @@ pub struct RolloutConfig {
     pub max_batch: usize,
     /// Keep each episode's keys and values between its turns and share a group's prompt.
     pub reuse_prefixes: bool,
-    /// Decode with bf16 linear layers on AMX tiles (a CPU that has them; f32 otherwise):
+    /// Decode with bf16 linear layers on AMX tiles or AVX512-BF16 (f32 without either):
     /// faster rollouts, at a log-prob mismatch to the trainer that the step metrics
     /// report (`logprob_mismatch_*`); with it, `old_logprobs = "recompute"` keeps the
     /// ratios exact.
@@ -166,8 +166,9 @@ pub struct RlConfig {
     /// Recompute activations in the backward pass.
     pub checkpointing: bool,
     /// The trainer's linear layers (forward, backward and recomputed log-probs) take
-    /// bf16-rounded operands on AMX tiles with f32 sums: mixed precision, with f32
-    /// weights, gradients and optimizer. f32 models on CPUs with AMX; f32 elsewhere.
+    /// bf16-rounded operands with f32 sums (AMX tiles or AVX512-BF16): mixed precision,
+    /// with f32 weights, gradients and optimizer. f32 models on CPUs with either; f32
+    /// elsewhere.
     pub bf16_matmuls: bool,
     /// Checkpoint every this many steps (0: at the end and when stopped).
     pub save_every: u64,

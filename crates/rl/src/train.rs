@@ -377,7 +377,7 @@ fn setup(cfg: &RlConfig, run: &RunDir, progress: bool) -> Result<Session> {
     let model = Arc::new(ck.model);
     if cfg.bf16_matmuls && !model.set_bf16_matmuls(true) {
         tracing::warn!(
-            "bf16_matmuls: no AMX on this CPU (or the model is not f32): training in f32"
+            "bf16_matmuls: neither AMX nor AVX512-BF16 on this CPU (or the model is not f32): training in f32"
         );
     }
     let renderer =

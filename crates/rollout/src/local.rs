@@ -28,10 +28,10 @@ pub struct LocalSampling {
     /// only its new tokens (the last reply and the tool result) instead of the whole
     /// conversation again. Costs the memory of about two turns' KV caches.
     pub reuse_prefixes: bool,
-    /// Linear layers and the output projection in bf16 on AMX tiles, on a CPU that has
-    /// them (f32 models): several times faster decoding and prefill; the log-probs move by
+    /// Linear layers and the output projection in bf16 on AMX tiles or AVX512-BF16,
+    /// on a CPU that has either (f32 models): several times faster decoding and prefill; the log-probs move by
     /// a few hundredths of a nat (an RL run logs the mismatch to the trainer's). Without
-    /// AMX it changes nothing.
+    /// either it changes nothing.
     pub bf16: bool,
     /// Keys and values cached in bf16 (f32 models): half the memory of the KV caches and
     /// of the kept prefixes, at a log-prob mismatch of rounding size.

@@ -137,9 +137,9 @@ pub struct SftConfig {
     /// Recompute each layer's activations in the backward pass (less memory, ~1/3
     /// more compute; identical gradients).
     pub checkpointing: bool,
-    /// The linear layers' forward and both gradients take bf16-rounded operands on AMX
-    /// tiles with f32 sums: mixed precision, with f32 weights, gradients and optimizer.
-    /// f32 models on CPUs with AMX; elsewhere a warning, and f32.
+    /// The linear layers' forward and both gradients take bf16-rounded operands with
+    /// f32 sums (AMX tiles or AVX512-BF16): mixed precision, with f32 weights, gradients and optimizer.
+    /// f32 models on CPUs with either; elsewhere a warning, and f32.
     pub bf16_matmuls: bool,
     /// Validation loss every this many steps (0: only at the end).
     pub eval_every: u64,
@@ -572,7 +572,7 @@ fn setup(cfg: &SftConfig, run: &RunDir, progress: bool) -> Result<Session> {
     if cfg.bf16_matmuls && !model.set_bf16_matmuls(true) {
         pb.suspend(|| {
             tracing::warn!(
-                "bf16_matmuls: no AMX on this CPU (or the model is not f32): training in f32"
+                "bf16_matmuls: neither AMX nor AVX512-BF16 on this CPU (or the model is not f32): training in f32"
             )
         });
     }
@@ -794,7 +794,7 @@ fn forward_backward_batch(
 }
 
 /// Mean cross-entropy of `targets` under the logits `h @ w^T` (with `bf16`, its products
-/// on AMX like the layers': `bf16_matmuls`). Half-precision weights are upcast to f32
+/// in bf16 like the layers': `bf16_matmuls`). Half-precision weights are upcast to f32
 /// first: a log-softmax summed in bf16 over a 150k vocabulary stalls (bf16 has 8
 /// significant bits) and the loss would be wrong.
 fn head_loss(

@@ -1,25 +1,79 @@
-//! bf16 matrix products on Intel AMX tiles, for inference only (generation with
-//! [`crate::SamplingParams::bf16`]): `x @ w` with `x` and `w` rounded to bf16 and the
-//! products summed in f32. The weights are packed once per weights version
-//! ([`AmxMatrix::pack`]); the activations are rounded on each call.
+//! bf16 matrix products for generation ([`crate::SamplingParams::bf16`]) and mixed-precision
+//! training (`bf16_matmuls`): `x @ w` with `x` and `w` rounded to bf16 and the products
+//! summed in f32. The weights are packed once per weights version ([`AmxMatrix::pack`]);
+//! the activations are rounded on each call.
 //!
-//! A tile holds 16 rows of 64 bytes. One `tdpbf16ps` adds a `[16, 32] @ [32, 16]`
-//! product (bf16 in, f32 out) to an accumulator tile; the right-hand tile is stored
-//! "VNNI" style, row `r` holding the pairs `(w[2r][j], w[2r + 1][j])` for `j < 16`. The
-//! kernel keeps a 2 x 2 block of accumulators (32 x 32 outputs), two left and two right
-//! tiles. AMX is used when the CPU has it, Linux grants the tile state
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and `TOOLTRAIN_SIMD` does not cap the kernels
-//! below AVX-512; otherwise callers keep the f32 path.
+//! Two instruction sets compute them, on the same packed layout ([`Bf16Kernel`]):
+//! - Intel AMX: a tile holds 16 rows of 64 bytes. One `tdpbf16ps` adds a `[16, 32] @
+//!   [32, 16]` product (bf16 in, f32 out) to an accumulator tile; the right-hand tile is
+//!   stored "VNNI" style, row `r` holding the pairs `(w[2r][j], w[2r + 1][j])` for
+//!   `j < 16`. The kernel keeps a 2 x 2 block of accumulators (32 x 32 outputs), two left
+//!   and two right tiles. Used when the CPU has it and Linux grants the tile state
+//!   (`arch_prctl(ARCH_REQ_XCOMP_PERM)`).
+//! - AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and later): one `vdpbf16ps` adds
+//!   the products of 16 pairs to 16 f32 lanes. A row of a right-hand tile is one such
+//!   vector, so the kernel broadcasts a pair `(x[i][2r], x[i][2r + 1])` of each of 8 rows
+//!   against two tile rows (8 x 32 outputs in 16 registers). Only the rows that exist are
+//!   computed (AMX computes 32 at a time).
+//!
+//! Either needs the kernels at their AVX-512 level (`TOOLTRAIN_SIMD` below it switches
+//! them off); `TOOLTRAIN_BF16` = `amx`, `avx512bf16` or `off` picks one (default: AMX
+//! where it is available, else AVX512-BF16). Without either, callers keep the f32 path.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Whether the bf16 AMX products can run in this process (checked once).
-pub fn amx_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE
-        .get_or_init(|| super::simd_level() == super::SimdLevel::Avx512 && imp::request_tiles())
+/// The instructions that compute the bf16 products in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// Intel AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX512-BF16 vectors (`vdpbf16ps`).
+    Avx512Bf16,
+}
+
+impl Bf16Kernel {
+    /// The name `TOOLTRAIN_BF16` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Amx => "amx",
+            Bf16Kernel::Avx512Bf16 => "avx512bf16",
+        }
+    }
+}
+
+/// The kernel chosen from the CPU and `TOOLTRAIN_BF16` (checked once; `None`: no bf16
+/// products, the callers stay in f32). A `TOOLTRAIN_BF16` that names no kernel panics
+/// with the accepted values; one that names a kernel this CPU lacks gives `None`.
+pub fn bf16_kernel() -> Option<Bf16Kernel> {
+    static KERNEL: std::sync::OnceLock<Option<Bf16Kernel>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let want = std::env::var("TOOLTRAIN_BF16").unwrap_or_default();
+        let (amx, avx) = match want.as_str() {
+            "" | "auto" => (true, true),
+            "amx" => (true, false),
+            "avx512bf16" => (false, true),
+            "off" | "none" => (false, false),
+            other => {
+                panic!("TOOLTRAIN_BF16={other:?}: expected amx, avx512bf16, off or auto (unset)")
+            }
+        };
+        if super::simd_level() != super::SimdLevel::Avx512 {
+            None
+        } else if amx && imp::request_tiles() {
+            Some(Bf16Kernel::Amx)
+        } else if avx && avx512bf16::available() {
+            Some(Bf16Kernel::Avx512Bf16)
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether bf16 products (AMX or AVX512-BF16) can run in this process.
+pub fn bf16_available() -> bool {
+    bf16_kernel().is_some()
 }
 
 /// A weight `w: [k, n]` (the product is `x @ w`) rounded to bf16 and laid out in tiles:
@@ -109,45 +163,65 @@ impl AmxMatrix {
 
     /// `x @ w` for `x` row-major `[m, k]`: `[m, n]`, row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let Some(kernel) = bf16_kernel() else {
+            bail!("bf16 matmul: this CPU or process has neither AMX tiles nor AVX512-BF16")
+        };
+        self.matmul_on(x, m, kernel)
+    }
+
+    /// [`Self::matmul`] on the given kernel, which the CPU must have.
+    fn matmul_on(&self, x: &[f32], m: usize, kernel: Bf16Kernel) -> Result<Vec<f32>> {
         if x.len() != m * self.k {
-            bail!("AMX matmul: {} values for [{m}, {}]", x.len(), self.k)
-        }
-        if !amx_available() {
-            bail!("AMX matmul: this CPU or process has no AMX tiles")
+            bail!("bf16 matmul: {} values for [{m}, {}]", x.len(), self.k)
         }
         if m == 0 {
             return Ok(Vec::new());
         }
         let a = rows_bf16(x, m, self.k, (self.k, 1), self.kp);
-        Ok(self.product(&a, m))
+        Ok(self.product(&a, m, kernel))
     }
 
     /// `a @ w` for `a` from [`rows_bf16`] (`m` rows of this matrix's padded width):
-    /// `[m, n]`, row-major. AMX must be available.
-    fn product(&self, a: &[u16], m: usize) -> Vec<f32> {
+    /// `[m, n]`, row-major, on `kernel` (which the CPU must have).
+    fn product(&self, a: &[u16], m: usize, kernel: Bf16Kernel) -> Vec<f32> {
         let (kp, np) = (self.kp, self.np);
         let mp = m.div_ceil(32) * 32;
         debug_assert_eq!(a.len(), mp * kp);
-        let mut c = vec![0f32; mp * np];
+        // AMX computes 32 rows at a time; the vector kernel only the rows that exist,
+        // 8 at a time.
+        let rows = match kernel {
+            Bf16Kernel::Amx => mp,
+            Bf16Kernel::Avx512Bf16 => m.div_ceil(8) * 8,
+        };
+        let mut c = super::written_in_full::<f32>(rows * np);
         // Tasks: blocks of 128 rows (the left tiles stay in L2) x runs of column pairs.
         const MB: usize = 128;
         let npairs = np / 32;
         let chunk = npairs
             .div_ceil(4 * rayon::current_num_threads())
             .clamp(1, 8);
-        let mblocks = mp.div_ceil(MB);
+        let mblocks = rows.div_ceil(MB);
         let nchunks = npairs.div_ceil(chunk);
         let cp = SendPtr(c.as_mut_ptr());
         (0..mblocks * nchunks).into_par_iter().for_each(|t| {
             let (mb, nc) = (t / nchunks, t % nchunks);
             let m0 = mb * MB;
-            let m1 = (m0 + MB).min(mp);
+            let m1 = (m0 + MB).min(rows);
             let p0 = nc * chunk;
             let p1 = (p0 + chunk).min(npairs);
-            // SAFETY: AMX is available (checked above); each task writes only rows
-            // m0..m1 of columns 32 p0..32 p1 of `c`, which no other task touches, and
-            // reads `a` and the packed weight within their bounds (padded sizes).
-            unsafe { imp::block(a, kp, m0, m1, &self.data, p0, p1, cp.get(), np) };
+            // SAFETY: the kernel is available (the callers checked); each task writes
+            // only rows m0..m1 of columns 32 p0..32 p1 of `c` (rows x np; together the
+            // tasks write all of it),
+            // which no other task touches, and reads `a` (mp >= rows rows) and the
+            // packed weight within their padded sizes.
+            unsafe {
+                match kernel {
+                    Bf16Kernel::Amx => imp::block(a, kp, m0, m1, &self.data, p0, p1, cp.get(), np),
+                    Bf16Kernel::Avx512Bf16 => {
+                        avx512bf16::block(a, kp, m0, m1, &self.data, p0, p1, cp.get(), np)
+                    }
+                }
+            }
         });
         if np == self.n {
             c.truncate(m * np);
@@ -218,9 +292,21 @@ pub(crate) fn gemm(
     b: &[f32],
     bstr: (usize, usize),
 ) -> Result<Vec<f32>> {
-    if !amx_available() {
-        bail!("AMX product: this CPU or process has no AMX tiles")
-    }
+    let Some(kernel) = bf16_kernel() else {
+        bail!("bf16 product: this CPU or process has neither AMX tiles nor AVX512-BF16")
+    };
+    gemm_on(kernel, (m, k, n), a, astr, b, bstr)
+}
+
+/// [`gemm`] on the given kernel, which the CPU must have.
+fn gemm_on(
+    kernel: Bf16Kernel,
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    astr: (usize, usize),
+    b: &[f32],
+    bstr: (usize, usize),
+) -> Result<Vec<f32>> {
     if m == 0 || n == 0 {
         return Ok(Vec::new());
     }
@@ -233,7 +319,7 @@ pub(crate) fn gemm(
     }
     let w = AmxMatrix::pack_with(b, k, n, |r, c| r * bstr.0 + c * bstr.1);
     let x = rows_bf16(a, m, k, astr, w.kp);
-    Ok(w.product(&x, m))
+    Ok(w.product(&x, m, kernel))
 }
 
 /// Which operands of [`AmxGemm`] are transposed.
@@ -452,6 +538,103 @@ mod imp {
     }
 }
 
+/// The AVX512-BF16 kernel: the same operands and outputs as the AMX `imp::block`.
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// Whether the CPU has the instructions (`vdpbf16ps` on 512-bit vectors).
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+
+    /// `acc[j] += a[0] * b[2j] + a[1] * b[2j + 1]` for the pair of bf16 at `a`, broadcast.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_pair(acc: __m512, b: __m512, a: *const u16) -> __m512 {
+        let mut acc = acc;
+        asm!(
+            "vdpbf16ps {acc}, {b}, dword ptr [{a}]{{1to16}}",
+            acc = inout(zmm_reg) acc,
+            b = in(zmm_reg) b,
+            a = in(reg) a,
+            options(pure, readonly, nostack, preserves_flags)
+        );
+        acc
+    }
+
+    /// Rows `m0..m1` (multiples of 8) of `c` (row stride `ldc` floats) for the column
+    /// pairs `p0..p1` (32 columns each): `a` is bf16 `[*, kp]`, `w` the packed weight,
+    /// whose column block's tiles are contiguous, so that its pair of rows `(2r, 2r + 1)`
+    /// (16 columns) is the 32 values at `32 r` from the block's start.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX512-BF16, and the rows and columns must lie
+    /// within `a`, `w` and `c`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block(
+        a: &[u16],
+        kp: usize,
+        m0: usize,
+        m1: usize,
+        w: &[u16],
+        p0: usize,
+        p1: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        const R: usize = 8;
+        let kbs = kp / 32;
+        let pairs = kp / 2;
+        for p in p0..p1 {
+            let b0 = w.as_ptr().add(2 * p * kbs * 512);
+            let b1 = b0.add(kbs * 512);
+            for r0 in (m0..m1).step_by(R) {
+                let a0 = a.as_ptr().add(r0 * kp);
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                for i in 0..pairs {
+                    let v0 = _mm512_loadu_ps(b0.add(32 * i) as *const f32);
+                    let v1 = _mm512_loadu_ps(b1.add(32 * i) as *const f32);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = a0.add(r * kp + 2 * i);
+                        acc[0] = dot_pair(acc[0], v0, x);
+                        acc[1] = dot_pair(acc[1], v1, x);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let out = c.add((r0 + r) * ldc + 32 * p);
+                    _mm512_storeu_ps(out, acc[0]);
+                    _mm512_storeu_ps(out.add(16), acc[1]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512bf16 {
+    pub(super) fn available() -> bool {
+        false
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn block(
+        _: &[u16],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &[u16],
+        _: usize,
+        _: usize,
+        _: *mut f32,
+        _: usize,
+    ) {
+        unreachable!("AVX512-BF16 is x86-64 only")
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 mod imp {
     pub(super) fn request_tiles() -> bool {
@@ -523,29 +706,51 @@ mod tests {
         assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
     }
 
-    /// The AMX product equals the f64 product of the bf16-rounded operands to f32
-    /// summation error, for shapes that need padding in every dimension.
-    #[test]
-    fn amx_product_equals_the_product_of_rounded_operands() {
-        if !amx_available() {
-            eprintln!("skipped: no AMX tiles on this machine");
-            return;
+    /// Every bf16 kernel this machine has (at the kernels' AVX-512 level), whichever
+    /// `TOOLTRAIN_BF16` picks for the process.
+    fn kernels_here() -> Vec<Bf16Kernel> {
+        let mut here = Vec::new();
+        if super::super::simd_level() == super::super::SimdLevel::Avx512 {
+            if imp::request_tiles() {
+                here.push(Bf16Kernel::Amx);
+            }
+            if avx512bf16::available() {
+                here.push(Bf16Kernel::Avx512Bf16);
+            }
         }
+        if here.is_empty() {
+            eprintln!("skipped: neither AMX tiles nor AVX512-BF16 on this machine");
+        }
+        here
+    }
+
+    /// Each kernel's product equals the f64 product of the bf16-rounded operands to f32
+    /// summation error, for shapes that need padding in every dimension and row counts
+    /// that are not multiples of 8, 16 or 32.
+    #[test]
+    fn bf16_products_equal_the_products_of_rounded_operands() {
+        for kernel in kernels_here() {
+            products_of_rounded_operands(kernel);
+        }
+    }
+
+    fn products_of_rounded_operands(kernel: Bf16Kernel) {
         for &(m, k, n) in &[
             (1, 32, 32),
             (33, 576, 192),
             (5, 40, 20),
             (130, 96, 70),
             (64, 1536, 64),
+            (200, 64, 96),
         ] {
             let x = values(m * k, 1 + m as u64);
             let w = values(k * n, 2 + n as u64);
             let packed = AmxMatrix::pack(&w, k, n).unwrap();
-            let y = packed.matmul(&x, m).unwrap();
+            let y = packed.matmul_on(&x, m, kernel).unwrap();
             let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
             let yt = AmxMatrix::pack_transposed(&wt, n, k)
                 .unwrap()
-                .matmul(&x, m)
+                .matmul_on(&x, m, kernel)
                 .unwrap();
             assert_eq!(y, yt, "pack and pack_transposed give the same product");
             assert_eq!(y.len(), m * n);
@@ -556,7 +761,7 @@ mod tests {
                     let got = y[i * n + j] as f64;
                     assert!(
                         (got - want).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6 * want.abs(),
-                        "[{m},{k},{n}] at ({i},{j}): {got} vs {want}"
+                        "{kernel:?} [{m},{k},{n}] at ({i},{j}): {got} vs {want}"
                     );
                 }
             }
@@ -568,10 +773,13 @@ mod tests {
     /// multiples of 16 or 32 (the column-major read of `x^T` goes 16 rows at a time).
     #[test]
     fn training_products_equal_the_products_of_rounded_operands() {
-        if !amx_available() {
-            eprintln!("skipped: no AMX tiles on this machine");
-            return;
+        for kernel in kernels_here() {
+            training_products(kernel);
         }
+    }
+
+    fn training_products(kernel: Bf16Kernel) {
+        let gemm = |dims, a: &[f32], astr, b: &[f32], bstr| gemm_on(kernel, dims, a, astr, b, bstr);
         let (m, k, n) = (45, 70, 37);
         let x = values(m * k, 21); // [m, k]
         let w = values(k * n, 22); // [k, n]
@@ -583,7 +791,7 @@ mod tests {
                 for i in 0..rows {
                     for j in 0..cols {
                         let (a, b) = (got[i * cols + j] as f64, want(i, j));
-                        assert!((a - b).abs() < 1e-4, "({i},{j}): {a} vs {b}");
+                        assert!((a - b).abs() < 1e-4, "{kernel:?} ({i},{j}): {a} vs {b}");
                     }
                 }
             };

@@ -218,7 +218,8 @@ pub fn simd_summary() -> String {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let gemm = "native";
-    format!("kernels {}, gemm {gemm}", simd_level().name())
+    let bf16 = amx::bf16_kernel().map_or("none", |k| k.name());
+    format!("kernels {}, gemm {gemm}, bf16 {bf16}", simd_level().name())
 }
 
 /// Independent accumulators of the reductions: the compiler keeps them in vector
@@ -445,7 +446,7 @@ mod rope;
 mod softmax;
 mod swiglu;
 
-pub use amx::amx_available;
+pub use amx::{bf16_available, bf16_kernel, Bf16Kernel};
 pub(crate) use amx::{AmxGemm, AmxLinear, AmxMatmul, AmxMatrix, Trans};
 pub(crate) use attention::Attention;
 pub(crate) use bias::BiasAdd;
