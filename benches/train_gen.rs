@@ -177,7 +177,7 @@ fn main() -> tooltrain_model::Result<()> {
             "device": if dev.is_cpu() { "cpu" } else { "cuda" },
             "dtype": format!("{dtype:?}").to_lowercase(),
             "checkpoint": checkpoint,
-            "bf16_amx": bf16,
+            "bf16_products": bf16,
             "kv_bf16": kv_bf16,
             "train_step_s": train_s,
             "train_tokens_per_s": if steps > 0 { (batch * seq) as f64 / train_s } else { 0.0 },
