@@ -50,15 +50,7 @@ pub fn bf16_kernel() -> Option<Bf16Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Bf16Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
         let want = std::env::var("TOOLTRAIN_BF16").unwrap_or_default();
-        let (amx, avx) = match want.as_str() {
-            "" | "auto" => (true, true),
-            "amx" => (true, false),
-            "avx512bf16" => (false, true),
-            "off" | "none" => (false, false),
-            other => {
-                panic!("TOOLTRAIN_BF16={other:?}: expected amx, avx512bf16, off or auto (unset)")
-            }
-        };
+        let (amx, avx) = allowed_kernels(&want).unwrap_or_else(|e| panic!("{e}"));
         if super::simd_level() != super::SimdLevel::Avx512 {
             None
         } else if amx && imp::request_tiles() {
@@ -69,6 +61,19 @@ pub fn bf16_kernel() -> Option<Bf16Kernel> {
             None
         }
     })
+}
+
+/// Which kernels a `TOOLTRAIN_BF16` value allows: (AMX, AVX512-BF16).
+fn allowed_kernels(want: &str) -> std::result::Result<(bool, bool), String> {
+    match want {
+        "" | "auto" => Ok((true, true)),
+        "amx" => Ok((true, false)),
+        "avx512bf16" => Ok((false, true)),
+        "off" | "none" => Ok((false, false)),
+        other => Err(format!(
+            "TOOLTRAIN_BF16={other:?}: expected amx, avx512bf16, off or auto (unset)"
+        )),
+    }
 }
 
 /// Whether bf16 products (AMX or AVX512-BF16) can run in this process.
@@ -810,6 +815,17 @@ mod tests {
             (0..m).map(|t| r(x[t * k + i]) * r(g[t * n + j])).sum()
         });
         assert!(gemm((m, k, n), &x[1..], (k, 1), &w, (n, 1)).is_err());
+    }
+
+    #[test]
+    fn tooltrain_bf16_picks_the_kernels() {
+        assert_eq!(allowed_kernels(""), Ok((true, true)));
+        assert_eq!(allowed_kernels("auto"), Ok((true, true)));
+        assert_eq!(allowed_kernels("amx"), Ok((true, false)));
+        assert_eq!(allowed_kernels("avx512bf16"), Ok((false, true)));
+        assert_eq!(allowed_kernels("off"), Ok((false, false)));
+        let e = allowed_kernels("AVX512").unwrap_err();
+        assert!(e.contains("\"AVX512\"") && e.contains("avx512bf16"), "{e}");
     }
 
     #[test]
