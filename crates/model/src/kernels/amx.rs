@@ -619,24 +619,12 @@ mod avx512bf16 {
     }
 }
 
+/// Off x86-64 neither kernel exists; `block` is the never-called stub of `imp`.
 #[cfg(not(target_arch = "x86_64"))]
 mod avx512bf16 {
+    pub(super) use super::imp::block;
     pub(super) fn available() -> bool {
         false
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn block(
-        _: &[u16],
-        _: usize,
-        _: usize,
-        _: usize,
-        _: &[u16],
-        _: usize,
-        _: usize,
-        _: *mut f32,
-        _: usize,
-    ) {
-        unreachable!("AVX512-BF16 is x86-64 only")
     }
 }
 
@@ -657,7 +645,7 @@ mod imp {
         _: *mut f32,
         _: usize,
     ) {
-        unreachable!("AMX is x86-64 only")
+        unreachable!("the bf16 kernels are x86-64 only")
     }
 }
 
