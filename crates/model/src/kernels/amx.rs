@@ -133,7 +133,6 @@ impl AmxMatrix {
 
     /// Packs the `[k, n]` matrix whose element `(r, c)` is `w[at(r, c)]` (k, n >= 1;
     /// the callers check that every index is in bounds).
-
     fn pack_with(
         w: &[f32],
         k: usize,
