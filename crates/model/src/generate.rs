@@ -27,8 +27,9 @@ pub struct SamplingParams {
     /// instead, so that a row's stream does not depend on its place in a batch.
     pub row_seeds: Vec<u64>,
     /// Linear layers and the output projection in bf16 on AMX tiles or AVX512-BF16 (f32
-    /// weights on a CPU that has either; otherwise f32 as usual): several times faster, with log-probs
-    /// a few hundredths of a nat from f32's (greedy choices can differ on near-ties).
+    /// weights on a CPU that has either; otherwise f32 as usual): 1.5x faster decoding on
+    /// the CPUs measured, with log-probs a few hundredths of a nat from f32's (greedy
+    /// choices can differ on near-ties).
     pub bf16: bool,
     /// Keys and values cached in bf16 (f32 models on the CPU): half the cache memory, with
     /// log-probs within rounding noise of an f32 cache's (on the tiny test model 0.01 nat

@@ -25,7 +25,7 @@ pub fn chunked_logprobs(
 }
 
 /// `op(a) @ op(b)` (`trans` says which is transposed), with `bf16` from bf16-rounded
-/// operands with f32 sums on AMX tiles (f32 CPU tensors; the caller checked AMX).
+/// operands with f32 sums (f32 CPU tensors; the caller checked for a bf16 kernel).
 fn product(a: &Tensor, b: &Tensor, trans: Trans, bf16: bool) -> candle_core::Result<Tensor> {
     if bf16 {
         return a
@@ -40,9 +40,9 @@ fn product(a: &Tensor, b: &Tensor, trans: Trans, bf16: bool) -> candle_core::Res
 }
 
 /// [`chunked_logprobs`], with `bf16`: the logits and both gradients' products from
-/// bf16-rounded operands with f32 sums on AMX tiles (mixed-precision training, as
+/// bf16-rounded operands with f32 sums (AMX or AVX512-BF16; mixed-precision training, as
 /// [`CausalLM::bf16_matmuls_active`] says), the log-sum-exp and entropy in f32. Without
-/// AMX, or for other dtypes or devices, `bf16` changes nothing.
+/// a bf16 kernel, or for other dtypes or devices, `bf16` changes nothing.
 pub fn chunked_logprobs_with(
     hidden: &Tensor,
     weight: &Tensor,

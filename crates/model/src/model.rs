@@ -178,9 +178,9 @@ impl KvCache {
         }
     }
 
-    /// With `on`, the passes through this cache (f32 weights on a CPU with AMX or AVX512-BF16) compute
-    /// their linear layers from bf16-rounded weights and activations with f32 sums,
-    /// faster than f32; without either they stay f32. Inference only.
+    /// With `on`, the passes through this cache (f32 weights on a CPU with AMX or
+    /// AVX512-BF16) compute their linear layers from bf16-rounded weights and activations
+    /// with f32 sums, faster than f32; without either they stay f32. Inference only.
     pub fn with_bf16(mut self, on: bool) -> Self {
         self.bf16 = on;
         self
@@ -188,8 +188,8 @@ impl KvCache {
 
     /// With `on`, keys and values are stored rounded to bf16 (f32 models on the CPU):
     /// half the memory. The attention kernel widens them back to f32 run by run; the
-    /// other paths convert. Inference
-    /// only; set it before the first pass (the buffers take their type then).
+    /// other paths convert. Inference only; set it before the first pass (the buffers
+    /// take their type then).
     pub fn with_kv_bf16(mut self, on: bool) -> Self {
         self.kv_bf16 = on;
         self
@@ -794,25 +794,26 @@ impl CausalLM {
 
     /// With `on`, the training passes (`forward_hidden`, `forward_backward`) compute the
     /// linear layers' products, forward and backward, from bf16-rounded operands with f32
-    /// sums (mixed precision; the weights, their gradients and the
-    /// optimizer stay f32), when the model is f32 on a CPU with AMX or AVX512-BF16;
-    /// otherwise it changes nothing. Returns whether the products now run in bf16.
+    /// sums (mixed precision; the weights, their gradients and the optimizer stay f32),
+    /// when the model is f32 on a CPU with AMX or AVX512-BF16; otherwise it changes
+    /// nothing. Returns whether the products now run in bf16.
     pub fn set_bf16_matmuls(&self, on: bool) -> bool {
         self.bf16_matmuls
             .store(on, std::sync::atomic::Ordering::SeqCst);
         self.bf16_matmuls_active()
     }
 
-    /// Whether training passes run their linear layers in bf16: [`Self::set_bf16_matmuls`]
-    /// is on and the model can (f32 weights, a CPU with AMX or AVX512-BF16). The fused loss head
-    /// ([`crate::ops::linear_cross_entropy_with`]) follows it.
+    /// Whether training passes run their linear layers in bf16:
+    /// [`Self::set_bf16_matmuls`] is on and the model can (f32 weights, a CPU with AMX or
+    /// AVX512-BF16). The fused loss head ([`crate::ops::linear_cross_entropy_with`])
+    /// follows it.
     pub fn bf16_matmuls_active(&self) -> bool {
-        self.bf16_matmuls.load(std::sync::atomic::Ordering::SeqCst) && self.amx_usable()
+        self.bf16_matmuls.load(std::sync::atomic::Ordering::SeqCst) && self.bf16_usable()
     }
 
     /// Whether this model can run its products in bf16: f32 weights on a CPU with AMX or
     /// AVX512-BF16 ([`crate::bf16_kernel`]).
-    fn amx_usable(&self) -> bool {
+    fn bf16_usable(&self) -> bool {
         self.device.is_cpu() && self.dtype == DType::F32 && crate::kernels::bf16_available()
     }
 
@@ -820,7 +821,7 @@ impl CausalLM {
     /// (packed now when stale); `None` without a bf16 kernel or the model is not f32 on
     /// a CPU.
     pub(crate) fn amx_weights(&self) -> Result<Option<Arc<AmxWeights>>> {
-        if !self.amx_usable() {
+        if !self.bf16_usable() {
             return Ok(None);
         }
         let version = self.weights_version();

@@ -462,9 +462,9 @@ pub fn linear_cross_entropy(
 }
 
 /// [`linear_cross_entropy`], with `bf16`: the logits and both gradients' products from
-/// bf16-rounded operands with f32 sums on AMX tiles (mixed-precision training, as
-/// [`crate::CausalLM::bf16_matmuls_active`] says), the softmax in f32. Without AMX, or for
-/// other dtypes, `bf16` changes nothing.
+/// bf16-rounded operands with f32 sums (AMX or AVX512-BF16; mixed-precision training, as
+/// [`crate::CausalLM::bf16_matmuls_active`] says), the softmax in f32. Without a bf16 kernel, or
+/// for other dtypes, `bf16` changes nothing.
 pub fn linear_cross_entropy_with(
     hidden: &Tensor,
     weight: &Tensor,
@@ -935,7 +935,7 @@ pub(crate) mod tests {
         assert!((l16 - lr).abs() < 1e-6 * lr, "loss {l16} vs {lr}");
         assert!(
             (l16 - l32).abs() > 1e-6 * l32,
-            "the AMX head gave the f32 loss"
+            "the bf16 head gave the f32 loss"
         );
         for (i, (a, b)) in g16.iter().zip(&gr).enumerate() {
             let scale = b

@@ -718,7 +718,7 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
         if tooltrain_model::bf16_available() {
             eprintln!("bf16 log-probs within {worst} of f32");
             assert!(worst < 0.25, "bf16 log-probs {worst} from f32");
-            // The AMX path ran: the values are not f32's bit for bit.
+            // The bf16 path ran: the values are not f32's bit for bit.
             assert!(worst > 0.0, "bf16 decoding gave f32's exact log-probs");
         } else {
             eprintln!("no AMX: bf16 decoding is f32 decoding");

@@ -28,8 +28,8 @@ pub struct LocalSampling {
     /// only its new tokens (the last reply and the tool result) instead of the whole
     /// conversation again. Costs the memory of about two turns' KV caches.
     pub reuse_prefixes: bool,
-    /// Linear layers and the output projection in bf16 on AMX tiles or AVX512-BF16,
-    /// on a CPU that has either (f32 models): several times faster decoding and prefill; the log-probs move by
+    /// Linear layers and the output projection in bf16 on AMX tiles or AVX512-BF16, on a
+    /// CPU that has either (f32 models): faster decoding and prefill; the log-probs move by
     /// a few hundredths of a nat (an RL run logs the mismatch to the trainer's). Without
     /// either it changes nothing.
     pub bf16: bool,

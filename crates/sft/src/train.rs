@@ -138,8 +138,8 @@ pub struct SftConfig {
     /// more compute; identical gradients).
     pub checkpointing: bool,
     /// The linear layers' forward and both gradients take bf16-rounded operands with
-    /// f32 sums (AMX tiles or AVX512-BF16): mixed precision, with f32 weights, gradients and optimizer.
-    /// f32 models on CPUs with either; elsewhere a warning, and f32.
+    /// f32 sums (AMX tiles or AVX512-BF16): mixed precision, with f32 weights, gradients
+    /// and optimizer. f32 models on CPUs with either; elsewhere a warning, and f32.
     pub bf16_matmuls: bool,
     /// Validation loss every this many steps (0: only at the end).
     pub eval_every: u64,

@@ -34,6 +34,14 @@ pub enum Bf16Kernel {
 }
 
 impl Bf16Kernel {
+    /// The rows it computes at a time: the left operand is padded to a multiple of this.
+    fn row_block(self) -> usize {
+        match self {
+            Bf16Kernel::Amx => 32,
+            Bf16Kernel::Avx512Bf16 => 8,
+        }
+    }
+
     /// The name `TOOLTRAIN_BF16` takes.
     pub fn name(self) -> &'static str {
         match self {
@@ -50,26 +58,36 @@ pub fn bf16_kernel() -> Option<Bf16Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Bf16Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
         let want = std::env::var("TOOLTRAIN_BF16").unwrap_or_default();
-        let (amx, avx) = allowed_kernels(&want).unwrap_or_else(|e| panic!("{e}"));
-        if super::simd_level() != super::SimdLevel::Avx512 {
-            None
-        } else if amx && imp::request_tiles() {
-            Some(Bf16Kernel::Amx)
-        } else if avx && avx512bf16::available() {
-            Some(Bf16Kernel::Avx512Bf16)
-        } else {
-            None
-        }
+        let allowed = allowed_kernels(&want).unwrap_or_else(|e| panic!("{e}"));
+        kernels_on_this_cpu()
+            .into_iter()
+            .find(|k| allowed.contains(k))
     })
 }
 
-/// Which kernels a `TOOLTRAIN_BF16` value allows: (AMX, AVX512-BF16).
-fn allowed_kernels(want: &str) -> std::result::Result<(bool, bool), String> {
+/// The bf16 kernels this CPU and process can run, preferred first (none when
+/// `TOOLTRAIN_SIMD` caps the kernels below AVX-512).
+fn kernels_on_this_cpu() -> Vec<Bf16Kernel> {
+    let mut here = Vec::new();
+    if super::simd_level() == super::SimdLevel::Avx512 {
+        if imp::request_tiles() {
+            here.push(Bf16Kernel::Amx);
+        }
+        if avx512bf16::available() {
+            here.push(Bf16Kernel::Avx512Bf16);
+        }
+    }
+    here
+}
+
+/// The kernels a `TOOLTRAIN_BF16` value allows.
+fn allowed_kernels(want: &str) -> std::result::Result<&'static [Bf16Kernel], String> {
+    use Bf16Kernel::*;
     match want {
-        "" | "auto" => Ok((true, true)),
-        "amx" => Ok((true, false)),
-        "avx512bf16" => Ok((false, true)),
-        "off" | "none" => Ok((false, false)),
+        "" | "auto" => Ok(&[Amx, Avx512Bf16]),
+        "amx" => Ok(&[Amx]),
+        "avx512bf16" => Ok(&[Avx512Bf16]),
+        "off" | "none" => Ok(&[]),
         other => Err(format!(
             "TOOLTRAIN_BF16={other:?}: expected amx, avx512bf16, off or auto (unset)"
         )),
@@ -181,22 +199,16 @@ impl AmxMatrix {
         if m == 0 {
             return Ok(Vec::new());
         }
-        let a = rows_bf16(x, m, self.k, (self.k, 1), self.kp);
+        let a = rows_bf16(x, m, self.k, (self.k, 1), self.kp, kernel);
         Ok(self.product(&a, m, kernel))
     }
 
-    /// `a @ w` for `a` from [`rows_bf16`] (`m` rows of this matrix's padded width):
-    /// `[m, n]`, row-major, on `kernel` (which the CPU must have).
+    /// `a @ w` for `a` from [`rows_bf16`] for the same kernel (`m` rows of this matrix's
+    /// padded width): `[m, n]`, row-major, on `kernel` (which the CPU must have).
     fn product(&self, a: &[u16], m: usize, kernel: Bf16Kernel) -> Vec<f32> {
         let (kp, np) = (self.kp, self.np);
-        let mp = m.div_ceil(32) * 32;
-        debug_assert_eq!(a.len(), mp * kp);
-        // AMX computes 32 rows at a time; the vector kernel only the rows that exist,
-        // 8 at a time.
-        let rows = match kernel {
-            Bf16Kernel::Amx => mp,
-            Bf16Kernel::Avx512Bf16 => m.div_ceil(8) * 8,
-        };
+        let rows = m.div_ceil(kernel.row_block()) * kernel.row_block();
+        debug_assert_eq!(a.len(), rows * kp);
         let mut c = super::written_in_full::<f32>(rows * np);
         // Tasks: blocks of 128 rows (the left tiles stay in L2) x runs of column pairs.
         const MB: usize = 128;
@@ -214,10 +226,9 @@ impl AmxMatrix {
             let p0 = nc * chunk;
             let p1 = (p0 + chunk).min(npairs);
             // SAFETY: the kernel is available (the callers checked); each task writes
-            // only rows m0..m1 of columns 32 p0..32 p1 of `c` (rows x np; together the
-            // tasks write all of it),
-            // which no other task touches, and reads `a` (mp >= rows rows) and the
-            // packed weight within their padded sizes.
+            // only rows m0..m1 of columns 32 p0..32 p1 of `c`, which no other task
+            // touches (together the tasks write all of it), and reads `a` and the packed
+            // weight within their padded sizes (`rows` x kp, np x kp).
             unsafe {
                 match kernel {
                     Bf16Kernel::Amx => imp::block(a, kp, m0, m1, &self.data, p0, p1, cp.get(), np),
@@ -241,10 +252,17 @@ impl AmxMatrix {
 }
 
 /// The `[m, k]` matrix whose element `(i, j)` is `x[i * rs + j * cs]`, rounded to bf16,
-/// as rows of `kp` values (zero-padded), `m` rounded up to 32 rows. A column-major
+/// as rows of `kp` values (zero-padded), `m` rounded up to the kernel's row block. A column-major
 /// source (`rs == 1`) is read 16 rows at a time, along its contiguous columns.
-fn rows_bf16(x: &[f32], m: usize, k: usize, (rs, cs): (usize, usize), kp: usize) -> Vec<u16> {
-    let mp = m.div_ceil(32) * 32;
+fn rows_bf16(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    (rs, cs): (usize, usize),
+    kp: usize,
+    kernel: Bf16Kernel,
+) -> Vec<u16> {
+    let mp = m.div_ceil(kernel.row_block()) * kernel.row_block();
     let mut a = vec![0u16; mp * kp];
     if rs == 1 && cs != 1 {
         a.par_chunks_mut(16 * kp)
@@ -322,7 +340,7 @@ fn gemm_on(
         bail!("AMX product: operands too short for [{m}, {k}] x [{k}, {n}]")
     }
     let w = AmxMatrix::pack_with(b, k, n, |r, c| r * bstr.0 + c * bstr.1);
-    let x = rows_bf16(a, m, k, astr, w.kp);
+    let x = rows_bf16(a, m, k, astr, w.kp, kernel);
     Ok(w.product(&x, m, kernel))
 }
 
@@ -698,18 +716,10 @@ mod tests {
         assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
     }
 
-    /// Every bf16 kernel this machine has (at the kernels' AVX-512 level), whichever
-    /// `TOOLTRAIN_BF16` picks for the process.
+    /// Every bf16 kernel this machine has, whichever `TOOLTRAIN_BF16` picks for the
+    /// process.
     fn kernels_here() -> Vec<Bf16Kernel> {
-        let mut here = Vec::new();
-        if super::super::simd_level() == super::super::SimdLevel::Avx512 {
-            if imp::request_tiles() {
-                here.push(Bf16Kernel::Amx);
-            }
-            if avx512bf16::available() {
-                here.push(Bf16Kernel::Avx512Bf16);
-            }
-        }
+        let here = kernels_on_this_cpu();
         if here.is_empty() {
             eprintln!("skipped: neither AMX tiles nor AVX512-BF16 on this machine");
         }
@@ -806,11 +816,12 @@ mod tests {
 
     #[test]
     fn tooltrain_bf16_picks_the_kernels() {
-        assert_eq!(allowed_kernels(""), Ok((true, true)));
-        assert_eq!(allowed_kernels("auto"), Ok((true, true)));
-        assert_eq!(allowed_kernels("amx"), Ok((true, false)));
-        assert_eq!(allowed_kernels("avx512bf16"), Ok((false, true)));
-        assert_eq!(allowed_kernels("off"), Ok((false, false)));
+        use Bf16Kernel::*;
+        assert_eq!(allowed_kernels(""), Ok(&[Amx, Avx512Bf16][..]));
+        assert_eq!(allowed_kernels("auto"), Ok(&[Amx, Avx512Bf16][..]));
+        assert_eq!(allowed_kernels("amx"), Ok(&[Amx][..]));
+        assert_eq!(allowed_kernels("avx512bf16"), Ok(&[Avx512Bf16][..]));
+        assert_eq!(allowed_kernels("off"), Ok(&[][..]));
         let e = allowed_kernels("AVX512").unwrap_err();
         assert!(e.contains("\"AVX512\"") && e.contains("avx512bf16"), "{e}");
     }

@@ -163,13 +163,13 @@ impl CustomOp3 for NllBwd {
 pub(crate) struct LinearNll {
     pub ignore: Option<u32>,
     pub logits: CachedLogits,
-    /// The three products on AMX tiles from bf16-rounded operands with f32 sums (f32
-    /// only; the caller checks that AMX is available). The softmax stays f32.
+    /// The three products from bf16-rounded operands with f32 sums (f32 only; the
+    /// caller checks that a bf16 kernel is available). The softmax stays f32.
     pub bf16: bool,
 }
 
-/// `a[m x k] @ b[k x n]` on AMX tiles from bf16-rounded operands with f32 sums, operands
-/// by (row, column) strides; `T` must be f32.
+/// `a[m x k] @ b[k x n]` from bf16-rounded operands with f32 sums (AMX or
+/// AVX512-BF16), operands by (row, column) strides; `T` must be f32.
 fn amx_product<T: Elem>(
     (m, n, k): (usize, usize, usize),
     a: &[T],
@@ -193,7 +193,7 @@ fn amx_product<T: Elem>(
 }
 
 /// `dst[m x n] = a[m x k] @ b[k x n]`, operands by (row, column) strides: gemm in `T`,
-/// or with `bf16` (f32 only) on AMX tiles ([`amx_product`]).
+/// or with `bf16` (f32 only) in bf16 ([`amx_product`]).
 #[allow(clippy::too_many_arguments)]
 fn head_product<T: Elem>(
     bf16: bool,

@@ -14,7 +14,7 @@
 //! | fused causal prefill attention (forward and backward) | `attention.rs` |
 //! | attention of new positions to a KV cache (decoding, inference only) | `decode_attention.rs` |
 //! | sum of squares of a gradient (the global gradient norm) | `reduce.rs` |
-//! | bf16 matrix products on AMX tiles (inference only) | `amx.rs` |
+//! | bf16 matrix products on AMX tiles or AVX512-BF16 (generation and mixed-precision training) | `amx.rs` |
 //!
 //! The submodules are declared after the macros `fast!` and `dispatch!`, so both are in
 //! (textual) scope in every file; the shared helpers here are private, visible to the
