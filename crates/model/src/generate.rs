@@ -507,7 +507,7 @@ impl CausalLM {
                 Some(a) => hid
                     .contiguous()?
                     .apply_op1_no_bwd(&crate::kernels::AmxLinear(a.lm_head.clone()))?,
-                None => hid.matmul(&w.t()?)?,
+                None => crate::ops::linear_product(&hid, &w, true)?,
             };
             let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
             let mut next = vec![0u32; slots.len()];

@@ -446,7 +446,7 @@ fn linear(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>, how: Product) ->
             &weight_t.contiguous()?,
             crate::kernels::AmxMatmul { need_dw },
         )?,
-        Product::F32 => x.matmul(weight_t)?,
+        Product::F32 => ops::linear_product(x, weight_t, false)?,
     };
     Ok(match bias {
         Some(b) => ops::add_bias(&y, b)?,

@@ -155,6 +155,32 @@ fn cpu_kernel(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
+/// `x: [m, k] @ w` for a weight `w: [k, n]`, or with `transposed` `x @ w^T` for `w: [n, k]`.
+/// An untracked f32 product on the CPU of at most [`kernels::SKINNY_MAX_ROWS`] rows (a
+/// decoding step) runs on the few-row kernels, which read the weight once in place instead
+/// of packing it; anything else is a plain matmul.
+pub fn linear_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / k.max(1);
+    let fits = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && w.device().is_cpu()
+        && !tracked(x)
+        && !tracked(w)
+        && rows <= kernels::SKINNY_MAX_ROWS;
+    if fits {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &kernels::SkinnyLinear { transposed });
+    }
+    if transposed {
+        x.matmul(&w.t()?)
+    } else {
+        x.matmul(w)
+    }
+}
+
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if cpu_kernel(x) {

@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{cast, mm, slice, softmax_in_place, Elem};
+use super::{cast, mm, skinny, slice, softmax_in_place, Elem};
 
 /// Attention of a few new query positions to a KV cache (inference only): `q: [b, heads, s,
 /// head_dim]` (roped, contiguous), `k`, `v: [b, kv_heads, len, head_dim]` views whose rows
@@ -224,23 +224,14 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
                 for &(c0, j0, n) in shared_runs {
                     let (kr, pos) = kc.run_as((lead, h, j0, n, hd), &mut buf);
                     let dims = (rows, n, hd);
-                    mm(
-                        dims,
-                        &mut p[c0..],
-                        stride,
-                        &qg,
-                        (hd, 1),
-                        kr,
-                        (1, pos),
-                        false,
-                    );
+                    scores(dims, &mut p[c0..], stride, &qg, kr, pos);
                 }
                 for (m, &bi) in members.iter().enumerate() {
                     for &(c0, j0, n) in &own_runs[m] {
                         let (kr, pos) = kc.run_as((bi, h, j0, n, hd), &mut buf);
                         let dst = &mut p[m * nq * stride + ns + c0..];
                         let lhs = &qg[m * nq * hd..];
-                        mm((nq, n, hd), dst, stride, lhs, (hd, 1), kr, (1, pos), false);
+                        scores((nq, n, hd), dst, stride, lhs, kr, pos);
                     }
                 }
                 for (m, &bi) in members.iter().enumerate() {
@@ -265,23 +256,14 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
                 for &(c0, j0, n) in shared_runs {
                     let (vr, pos) = vc.run_as((lead, h, j0, n, hd), &mut buf);
                     let dims = (rows, hd, n);
-                    mm(
-                        dims,
-                        &mut out,
-                        hd,
-                        &p[c0..],
-                        (stride, 1),
-                        vr,
-                        (pos, 1),
-                        true,
-                    );
+                    values(dims, &mut out, &p[c0..], stride, vr, pos);
                 }
                 for (m, &bi) in members.iter().enumerate() {
                     for &(c0, j0, n) in &own_runs[m] {
                         let (vr, pos) = vc.run_as((bi, h, j0, n, hd), &mut buf);
                         let lhs = &p[m * nq * stride + ns + c0..];
                         let dst = &mut out[m * nq * hd..];
-                        mm((nq, hd, n), dst, hd, lhs, (stride, 1), vr, (pos, 1), true);
+                        values((nq, hd, n), dst, lhs, stride, vr, pos);
                     }
                 }
                 members
@@ -304,6 +286,49 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
         }
     }
     Ok((T::to_cpu_storage_owned(y), Shape::from((b, s, nh, hd))))
+}
+
+/// Most query rows (of one task) whose products with the cache run on the few-row
+/// kernels; more reuse each key enough for gemm's packing to pay.
+const FEW_ROWS: usize = 16;
+
+/// `dst[r][j] = q[r] . k[j]` for `r < rows`, `j < n` (`dst` row stride `stride`, `q` rows
+/// of `hd`, `k` rows `pos` apart): f32 with few rows on [`skinny::key_scores`], else gemm.
+#[inline(always)]
+fn scores<T: Elem>(
+    (rows, n, hd): (usize, usize, usize),
+    dst: &mut [T],
+    stride: usize,
+    q: &[T],
+    k: &[T],
+    pos: usize,
+) {
+    if rows <= FEW_ROWS {
+        if let (Some(d), Some(q), Some(k)) = (T::as_f32_mut(dst), T::as_f32(q), T::as_f32(k)) {
+            return skinny::key_scores((rows, n, hd), d, stride, q, k, pos);
+        }
+    }
+    mm((rows, n, hd), dst, stride, q, (hd, 1), k, (1, pos), false)
+}
+
+/// `dst[r] += sum_j p[r][j] v[j]` for `r < rows`, `j < n` (`dst` rows of `hd`, `p` row
+/// stride `p_rs`, `v` rows `pos` apart): f32 with few rows on
+/// [`skinny::weighted_values`], else gemm.
+#[inline(always)]
+fn values<T: Elem>(
+    (rows, hd, n): (usize, usize, usize),
+    dst: &mut [T],
+    p: &[T],
+    p_rs: usize,
+    v: &[T],
+    pos: usize,
+) {
+    if rows <= FEW_ROWS {
+        if let (Some(d), Some(p), Some(v)) = (T::as_f32_mut(dst), T::as_f32(p), T::as_f32(v)) {
+            return skinny::weighted_values((rows, hd, n), d, p, p_rs, v, pos);
+        }
+    }
+    mm((rows, hd, n), dst, hd, p, (p_rs, 1), v, (pos, 1), true)
 }
 
 /// The rows of one group and the keys they read: `shared` (from the first member) and each

@@ -14,6 +14,7 @@
 //! | fused causal prefill attention (forward and backward) | `attention.rs` |
 //! | attention of new positions to a KV cache (decoding, inference only) | `decode_attention.rs` |
 //! | sum of squares of a gradient (the global gradient norm) | `reduce.rs` |
+//! | products of a few rows by a weight matrix (decoding, inference only) | `skinny.rs` |
 //! | bf16 matrix products on AMX tiles or AVX512-BF16 (generation and mixed-precision training) | `amx.rs` |
 //!
 //! The submodules are declared after the macros `fast!` and `dispatch!`, so both are in
@@ -30,9 +31,19 @@ pub(crate) trait Elem: WithDType + Float + Send + Sync + std::iter::Sum {
     fn fexp(self) -> Self;
     /// The storage's elements by value (no copy), if it holds this type.
     fn into_vec(s: CpuStorage) -> Option<Vec<Self>>;
+    /// The values as f32, if they are.
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// The values as f32, if they are.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 impl Elem for f32 {
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
+    }
     fn into_vec(s: CpuStorage) -> Option<Vec<f32>> {
         match s {
             CpuStorage::F32(v) => Some(v),
@@ -63,6 +74,12 @@ impl Elem for f32 {
 }
 
 impl Elem for f64 {
+    fn as_f32(_: &[f64]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
+    }
     fn into_vec(s: CpuStorage) -> Option<Vec<f64>> {
         match s {
             CpuStorage::F64(v) => Some(v),
@@ -443,6 +460,7 @@ mod decode_attention;
 mod norm;
 mod reduce;
 mod rope;
+mod skinny;
 mod softmax;
 mod swiglu;
 
@@ -455,6 +473,7 @@ pub(crate) use decode_attention::DecodeAttention;
 pub(crate) use norm::RmsNorm;
 pub(crate) use reduce::sum_squares_f32;
 pub(crate) use rope::RopeBthd;
+pub(crate) use skinny::{SkinnyLinear, MAX_ROWS as SKINNY_MAX_ROWS};
 pub(crate) use softmax::{MaskedSoftmax, Softmax};
 pub(crate) use swiglu::SwiGlu;
 

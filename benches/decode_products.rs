@@ -1,0 +1,116 @@
+//! The products of one decoding step of SmolLM2-135M (8 rows) on the few-row kernels
+//! (`ops::linear_product`) against gemm (`Tensor::matmul`), alternating, in the same run.
+//! Prints per shape the median time of each, the weight bytes read per second by the
+//! kernels, and the ratio gemm / kernels, then the ratio over a whole step's products.
+//!
+//! `cargo bench -p tooltrain-model --bench decode_products -- [--rows 8] [--rounds 15]`
+
+use candle_core::{Device, Tensor};
+use tooltrain_model::ops::linear_product;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> candle_core::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: usize| -> usize {
+        match args.iter().position(|a| a == name) {
+            Some(i) => args
+                .get(i + 1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} takes a number")),
+            None => default,
+        }
+    };
+    let (rows, rounds) = (arg("--rows", 8), arg("--rounds", 15));
+    println!(
+        "cpu: {}; {}; threads {}",
+        cpu_model(),
+        tooltrain_model::simd_summary(),
+        rayon::current_num_threads()
+    );
+    // (name, k, n, transposed, times per step): SmolLM2-135M's 30 layers and its output
+    // projection (stored [vocab, hidden]).
+    let shapes = [
+        ("qkv", 576, 960, false, 30),
+        ("o", 576, 576, false, 30),
+        ("gate_up", 576, 3072, false, 30),
+        ("down", 1536, 576, false, 30),
+        ("lm_head", 576, 49152, true, 1),
+    ];
+    let dev = Device::Cpu;
+    let (mut step_kernel, mut step_gemm) = (0f64, 0f64);
+    for (name, k, n, transposed, times) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+        // One weight per layer, as in a step: they do not fit in any cache together.
+        let ws = (0..times)
+            .map(|_| {
+                if transposed {
+                    Tensor::randn(0f32, 0.02, (n, k), &dev)
+                } else {
+                    Tensor::randn(0f32, 0.02, (k, n), &dev)
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let gemm = |x: &Tensor, w: &Tensor| {
+            if transposed {
+                x.matmul(&w.t()?)
+            } else {
+                x.matmul(w)
+            }
+        };
+        // Same values up to summation order.
+        let (a, b) = (linear_product(&x, &ws[0], transposed)?, gemm(&x, &ws[0])?);
+        let diff = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{name}: kernels and gemm differ by {diff}"
+        );
+        let (mut tk, mut tg) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let t = std::time::Instant::now();
+            for w in &ws {
+                std::hint::black_box(linear_product(&x, w, transposed)?);
+            }
+            tk.push(t.elapsed().as_secs_f64() / times as f64);
+            let t = std::time::Instant::now();
+            for w in &ws {
+                std::hint::black_box(gemm(&x, w)?);
+            }
+            tg.push(t.elapsed().as_secs_f64() / times as f64);
+        }
+        let (mk, mg) = (median(tk), median(tg));
+        step_kernel += mk * times as f64;
+        step_gemm += mg * times as f64;
+        println!(
+            "{name:8} [{rows}, {k}] x {}: kernels {:7.3} ms ({:5.1} GB/s of weight), gemm {:7.3} ms, gemm/kernels {:.2}x",
+            if transposed { format!("[{n}, {k}]^T") } else { format!("[{k}, {n}]") },
+            mk * 1e3,
+            (k * n * 4) as f64 / mk / 1e9,
+            mg * 1e3,
+            mg / mk
+        );
+    }
+    println!(
+        "one step's products: kernels {:.1} ms, gemm {:.1} ms, gemm/kernels {:.2}x",
+        step_kernel * 1e3,
+        step_gemm * 1e3,
+        step_gemm / step_kernel
+    );
+    Ok(())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,868 @@
+//! Products of a few rows by a weight matrix (decoding: one new position per sequence,
+//! inference only). At a handful of rows a product is bound by reading the weight; gemm
+//! first copies (packs) the weight into its panel layout on every call, which reads it
+//! twice and writes it once. These kernels read each weight element once, in place:
+//!
+//! - [`rows_times`]: `x[m, k] @ w[k, n]` for a row-major `w` (the layers' `[in, out]`
+//!   weights): each row of `w` is a run of output columns, broadcast-multiplied by one
+//!   input value per row of `x`;
+//! - [`rows_times_t`]: `x[m, k] @ w[n, k]^T` (the output projection, stored
+//!   `[vocab, hidden]`): each row of `w` is dotted with each row of `x`.
+//!
+//! Both fix their summation order (fused multiply-adds in `k` order; for the dot products,
+//! 16 interleaved partial sums and a fixed tree), so every SIMD level gives bit-identical
+//! results.
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
+use rayon::prelude::*;
+
+use super::{simd_level, written_in_full, SimdLevel};
+
+/// The most rows the kernels take: past that a product reuses each weight element
+/// enough that gemm's packing pays.
+pub(crate) const MAX_ROWS: usize = 8;
+
+/// Output columns per block of [`rows_times`] (two 512-bit vectors).
+const COLS: usize = 32;
+
+/// Partial sums of [`rows_times_t`]'s dot products (one 512-bit vector).
+const LANES: usize = 16;
+
+/// Weight rows per block of [`rows_times_t`].
+const VROWS: usize = 4;
+
+/// Row blocks of at most 4 rows for [`rows_times_t`] (its accumulators hold 4 x 4
+/// vectors).
+const TROWS: usize = 4;
+
+/// The rows the kernels compute for `m` rows: the next of 1, 2, 4, 8 (padding rows are
+/// zero and are not written out).
+fn padded_rows(m: usize) -> usize {
+    m.next_power_of_two()
+}
+
+/// Tasks for `blocks` blocks of work: a few per thread, so that an uneven split evens out.
+fn tasks(blocks: usize) -> (usize, usize) {
+    let per = blocks.div_ceil(4 * rayon::current_num_threads()).max(1);
+    (blocks.div_ceil(per), per)
+}
+
+/// `y[m, n] = x[m, k] @ w[k, n]` (row-major, contiguous): each `y[i][j]` is
+/// `x[i][0] * w[0][j]`, then `+ x[i][kk] * w[kk][j]` for `kk = 1..k` in order, each step one
+/// fused multiply-add. `m` is at most [`MAX_ROWS`].
+pub(crate) fn rows_times(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    assert!(m <= MAX_ROWS, "rows_times: {m} rows (at most {MAX_ROWS})");
+    assert_eq!(x.len(), m * k, "rows_times: x is not [{m}, {k}]");
+    assert_eq!(w.len(), k * n, "rows_times: w is not [{k}, {n}]");
+    let r = padded_rows(m);
+    // `x` transposed, `[k, r]`: one step of the sum reads `r` consecutive values.
+    let mut xt = vec![0f32; k * r];
+    for i in 0..m {
+        for (kk, &v) in x[i * k..(i + 1) * k].iter().enumerate() {
+            xt[kk * r + i] = v;
+        }
+    }
+    let blocks = n.div_ceil(COLS);
+    let (ntasks, per) = tasks(blocks);
+    let parts: Vec<Vec<f32>> = (0..ntasks)
+        .into_par_iter()
+        .map(|t| {
+            let (j0, j1) = (t * per * COLS, ((t + 1) * per * COLS).min(n));
+            match r {
+                1 => col_range::<1>(&xt, w, n, m, j0, j1),
+                2 => col_range::<2>(&xt, w, n, m, j0, j1),
+                4 => col_range::<4>(&xt, w, n, m, j0, j1),
+                _ => col_range::<8>(&xt, w, n, m, j0, j1),
+            }
+        })
+        .collect();
+    let mut y = written_in_full::<f32>(m * n);
+    for (t, part) in parts.iter().enumerate() {
+        let j0 = t * per * COLS;
+        let cols = part.len() / m.max(1);
+        for i in 0..m {
+            y[i * n + j0..i * n + j0 + cols].copy_from_slice(&part[i * cols..(i + 1) * cols]);
+        }
+    }
+    y
+}
+
+/// Columns `j0..j1` of [`rows_times`] for `R` (padded) rows: `[m, j1 - j0]`.
+fn col_range<const R: usize>(
+    xt: &[f32],
+    w: &[f32],
+    n: usize,
+    m: usize,
+    j0: usize,
+    j1: usize,
+) -> Vec<f32> {
+    let cols = j1 - j0;
+    // The full strips, then a last narrower one.
+    let full = cols / COLS;
+    let mut acc = vec![[[0f32; COLS]; R]; cols.div_ceil(COLS)];
+    match simd_level() {
+        // SAFETY: the level never exceeds what the CPU has; the strips lie within `w`
+        // (`j0 + full * COLS <= n`) and `xt` holds `R` values per row of `w`.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { x86::panel512(xt, w, n, j0, &mut acc[..full]) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => {
+            for (s, a) in acc[..full].iter_mut().enumerate() {
+                // SAFETY: as above.
+                unsafe { x86::strip256(xt, w, n, j0 + s * COLS, a) }
+            }
+        }
+        _ => {
+            for (s, a) in acc[..full].iter_mut().enumerate() {
+                strip(xt, w, n, j0 + s * COLS, COLS, a);
+            }
+        }
+    }
+    if full * COLS < cols {
+        strip(
+            xt,
+            w,
+            n,
+            j0 + full * COLS,
+            cols - full * COLS,
+            &mut acc[full],
+        );
+    }
+    let mut out = written_in_full::<f32>(m * cols);
+    for (s, a) in acc.iter().enumerate() {
+        let width = COLS.min(cols - s * COLS);
+        for (i, a) in a.iter().enumerate().take(m) {
+            let o = i * cols + s * COLS;
+            out[o..o + width].copy_from_slice(&a[..width]);
+        }
+    }
+    out
+}
+
+/// `acc[i][c] = sum_kk xt[kk][i] * w[kk][c0 + c]` for `c < width`: the portable kernel
+/// of [`rows_times`] (and its reference: the vector ones must match it bit for bit).
+fn strip<const R: usize>(
+    xt: &[f32],
+    w: &[f32],
+    n: usize,
+    c0: usize,
+    width: usize,
+    acc: &mut [[f32; COLS]; R],
+) {
+    for (xs, wr) in xt.chunks_exact(R).zip(w.chunks_exact(n)) {
+        let wv = &wr[c0..c0 + width];
+        for (a, &xv) in acc.iter_mut().zip(xs) {
+            for (a, &wv) in a.iter_mut().zip(wv) {
+                *a = xv.mul_add(wv, *a);
+            }
+        }
+    }
+}
+
+/// `y[m, n] = x[m, k] @ w[n, k]^T` (row-major, contiguous): each `y[i][j]` is the dot
+/// product of `x[i]` and `w[j]`, summed as [`LANES`] partial sums (`kk` with the same
+/// remainder mod [`LANES`], in order, by fused multiply-adds) folded in halves. `m` is at
+/// most [`MAX_ROWS`].
+pub(crate) fn rows_times_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    assert!(m <= MAX_ROWS, "rows_times_t: {m} rows (at most {MAX_ROWS})");
+    assert_eq!(x.len(), m * k, "rows_times_t: x is not [{m}, {k}]");
+    assert_eq!(w.len(), n * k, "rows_times_t: w is not [{n}, {k}]");
+    let r = padded_rows(m).min(TROWS);
+    let blocks = n.div_ceil(VROWS);
+    let (ntasks, per) = tasks(blocks);
+    let parts: Vec<Vec<f32>> = (0..ntasks)
+        .into_par_iter()
+        .map(|t| {
+            let (v0, v1) = (t * per * VROWS, ((t + 1) * per * VROWS).min(n));
+            match r {
+                1 => dot_range::<1>(x, m, k, w, v0, v1),
+                2 => dot_range::<2>(x, m, k, w, v0, v1),
+                _ => dot_range::<4>(x, m, k, w, v0, v1),
+            }
+        })
+        .collect();
+    let mut y = written_in_full::<f32>(m * n);
+    for (t, part) in parts.iter().enumerate() {
+        let v0 = t * per * VROWS;
+        let cols = part.len() / m.max(1);
+        for i in 0..m {
+            y[i * n + v0..i * n + v0 + cols].copy_from_slice(&part[i * cols..(i + 1) * cols]);
+        }
+    }
+    y
+}
+
+/// Weight rows `v0..v1` of [`rows_times_t`], rows of `x` `R` at a time: `[m, v1 - v0]`.
+fn dot_range<const R: usize>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    v0: usize,
+    v1: usize,
+) -> Vec<f32> {
+    let cols = v1 - v0;
+    let mut out = written_in_full::<f32>(m * cols);
+    let level = simd_level();
+    let mut b0 = v0;
+    while b0 < v1 {
+        let nv = VROWS.min(v1 - b0);
+        let mut wrows: [&[f32]; VROWS] = [&[]; VROWS];
+        for (v, wr) in wrows.iter_mut().enumerate() {
+            // A short last block repeats its last row (computed, not written).
+            let j = b0 + v.min(nv - 1);
+            *wr = &w[j * k..(j + 1) * k];
+        }
+        for i0 in (0..m).step_by(R) {
+            let mut xrows: [&[f32]; R] = [&[]; R];
+            for (i, xr) in xrows.iter_mut().enumerate() {
+                // Rows past `m` repeat the last one (computed, not written).
+                let row = (i0 + i).min(m - 1);
+                *xr = &x[row * k..(row + 1) * k];
+            }
+            let sums = match level {
+                // SAFETY: the level never exceeds what the CPU has; every row holds `k`
+                // values.
+                #[cfg(target_arch = "x86_64")]
+                SimdLevel::Avx512 => unsafe { x86::dots512(&xrows, &wrows, k, i0 == 0) },
+                #[cfg(target_arch = "x86_64")]
+                SimdLevel::Avx2 => unsafe { x86::dots256(&xrows, &wrows, k) },
+                _ => dots(&xrows, &wrows, k),
+            };
+            for (i, s) in sums.iter().enumerate() {
+                if i0 + i >= m {
+                    break;
+                }
+                let o = (i0 + i) * cols + (b0 - v0);
+                out[o..o + nv].copy_from_slice(&s[..nv]);
+            }
+        }
+        b0 += nv;
+    }
+    out
+}
+
+/// The dot products of `xrows` with `wrows` in [`rows_times_t`]'s order: the portable
+/// kernel (and the reference the vector ones match bit for bit).
+fn dots<const R: usize>(
+    xrows: &[&[f32]; R],
+    wrows: &[&[f32]; VROWS],
+    k: usize,
+) -> [[f32; VROWS]; R] {
+    let mut out = [[0f32; VROWS]; R];
+    for (o, xr) in out.iter_mut().zip(xrows) {
+        for (o, wr) in o.iter_mut().zip(wrows) {
+            let mut a = [0f32; LANES];
+            for (kk, (&xv, &wv)) in xr[..k].iter().zip(&wr[..k]).enumerate() {
+                a[kk % LANES] = xv.mul_add(wv, a[kk % LANES]);
+            }
+            *o = fold16(&a);
+        }
+    }
+    out
+}
+
+/// `sum(a)` folded in halves: lanes `l` and `l + 8`, then `l` and `l + 4`, and so on.
+#[inline(always)]
+fn fold16(a: &[f32; LANES]) -> f32 {
+    let mut s = *a;
+    let mut half = LANES / 2;
+    while half > 0 {
+        for l in 0..half {
+            s[l] += s[l + half];
+        }
+        half /= 2;
+    }
+    s[0]
+}
+
+/// Attention scores of a few query rows against a run of cached keys:
+/// `dst[r * stride + j] = q[r] . k[j]` for `r < rows`, `j < n`, where `q[r]` is
+/// `q[r * hd..][..hd]` and `k[j]` is `k[j * pos..][..hd]`. Each dot product is summed as
+/// in [`rows_times_t`]: [`LANES`] partial sums, folded in halves.
+pub(crate) fn key_scores(
+    (rows, n, hd): (usize, usize, usize),
+    dst: &mut [f32],
+    stride: usize,
+    q: &[f32],
+    k: &[f32],
+    pos: usize,
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(q.len() >= rows * hd && k.len() >= (n - 1) * pos + hd && hd <= pos);
+    assert!(dst.len() >= (rows - 1) * stride + n);
+    match simd_level() {
+        // SAFETY: the level never exceeds what the CPU has; the asserts above bound every
+        // row read and written.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if hd % LANES == 0 => unsafe {
+            x86::key_scores512((rows, n, hd), dst, stride, q, k, pos)
+        },
+        _ => {
+            for j in 0..n {
+                let kj = &k[j * pos..j * pos + hd];
+                for r in 0..rows {
+                    let qr = &q[r * hd..(r + 1) * hd];
+                    let mut a = [0f32; LANES];
+                    for (d, (&x, &y)) in qr.iter().zip(kj).enumerate() {
+                        a[d % LANES] = x.mul_add(y, a[d % LANES]);
+                    }
+                    dst[r * stride + j] = fold16(&a);
+                }
+            }
+        }
+    }
+}
+
+/// Attention outputs of a few query rows from a run of cached values:
+/// `dst[r * hd + d] += sum_j p[r * p_rs + j] * v[j * pos + d]` for `r < rows`, `d < hd`,
+/// summed by fused multiply-adds onto `dst` in `j` order.
+pub(crate) fn weighted_values(
+    (rows, hd, n): (usize, usize, usize),
+    dst: &mut [f32],
+    p: &[f32],
+    p_rs: usize,
+    v: &[f32],
+    pos: usize,
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= rows * hd && v.len() >= (n - 1) * pos + hd && hd <= pos);
+    assert!(p.len() >= (rows - 1) * p_rs + n);
+    match simd_level() {
+        // SAFETY: the level never exceeds what the CPU has; the asserts above bound every
+        // row read and written.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if hd % (4 * LANES) == 0 => unsafe {
+            x86::weighted_values512((rows, hd, n), dst, p, p_rs, v, pos)
+        },
+        _ => {
+            for r in 0..rows {
+                let out = &mut dst[r * hd..(r + 1) * hd];
+                for j in 0..n {
+                    let pj = p[r * p_rs + j];
+                    for (o, &x) in out.iter_mut().zip(&v[j * pos..j * pos + hd]) {
+                        *o = pj.mul_add(x, *o);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The AVX-512 and AVX2 kernels: the portable ones' arithmetic, step for step, in
+/// vectors.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{COLS, LANES, VROWS};
+    use std::arch::x86_64::*;
+
+    /// Weight rows per chunk of [`panel512`].
+    const CHUNK: usize = 64;
+
+    /// [`super::strip`] for the full strips `out.len()` from column `c0` on, two 512-bit
+    /// vectors of columns per row. The weight rows are taken [`CHUNK`] at a time, all the
+    /// strips for each chunk (the sums are stored and reloaded between chunks, which
+    /// changes no value), so each row is read as one run of contiguous columns; the next
+    /// chunk's lines are prefetched into L2 meanwhile.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `c0 + out.len() * COLS <= n`, `w` holds whole rows of
+    /// `n` and `xt` `R` values per row of `w` used.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn panel512<const R: usize>(
+        xt: &[f32],
+        w: &[f32],
+        n: usize,
+        c0: usize,
+        out: &mut [[[f32; COLS]; R]],
+    ) {
+        let k = (xt.len() / R).min(w.len() / n);
+        assert!(c0 + out.len() * COLS <= n);
+        let mut k0 = 0;
+        while k0 < k {
+            let kn = CHUNK.min(k - k0);
+            let ahead = k0 + CHUNK + kn <= k;
+            for (s, o) in out.iter_mut().enumerate() {
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                if k0 > 0 {
+                    for (a, o) in acc.iter_mut().zip(o.iter()) {
+                        a[0] = _mm512_loadu_ps(o.as_ptr());
+                        a[1] = _mm512_loadu_ps(o.as_ptr().add(16));
+                    }
+                }
+                let mut wp = w.as_ptr().add(k0 * n + c0 + s * COLS);
+                let mut xp = xt.as_ptr().add(k0 * R);
+                for _ in 0..kn {
+                    if ahead {
+                        let p = wp.add(CHUNK * n) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T1>(p);
+                        _mm_prefetch::<_MM_HINT_T1>(p.add(64));
+                    }
+                    let w0 = _mm512_loadu_ps(wp);
+                    let w1 = _mm512_loadu_ps(wp.add(16));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_set1_ps(*xp.add(r));
+                        a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                        a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                    }
+                    wp = wp.add(n);
+                    xp = xp.add(R);
+                }
+                for (o, a) in o.iter_mut().zip(&acc) {
+                    _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+                    _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+                }
+            }
+            k0 += kn;
+        }
+    }
+
+    /// [`super::strip`] for a full strip in 256-bit vectors: the strip's four 8-column
+    /// parts one after the other (a row block of 8 fills half the registers).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `c0 + COLS <= n`, `w` holds whole rows of `n` and
+    /// `xt` `R` values per row of `w` used.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn strip256<const R: usize>(
+        xt: &[f32],
+        w: &[f32],
+        n: usize,
+        c0: usize,
+        out: &mut [[f32; COLS]; R],
+    ) {
+        let k = (xt.len() / R).min(w.len() / n);
+        assert!(c0 + COLS <= n);
+        for part in 0..COLS / 8 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let (mut wp, mut xp) = (w.as_ptr().add(c0 + 8 * part), xt.as_ptr());
+            for _ in 0..k {
+                let wv = _mm256_loadu_ps(wp);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*xp.add(r)), wv, *a);
+                }
+                wp = wp.add(n);
+                xp = xp.add(R);
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                _mm256_storeu_ps(o.as_mut_ptr().add(8 * part), *a);
+            }
+        }
+    }
+
+    /// [`super::dots`] with each row's 16 partial sums in one 512-bit vector.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every row holds at least `k` values.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn dots512<const R: usize>(
+        xrows: &[&[f32]; R],
+        wrows: &[&[f32]; VROWS],
+        k: usize,
+        prefetch: bool,
+    ) -> [[f32; VROWS]; R] {
+        assert!(xrows.iter().chain(wrows).all(|r| r.len() >= k));
+        let full = k / LANES * LANES;
+        let mut acc = [[_mm512_setzero_ps(); VROWS]; R];
+        let mut c = 0;
+        while c < full {
+            if prefetch {
+                // The next block's rows, one line each per 16 values read here.
+                for wr in wrows {
+                    _mm_prefetch::<_MM_HINT_T0>(wr.as_ptr().add(c + VROWS * k) as *const i8);
+                }
+            }
+            let wv = wrows.map(|wr| _mm512_loadu_ps(wr.as_ptr().add(c)));
+            for (a, xr) in acc.iter_mut().zip(xrows) {
+                let xv = _mm512_loadu_ps(xr.as_ptr().add(c));
+                for (a, wv) in a.iter_mut().zip(&wv) {
+                    *a = _mm512_fmadd_ps(xv, *wv, *a);
+                }
+            }
+            c += LANES;
+        }
+        let mut out = [[0f32; VROWS]; R];
+        for ((o, a), xr) in out.iter_mut().zip(&acc).zip(xrows) {
+            for ((o, a), wr) in o.iter_mut().zip(a).zip(wrows) {
+                let mut lanes = [0f32; LANES];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), *a);
+                for l in 0..k - full {
+                    lanes[l] = xr[full + l].mul_add(wr[full + l], lanes[l]);
+                }
+                *o = fold512(&lanes);
+            }
+        }
+        out
+    }
+
+    /// [`super::key_scores`] with each dot product's partial sums in one 512-bit vector.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `hd` is a multiple of [`LANES`] and the slices hold
+    /// every row [`super::key_scores`] asserts.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn key_scores512(
+        (rows, n, hd): (usize, usize, usize),
+        dst: &mut [f32],
+        stride: usize,
+        q: &[f32],
+        k: &[f32],
+        pos: usize,
+    ) {
+        let (qp, kp, dp) = (q.as_ptr(), k.as_ptr(), dst.as_mut_ptr());
+        let mut lanes = [0f32; LANES];
+        for j in 0..n {
+            let kj = kp.add(j * pos);
+            for r in 0..rows {
+                let qr = qp.add(r * hd);
+                let mut a = _mm512_setzero_ps();
+                for c in (0..hd).step_by(LANES) {
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(qr.add(c)), _mm512_loadu_ps(kj.add(c)), a);
+                }
+                _mm512_storeu_ps(lanes.as_mut_ptr(), a);
+                *dp.add(r * stride + j) = fold512(&lanes);
+            }
+        }
+    }
+
+    /// [`super::weighted_values`] for up to 4 rows at a time, 64 values of the head at a
+    /// time (four 512-bit vectors).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `hd` is a multiple of 64 and the slices hold every row
+    /// [`super::weighted_values`] asserts.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn weighted_values512(
+        (rows, hd, n): (usize, usize, usize),
+        dst: &mut [f32],
+        p: &[f32],
+        p_rs: usize,
+        v: &[f32],
+        pos: usize,
+    ) {
+        for c in (0..hd).step_by(4 * LANES) {
+            for r0 in (0..rows).step_by(4) {
+                let at = (r0, c, hd, n, p_rs, pos);
+                match rows - r0 {
+                    1 => values_block::<1>(at, dst, p, v),
+                    2 => values_block::<2>(at, dst, p, v),
+                    3 => values_block::<3>(at, dst, p, v),
+                    _ => values_block::<4>(at, dst, p, v),
+                }
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + NR`, head values `c..c + 64` of [`weighted_values512`].
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn values_block<const NR: usize>(
+        (r0, c, hd, n, p_rs, pos): (usize, usize, usize, usize, usize, usize),
+        dst: &mut [f32],
+        p: &[f32],
+        v: &[f32],
+    ) {
+        let (pp, vp, dp) = (p.as_ptr(), v.as_ptr(), dst.as_mut_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; NR];
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (e, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(dp.add((r0 + r) * hd + c + e * LANES));
+            }
+        }
+        for j in 0..n {
+            let vj = vp.add(j * pos + c);
+            let vv = [0, 1, 2, 3].map(|e| _mm512_loadu_ps(vj.add(e * LANES)));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*pp.add((r0 + r) * p_rs + j));
+                for (a, x) in a.iter_mut().zip(&vv) {
+                    *a = _mm512_fmadd_ps(w, *x, *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (e, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(dp.add((r0 + r) * hd + c + e * LANES), *a);
+            }
+        }
+    }
+
+    /// [`super::fold16`] in vectors: halves, then quarters, and so on.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn fold512(a: &[f32; LANES]) -> f32 {
+        let s8 = _mm256_add_ps(
+            _mm256_loadu_ps(a.as_ptr()),
+            _mm256_loadu_ps(a.as_ptr().add(8)),
+        );
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        _mm_cvtss_f32(s1)
+    }
+
+    /// [`super::dots`] with each row's 16 partial sums in two 256-bit vectors, one weight
+    /// row at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; every row holds at least `k` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots256<const R: usize>(
+        xrows: &[&[f32]; R],
+        wrows: &[&[f32]; VROWS],
+        k: usize,
+    ) -> [[f32; VROWS]; R] {
+        assert!(xrows.iter().chain(wrows).all(|r| r.len() >= k));
+        let full = k / LANES * LANES;
+        let mut out = [[0f32; VROWS]; R];
+        for (v, wr) in wrows.iter().enumerate() {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let mut c = 0;
+            while c < full {
+                let w0 = _mm256_loadu_ps(wr.as_ptr().add(c));
+                let w1 = _mm256_loadu_ps(wr.as_ptr().add(c + 8));
+                for (a, xr) in acc.iter_mut().zip(xrows) {
+                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.as_ptr().add(c)), w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.as_ptr().add(c + 8)), w1, a[1]);
+                }
+                c += LANES;
+            }
+            for ((o, a), xr) in out.iter_mut().zip(&acc).zip(xrows) {
+                let mut lanes = [0f32; LANES];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a[1]);
+                for l in 0..k - full {
+                    lanes[l] = xr[full + l].mul_add(wr[full + l], lanes[l]);
+                }
+                o[v] = super::fold16(&lanes);
+            }
+        }
+        out
+    }
+}
+
+/// `x: [.., k] @ w` as a candle op (f32, CPU, contiguous operands, at most [`MAX_ROWS`]
+/// rows, no backward): `w` is `[k, n]`, or with `transposed` `[n, k]` (the product is then
+/// with its transpose).
+pub(crate) struct SkinnyLinear {
+    pub transposed: bool,
+}
+
+impl CustomOp2 for SkinnyLinear {
+    fn name(&self) -> &'static str {
+        "skinny-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(xv), CpuStorage::F32(wv)) = (xs, ws) else {
+            bail!("skinny linear: f32 operands only")
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            bail!("skinny linear: the operands must be contiguous")
+        };
+        let dims = xl.shape().dims();
+        let k = *dims.last().unwrap_or(&0);
+        let (wr, wc) = wl.shape().dims2()?;
+        let (wk, n) = if self.transposed { (wc, wr) } else { (wr, wc) };
+        if k != wk {
+            bail!(
+                "skinny linear: input width {k} does not fit the weight {:?}{}",
+                wl.dims(),
+                if self.transposed { " (transposed)" } else { "" }
+            )
+        }
+        let m = xl.shape().elem_count() / k.max(1);
+        if m > MAX_ROWS {
+            bail!("skinny linear: {m} rows (at most {MAX_ROWS})")
+        }
+        let (x, w) = (&xv[x0..x1], &wv[w0..w1]);
+        let y = if self.transposed {
+            rows_times_t(x, m, k, w, n)
+        } else {
+            rows_times(x, m, k, w, n)
+        };
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("k") = n;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every shape (rows 1..=8, widths that are and are not multiples of the blocks)
+    /// against an f64 product, and at every SIMD level against the baseline level's bits.
+    #[test]
+    fn few_row_products_match_f64_and_every_simd_level() {
+        use crate::kernels::{detected_simd_level, set_simd_level, simd_level, SimdLevel};
+        let shapes = [
+            (1, 7, 5),
+            (2, 64, 32),
+            (3, 33, 70),
+            (5, 96, 100),
+            (8, 130, 64),
+        ];
+        let run = || -> Vec<Vec<u32>> {
+            let mut out = Vec::new();
+            for (si, &(m0, k, n)) in shapes.iter().enumerate() {
+                for m in [m0, 1, 4, 6, 7, 8] {
+                    let x = values(m * k, 10 * si as u64 + m as u64);
+                    let w = values(k * n, 100 + si as u64);
+                    let y = rows_times(&x, m, k, &w, n);
+                    let yt = rows_times_t(&x, m, k, &w, n);
+                    for i in 0..m {
+                        for j in 0..n {
+                            // w as [k, n], then as [n, k].
+                            let (mut r, mut rt) = (0f64, 0f64);
+                            for kk in 0..k {
+                                r += x[i * k + kk] as f64 * w[kk * n + j] as f64;
+                                rt += x[i * k + kk] as f64 * w[j * k + kk] as f64;
+                            }
+                            let tol = 1e-5 * k as f64;
+                            assert!(
+                                (y[i * n + j] as f64 - r).abs() < tol,
+                                "rows_times [{m}, {k}] x [{k}, {n}] at ({i}, {j}): {} vs {r}",
+                                y[i * n + j]
+                            );
+                            assert!(
+                                (yt[i * n + j] as f64 - rt).abs() < tol,
+                                "rows_times_t [{m}, {k}] x [{n}, {k}]^T at ({i}, {j}): {} vs {rt}",
+                                yt[i * n + j]
+                            );
+                        }
+                    }
+                    out.push(y.iter().chain(&yt).map(|v| v.to_bits()).collect());
+                }
+            }
+            out
+        };
+        let before = simd_level();
+        set_simd_level(SimdLevel::Baseline);
+        let reference = run();
+        for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
+            if level > detected_simd_level() {
+                eprintln!("{level:?}: not on this CPU, not tested");
+                continue;
+            }
+            assert_eq!(set_simd_level(level), level);
+            assert!(
+                run() == reference,
+                "{level:?}: differs from the baseline level"
+            );
+        }
+        set_simd_level(before);
+    }
+
+    /// The attention products on strided key and value runs (`pos > hd`), head sizes that
+    /// do and do not fit the vector kernels, against f64 and at every SIMD level against
+    /// the baseline level's bits.
+    #[test]
+    fn attention_products_match_f64_and_every_simd_level() {
+        use crate::kernels::{detected_simd_level, set_simd_level, simd_level, SimdLevel};
+        let run = || -> Vec<u32> {
+            let mut bits = Vec::new();
+            for (si, &(rows, n, hd, pos)) in [
+                (3, 37, 64, 192),
+                (1, 5, 64, 64),
+                (7, 20, 128, 128),
+                (4, 9, 24, 40),
+                (16, 3, 64, 64),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let seed = 1000 + 10 * si as u64;
+                let q = values(rows * hd, seed);
+                let k = values(n * pos, seed + 1);
+                let v = values(n * pos, seed + 2);
+                let stride = n + 3;
+                let mut p = vec![f32::NAN; rows * stride];
+                key_scores((rows, n, hd), &mut p, stride, &q, &k, pos);
+                let start = values(rows * hd, seed + 3);
+                let mut out = start.clone();
+                weighted_values((rows, hd, n), &mut out, &p, stride, &v, pos);
+                for r in 0..rows {
+                    let mut o64: Vec<f64> = start[r * hd..(r + 1) * hd]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect();
+                    for j in 0..n {
+                        let s: f64 = (0..hd)
+                            .map(|d| q[r * hd + d] as f64 * k[j * pos + d] as f64)
+                            .sum();
+                        let got = p[r * stride + j];
+                        assert!(
+                            (got as f64 - s).abs() < 1e-5 * hd as f64,
+                            "score ({r}, {j})"
+                        );
+                        for (d, o) in o64.iter_mut().enumerate() {
+                            *o += got as f64 * v[j * pos + d] as f64;
+                        }
+                    }
+                    for (d, &o) in o64.iter().enumerate() {
+                        let got = out[r * hd + d] as f64;
+                        assert!((got - o).abs() < 1e-4 * n as f64, "value ({r}, {d})");
+                    }
+                }
+                bits.extend(p.iter().chain(&out).map(|x| x.to_bits()));
+            }
+            bits
+        };
+        let before = simd_level();
+        set_simd_level(SimdLevel::Baseline);
+        let reference = run();
+        for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
+            if level > detected_simd_level() {
+                eprintln!("{level:?}: not on this CPU, not tested");
+                continue;
+            }
+            assert_eq!(set_simd_level(level), level);
+            assert!(
+                run() == reference,
+                "{level:?}: differs from the baseline level"
+            );
+        }
+        set_simd_level(before);
+    }
+
+    /// The summation order is the documented one: a hand-computed case where the order
+    /// shows (a large term cancels, so rounding of the partial sums is visible).
+    #[test]
+    fn sums_follow_the_documented_order() {
+        // rows_times: x = [1e8, 1, -1e8] (k = 3), w column = [1, 1, 1]: in k order the
+        // fused sums are 1e8, 1e8 + 1 = 1e8 (rounded), then 0.
+        let y = rows_times(&[1e8, 1.0, -1e8], 1, 3, &[1.0, 1.0, 1.0], 1);
+        assert_eq!(y, vec![0.0]);
+        // rows_times_t: k = 17: lane 0 gets x[0] w[0] then x[16] w[16]; lanes 1..16 one
+        // product each. x[0] = 1e8, x[16] = -1e8, x[1] = 1: lane 0 is exactly 0, so the
+        // fold gives 1 (a left-to-right sum would give 0).
+        let mut x = vec![0f32; 17];
+        (x[0], x[1], x[16]) = (1e8, 1.0, -1e8);
+        let y = rows_times_t(&x, 1, 17, &[1f32; 17], 1);
+        assert_eq!(y, vec![1.0]);
+    }
+}
