@@ -106,12 +106,7 @@ fn col_range<const R: usize>(
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 => unsafe { x86::panel512(xt, w, n, j0, &mut acc[..full]) },
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => {
-            for (s, a) in acc[..full].iter_mut().enumerate() {
-                // SAFETY: as above.
-                unsafe { x86::strip256(xt, w, n, j0 + s * COLS, a) }
-            }
-        }
+        SimdLevel::Avx2 => unsafe { x86::panel256(xt, w, n, j0, &mut acc[..full]) },
         _ => {
             for (s, a) in acc[..full].iter_mut().enumerate() {
                 strip(xt, w, n, j0 + s * COLS, COLS, a);
@@ -300,6 +295,10 @@ pub(crate) fn key_scores(
         SimdLevel::Avx512 if hd % LANES == 0 => unsafe {
             x86::key_scores512((rows, n, hd), dst, stride, q, k, pos)
         },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if hd % LANES == 0 => unsafe {
+            x86::key_scores256((rows, n, hd), dst, stride, q, k, pos)
+        },
         _ => {
             for j in 0..n {
                 let kj = &k[j * pos..j * pos + hd];
@@ -338,6 +337,10 @@ pub(crate) fn weighted_values(
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 if hd % (4 * LANES) == 0 => unsafe {
             x86::weighted_values512((rows, hd, n), dst, p, p_rs, v, pos)
+        },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if hd % 32 == 0 => unsafe {
+            x86::weighted_values256((rows, hd, n), dst, p, p_rs, v, pos)
         },
         _ => {
             for r in 0..rows {
@@ -421,36 +424,55 @@ mod x86 {
         }
     }
 
-    /// [`super::strip`] for a full strip in 256-bit vectors: the strip's four 8-column
-    /// parts one after the other (a row block of 8 fills half the registers).
+    /// [`panel512`] in 256-bit vectors: each strip's chunk as four 8-column parts one
+    /// after the other (the first brings the chunk's lines in, the others read them from
+    /// L1), a row block of 8 filling half the registers.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `c0 + COLS <= n`, `w` holds whole rows of `n` and
-    /// `xt` `R` values per row of `w` used.
+    /// As [`panel512`], with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn strip256<const R: usize>(
+    pub(super) unsafe fn panel256<const R: usize>(
         xt: &[f32],
         w: &[f32],
         n: usize,
         c0: usize,
-        out: &mut [[f32; COLS]; R],
+        out: &mut [[[f32; COLS]; R]],
     ) {
         let k = (xt.len() / R).min(w.len() / n);
-        assert!(c0 + COLS <= n);
-        for part in 0..COLS / 8 {
-            let mut acc = [_mm256_setzero_ps(); R];
-            let (mut wp, mut xp) = (w.as_ptr().add(c0 + 8 * part), xt.as_ptr());
-            for _ in 0..k {
-                let wv = _mm256_loadu_ps(wp);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*xp.add(r)), wv, *a);
+        assert!(c0 + out.len() * COLS <= n);
+        let mut k0 = 0;
+        while k0 < k {
+            let kn = CHUNK.min(k - k0);
+            let ahead = k0 + CHUNK + kn <= k;
+            for (s, o) in out.iter_mut().enumerate() {
+                for part in 0..COLS / 8 {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    if k0 > 0 {
+                        for (a, o) in acc.iter_mut().zip(o.iter()) {
+                            *a = _mm256_loadu_ps(o.as_ptr().add(8 * part));
+                        }
+                    }
+                    let mut wp = w.as_ptr().add(k0 * n + c0 + s * COLS + 8 * part);
+                    let mut xp = xt.as_ptr().add(k0 * R);
+                    for _ in 0..kn {
+                        if ahead && part == 0 {
+                            let p = wp.add(CHUNK * n) as *const i8;
+                            _mm_prefetch::<_MM_HINT_T1>(p);
+                            _mm_prefetch::<_MM_HINT_T1>(p.add(64));
+                        }
+                        let wv = _mm256_loadu_ps(wp);
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(_mm256_set1_ps(*xp.add(r)), wv, *a);
+                        }
+                        wp = wp.add(n);
+                        xp = xp.add(R);
+                    }
+                    for (o, a) in o.iter_mut().zip(&acc) {
+                        _mm256_storeu_ps(o.as_mut_ptr().add(8 * part), *a);
+                    }
                 }
-                wp = wp.add(n);
-                xp = xp.add(R);
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
-                _mm256_storeu_ps(o.as_mut_ptr().add(8 * part), *a);
-            }
+            k0 += kn;
         }
     }
 
@@ -588,6 +610,95 @@ mod x86 {
                 _mm512_storeu_ps(dp.add((r0 + r) * hd + c + e * LANES), *a);
             }
         }
+    }
+
+    /// [`super::key_scores`] with each dot product's partial sums in two 256-bit vectors
+    /// (lanes 0-7 and 8-15).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `hd` is a multiple of [`LANES`] and the slices hold
+    /// every row [`super::key_scores`] asserts.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn key_scores256(
+        (rows, n, hd): (usize, usize, usize),
+        dst: &mut [f32],
+        stride: usize,
+        q: &[f32],
+        k: &[f32],
+        pos: usize,
+    ) {
+        let (qp, kp, dp) = (q.as_ptr(), k.as_ptr(), dst.as_mut_ptr());
+        for j in 0..n {
+            let kj = kp.add(j * pos);
+            for r in 0..rows {
+                let qr = qp.add(r * hd);
+                let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for c in (0..hd).step_by(LANES) {
+                    lo =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(c)), _mm256_loadu_ps(kj.add(c)), lo);
+                    hi = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(qr.add(c + 8)),
+                        _mm256_loadu_ps(kj.add(c + 8)),
+                        hi,
+                    );
+                }
+                *dp.add(r * stride + j) = fold8(_mm256_add_ps(lo, hi));
+            }
+        }
+    }
+
+    /// [`super::weighted_values`] for up to 2 rows at a time, 32 values of the head at a
+    /// time (four 256-bit vectors).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `hd` is a multiple of 32 and the slices hold every
+    /// row [`super::weighted_values`] asserts.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_values256(
+        (rows, hd, n): (usize, usize, usize),
+        dst: &mut [f32],
+        p: &[f32],
+        p_rs: usize,
+        v: &[f32],
+        pos: usize,
+    ) {
+        let (pp, vp, dp) = (p.as_ptr(), v.as_ptr(), dst.as_mut_ptr());
+        for c in (0..hd).step_by(32) {
+            for r0 in (0..rows).step_by(2) {
+                let nr = 2.min(rows - r0);
+                let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+                for (r, a) in acc.iter_mut().enumerate().take(nr) {
+                    for (e, a) in a.iter_mut().enumerate() {
+                        *a = _mm256_loadu_ps(dp.add((r0 + r) * hd + c + 8 * e));
+                    }
+                }
+                for j in 0..n {
+                    let vj = vp.add(j * pos + c);
+                    let vv = [0, 1, 2, 3].map(|e| _mm256_loadu_ps(vj.add(8 * e)));
+                    for (r, a) in acc.iter_mut().enumerate().take(nr) {
+                        let w = _mm256_set1_ps(*pp.add((r0 + r) * p_rs + j));
+                        for (a, x) in a.iter_mut().zip(&vv) {
+                            *a = _mm256_fmadd_ps(w, *x, *a);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate().take(nr) {
+                    for (e, a) in a.iter().enumerate() {
+                        _mm256_storeu_ps(dp.add((r0 + r) * hd + c + 8 * e), *a);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The last three steps of [`super::fold16`] on its first step's 8 sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fold8(s8: __m256) -> f32 {
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        _mm_cvtss_f32(s1)
     }
 
     /// [`super::fold16`] in vectors: halves, then quarters, and so on.
