@@ -1023,7 +1023,6 @@ pub(crate) mod tests {
     /// results are bit-identical to the baseline level's (only the vector width differs).
     #[test]
     fn every_kernel_is_bit_identical_at_every_simd_level() {
-        use crate::kernels::{detected_simd_level, set_simd_level, simd_level, SimdLevel};
         let f32t = |t: Tensor| t.to_dtype(DType::F32).unwrap();
         let flat = |t: &Tensor| -> Vec<u32> {
             t.to_dtype(DType::F32)
@@ -1127,16 +1126,8 @@ pub(crate) mod tests {
             ]);
             out
         };
-        let before = simd_level();
-        set_simd_level(SimdLevel::Baseline);
-        let reference = suite();
-        for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
-            if level > detected_simd_level() {
-                eprintln!("{level:?}: not on this CPU, not tested");
-                continue;
-            }
-            assert_eq!(set_simd_level(level), level);
-            let got = suite();
+        let (reference, others) = crate::kernels::at_every_level(suite);
+        for (level, got) in others {
             for (i, (a, b)) in reference.iter().zip(&got).enumerate() {
                 assert!(
                     a == b,
@@ -1144,6 +1135,5 @@ pub(crate) mod tests {
                 );
             }
         }
-        set_simd_level(before);
     }
 }

@@ -477,6 +477,30 @@ pub(crate) use skinny::{SkinnyLinear, MAX_ROWS as SKINNY_MAX_ROWS};
 pub(crate) use softmax::{MaskedSoftmax, Softmax};
 pub(crate) use swiglu::SwiGlu;
 
+/// Runs `run` at the baseline level, then at every higher level this CPU has, and returns
+/// the baseline's result and each higher level's (for tests that check the levels give the
+/// same bits). The tests that change the process-wide level take turns, and the level in
+/// effect before is restored.
+#[cfg(test)]
+pub(crate) fn at_every_level<T>(run: impl Fn() -> T) -> (T, Vec<(SimdLevel, T)>) {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let before = simd_level();
+    set_simd_level(SimdLevel::Baseline);
+    let reference = run();
+    let mut others = Vec::new();
+    for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
+        if level > detected_simd_level() {
+            eprintln!("{level:?}: not on this CPU, not tested");
+            continue;
+        }
+        assert_eq!(set_simd_level(level), level);
+        others.push((level, run()));
+    }
+    set_simd_level(before);
+    (reference, others)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Elem;

@@ -829,7 +829,6 @@ mod tests {
     /// against an f64 product, and at every SIMD level against the baseline level's bits.
     #[test]
     fn few_row_products_match_f64_and_every_simd_level() {
-        use crate::kernels::{detected_simd_level, set_simd_level, simd_level, SimdLevel};
         let shapes = [
             (1, 7, 5),
             (2, 64, 32),
@@ -871,21 +870,13 @@ mod tests {
             }
             out
         };
-        let before = simd_level();
-        set_simd_level(SimdLevel::Baseline);
-        let reference = run();
-        for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
-            if level > detected_simd_level() {
-                eprintln!("{level:?}: not on this CPU, not tested");
-                continue;
-            }
-            assert_eq!(set_simd_level(level), level);
+        let (reference, others) = crate::kernels::at_every_level(run);
+        for (level, got) in others {
             assert!(
-                run() == reference,
+                got == reference,
                 "{level:?}: differs from the baseline level"
             );
         }
-        set_simd_level(before);
     }
 
     /// The attention products on strided key and value runs (`pos > hd`), head sizes that
@@ -893,7 +884,6 @@ mod tests {
     /// the baseline level's bits.
     #[test]
     fn attention_products_match_f64_and_every_simd_level() {
-        use crate::kernels::{detected_simd_level, set_simd_level, simd_level, SimdLevel};
         let run = || -> Vec<u32> {
             let mut bits = Vec::new();
             for (si, &(rows, n, hd, pos)) in [
@@ -943,21 +933,13 @@ mod tests {
             }
             bits
         };
-        let before = simd_level();
-        set_simd_level(SimdLevel::Baseline);
-        let reference = run();
-        for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
-            if level > detected_simd_level() {
-                eprintln!("{level:?}: not on this CPU, not tested");
-                continue;
-            }
-            assert_eq!(set_simd_level(level), level);
+        let (reference, others) = crate::kernels::at_every_level(run);
+        for (level, got) in others {
             assert!(
-                run() == reference,
+                got == reference,
                 "{level:?}: differs from the baseline level"
             );
         }
-        set_simd_level(before);
     }
 
     /// The summation order is the documented one: a hand-computed case where the order
