@@ -333,6 +333,7 @@ fn rows_per_task(row_len: usize) -> usize {
 /// them, fill it with NaN instead, so an element a kernel forgets to write reaches the
 /// tests that compare its outputs with a reference, and fails them.
 #[inline]
+#[allow(clippy::uninit_vec)] // Deliberate: see above; every caller writes all `n` first.
 fn written_in_full<T: Elem>(n: usize) -> Vec<T> {
     if cfg!(debug_assertions) {
         return vec![T::nan(); n];
