@@ -156,7 +156,7 @@ fn cpu_kernel(t: &Tensor) -> bool {
 }
 
 /// `x: [m, k] @ w` for a weight `w: [k, n]`, or with `transposed` `x @ w^T` for `w: [n, k]`.
-/// An untracked f32 product on the CPU of at most [`kernels::SKINNY_MAX_ROWS`] rows (a
+/// An untracked f32 product on the CPU of at most 32 rows (8 with `transposed`: a
 /// decoding step) runs on the few-row kernels, which read the weight once in place instead
 /// of packing it; anything else is a plain matmul.
 pub fn linear_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
@@ -168,7 +168,12 @@ pub fn linear_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor
         && w.device().is_cpu()
         && !tracked(x)
         && !tracked(w)
-        && rows <= kernels::SKINNY_MAX_ROWS;
+        && rows
+            <= if transposed {
+                kernels::SKINNY_MAX_ROWS_T
+            } else {
+                kernels::SKINNY_MAX_ROWS
+            };
     if fits {
         return x
             .contiguous()?
