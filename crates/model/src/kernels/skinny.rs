@@ -73,26 +73,33 @@ pub(crate) fn rows_times(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> 
             xt[(b * k + kk) * r + ri] = v;
         }
     }
-    let blocks = n.div_ceil(COLS);
-    let (ntasks, per) = tasks(blocks);
+    by_column_ranges(m, n, COLS, |j0, j1| match r {
+        1 => col_range::<1>(&xt, k, w, n, m, j0, j1),
+        2 => col_range::<2>(&xt, k, w, n, m, j0, j1),
+        4 => col_range::<4>(&xt, k, w, n, m, j0, j1),
+        _ => col_range::<8>(&xt, k, w, n, m, j0, j1),
+    })
+}
+
+/// `[m, n]` from output column ranges computed in parallel: `part(j0, j1)` gives columns
+/// `j0..j1` as `[m, j1 - j0]`; the ranges are multiples of `unit` wide (but the last).
+fn by_column_ranges(
+    m: usize,
+    n: usize,
+    unit: usize,
+    part: impl Fn(usize, usize) -> Vec<f32> + Sync,
+) -> Vec<f32> {
+    let (ntasks, per) = tasks(n.div_ceil(unit));
+    let width = per * unit;
     let parts: Vec<Vec<f32>> = (0..ntasks)
         .into_par_iter()
-        .map(|t| {
-            let (j0, j1) = (t * per * COLS, ((t + 1) * per * COLS).min(n));
-            match r {
-                1 => col_range::<1>(&xt, k, w, n, m, j0, j1),
-                2 => col_range::<2>(&xt, k, w, n, m, j0, j1),
-                4 => col_range::<4>(&xt, k, w, n, m, j0, j1),
-                _ => col_range::<8>(&xt, k, w, n, m, j0, j1),
-            }
-        })
+        .map(|t| part(t * width, ((t + 1) * width).min(n)))
         .collect();
     let mut y = written_in_full::<f32>(m * n);
-    for (t, part) in parts.iter().enumerate() {
-        let j0 = t * per * COLS;
-        let cols = part.len() / m;
+    for (t, p) in parts.iter().enumerate() {
+        let (j0, cols) = (t * width, ((t + 1) * width).min(n) - t * width);
         for i in 0..m {
-            y[i * n + j0..i * n + j0 + cols].copy_from_slice(&part[i * cols..(i + 1) * cols]);
+            y[i * n + j0..i * n + j0 + cols].copy_from_slice(&p[i * cols..(i + 1) * cols]);
         }
     }
     y
@@ -192,28 +199,11 @@ pub(crate) fn rows_times_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -
     assert_eq!(x.len(), m * k, "rows_times_t: x is not [{m}, {k}]");
     assert_eq!(w.len(), n * k, "rows_times_t: w is not [{n}, {k}]");
     let r = padded_rows(m).min(TROWS);
-    let blocks = n.div_ceil(VROWS);
-    let (ntasks, per) = tasks(blocks);
-    let parts: Vec<Vec<f32>> = (0..ntasks)
-        .into_par_iter()
-        .map(|t| {
-            let (v0, v1) = (t * per * VROWS, ((t + 1) * per * VROWS).min(n));
-            match r {
-                1 => dot_range::<1>(x, m, k, w, v0, v1),
-                2 => dot_range::<2>(x, m, k, w, v0, v1),
-                _ => dot_range::<4>(x, m, k, w, v0, v1),
-            }
-        })
-        .collect();
-    let mut y = written_in_full::<f32>(m * n);
-    for (t, part) in parts.iter().enumerate() {
-        let v0 = t * per * VROWS;
-        let cols = part.len() / m.max(1);
-        for i in 0..m {
-            y[i * n + v0..i * n + v0 + cols].copy_from_slice(&part[i * cols..(i + 1) * cols]);
-        }
-    }
-    y
+    by_column_ranges(m, n, VROWS, |v0, v1| match r {
+        1 => dot_range::<1>(x, m, k, w, v0, v1),
+        2 => dot_range::<2>(x, m, k, w, v0, v1),
+        _ => dot_range::<4>(x, m, k, w, v0, v1),
+    })
 }
 
 /// Weight rows `v0..v1` of [`rows_times_t`], rows of `x` `R` at a time: `[m, v1 - v0]`.
