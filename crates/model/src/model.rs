@@ -774,22 +774,23 @@ impl CausalLM {
         t: Track,
         drop: Option<u64>,
     ) -> Result<Option<Tensor>> {
-        let mut parts = Vec::with_capacity(ks.len());
-        let mut any = false;
-        for (&k, &out) in ks.iter().zip(outs) {
-            match self.adapter(li, k, x, t, drop)? {
-                Some(d) => {
-                    any = true;
-                    parts.push(d);
-                }
-                None => parts.push(Tensor::zeros((x.dim(0)?, out), x.dtype(), x.device())?),
-            }
+        let deltas = ks
+            .iter()
+            .map(|&k| self.adapter(li, k, x, t, drop))
+            .collect::<Result<Vec<_>>>()?;
+        if deltas.iter().all(Option::is_none) {
+            // No adapter on this projection: nothing to add (and no zeros to allocate).
+            return Ok(None);
         }
-        Ok(if any {
-            Some(Tensor::cat(&parts, 1)?)
-        } else {
-            None
-        })
+        let parts = deltas
+            .into_iter()
+            .zip(outs)
+            .map(|(d, &out)| match d {
+                Some(d) => Ok(d),
+                None => Ok(Tensor::zeros((x.dim(0)?, out), x.dtype(), x.device())?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&parts, 1)?))
     }
 
     /// With `on`, the training passes (`forward_hidden`, `forward_backward`) compute the

@@ -24,6 +24,10 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use rayon::prelude::*;
 use std::sync::Arc;
 
+#[cfg(test)]
+pub(crate) use super::bf16_layout::bf16_bits;
+use super::bf16_layout::{rows, tiles, Strided};
+
 /// The instructions that compute the bf16 products in this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bf16Kernel {
@@ -111,20 +115,6 @@ pub(crate) struct AmxMatrix {
     data: Vec<u16>,
 }
 
-/// `x` rounded to the nearest bf16, ties to even (NaN stays NaN).
-#[inline(always)]
-pub(crate) fn bf16_bits(x: f32) -> u16 {
-    // Branch-free, so that the conversion loops vectorise.
-    let b = x.to_bits();
-    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
-    let quiet_nan = (b >> 16) | 0x40;
-    (if b & 0x7fff_ffff > 0x7f80_0000 {
-        quiet_nan
-    } else {
-        rounded
-    }) as u16
-}
-
 /// The f32 value of bf16 bits.
 #[cfg(test)]
 pub(crate) fn bf16_value(h: u16) -> f32 {
@@ -137,7 +127,7 @@ impl AmxMatrix {
         if w.len() != k * n || k == 0 || n == 0 {
             bail!("AMX pack: {} values for a [{k}, {n}] weight", w.len())
         }
-        Ok(Self::pack_with(w, k, n, |kk, j| kk * n + j))
+        Ok(Self::pack_with(Strided { data: w, rows: k, cols: n, rs: n, cs: 1 }))
     }
 
     /// Packs the transpose of `w`, row-major `[n, k]` (an output projection stored as
@@ -146,40 +136,14 @@ impl AmxMatrix {
         if w.len() != k * n || k == 0 || n == 0 {
             bail!("AMX pack: {} values for a [{n}, {k}] weight", w.len())
         }
-        Ok(Self::pack_with(w, k, n, |kk, j| j * k + kk))
+        Ok(Self::pack_with(Strided { data: w, rows: k, cols: n, rs: 1, cs: k }))
     }
 
-    /// Packs the `[k, n]` matrix whose element `(r, c)` is `w[at(r, c)]` (k, n >= 1;
-    /// the callers check that every index is in bounds).
-    fn pack_with(
-        w: &[f32],
-        k: usize,
-        n: usize,
-        at: impl Fn(usize, usize) -> usize + Sync,
-    ) -> AmxMatrix {
-        let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
-        let kbs = kp / 32;
-        let mut data = vec![0u16; kp * np];
-        data.par_chunks_mut(kbs * 512)
-            .enumerate()
-            .for_each(|(nb, col)| {
-                fast!({
-                    for (kb, tile) in col.chunks_mut(512).enumerate() {
-                        for kk in 0..32 {
-                            let kr = kb * 32 + kk;
-                            if kr >= k {
-                                break;
-                            }
-                            for j in 0..16 {
-                                let c = nb * 16 + j;
-                                if c < n {
-                                    tile[(kk / 2) * 32 + j * 2 + kk % 2] = bf16_bits(w[at(kr, c)]);
-                                }
-                            }
-                        }
-                    }
-                })
-            });
+    /// Packs `b` (`[k, n]`, k, n >= 1; the callers check that every element is in
+    /// bounds).
+    fn pack_with(b: Strided<'_>) -> AmxMatrix {
+        let (k, n) = (b.rows, b.cols);
+        let (data, kp, np) = tiles(b);
         AmxMatrix { k, n, kp, np, data }
     }
 
@@ -252,8 +216,7 @@ impl AmxMatrix {
 }
 
 /// The `[m, k]` matrix whose element `(i, j)` is `x[i * rs + j * cs]`, rounded to bf16,
-/// as rows of `kp` values (zero-padded), `m` rounded up to the kernel's row block. A column-major
-/// source (`rs == 1`) is read 16 rows at a time, along its contiguous columns.
+/// as rows of `kp` values (zero-padded), `m` rounded up to the kernel's row block.
 fn rows_bf16(
     x: &[f32],
     m: usize,
@@ -263,44 +226,8 @@ fn rows_bf16(
     kernel: Bf16Kernel,
 ) -> Vec<u16> {
     let mp = m.div_ceil(kernel.row_block()) * kernel.row_block();
-    let mut a = vec![0u16; mp * kp];
-    if rs == 1 && cs != 1 {
-        a.par_chunks_mut(16 * kp)
-            .enumerate()
-            .for_each(|(blk, dst)| {
-                let (i0, i1) = (blk * 16, (blk * 16 + 16).min(m));
-                if i0 >= i1 {
-                    return;
-                }
-                fast!({
-                    for j in 0..k {
-                        let col = &x[j * cs + i0..j * cs + i1];
-                        for (r, &v) in col.iter().enumerate() {
-                            dst[r * kp + j] = bf16_bits(v);
-                        }
-                    }
-                })
-            });
-    } else {
-        a.par_chunks_mut(kp)
-            .take(m)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let src = &x[i * rs..];
-                fast!({
-                    if cs == 1 {
-                        for (d, &v) in dst[..k].iter_mut().zip(&src[..k]) {
-                            *d = bf16_bits(v);
-                        }
-                    } else {
-                        for (j, d) in dst[..k].iter_mut().enumerate() {
-                            *d = bf16_bits(src[j * cs]);
-                        }
-                    }
-                })
-            });
-    }
-    a
+    let a = Strided { data: x, rows: m, cols: k, rs, cs };
+    rows(a, mp, kp)
 }
 
 /// `op(a) @ op(b)` for `a: [m, k]`, `b: [k, n]` given by (row, column) strides into
@@ -339,7 +266,7 @@ fn gemm_on(
     if a.len() <= last(astr, m, k) || b.len() <= last(bstr, k, n) {
         bail!("AMX product: operands too short for [{m}, {k}] x [{k}, {n}]")
     }
-    let w = AmxMatrix::pack_with(b, k, n, |r, c| r * bstr.0 + c * bstr.1);
+    let w = AmxMatrix::pack_with(Strided { data: b, rows: k, cols: n, rs: bstr.0, cs: bstr.1 });
     let x = rows_bf16(a, m, k, astr, w.kp, kernel);
     Ok(w.product(&x, m, kernel))
 }
@@ -702,18 +629,6 @@ mod tests {
         (0..n)
             .map(|_| ((r.next_u64() >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32)
             .collect()
-    }
-
-    #[test]
-    fn bf16_rounding_is_to_nearest_even() {
-        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
-        assert_eq!(bf16_value(bf16_bits(1.0 + 1.0 / 256.0)), 1.0);
-        // 1 + 3 * 2^-8 is halfway as well; even is 1 + 2^-6 + ... = 1.015625.
-        assert_eq!(bf16_value(bf16_bits(1.0 + 3.0 / 256.0)), 1.015625);
-        assert_eq!(bf16_value(bf16_bits(1.0 + 1.5 / 256.0)), 1.0078125);
-        assert_eq!(bf16_value(bf16_bits(-2.5)), -2.5);
-        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
-        assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
     }
 
     /// Every bf16 kernel this machine has, whichever `TOOLTRAIN_BF16` picks for the

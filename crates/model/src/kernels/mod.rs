@@ -454,6 +454,7 @@ fn mm_par<T: Elem>(
 // ---------------------------------------------------------------- op families
 
 pub(crate) mod amx;
+mod bf16_layout;
 mod attention;
 mod bias;
 mod cross_entropy;
