@@ -127,7 +127,13 @@ impl AmxMatrix {
         if w.len() != k * n || k == 0 || n == 0 {
             bail!("AMX pack: {} values for a [{k}, {n}] weight", w.len())
         }
-        Ok(Self::pack_with(Strided { data: w, rows: k, cols: n, rs: n, cs: 1 }))
+        Ok(Self::pack_with(Strided {
+            data: w,
+            rows: k,
+            cols: n,
+            rs: n,
+            cs: 1,
+        }))
     }
 
     /// Packs the transpose of `w`, row-major `[n, k]` (an output projection stored as
@@ -136,7 +142,13 @@ impl AmxMatrix {
         if w.len() != k * n || k == 0 || n == 0 {
             bail!("AMX pack: {} values for a [{n}, {k}] weight", w.len())
         }
-        Ok(Self::pack_with(Strided { data: w, rows: k, cols: n, rs: 1, cs: k }))
+        Ok(Self::pack_with(Strided {
+            data: w,
+            rows: k,
+            cols: n,
+            rs: 1,
+            cs: k,
+        }))
     }
 
     /// Packs `b` (`[k, n]`, k, n >= 1; the callers check that every element is in
@@ -226,7 +238,13 @@ fn rows_bf16(
     kernel: Bf16Kernel,
 ) -> Vec<u16> {
     let mp = m.div_ceil(kernel.row_block()) * kernel.row_block();
-    let a = Strided { data: x, rows: m, cols: k, rs, cs };
+    let a = Strided {
+        data: x,
+        rows: m,
+        cols: k,
+        rs,
+        cs,
+    };
     rows(a, mp, kp)
 }
 
@@ -266,7 +284,13 @@ fn gemm_on(
     if a.len() <= last(astr, m, k) || b.len() <= last(bstr, k, n) {
         bail!("AMX product: operands too short for [{m}, {k}] x [{k}, {n}]")
     }
-    let w = AmxMatrix::pack_with(Strided { data: b, rows: k, cols: n, rs: bstr.0, cs: bstr.1 });
+    let w = AmxMatrix::pack_with(Strided {
+        data: b,
+        rows: k,
+        cols: n,
+        rs: bstr.0,
+        cs: bstr.1,
+    });
     let x = rows_bf16(a, m, k, astr, w.kp, kernel);
     Ok(w.product(&x, m, kernel))
 }

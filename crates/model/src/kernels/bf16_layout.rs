@@ -170,7 +170,10 @@ mod x86 {
             return _mm512_setzero_si512();
         }
         debug_assert!(at + n <= data.len());
-        round16(_mm512_maskz_loadu_epi32(first(n), data.as_ptr().add(at) as *const i32))
+        round16(_mm512_maskz_loadu_epi32(
+            first(n),
+            data.as_ptr().add(at) as *const i32,
+        ))
     }
 
     /// One tile `(nb, kb)` of [`super::tiles`], when a dimension of `b` is contiguous;
@@ -259,7 +262,11 @@ mod x86 {
                     let (r, live) = (r0 + i0, (nrows - i0).min(16));
                     let n = a.rows.saturating_sub(r).min(live);
                     let lo = load16(a.data, c * a.cs + r, if c < a.cols { n } else { 0 });
-                    let hi = load16(a.data, (c + 1) * a.cs + r, if c + 1 < a.cols { n } else { 0 });
+                    let hi = load16(
+                        a.data,
+                        (c + 1) * a.cs + r,
+                        if c + 1 < a.cols { n } else { 0 },
+                    );
                     let pair = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
                     // Row i0 + l, column c: u32 offset (i0 + l) kp / 2 + c / 2.
                     _mm512_mask_i32scatter_epi32::<4>(
@@ -331,9 +338,27 @@ mod tests {
                 }
             }
             let sources = [
-                Strided { data: &data, rows, cols, rs: cols, cs: 1 },
-                Strided { data: &col_major, rows, cols, rs: 1, cs: rows },
-                Strided { data: &spread, rows, cols, rs: 2 * cols, cs: 2 },
+                Strided {
+                    data: &data,
+                    rows,
+                    cols,
+                    rs: cols,
+                    cs: 1,
+                },
+                Strided {
+                    data: &col_major,
+                    rows,
+                    cols,
+                    rs: 1,
+                    cs: rows,
+                },
+                Strided {
+                    data: &spread,
+                    rows,
+                    cols,
+                    rs: 2 * cols,
+                    cs: 2,
+                },
             ];
             let want = |r: usize, c: usize| {
                 if r < rows && c < cols {
@@ -362,7 +387,11 @@ mod tests {
                 let kp = cols.div_ceil(32) * 32;
                 assert_eq!(a.len(), rows.div_ceil(8) * 8 * kp);
                 for (i, &v) in a.iter().enumerate() {
-                    assert_eq!(v, want(i / kp, i % kp), "row element {i} of [{rows},{cols}]");
+                    assert_eq!(
+                        v,
+                        want(i / kp, i % kp),
+                        "row element {i} of [{rows},{cols}]"
+                    );
                 }
             }
         }

@@ -55,7 +55,13 @@ impl Elem for f32 {
         // Cephes expf: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial.
         const ROUND: f32 = 12582912.0; // 1.5 * 2^23: adding it rounds to an integer.
         let x = self.clamp(-87.33, 88.72);
-        let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+        // `t` holds the integer n = round(x log2 e) in its low mantissa bits (|n| < 2^22
+        // keeps the exponent of 1.5 * 2^23), so n is read off its bits with integer
+        // arithmetic: a saturating `n as i32` has no vector instruction and made LLVM
+        // convert lane by lane.
+        let t = x * std::f32::consts::LOG2_E + ROUND;
+        let n = t - ROUND;
+        let ni = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
         let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
         let mut p = 1.987_569_1e-4f32;
         p = p * r + 1.398_199_9e-3;
@@ -64,7 +70,7 @@ impl Elem for f32 {
         p = p * r + 1.666_666_5e-1;
         p = p * r + 5.000_000_1e-1;
         let e = p * r * r + r + 1.0;
-        let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+        let scale = f32::from_bits((ni.wrapping_add(127) << 23) as u32);
         if self < -87.33 {
             0.0
         } else {
@@ -454,8 +460,8 @@ fn mm_par<T: Elem>(
 // ---------------------------------------------------------------- op families
 
 pub(crate) mod amx;
-mod bf16_layout;
 mod attention;
+mod bf16_layout;
 mod bias;
 mod cross_entropy;
 mod decode_attention;
@@ -522,5 +528,25 @@ mod tests {
         assert_eq!(f32::NEG_INFINITY.fexp(), 0.0);
         assert_eq!((-100f32).fexp(), 0.0);
         assert_eq!(0f32.fexp(), 1.0);
+    }
+
+    /// The exponential in a vectorised loop (every lane through the integer read-off of
+    /// the exponent, negative ones included) gives the scalar's bits at every level.
+    #[test]
+    fn fast_exp_gives_the_same_bits_in_vector_loops_at_every_level() {
+        let xs: Vec<f32> = (0..20_000).map(|i| -95.0 + i as f32 * 0.00927).collect();
+        let scalar: Vec<u32> = xs
+            .iter()
+            .map(|&x| std::hint::black_box(x).fexp().to_bits())
+            .collect();
+        let (base, others) = super::at_every_level(|| {
+            let mut v = xs.clone();
+            super::fast!(v.iter_mut().for_each(|x| *x = x.fexp()));
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        });
+        assert_eq!(base, scalar);
+        for (level, got) in others {
+            assert_eq!(got, scalar, "{level:?}");
+        }
     }
 }
