@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 #[cfg(test)]
-pub(crate) use super::bf16_layout::bf16_bits;
+pub(crate) use super::bf16_layout::{bf16_bits, bf16_value};
 use super::bf16_layout::{rows, tiles, Strided};
 
 /// The instructions that compute the bf16 products in this process.
@@ -113,12 +113,6 @@ pub(crate) struct AmxMatrix {
     kp: usize,
     np: usize,
     data: Vec<u16>,
-}
-
-/// The f32 value of bf16 bits.
-#[cfg(test)]
-pub(crate) fn bf16_value(h: u16) -> f32 {
-    f32::from_bits((h as u32) << 16)
 }
 
 impl AmxMatrix {

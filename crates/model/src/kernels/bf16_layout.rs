@@ -33,17 +33,16 @@ pub(crate) fn bf16_bits(x: f32) -> u16 {
     }) as u16
 }
 
-/// A buffer the caller writes in full: uninitialised in release builds, a bf16 NaN
-/// pattern in builds with debug assertions (the tests), so a missed element shows.
-#[allow(clippy::uninit_vec)] // Deliberate: every caller writes all `n` first.
+/// A buffer the caller writes in full ([`super::written_in_full`]); a bf16 NaN pattern in
+/// builds with debug assertions, so a missed element shows.
 fn written_in_full(n: usize) -> Vec<u16> {
-    if cfg!(debug_assertions) {
-        return vec![0x7fc1; n];
-    }
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: u16 has no invalid bit patterns; every caller overwrites all `n` elements.
-    unsafe { v.set_len(n) };
-    v
+    super::written_in_full_or(n, 0x7fc1)
+}
+
+/// The f32 value of bf16 bits.
+#[cfg(test)]
+pub(crate) fn bf16_value(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
 }
 
 /// A source matrix: element `(r, c)` is `data[r * rs + c * cs]`, for `r < rows`,
@@ -271,7 +270,7 @@ mod x86 {
                     // Row i0 + l, column c: u32 offset (i0 + l) kp / 2 + c / 2.
                     _mm512_mask_i32scatter_epi32::<4>(
                         out.add(i0 * kp + c) as *mut i32,
-                        super::x86::first(live),
+                        first(live),
                         step,
                         pair,
                     );
@@ -399,7 +398,7 @@ mod tests {
 
     #[test]
     fn rounding_is_to_nearest_even_and_keeps_nans() {
-        let v = |x: f32| f32::from_bits((bf16_bits(x) as u32) << 16);
+        let v = |x: f32| bf16_value(bf16_bits(x));
         // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
         assert_eq!(v(1.0 + 1.0 / 256.0), 1.0);
         // 1 + 3 * 2^-8 is halfway as well; the even neighbour is 1 + 2^-6.

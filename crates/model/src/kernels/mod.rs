@@ -25,7 +25,7 @@ use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
 use num_traits::Float;
 
 /// Element types of the CPU kernels.
-pub(crate) trait Elem: WithDType + Float + Send + Sync + std::iter::Sum {
+pub(crate) trait Elem: WithDType + Float + Send + Sync + std::iter::Sum + PlainBits {
     /// `exp(x)`: a branch-free polynomial for f32 (vectorises; within 2 ulp of `expf`,
     /// exactly 0 below -87.3), the exact `exp` for f64 (the finite-difference checks).
     fn fexp(self) -> Self;
@@ -339,13 +339,26 @@ fn rows_per_task(row_len: usize) -> usize {
 /// them, fill it with NaN instead, so an element a kernel forgets to write reaches the
 /// tests that compare its outputs with a reference, and fails them.
 #[inline]
-#[allow(clippy::uninit_vec)] // Deliberate: see above; every caller writes all `n` first.
 fn written_in_full<T: Elem>(n: usize) -> Vec<T> {
+    written_in_full_or(n, T::nan())
+}
+
+/// Element types for which any bit pattern is a value and that have no destructor.
+pub(crate) trait PlainBits: Copy {}
+impl PlainBits for f32 {}
+impl PlainBits for f64 {}
+impl PlainBits for u16 {}
+
+/// [`written_in_full`] for any plain-bits element: `fill` (a value a reference check
+/// would reject, such as a NaN pattern) in builds with debug assertions.
+#[inline]
+#[allow(clippy::uninit_vec)] // Deliberate: see above; every caller writes all `n` first.
+fn written_in_full_or<T: PlainBits>(n: usize, fill: T) -> Vec<T> {
     if cfg!(debug_assertions) {
-        return vec![T::nan(); n];
+        return vec![fill; n];
     }
     let mut v = Vec::with_capacity(n);
-    // SAFETY: f32 and f64 have no invalid bit patterns and no destructors, and every
+    // SAFETY: `PlainBits` types have no invalid bit patterns and no destructors, and every
     // caller overwrites all `n` elements before reading any (see above).
     unsafe { v.set_len(n) };
     v
