@@ -101,7 +101,7 @@ pub(crate) fn tiles(b: Strided<'_>) -> (Vec<u16>, usize, usize) {
 /// multiple of 32), zero-padded. The caller checks that every element of `a` lies within
 /// its data.
 pub(crate) fn rows(a: Strided<'_>, mp: usize, kp: usize) -> Vec<u16> {
-    debug_assert!(mp >= a.rows && kp >= a.cols && kp % 32 == 0);
+    debug_assert!(mp >= a.rows && kp >= a.cols && kp.is_multiple_of(32));
     let mut out = written_in_full(mp * kp);
     if mp == 0 {
         return out;
