@@ -337,6 +337,30 @@ fn append_kv(
     Ok((c.k.narrow(2, 0, need)?, c.v.narrow(2, 0, need)?))
 }
 
+/// The rows of a `[b * s]` grid that hold tokens (`layout.segments`), as u32 indices;
+/// `None` when every position does (nothing to skip).
+fn real_tokens(layout: &SeqLayout, dev: &Device) -> Result<Option<Tensor>> {
+    let rows: Vec<u32> = layout
+        .segments
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, seg)| seg.is_some())
+        .map(|(i, _)| i as u32)
+        .collect();
+    let total: usize = layout.segments.iter().map(Vec::len).sum();
+    if rows.len() == total {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::new(rows, dev)?))
+}
+
+/// `x: [k, d]` (the rows `keep` of an `[n, d]` grid) back on that grid, zeros elsewhere.
+fn spread(x: &Tensor, keep: &Tensor, n: usize) -> Result<Tensor> {
+    let d = x.dim(1)?;
+    Ok(Tensor::zeros((n, d), x.dtype(), x.device())?.index_add(keep, x, 0)?)
+}
+
 struct Attention {
     /// q, k and v projections stacked: `[(heads + 2 kv_heads) * head_dim, hidden]`.
     qkv: Var,
@@ -1019,10 +1043,13 @@ impl CausalLM {
         t: Track,
         drop: Option<u64>,
         prec: Prec<'_>,
+        keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let l = &self.layers[li];
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
+        // Inference passes with bf16 linear layers take bf16 attention products too.
+        let packed = matches!(prec, Prec::Packed(_));
         let how = |i: usize| match prec {
             Prec::Packed(m) => Product::Packed(&m[i]),
             Prec::Bf16 => Product::Bf16 {
@@ -1049,6 +1076,10 @@ impl CausalLM {
             self.packed_adapters(li, &[0, 1, 2], &[nh * hd, nkv * hd, nkv * hd], &h, t, drop)?
         {
             qkv = (qkv + d)?;
+        }
+        if let Some(keep) = keep {
+            // Attention works on the padded `[b, s]` grid: padding gets zero q, k and v.
+            qkv = spread(&qkv, keep, b * s)?;
         }
         let mask3 = mask.squeeze(1)?;
         // The fused kernel serves training and a cache's first (prefill) pass, which then
@@ -1085,11 +1116,15 @@ impl CausalLM {
                 }
                 let scale = 1.0 / (hd as f64).sqrt();
                 if cached {
-                    ops::cached_attention(&q, &k, &v, &mask3, scale, kv_share)?
+                    ops::cached_attention(&q, &k, &v, &mask3, scale, kv_share, packed)?
                 } else {
                     ops::grouped_attention(&q, &k, &v, &mask3, scale)?
                 }
             };
+        let ctx = match keep {
+            Some(keep) => ctx.index_select(keep, 0)?,
+            None => ctx,
+        };
         let mut o = linear(&ctx, &self.bw(&a.o, t), None, how(1))?;
         if let Some(d) = self.adapter(li, 3, &ctx, t, drop)? {
             o = (o + d)?;
@@ -1150,6 +1185,15 @@ impl CausalLM {
         let bf16 = cache.is_none() && self.bf16_matmuls_active();
         let (cos, sin) = self.rope_tables(&layout.positions)?;
         let mut x = self.embed_ids(ids, t)?;
+        // Passes through a cache (inference) skip padding tokens everywhere but in the
+        // attention: norms, linear layers and the MLP run on the real tokens only.
+        let keep = match cache {
+            Some(_) => real_tokens(layout, ids.device())?,
+            None => None,
+        };
+        if let Some(keep) = &keep {
+            x = x.index_select(keep, 0)?;
+        }
         if let Some(c) = cache.as_mut() {
             c.layers.resize(self.layers.len(), None);
         }
@@ -1173,16 +1217,16 @@ impl CausalLM {
                     None if bf16 => Prec::Bf16,
                     None => Prec::F32,
                 },
+                keep.as_ref(),
             )?;
         }
         let (b, s) = ids.dims2()?;
-        Ok(
-            ops::rms_norm(&x, &self.bw(&self.norm, t), self.cfg.rms_norm_eps)?.reshape((
-                b,
-                s,
-                (),
-            ))?,
-        )
+        let mut x = ops::rms_norm(&x, &self.bw(&self.norm, t), self.cfg.rms_norm_eps)?;
+        if let Some(keep) = &keep {
+            // Padding positions hold zeros.
+            x = spread(&x, keep, b * s)?;
+        }
+        Ok(x.reshape((b, s, ()))?)
     }
 
     /// Final hidden states `[b, t, hidden]` without autograd graph (inference).
@@ -1250,6 +1294,7 @@ impl CausalLM {
                 Track::No,
                 drop,
                 prec,
+                None,
             )?;
             inputs.push(x);
             x = next;
@@ -1278,6 +1323,7 @@ impl CausalLM {
                 Track::Yes,
                 drop,
                 prec,
+                None,
             )?;
             let g = backward(&(y * dx.detach())?.sum_all()?)?;
             merge_grads(&mut grads, g, self.trainable(), Some(xin.as_tensor()))?;

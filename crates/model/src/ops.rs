@@ -284,6 +284,11 @@ const KERNEL_MAX_QUERIES: usize = 256;
 /// `share` (per row `(leader, columns)`, or empty) says which rows hold copies of another
 /// row's first keys and values (the samples of one prompt): the kernel reads those once
 /// per group. The other paths read every row's own, which are equal.
+///
+/// `bf16`: the kernel's products of more than a few query rows per kv head (prefill
+/// chunks, not decoding steps) take bf16-rounded operands with f32 sums, on AMX or
+/// AVX512-BF16 where the CPU has either (the passes of a cache whose linear layers run
+/// in bf16).
 pub fn cached_attention(
     q: &Tensor,
     k: &Tensor,
@@ -291,6 +296,7 @@ pub fn cached_attention(
     mask: &Tensor,
     scale: f64,
     share: &[(usize, usize)],
+    bf16: bool,
 ) -> Result<Tensor> {
     let (b, nh, s, hd) = q.dims4()?;
     // The kernel reads a cache of the queries' type, or a bf16 one under f32 queries.
@@ -314,6 +320,7 @@ pub fn cached_attention(
         mask: mask.to_dtype(q.dtype())?.contiguous()?,
         scale,
         share: share.to_vec(),
+        bf16,
     };
     q.contiguous()?
         .apply_op3_no_bwd(&rows(k)?, &rows(v)?, &op)?
@@ -778,12 +785,13 @@ pub(crate) mod tests {
             let scale = 0.35;
             let (kc, vc) = (k.contiguous().unwrap(), v.contiguous().unwrap());
             let want = grouped_attention(&q, &kc, &vc, &mask, scale).unwrap();
-            let got = cached_attention(&q, &k, &v, &mask, scale, &[]).unwrap();
+            let got = cached_attention(&q, &k, &v, &mask, scale, &[], false).unwrap();
             assert_eq!(got.dims(), [b * s, nh * hd]);
             let e = max_abs_diff(&got, &want);
             assert!(e < 1e-12, "s={s}: f64 difference {e}");
             let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let got32 = cached_attention(&f(&q), &f(&k), &f(&v), &f(&mask), scale, &[]).unwrap();
+            let got32 =
+                cached_attention(&f(&q), &f(&k), &f(&v), &f(&mask), scale, &[], false).unwrap();
             let e = max_abs_diff(&got32.to_dtype(DType::F64).unwrap(), &want);
             assert!(e < 1e-5, "s={s}: f32 difference {e}");
             // A bf16 cache under f32 queries (same strided views): the f32 result of the
@@ -807,9 +815,9 @@ pub(crate) mod tests {
                 (w(2), w(3))
             };
             assert!(!kb.is_contiguous() && kb.dtype() == DType::BF16);
-            let gotb = cached_attention(&f(&q), &kb, &vb, &f(&mask), scale, &[]).unwrap();
+            let gotb = cached_attention(&f(&q), &kb, &vb, &f(&mask), scale, &[], false).unwrap();
             let rounded =
-                cached_attention(&f(&q), &f(&kb), &f(&vb), &f(&mask), scale, &[]).unwrap();
+                cached_attention(&f(&q), &f(&kb), &f(&vb), &f(&mask), scale, &[], false).unwrap();
             let d = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
             let e = max_abs_diff(&d(&gotb), &d(&rounded));
             assert!(e < 1e-6, "s={s}: bf16 cache against its f32 values: {e}");
@@ -852,12 +860,117 @@ pub(crate) mod tests {
             let mask = Tensor::from_vec(m, (b, s, len), &Device::Cpu).unwrap();
             let want = grouped_attention(&q, &k, &v, &mask, 0.3).unwrap();
             let share = [(0, cols), (1, 0), (0, cols), (0, cols)];
-            let got = cached_attention(&q, &k, &v, &mask, 0.3, &share).unwrap();
+            let got = cached_attention(&q, &k, &v, &mask, 0.3, &share, false).unwrap();
             let e = max_abs_diff(&got, &want);
             assert!(e < 1e-12, "s={s}: difference {e}");
             // A row naming a leader after it is refused.
             let bad = [(0, cols), (2, 5), (2, 5), (3, 0)];
-            assert!(cached_attention(&q, &k, &v, &mask, 0.3, &bad).is_err());
+            assert!(cached_attention(&q, &k, &v, &mask, 0.3, &bad, false).is_err());
+        }
+    }
+
+    /// With `bf16`, prefill chunks (more than 16 query rows per kv head) take the products
+    /// of bf16-rounded queries, keys, probabilities and values with f32 sums: the result
+    /// is the f64 attention of those rounded operands (probabilities rounded after the
+    /// softmax), far closer to it than to the unrounded attention, for rows that read a
+    /// shared prefix once and rows alone with masked keys. Without a bf16 kernel (or
+    /// `TOOLTRAIN_BF16=off`) it stays the f32 result.
+    #[test]
+    fn bf16_prefill_attention_is_the_attention_of_rounded_operands() {
+        let (b, nh, nkv, hd, s, len, cols) = (3, 6, 2, 64, 8, 50, 20);
+        let g = nh / nkv;
+        let q = rand64(&[b, nh, s, hd], 21);
+        // Rows 0 and 2 hold the same first 20 positions (a shared prompt); row 1 is other.
+        let copy_prefix = |t: Tensor| {
+            let p = t.narrow(0, 0, 1).unwrap().narrow(2, 0, cols).unwrap();
+            t.narrow(0, 2, 1)
+                .unwrap()
+                .slice_set(&p.contiguous().unwrap(), 2, 0)
+                .unwrap();
+            t
+        };
+        let k = copy_prefix(rand64(&[b, nkv, len, hd], 22));
+        let v = copy_prefix(rand64(&[b, nkv, len, hd], 23));
+        // Row 1 has its first 5 keys masked; row 2 its keys 30..33.
+        let mut m = vec![0f64; b * s * len];
+        for i in 0..s {
+            for j in 0..5 {
+                m[(s + i) * len + j] = f64::NEG_INFINITY;
+            }
+            for j in 30..33 {
+                m[(2 * s + i) * len + j] = f64::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(m.clone(), (b, s, len), &Device::Cpu).unwrap();
+        let scale = 0.125;
+        // The reference: every operand rounded to bf16 (ties to even, `half`), sums and
+        // the softmax in f64, the probabilities rounded before they weight the values.
+        let r = |x: f64| half::bf16::from_f32(x as f32).to_f64();
+        let (qv, kv, vv) = (
+            q.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            k.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            v.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        );
+        let mut want = vec![0f64; b * s * nh * hd];
+        for bi in 0..b {
+            for h in 0..nh {
+                let j0 = h / g;
+                for i in 0..s {
+                    let qa = |d: usize| r(qv[((bi * nh + h) * s + i) * hd + d]);
+                    let at =
+                        |t: &[f64], j: usize, d: usize| r(t[((bi * nkv + j0) * len + j) * hd + d]);
+                    let sc: Vec<f64> = (0..len)
+                        .map(|j| {
+                            (0..hd).map(|d| qa(d) * at(&kv, j, d)).sum::<f64>() * scale
+                                + m[(bi * s + i) * len + j]
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        want[((bi * s + i) * nh + h) * hd + d] =
+                            (0..len).map(|j| r(e[j] / z) * at(&vv, j, d)).sum();
+                    }
+                }
+            }
+        }
+        let want = Tensor::from_vec(want, (b * s, nh * hd), &Device::Cpu).unwrap();
+        let exact = grouped_attention(&q, &k, &v, &mask, scale).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let d = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let mean = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        for share in [vec![], vec![(0, cols), (1, 0), (0, cols)]] {
+            let got =
+                cached_attention(&f(&q), &f(&k), &f(&v), &f(&mask), scale, &share, true).unwrap();
+            let got = d(&got);
+            if crate::kernels::bf16_kernel().is_some() {
+                // Rounding the f32 probabilities can differ from rounding the f64 ones in
+                // the last bit now and then: a bound on the mean, and the largest error
+                // below the one of the unrounded attention.
+                let (e, e0) = (mean(&got, &want), mean(&exact, &want));
+                assert!(
+                    e < e0 / 20.0,
+                    "share {share:?}: mean error {e} against {e0}"
+                );
+                let (e, e0) = (max_abs_diff(&got, &want), max_abs_diff(&exact, &want));
+                assert!(
+                    e < e0 / 4.0,
+                    "share {share:?}: largest error {e} against {e0}"
+                );
+            } else {
+                let e = max_abs_diff(&got, &exact);
+                assert!(e < 1e-5, "share {share:?}: f32 fallback off by {e}");
+            }
         }
     }
 
@@ -1120,7 +1233,7 @@ pub(crate) mod tests {
             );
             let dmask = f32t(Tensor::zeros((2, 3, 21), DType::F64, &Device::Cpu).unwrap());
             out.push(flat(
-                &cached_attention(&q, &k, &v, &dmask, 0.35, &[]).unwrap(),
+                &cached_attention(&q, &k, &v, &dmask, 0.35, &[], false).unwrap(),
             ));
             let g = f32t(rand64(&[1000, 3], 19));
             let sq = crate::kernels::sum_squares_f32(&g).unwrap();

@@ -39,7 +39,7 @@ pub enum Bf16Kernel {
 
 impl Bf16Kernel {
     /// The rows it computes at a time: the left operand is padded to a multiple of this.
-    fn row_block(self) -> usize {
+    pub(crate) fn row_block(self) -> usize {
         match self {
             Bf16Kernel::Amx => 32,
             Bf16Kernel::Avx512Bf16 => 8,
@@ -240,6 +240,40 @@ fn rows_bf16(
         cs,
     };
     rows(a, mp, kp)
+}
+
+/// `a @ w` on the calling thread (operands small enough for one task of a parallel
+/// kernel): `a` is `mp` bf16 rows of `kp` values ([`rows_on`](super::bf16_layout::rows_on); `mp` a multiple of the
+/// kernel's row block), `w` the `[kp, np]` tiles ([`tiles_on`](super::bf16_layout::tiles_on)). Returns `[mp, np]`,
+/// row-major, on `kernel` (which the CPU must have: take it from [`bf16_kernel`]).
+pub(crate) fn product_here(
+    kernel: Bf16Kernel,
+    a: &[u16],
+    (mp, kp, np): (usize, usize, usize),
+    w: &[u16],
+) -> Vec<f32> {
+    assert!(
+        mp.is_multiple_of(kernel.row_block())
+            && kp.is_multiple_of(32)
+            && np.is_multiple_of(32)
+            && a.len() >= mp * kp
+            && w.len() >= kp * np
+    );
+    let mut c = super::written_in_full::<f32>(mp * np);
+    if mp == 0 || np == 0 {
+        return c;
+    }
+    // SAFETY: the kernel came from `bf16_kernel` (the CPU has it, tiles are granted); the
+    // asserts keep rows 0..mp of `a`, the `kp x np` tiles and `mp x np` outputs in bounds.
+    unsafe {
+        match kernel {
+            Bf16Kernel::Amx => imp::block(a, kp, 0, mp, w, 0, np / 32, c.as_mut_ptr(), np),
+            Bf16Kernel::Avx512Bf16 => {
+                avx512bf16::block(a, kp, 0, mp, w, 0, np / 32, c.as_mut_ptr(), np)
+            }
+        }
+    }
+    c
 }
 
 /// `op(a) @ op(b)` for `a: [m, k]`, `b: [k, n]` given by (row, column) strides into

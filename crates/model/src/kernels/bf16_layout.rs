@@ -72,28 +72,40 @@ impl Strided<'_> {
 /// tile `(nb, kb)` at `(nb * kp / 32 + kb) * 512`. The caller checks that every element
 /// of `b` lies within its data.
 pub(crate) fn tiles(b: Strided<'_>) -> (Vec<u16>, usize, usize) {
+    tiles_on(b, true)
+}
+
+/// [`tiles`] on rayon's threads (`par`) or on the calling thread (small operands inside
+/// a parallel task).
+pub(crate) fn tiles_on(b: Strided<'_>, par: bool) -> (Vec<u16>, usize, usize) {
     let (kp, np) = (b.rows.div_ceil(32) * 32, b.cols.div_ceil(32) * 32);
     let kbs = kp / 32;
     let mut data = written_in_full(kp * np);
+    if data.is_empty() {
+        return (data, kp, np);
+    }
     let wide = simd_level() == SimdLevel::Avx512;
-    data.par_chunks_mut(kbs * 512)
-        .enumerate()
-        .for_each(|(nb, col)| {
-            for (kb, tile) in col.chunks_mut(512).enumerate() {
-                #[cfg(target_arch = "x86_64")]
-                if wide {
-                    // SAFETY: the level is AVX-512, so the CPU has AVX-512F.
-                    if unsafe { x86::tile(b, nb, kb, tile) } {
-                        continue;
-                    }
-                }
-                let _ = wide;
-                for (t, v) in tile.iter_mut().enumerate() {
-                    let (p, j, h) = (t / 32, (t % 32) / 2, t % 2);
-                    *v = b.at(kb * 32 + 2 * p + h, nb * 16 + j);
+    let column = |(nb, col): (usize, &mut [u16])| {
+        for (kb, tile) in col.chunks_mut(512).enumerate() {
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the level is AVX-512, so the CPU has AVX-512F.
+                if unsafe { x86::tile(b, nb, kb, tile) } {
+                    continue;
                 }
             }
-        });
+            let _ = wide;
+            for (t, v) in tile.iter_mut().enumerate() {
+                let (p, j, h) = (t / 32, (t % 32) / 2, t % 2);
+                *v = b.at(kb * 32 + 2 * p + h, nb * 16 + j);
+            }
+        }
+    };
+    if par {
+        data.par_chunks_mut(kbs * 512).enumerate().for_each(column);
+    } else {
+        data.chunks_mut(kbs * 512).enumerate().for_each(column);
+    }
     (data, kp, np)
 }
 
@@ -101,6 +113,11 @@ pub(crate) fn tiles(b: Strided<'_>) -> (Vec<u16>, usize, usize) {
 /// multiple of 32), zero-padded. The caller checks that every element of `a` lies within
 /// its data.
 pub(crate) fn rows(a: Strided<'_>, mp: usize, kp: usize) -> Vec<u16> {
+    rows_on(a, mp, kp, true)
+}
+
+/// [`rows`] on rayon's threads (`par`) or on the calling thread.
+pub(crate) fn rows_on(a: Strided<'_>, mp: usize, kp: usize, par: bool) -> Vec<u16> {
     debug_assert!(mp >= a.rows && kp >= a.cols && kp.is_multiple_of(32));
     let mut out = written_in_full(mp * kp);
     if mp == 0 {
@@ -109,24 +126,27 @@ pub(crate) fn rows(a: Strided<'_>, mp: usize, kp: usize) -> Vec<u16> {
     let wide = simd_level() == SimdLevel::Avx512;
     // Blocks of 64 rows: a transposed source is read 64 values (256 bytes) per row.
     const BLOCK: usize = 64;
-    out.par_chunks_mut(BLOCK * kp)
-        .enumerate()
-        .for_each(|(blk, dst)| {
-            let r0 = blk * BLOCK;
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: the level is AVX-512, so the CPU has AVX-512F.
-                if unsafe { x86::rows(a, r0, kp, dst) } {
-                    return;
-                }
+    let block = |(blk, dst): (usize, &mut [u16])| {
+        let r0 = blk * BLOCK;
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: the level is AVX-512, so the CPU has AVX-512F.
+            if unsafe { x86::rows(a, r0, kp, dst) } {
+                return;
             }
-            let _ = wide;
-            for (i, row) in dst.chunks_mut(kp).enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = a.at(r0 + i, j);
-                }
+        }
+        let _ = wide;
+        for (i, row) in dst.chunks_mut(kp).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = a.at(r0 + i, j);
             }
-        });
+        }
+    };
+    if par {
+        out.par_chunks_mut(BLOCK * kp).enumerate().for_each(block);
+    } else {
+        out.chunks_mut(BLOCK * kp).enumerate().for_each(block);
+    }
     out
 }
 

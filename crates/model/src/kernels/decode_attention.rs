@@ -4,6 +4,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::amx::{bf16_kernel, product_here, Bf16Kernel};
+use super::bf16_layout::{rows_on, tiles_on, Strided};
 use super::{cast, mm, skinny, slice, softmax_in_place, Elem};
 
 /// Attention of a few new query positions to a KV cache (inference only): `q: [b, heads, s,
@@ -19,6 +21,12 @@ pub(crate) struct DecodeAttention {
     /// `leader`'s (copies of one shared prefix), so they are read once for the group.
     /// Empty: every row reads its own.
     pub share: Vec<(usize, usize)>,
+    /// Tasks with more than [`FEW_ROWS`] query rows per row of the batch (prefill chunks,
+    /// not decoding steps) compute their products from bf16-rounded operands with f32
+    /// sums (queries, keys, probabilities and values rounded, as PyTorch's autocast
+    /// attention), on AMX or AVX512-BF16 when the CPU has either ([`bf16_task`]); f32
+    /// otherwise.
+    pub bf16: bool,
 }
 
 /// Element types of a KV cache that queries of type `T` read: `T` itself, or bf16 under
@@ -161,6 +169,7 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
     let nq = s * g;
     let scale: T = cast(op.scale);
     let neg = T::neg_infinity();
+    let bf = if op.bf16 { bf16_kernel() } else { None };
     let masks = |bi: usize| &ms[bi * s * len..(bi + 1) * s * len];
     // Each group's keys, the same for every kv head (and layer): only the keys some query
     // may see are read; the masked ones (padding, other rows' prefixes, a finished row's
@@ -216,6 +225,18 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
                 }
             }
             fast!({
+                if let (Some(kernel), true) = (bf, nq > FEW_ROWS) {
+                    if let (Some(qf), Some(mf)) = (T::as_f32(&qg), T::as_f32(ms)) {
+                        let dims = (s, len, g, hd);
+                        let sc = op.scale as f32;
+                        let outs = bf16_task(kernel, &groups[gi], h, (&kc, &vc), qf, mf, dims, sc);
+                        return members
+                            .iter()
+                            .zip(outs)
+                            .map(|(&bi, o)| (bi, o.into_iter().map(|x| cast(x as f64)).collect()))
+                            .collect::<Vec<_>>();
+                    }
+                }
                 // Scores: row (member, query) holds its shared keys, then its own. Runs of
                 // consecutive keys are matrix products against the cache in place (a bf16
                 // cache: against the run widened to f32).
@@ -329,6 +350,167 @@ fn values<T: Elem>(
         }
     }
     mm((rows, hd, n), dst, hd, p, (p_rs, 1), v, (pos, 1), true)
+}
+
+/// Query rows per block of [`bf16_task`]: the block's scores against all of its keys
+/// (32 x 2.5k f32 = 320 KB) stay in L2 through the softmax and the weighted values.
+const BF16_ROWS: usize = 32;
+
+/// Keys and values of a list of cached positions, rounded to bf16 once per task: the keys
+/// as the right-hand operand `[hd, n]` of the scores, the values as that of the outputs
+/// `[n, hd]`.
+struct PackedKv {
+    n: usize,
+    k: Vec<u16>,
+    v: Vec<u16>,
+}
+
+impl PackedKv {
+    /// Positions `runs` (`(_, first, count)`) of row `bi`, kv head `h`.
+    fn new<T: Elem, K: KvOf<T>>(
+        (kc, vc): (&CacheView<'_, K>, &CacheView<'_, K>),
+        (bi, h, hd): (usize, usize, usize),
+        runs: &[(usize, usize, usize)],
+    ) -> PackedKv {
+        let n: usize = runs.iter().map(|r| r.2).sum();
+        let gather = |c: &CacheView<'_, K>| {
+            let mut out = Vec::with_capacity(n * hd);
+            let mut buf = Vec::new();
+            for &(_, j0, cnt) in runs {
+                let (r, pos) = c.run_as::<T>((bi, h, j0, cnt, hd), &mut buf);
+                let r = T::as_f32(r).expect("the bf16 path runs on f32");
+                for t in 0..cnt {
+                    out.extend_from_slice(&r[t * pos..t * pos + hd]);
+                }
+            }
+            out
+        };
+        let (kf, vf) = (gather(kc), gather(vc));
+        let (k, _, _) = tiles_on(
+            Strided {
+                data: &kf,
+                rows: hd,
+                cols: n,
+                rs: 1,
+                cs: hd,
+            },
+            false,
+        );
+        let (v, _, _) = tiles_on(
+            Strided {
+                data: &vf,
+                rows: n,
+                cols: hd,
+                rs: hd,
+                cs: 1,
+            },
+            false,
+        );
+        PackedKv { n, k, v }
+    }
+
+    /// The padded number of positions.
+    fn np(&self) -> usize {
+        self.n.div_ceil(32) * 32
+    }
+}
+
+/// One (group, kv head) task of [`DecodeAttention`] with bf16 products: the group's
+/// shared keys and values and each member's own are rounded and laid out once, then each
+/// member's query rows go in blocks of [`BF16_ROWS`] through scores, scale and mask,
+/// softmax, and weighted values, so the block's probabilities stay in cache. `qg` holds
+/// the group's query rows (member, query), `mf` the mask. Returns each member's outputs,
+/// `[nq, hd]`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn bf16_task<T: Elem, K: KvOf<T>>(
+    kernel: Bf16Kernel,
+    keys: &GroupKeys,
+    h: usize,
+    kv: (&CacheView<'_, K>, &CacheView<'_, K>),
+    qg: &[f32],
+    mf: &[f32],
+    (s, len, g, hd): (usize, usize, usize, usize),
+    scale: f32,
+) -> Vec<Vec<f32>> {
+    let GroupKeys {
+        members,
+        shared_runs,
+        own_runs,
+        ..
+    } = keys;
+    let (nq, rb) = (s * g, kernel.row_block());
+    let rows = members.len() * nq;
+    let shared = PackedKv::new::<T, K>(kv, (members[0], h, hd), shared_runs);
+    let kq = hd.div_ceil(32) * 32;
+    // Room for a block's padded rows past the last member's.
+    let mp = rows.div_ceil(rb) * rb + rb;
+    let qs = Strided {
+        data: qg,
+        rows,
+        cols: hd,
+        rs: hd,
+        cs: 1,
+    };
+    let qb = rows_on(qs, mp, kq, false);
+    let mut outs = Vec::with_capacity(members.len());
+    for (m, &bi) in members.iter().enumerate() {
+        let own = PackedKv::new::<T, K>(kv, (bi, h, hd), &own_runs[m]);
+        let (ns, no) = (shared.n, own.n);
+        let w = ns + no;
+        let mut out = vec![0f32; nq * hd];
+        let mut p = vec![0f32; BF16_ROWS * w];
+        for r0 in (0..nq).step_by(BF16_ROWS) {
+            let nr = BF16_ROWS.min(nq - r0);
+            let mpb = nr.div_ceil(rb) * rb;
+            let qblk = &qb[(m * nq + r0) * kq..];
+            let score = |pk: &PackedKv| {
+                (pk.n > 0).then(|| product_here(kernel, qblk, (mpb, kq, pk.np()), &pk.k))
+            };
+            let (cs, co) = (score(&shared), score(&own));
+            for (i, row) in p.chunks_mut(w).take(nr).enumerate() {
+                let qi = r0 + i;
+                let mrow = &mf[(bi * s + qi / g) * len..(bi * s + qi / g + 1) * len];
+                let parts = [
+                    (&cs, shared_runs, 0, shared.np()),
+                    (&co, &own_runs[m], ns, own.np()),
+                ];
+                for (c, runs, base, np) in parts {
+                    let Some(c) = c else { continue };
+                    for &(c0, j0, n) in runs.iter() {
+                        let src = &c[i * np + c0..i * np + c0 + n];
+                        let dst = &mut row[base + c0..base + c0 + n];
+                        for ((x, &y), &mk) in dst.iter_mut().zip(src).zip(&mrow[j0..j0 + n]) {
+                            *x = y * scale + mk;
+                        }
+                    }
+                }
+                softmax_in_place(row, 1.0f32);
+            }
+            // Weighted values: the block's probabilities of each key list, rounded.
+            for (pk, base) in [(&shared, 0), (&own, ns)] {
+                if pk.n == 0 {
+                    continue;
+                }
+                let ps = Strided {
+                    data: &p[base..],
+                    rows: nr,
+                    cols: pk.n,
+                    rs: w,
+                    cs: 1,
+                };
+                let a = rows_on(ps, mpb, pk.np(), false);
+                let c = product_here(kernel, &a, (mpb, pk.np(), kq), &pk.v);
+                for (i, o) in out[r0 * hd..].chunks_mut(hd).take(nr).enumerate() {
+                    for (x, &y) in o.iter_mut().zip(&c[i * kq..i * kq + hd]) {
+                        *x += y;
+                    }
+                }
+            }
+        }
+        outs.push(out);
+    }
+    outs
 }
 
 /// The rows of one group and the keys they read: `shared` (from the first member) and each
