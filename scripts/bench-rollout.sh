@@ -14,6 +14,7 @@
 # configs/synth-medium.json and seed 2 when missing. TOOLTRAIN_BIN_DIR: prebuilt binaries.
 # BF16=1: the build under test runs its linear layers in bf16 on AMX tiles or
 # AVX512-BF16 (policy.model.bf16; f32 on a CPU with neither); the baseline stays as it is.
+# KV_BF16=1: the build under test keeps its KV caches in bf16 (policy.model.kv_bf16).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib-binaries.sh
@@ -70,7 +71,8 @@ PY
 }
 
 ours=(); theirs=(); ours_args=()
-if [[ "${BF16:-0}" == "1" ]]; then ours_args=(--set policy.model.bf16=true); fi
+if [[ "${BF16:-0}" == "1" ]]; then ours_args+=(--set policy.model.bf16=true); fi
+if [[ "${KV_BF16:-0}" == "1" ]]; then ours_args+=(--set policy.model.kv_bf16=true); fi
 echo "tooltrain: ${ours_args[*]:-f32}"
 for ((r = 1; r <= ROUNDS; r++)); do
   line=$(run "$T" "$OUT/round-$r" "${ours_args[@]}")

@@ -273,6 +273,13 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
 /// batched matrix products.
 const KERNEL_MAX_QUERIES: usize = 256;
 
+/// The most new positions per pass that [`cached_attention`] serves from its CPU kernel
+/// for a model computing in `dtype` on `dev` (`None`: none; every pass takes the batched
+/// products, whose scores grow with the chunk).
+pub(crate) fn cached_kernel_queries(dev: &candle_core::Device, dtype: DType) -> Option<usize> {
+    (dev.is_cpu() && matches!(dtype, DType::F32 | DType::F64)).then_some(KERNEL_MAX_QUERIES)
+}
+
 /// Attention of new positions to cached keys and values, for inference (no gradient):
 /// `q: [b, heads, s, head_dim]` (roped), `k`, `v: [b, kv_heads, len, head_dim]` (grouped
 /// query heads share a kv head), `mask: [b, s, len]` additive. Returns `[b * s, heads *

@@ -558,7 +558,9 @@ mod x86 {
         out
     }
 
-    /// [`super::key_scores`] with each dot product's partial sums in one 512-bit vector.
+    /// [`super::key_scores`] with each dot product's partial sums in one 512-bit vector:
+    /// blocks of 16 keys (which stay in L1 across the rows), whose 16 sums per row are
+    /// folded together ([`fold512x16`]); the keys after the last block one at a time.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; `hd` is a multiple of [`LANES`] and the slices hold
@@ -573,8 +575,23 @@ mod x86 {
         pos: usize,
     ) {
         let (qp, kp, dp) = (q.as_ptr(), k.as_ptr(), dst.as_mut_ptr());
+        let full = n - n % LANES;
+        for j0 in (0..full).step_by(LANES) {
+            for r in 0..rows {
+                let qr = qp.add(r * hd);
+                let mut acc = [_mm512_setzero_ps(); LANES];
+                for c in (0..hd).step_by(LANES) {
+                    let qv = _mm512_loadu_ps(qr.add(c));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let kv = _mm512_loadu_ps(kp.add((j0 + j) * pos + c));
+                        *a = _mm512_fmadd_ps(qv, kv, *a);
+                    }
+                }
+                _mm512_storeu_ps(dp.add(r * stride + j0), fold512x16(&acc));
+            }
+        }
         let mut lanes = [0f32; LANES];
-        for j in 0..n {
+        for j in full..n {
             let kj = kp.add(j * pos);
             for r in 0..rows {
                 let qr = qp.add(r * hd);
@@ -586,6 +603,46 @@ mod x86 {
                 *dp.add(r * stride + j) = fold512(&lanes);
             }
         }
+    }
+
+    /// Lane `j` = [`super::fold16`] of `a[j]`, for 16 vectors at once: each step adds the
+    /// same pairs of lanes as `fold16` (halves, quarters, ...), with two vectors' halves
+    /// shuffled side by side, so the bits are the same; a last permutation puts the sums
+    /// in order.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn fold512x16(a: &[__m512; LANES]) -> __m512 {
+        // Lanes l and l + 8 of vectors 2i, 2i + 1: each 256-bit half holds one's 8 sums.
+        let b: [__m512; 8] = std::array::from_fn(|i| {
+            let (x, y) = (a[2 * i], a[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+            )
+        });
+        // Then l and l + 4: each 128-bit quarter holds one vector's 4 sums.
+        let c: [__m512; 4] = std::array::from_fn(|i| {
+            let (x, y) = (b[2 * i], b[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        });
+        // Then l and l + 2, within quarters.
+        let d: [__m512; 2] = std::array::from_fn(|i| {
+            let (x, y) = (c[2 * i], c[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(x, y),
+                _mm512_shuffle_ps::<0b11_10_11_10>(x, y),
+            )
+        });
+        // Then lanes 0 and 1: lane 4q + t holds the sum of vector 4t + q.
+        let e = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(d[0], d[1]),
+            _mm512_shuffle_ps::<0b11_01_11_01>(d[0], d[1]),
+        );
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, e)
     }
 
     /// [`super::weighted_values`] for up to 4 rows at a time, 64 values of the head at a
