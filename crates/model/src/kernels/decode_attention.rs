@@ -34,6 +34,10 @@ pub(crate) struct DecodeAttention {
 pub(crate) trait KvOf<T>: WithDType {
     /// The values as `T` without a copy, when they are `T`.
     fn same(s: &[Self]) -> Option<&[T]>;
+    /// The values as bf16, when they are (the few-row kernels widen them as they load).
+    fn as_bf16(_: &[Self]) -> Option<&[half::bf16]> {
+        None
+    }
     /// One value as `T` (exact: every bf16 is an f32).
     fn widen(self) -> T;
 }
@@ -61,6 +65,9 @@ impl KvOf<f64> for f64 {
 impl KvOf<f32> for half::bf16 {
     fn same(_: &[half::bf16]) -> Option<&[f32]> {
         None
+    }
+    fn as_bf16(s: &[half::bf16]) -> Option<&[half::bf16]> {
+        Some(s)
     }
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -243,16 +250,14 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
                 let mut p = vec![T::zero(); rows * stride];
                 let mut buf = Vec::new();
                 for &(c0, j0, n) in shared_runs {
-                    let (kr, pos) = kc.run_as((lead, h, j0, n, hd), &mut buf);
-                    let dims = (rows, n, hd);
-                    scores(dims, &mut p[c0..], stride, &qg, kr, pos);
+                    let at = (&kc, lead, h, j0);
+                    scores((rows, n, hd), &mut p[c0..], stride, &qg, at, &mut buf);
                 }
                 for (m, &bi) in members.iter().enumerate() {
                     for &(c0, j0, n) in &own_runs[m] {
-                        let (kr, pos) = kc.run_as((bi, h, j0, n, hd), &mut buf);
                         let dst = &mut p[m * nq * stride + ns + c0..];
                         let lhs = &qg[m * nq * hd..];
-                        scores((nq, n, hd), dst, stride, lhs, kr, pos);
+                        scores((nq, n, hd), dst, stride, lhs, (&kc, bi, h, j0), &mut buf);
                     }
                 }
                 for (m, &bi) in members.iter().enumerate() {
@@ -275,16 +280,14 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
                 // Outputs: the same runs, weights times values.
                 let mut out = vec![T::zero(); rows * hd];
                 for &(c0, j0, n) in shared_runs {
-                    let (vr, pos) = vc.run_as((lead, h, j0, n, hd), &mut buf);
-                    let dims = (rows, hd, n);
-                    values(dims, &mut out, &p[c0..], stride, vr, pos);
+                    let at = (&vc, lead, h, j0);
+                    values((rows, hd, n), &mut out, &p[c0..], stride, at, &mut buf);
                 }
                 for (m, &bi) in members.iter().enumerate() {
                     for &(c0, j0, n) in &own_runs[m] {
-                        let (vr, pos) = vc.run_as((bi, h, j0, n, hd), &mut buf);
                         let lhs = &p[m * nq * stride + ns + c0..];
                         let dst = &mut out[m * nq * hd..];
-                        values((nq, hd, n), dst, lhs, stride, vr, pos);
+                        values((nq, hd, n), dst, lhs, stride, (&vc, bi, h, j0), &mut buf);
                     }
                 }
                 members
@@ -314,41 +317,57 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
 const FEW_ROWS: usize = 16;
 
 /// `dst[r][j] = q[r] . k[j]` for `r < rows`, `j < n` (`dst` row stride `stride`, `q` rows
-/// of `hd`, `k` rows `pos` apart): f32 with few rows on [`skinny::key_scores`], else gemm.
+/// of `hd`, `k[j]` the cached key at position `j0 + j` of row `bi`, head `h`): with few
+/// rows on [`skinny::key_scores`] (f32 queries; a bf16 cache read as it is), else gemm
+/// (a bf16 cache widened into `buf` first).
 #[inline(always)]
-fn scores<T: Elem>(
+fn scores<T: Elem, K: KvOf<T>>(
     (rows, n, hd): (usize, usize, usize),
     dst: &mut [T],
     stride: usize,
     q: &[T],
-    k: &[T],
-    pos: usize,
+    (c, bi, h, j0): (&CacheView<'_, K>, usize, usize, usize),
+    buf: &mut Vec<T>,
 ) {
     if rows <= FEW_ROWS {
-        if let (Some(d), Some(q), Some(k)) = (T::as_f32_mut(dst), T::as_f32(q), T::as_f32(k)) {
-            return skinny::key_scores((rows, n, hd), d, stride, q, k, pos);
+        if let (Some(d), Some(qf)) = (T::as_f32_mut(dst), T::as_f32(q)) {
+            let tail = c.tail_at(bi, h, j0);
+            if let Some(kb) = K::as_bf16(tail) {
+                return skinny::key_scores((rows, n, hd), d, stride, qf, kb, c.pos);
+            }
+            if let Some(kf) = K::same(tail).and_then(T::as_f32) {
+                return skinny::key_scores((rows, n, hd), d, stride, qf, kf, c.pos);
+            }
         }
     }
+    let (k, pos) = c.run_as((bi, h, j0, n, hd), buf);
     mm((rows, n, hd), dst, stride, q, (hd, 1), k, (1, pos), false)
 }
 
 /// `dst[r] += sum_j p[r][j] v[j]` for `r < rows`, `j < n` (`dst` rows of `hd`, `p` row
-/// stride `p_rs`, `v` rows `pos` apart): f32 with few rows on
-/// [`skinny::weighted_values`], else gemm.
+/// stride `p_rs`, `v[j]` the cached value at position `j0 + j` of row `bi`, head `h`):
+/// with few rows on [`skinny::weighted_values`], else gemm, as [`scores`].
 #[inline(always)]
-fn values<T: Elem>(
+fn values<T: Elem, K: KvOf<T>>(
     (rows, hd, n): (usize, usize, usize),
     dst: &mut [T],
     p: &[T],
     p_rs: usize,
-    v: &[T],
-    pos: usize,
+    (c, bi, h, j0): (&CacheView<'_, K>, usize, usize, usize),
+    buf: &mut Vec<T>,
 ) {
     if rows <= FEW_ROWS {
-        if let (Some(d), Some(p), Some(v)) = (T::as_f32_mut(dst), T::as_f32(p), T::as_f32(v)) {
-            return skinny::weighted_values((rows, hd, n), d, p, p_rs, v, pos);
+        if let (Some(d), Some(pf)) = (T::as_f32_mut(dst), T::as_f32(p)) {
+            let tail = c.tail_at(bi, h, j0);
+            if let Some(vb) = K::as_bf16(tail) {
+                return skinny::weighted_values((rows, hd, n), d, pf, p_rs, vb, c.pos);
+            }
+            if let Some(vf) = K::same(tail).and_then(T::as_f32) {
+                return skinny::weighted_values((rows, hd, n), d, pf, p_rs, vf, c.pos);
+            }
         }
     }
+    let (v, pos) = c.run_as((bi, h, j0, n, hd), buf);
     mm((rows, hd, n), dst, hd, p, (p_rs, 1), v, (pos, 1), true)
 }
 

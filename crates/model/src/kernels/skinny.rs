@@ -290,16 +290,42 @@ fn fold16(a: &[f32; LANES]) -> f32 {
     s[0]
 }
 
+/// Cached keys or values the attention kernels below read: f32, or bf16 (a `kv_bf16`
+/// cache) widened in registers as it is loaded, exactly (every bf16 is an f32), so both
+/// give the bits of the f32 values.
+pub(crate) trait CacheLanes: Copy {
+    /// Whether the element is bf16 (else f32).
+    const BF16: bool;
+    /// The value as f32.
+    fn widen(self) -> f32;
+}
+
+impl CacheLanes for f32 {
+    const BF16: bool = false;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl CacheLanes for half::bf16 {
+    const BF16: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 /// Attention scores of a few query rows against a run of cached keys:
 /// `dst[r * stride + j] = q[r] . k[j]` for `r < rows`, `j < n`, where `q[r]` is
 /// `q[r * hd..][..hd]` and `k[j]` is `k[j * pos..][..hd]`. Each dot product is summed as
 /// in [`rows_times_t`]: [`LANES`] partial sums, folded in halves.
-pub(crate) fn key_scores(
+pub(crate) fn key_scores<K: CacheLanes>(
     (rows, n, hd): (usize, usize, usize),
     dst: &mut [f32],
     stride: usize,
     q: &[f32],
-    k: &[f32],
+    k: &[K],
     pos: usize,
 ) {
     if rows == 0 || n == 0 {
@@ -325,7 +351,7 @@ pub(crate) fn key_scores(
                     let qr = &q[r * hd..(r + 1) * hd];
                     let mut a = [0f32; LANES];
                     for (d, (&x, &y)) in qr.iter().zip(kj).enumerate() {
-                        a[d % LANES] = x.mul_add(y, a[d % LANES]);
+                        a[d % LANES] = x.mul_add(y.widen(), a[d % LANES]);
                     }
                     dst[r * stride + j] = fold16(&a);
                 }
@@ -337,12 +363,12 @@ pub(crate) fn key_scores(
 /// Attention outputs of a few query rows from a run of cached values:
 /// `dst[r * hd + d] += sum_j p[r * p_rs + j] * v[j * pos + d]` for `r < rows`, `d < hd`,
 /// summed by fused multiply-adds onto `dst` in `j` order.
-pub(crate) fn weighted_values(
+pub(crate) fn weighted_values<K: CacheLanes>(
     (rows, hd, n): (usize, usize, usize),
     dst: &mut [f32],
     p: &[f32],
     p_rs: usize,
-    v: &[f32],
+    v: &[K],
     pos: usize,
 ) {
     if rows == 0 || n == 0 {
@@ -367,7 +393,7 @@ pub(crate) fn weighted_values(
                 for j in 0..n {
                     let pj = p[r * p_rs + j];
                     for (o, &x) in out.iter_mut().zip(&v[j * pos..j * pos + hd]) {
-                        *o = pj.mul_add(x, *o);
+                        *o = pj.mul_add(x.widen(), *o);
                     }
                 }
             }
@@ -379,8 +405,38 @@ pub(crate) fn weighted_values(
 /// vectors.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{COLS, LANES, VROWS};
+    use super::{CacheLanes, COLS, LANES, VROWS};
     use std::arch::x86_64::*;
+
+    /// 16 cached values from `p` as f32 lanes (bf16 widened).
+    ///
+    /// # Safety
+    /// AVX-512F; 16 elements readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16<K: CacheLanes>(p: *const K) -> __m512 {
+        if K::BF16 {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        } else {
+            _mm512_loadu_ps(p as *const f32)
+        }
+    }
+
+    /// 8 cached values from `p` as f32 lanes (bf16 widened).
+    ///
+    /// # Safety
+    /// AVX2; 8 elements readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8<K: CacheLanes>(p: *const K) -> __m256 {
+        if K::BF16 {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+        } else {
+            _mm256_loadu_ps(p as *const f32)
+        }
+    }
 
     /// Weight rows per chunk of [`panel512`].
     const CHUNK: usize = 64;
@@ -566,12 +622,12 @@ mod x86 {
     /// The CPU must have AVX-512F; `hd` is a multiple of [`LANES`] and the slices hold
     /// every row [`super::key_scores`] asserts.
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn key_scores512(
+    pub(super) unsafe fn key_scores512<K: CacheLanes>(
         (rows, n, hd): (usize, usize, usize),
         dst: &mut [f32],
         stride: usize,
         q: &[f32],
-        k: &[f32],
+        k: &[K],
         pos: usize,
     ) {
         let (qp, kp, dp) = (q.as_ptr(), k.as_ptr(), dst.as_mut_ptr());
@@ -583,7 +639,7 @@ mod x86 {
                 for c in (0..hd).step_by(LANES) {
                     let qv = _mm512_loadu_ps(qr.add(c));
                     for (j, a) in acc.iter_mut().enumerate() {
-                        let kv = _mm512_loadu_ps(kp.add((j0 + j) * pos + c));
+                        let kv = load16(kp.add((j0 + j) * pos + c));
                         *a = _mm512_fmadd_ps(qv, kv, *a);
                     }
                 }
@@ -597,7 +653,7 @@ mod x86 {
                 let qr = qp.add(r * hd);
                 let mut a = _mm512_setzero_ps();
                 for c in (0..hd).step_by(LANES) {
-                    a = _mm512_fmadd_ps(_mm512_loadu_ps(qr.add(c)), _mm512_loadu_ps(kj.add(c)), a);
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(qr.add(c)), load16(kj.add(c)), a);
                 }
                 _mm512_storeu_ps(lanes.as_mut_ptr(), a);
                 *dp.add(r * stride + j) = fold512(&lanes);
@@ -652,22 +708,22 @@ mod x86 {
     /// The CPU must have AVX-512F; `hd` is a multiple of 64 and the slices hold every row
     /// [`super::weighted_values`] asserts.
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn weighted_values512(
+    pub(super) unsafe fn weighted_values512<K: CacheLanes>(
         (rows, hd, n): (usize, usize, usize),
         dst: &mut [f32],
         p: &[f32],
         p_rs: usize,
-        v: &[f32],
+        v: &[K],
         pos: usize,
     ) {
         for c in (0..hd).step_by(4 * LANES) {
             for r0 in (0..rows).step_by(4) {
                 let at = (r0, c, hd, n, p_rs, pos);
                 match rows - r0 {
-                    1 => values_block::<1>(at, dst, p, v),
-                    2 => values_block::<2>(at, dst, p, v),
-                    3 => values_block::<3>(at, dst, p, v),
-                    _ => values_block::<4>(at, dst, p, v),
+                    1 => values_block::<1, K>(at, dst, p, v),
+                    2 => values_block::<2, K>(at, dst, p, v),
+                    3 => values_block::<3, K>(at, dst, p, v),
+                    _ => values_block::<4, K>(at, dst, p, v),
                 }
             }
         }
@@ -676,11 +732,11 @@ mod x86 {
     /// Rows `r0..r0 + NR`, head values `c..c + 64` of [`weighted_values512`].
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn values_block<const NR: usize>(
+    unsafe fn values_block<const NR: usize, K: CacheLanes>(
         (r0, c, hd, n, p_rs, pos): (usize, usize, usize, usize, usize, usize),
         dst: &mut [f32],
         p: &[f32],
-        v: &[f32],
+        v: &[K],
     ) {
         let (pp, vp, dp) = (p.as_ptr(), v.as_ptr(), dst.as_mut_ptr());
         let mut acc = [[_mm512_setzero_ps(); 4]; NR];
@@ -691,7 +747,7 @@ mod x86 {
         }
         for j in 0..n {
             let vj = vp.add(j * pos + c);
-            let vv = [0, 1, 2, 3].map(|e| _mm512_loadu_ps(vj.add(e * LANES)));
+            let vv = [0, 1, 2, 3].map(|e| load16(vj.add(e * LANES)));
             for (r, a) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*pp.add((r0 + r) * p_rs + j));
                 for (a, x) in a.iter_mut().zip(&vv) {
@@ -713,12 +769,12 @@ mod x86 {
     /// The CPU must have AVX2 and FMA; `hd` is a multiple of [`LANES`] and the slices hold
     /// every row [`super::key_scores`] asserts.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn key_scores256(
+    pub(super) unsafe fn key_scores256<K: CacheLanes>(
         (rows, n, hd): (usize, usize, usize),
         dst: &mut [f32],
         stride: usize,
         q: &[f32],
-        k: &[f32],
+        k: &[K],
         pos: usize,
     ) {
         let (qp, kp, dp) = (q.as_ptr(), k.as_ptr(), dst.as_mut_ptr());
@@ -728,13 +784,8 @@ mod x86 {
                 let qr = qp.add(r * hd);
                 let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 for c in (0..hd).step_by(LANES) {
-                    lo =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(c)), _mm256_loadu_ps(kj.add(c)), lo);
-                    hi = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(qr.add(c + 8)),
-                        _mm256_loadu_ps(kj.add(c + 8)),
-                        hi,
-                    );
+                    lo = _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(c)), load8(kj.add(c)), lo);
+                    hi = _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(c + 8)), load8(kj.add(c + 8)), hi);
                 }
                 *dp.add(r * stride + j) = fold8(_mm256_add_ps(lo, hi));
             }
@@ -748,12 +799,12 @@ mod x86 {
     /// The CPU must have AVX2 and FMA; `hd` is a multiple of 32 and the slices hold every
     /// row [`super::weighted_values`] asserts.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weighted_values256(
+    pub(super) unsafe fn weighted_values256<K: CacheLanes>(
         (rows, hd, n): (usize, usize, usize),
         dst: &mut [f32],
         p: &[f32],
         p_rs: usize,
-        v: &[f32],
+        v: &[K],
         pos: usize,
     ) {
         let (pp, vp, dp) = (p.as_ptr(), v.as_ptr(), dst.as_mut_ptr());
@@ -768,7 +819,7 @@ mod x86 {
                 }
                 for j in 0..n {
                     let vj = vp.add(j * pos + c);
-                    let vv = [0, 1, 2, 3].map(|e| _mm256_loadu_ps(vj.add(8 * e)));
+                    let vv = [0, 1, 2, 3].map(|e| load8(vj.add(8 * e)));
                     for (r, a) in acc.iter_mut().enumerate().take(nr) {
                         let w = _mm256_set1_ps(*pp.add((r0 + r) * p_rs + j));
                         for (a, x) in a.iter_mut().zip(&vv) {
@@ -1031,7 +1082,34 @@ mod tests {
                         assert!((got - o).abs() < 1e-4 * n as f64, "value ({r}, {d})");
                     }
                 }
-                bits.extend(p.iter().chain(&out).map(|x| x.to_bits()));
+                // A bf16 cache: the bits of the f32 kernels on the widened values.
+                let (kb, vb): (Vec<half::bf16>, Vec<half::bf16>) = (
+                    k.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+                    v.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+                );
+                let (kw, vw): (Vec<f32>, Vec<f32>) = (
+                    kb.iter().map(|x| x.to_f32()).collect(),
+                    vb.iter().map(|x| x.to_f32()).collect(),
+                );
+                let (mut pb, mut pw) =
+                    (vec![f32::NAN; rows * stride], vec![f32::NAN; rows * stride]);
+                key_scores((rows, n, hd), &mut pb, stride, &q, &kb, pos);
+                key_scores((rows, n, hd), &mut pw, stride, &q, &kw, pos);
+                let (mut ob, mut ow) = (start.clone(), start.clone());
+                weighted_values((rows, hd, n), &mut ob, &pw, stride, &vb, pos);
+                weighted_values((rows, hd, n), &mut ow, &pw, stride, &vw, pos);
+                let same =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same(&pb, &pw), "bf16 keys ({rows}, {n}, {hd})");
+                assert!(same(&ob, &ow), "bf16 values ({rows}, {n}, {hd})");
+                assert!(!same(&pw, &p), "the bf16 keys gave the f32 scores");
+                bits.extend(
+                    p.iter()
+                        .chain(&out)
+                        .chain(&pb)
+                        .chain(&ob)
+                        .map(|x| x.to_bits()),
+                );
             }
             bits
         };
