@@ -621,14 +621,13 @@ impl CausalLM {
         // Rows whose cached prefixes hold the same tokens read them once.
         let share = kv_groups(prompts, plan);
         // The suffixes attend to the cached prefixes and to themselves, in chunks of
-        // query rows. The CPU kernel's bf16 path scores blocks of 32 rows and lays out
-        // each chunk's keys and values once, so it takes as many as it serves; otherwise
-        // the chunks bound the `[b, heads, rows, keys]` scores to ~256 MB.
+        // query rows: as many as the attention takes in blocks (each chunk lays out the
+        // cache's keys and values once), else chunks that bound the `[b, heads, rows,
+        // keys]` scores to ~256 MB.
         let heads = self.config().num_attention_heads;
-        let kernel = crate::ops::cached_kernel_queries(dev, self.dtype());
-        let rows = match kernel {
-            Some(n) if params.bf16 && crate::kernels::bf16_available() => n.min(p),
-            _ => ((1usize << 26) / (b * heads * (width + p))).max(16).min(p),
+        let rows = match crate::ops::cached_attention_blocked(dev, self.dtype(), params.bf16) {
+            Some(n) => n.min(p),
+            None => ((1usize << 26) / (b * heads * (width + p))).max(16).min(p),
         };
         let mut hid = None;
         for c0 in (0..p).step_by(rows) {

@@ -152,7 +152,12 @@ fn sum_leading(t: &Tensor) -> Result<Tensor> {
 
 /// True when the fused CPU kernels of [`crate::kernels`] handle this tensor.
 fn cpu_kernel(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    cpu_kernel_for(t.device(), t.dtype())
+}
+
+/// [`cpu_kernel`] for a device and type.
+fn cpu_kernel_for(dev: &candle_core::Device, dtype: DType) -> bool {
+    dev.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
 }
 
 /// `x: [m, k] @ w` for a weight `w: [k, n]`, or with `transposed` `x @ w^T` for `w: [n, k]`.
@@ -273,11 +278,18 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
 /// batched matrix products.
 const KERNEL_MAX_QUERIES: usize = 256;
 
-/// The most new positions per pass that [`cached_attention`] serves from its CPU kernel
-/// for a model computing in `dtype` on `dev` (`None`: none; every pass takes the batched
-/// products, whose scores grow with the chunk).
-pub(crate) fn cached_kernel_queries(dev: &candle_core::Device, dtype: DType) -> Option<usize> {
-    (dev.is_cpu() && matches!(dtype, DType::F32 | DType::F64)).then_some(KERNEL_MAX_QUERIES)
+/// The new positions per pass that [`cached_attention`] takes without holding all of a
+/// pass's scores at once, for queries of `dtype` on `dev` with `bf16` products: the CPU
+/// kernel's bf16 path (f32 queries, a bf16 kernel in this process) scores blocks of 32
+/// rows, so it takes the most it serves. `None`: the other paths, whose scores grow with
+/// the chunk.
+pub(crate) fn cached_attention_blocked(
+    dev: &candle_core::Device,
+    dtype: DType,
+    bf16: bool,
+) -> Option<usize> {
+    (bf16 && dtype == DType::F32 && cpu_kernel_for(dev, dtype) && crate::kernels::bf16_available())
+        .then_some(KERNEL_MAX_QUERIES)
 }
 
 /// Attention of new positions to cached keys and values, for inference (no gradient):
@@ -833,6 +845,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// `t: [b, kv_heads, len, hd]` with row 0's first `cols` positions copied into `rows`
+    /// (copies of one shared prompt).
+    fn copy_prefix(t: Tensor, cols: usize, rows: &[usize]) -> Tensor {
+        let p = t.narrow(0, 0, 1).unwrap().narrow(2, 0, cols).unwrap();
+        for &r in rows {
+            t.narrow(0, r, 1)
+                .unwrap()
+                .slice_set(&p.contiguous().unwrap(), 2, 0)
+                .unwrap();
+        }
+        t
+    }
+
     /// Rows that share their first columns with a leader row (copies of one prompt's keys
     /// and values) give the same attention when the kernel reads those columns once for
     /// the group, with masked keys and a finished row (a hole) among them.
@@ -842,18 +867,8 @@ pub(crate) mod tests {
         for s in [1, 3, 40] {
             let q = rand64(&[b, nh, s, hd], 11);
             // Rows 0, 2 and 3 hold the same first 20 positions; row 1 is other.
-            let copy_prefix = |t: Tensor| {
-                let p = t.narrow(0, 0, 1).unwrap().narrow(2, 0, cols).unwrap();
-                for r in [2, 3] {
-                    t.narrow(0, r, 1)
-                        .unwrap()
-                        .slice_set(&p.contiguous().unwrap(), 2, 0)
-                        .unwrap();
-                }
-                t
-            };
-            let k = copy_prefix(rand64(&[b, nkv, len, hd], 12));
-            let v = copy_prefix(rand64(&[b, nkv, len, hd], 13));
+            let k = copy_prefix(rand64(&[b, nkv, len, hd], 12), cols, &[2, 3]);
+            let v = copy_prefix(rand64(&[b, nkv, len, hd], 13), cols, &[2, 3]);
             let mut m = vec![0f64; b * s * len];
             for i in 0..s {
                 // Row 2 has positions 5..8 masked; row 3 has finished (sees its last key).
@@ -888,16 +903,8 @@ pub(crate) mod tests {
         let g = nh / nkv;
         let q = rand64(&[b, nh, s, hd], 21);
         // Rows 0 and 2 hold the same first 20 positions (a shared prompt); row 1 is other.
-        let copy_prefix = |t: Tensor| {
-            let p = t.narrow(0, 0, 1).unwrap().narrow(2, 0, cols).unwrap();
-            t.narrow(0, 2, 1)
-                .unwrap()
-                .slice_set(&p.contiguous().unwrap(), 2, 0)
-                .unwrap();
-            t
-        };
-        let k = copy_prefix(rand64(&[b, nkv, len, hd], 22));
-        let v = copy_prefix(rand64(&[b, nkv, len, hd], 23));
+        let k = copy_prefix(rand64(&[b, nkv, len, hd], 22), cols, &[2]);
+        let v = copy_prefix(rand64(&[b, nkv, len, hd], 23), cols, &[2]);
         // Row 1 has its first 5 keys masked; row 2 its keys 30..33.
         let mut m = vec![0f64; b * s * len];
         for i in 0..s {

@@ -237,11 +237,7 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
                         let dims = (s, len, g, hd);
                         let sc = op.scale as f32;
                         let outs = bf16_task(kernel, &groups[gi], h, (&kc, &vc), qf, mf, dims, sc);
-                        return members
-                            .iter()
-                            .zip(outs)
-                            .map(|(&bi, o)| (bi, o.into_iter().map(|x| cast(x as f64)).collect()))
-                            .collect::<Vec<_>>();
+                        return members.iter().copied().zip(outs).collect::<Vec<_>>();
                     }
                 }
                 // Scores: row (member, query) holds its shared keys, then its own. Runs of
@@ -392,22 +388,23 @@ impl PackedKv {
         runs: &[(usize, usize, usize)],
     ) -> PackedKv {
         let n: usize = runs.iter().map(|r| r.2).sum();
-        let gather = |c: &CacheView<'_, K>| {
+        // The positions side by side (`[n, hd]`, widened from a bf16 cache).
+        let gather = |c: &CacheView<'_, K>| -> Vec<T> {
             let mut out = Vec::with_capacity(n * hd);
-            let mut buf = Vec::new();
             for &(_, j0, cnt) in runs {
-                let (r, pos) = c.run_as::<T>((bi, h, j0, cnt, hd), &mut buf);
-                let r = T::as_f32(r).expect("the bf16 path runs on f32");
+                let tail = c.tail_at(bi, h, j0);
                 for t in 0..cnt {
-                    out.extend_from_slice(&r[t * pos..t * pos + hd]);
+                    out.extend(tail[t * c.pos..t * c.pos + hd].iter().map(|&x| x.widen()));
                 }
             }
             out
         };
-        let (kf, vf) = (gather(kc), gather(vc));
+        let (kt, vt) = (gather(kc), gather(vc));
+        let f32s = "the bf16 path runs on f32";
+        let (kf, vf) = (T::as_f32(&kt).expect(f32s), T::as_f32(&vt).expect(f32s));
         let (k, _, _) = tiles_on(
             Strided {
-                data: &kf,
+                data: kf,
                 rows: hd,
                 cols: n,
                 rs: 1,
@@ -417,7 +414,7 @@ impl PackedKv {
         );
         let (v, _, _) = tiles_on(
             Strided {
-                data: &vf,
+                data: vf,
                 rows: n,
                 cols: hd,
                 rs: hd,
@@ -439,7 +436,7 @@ impl PackedKv {
 /// member's query rows go in blocks of [`BF16_ROWS`] through scores, scale and mask,
 /// softmax, and weighted values, so the block's probabilities stay in cache. `qg` holds
 /// the group's query rows (member, query), `mf` the mask. Returns each member's outputs,
-/// `[nq, hd]`.
+/// `[nq, hd]` (`T` is f32 here).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn bf16_task<T: Elem, K: KvOf<T>>(
@@ -451,7 +448,7 @@ fn bf16_task<T: Elem, K: KvOf<T>>(
     mf: &[f32],
     (s, len, g, hd): (usize, usize, usize, usize),
     scale: f32,
-) -> Vec<Vec<f32>> {
+) -> Vec<Vec<T>> {
     let GroupKeys {
         members,
         shared_runs,
@@ -477,7 +474,8 @@ fn bf16_task<T: Elem, K: KvOf<T>>(
         let own = PackedKv::new::<T, K>(kv, (bi, h, hd), &own_runs[m]);
         let (ns, no) = (shared.n, own.n);
         let w = ns + no;
-        let mut out = vec![0f32; nq * hd];
+        let mut out_t = vec![T::zero(); nq * hd];
+        let out = T::as_f32_mut(&mut out_t).expect("the bf16 path runs on f32");
         let mut p = vec![0f32; BF16_ROWS * w];
         for r0 in (0..nq).step_by(BF16_ROWS) {
             let nr = BF16_ROWS.min(nq - r0);
@@ -527,7 +525,7 @@ fn bf16_task<T: Elem, K: KvOf<T>>(
                 }
             }
         }
-        outs.push(out);
+        outs.push(out_t);
     }
     outs
 }
