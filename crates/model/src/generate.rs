@@ -335,6 +335,20 @@ struct CachedSeq {
     tokens: Vec<u32>,
     kv: Vec<(Tensor, Tensor)>,
     round: u64,
+    /// `kv` is this entry's own (not a view of another entry's): its buffers go back to
+    /// the pool of [`crate::kvbuf`] when it is dropped.
+    owned: bool,
+}
+
+impl Drop for CachedSeq {
+    fn drop(&mut self) {
+        if self.owned {
+            for (k, v) in &self.kv {
+                crate::kvbuf::recycle(k);
+                crate::kvbuf::recycle(v);
+            }
+        }
+    }
 }
 
 impl PrefixCache {
@@ -539,6 +553,7 @@ impl CausalLM {
                         tokens: [&prompts[i][..], &out[i].tokens[..fed]].concat(),
                         kv,
                         round: pc.round,
+                        owned: true,
                     });
                 }
             }
@@ -680,6 +695,7 @@ impl PrefixPlan {
                                 tokens: Vec::new(),
                                 kv: pc.entries[e].kv.clone(),
                                 round: pc.round,
+                                owned: false,
                             }
                         });
                     }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 mod kernels;
+mod kvbuf;
 pub mod load;
 pub mod logprobs;
 pub mod lora;

@@ -8,6 +8,8 @@ use crate::kernels::AmxMatrix;
 use crate::ops;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
+use half::bf16;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -147,7 +149,7 @@ impl SeqLayout {
 /// Keys and values of past tokens, per layer. Each layer's are preallocated buffers
 /// `[b, kv_heads, capacity, head_dim]` that a decoding step appends to in place (no copy of
 /// the past per step); attention reads views of their filled part.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     /// Positions to reserve beyond the first (prefill) pass, e.g. the tokens to generate.
@@ -159,7 +161,7 @@ pub struct KvCache {
     kv_bf16: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct LayerKv {
     k: Tensor,
     v: Tensor,
@@ -217,18 +219,35 @@ impl KvCache {
     }
     /// Keeps only the given batch rows (drops finished sequences).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for l in self.layers.iter_mut().flatten() {
-            l.k = l.k.index_select(rows, 0)?;
-            l.v = l.v.index_select(rows, 0)?;
-        }
-        Ok(())
+        let idx: Vec<u32> = rows.to_vec1()?;
+        // Kept rows in increasing order (finished rows dropped) move down in place.
+        let in_place = idx.windows(2).all(|w| w[0] < w[1]);
+        let pick = |t: &mut Tensor, len: usize| -> Result<()> {
+            let new = match (pooled(t), in_place) {
+                // A view of the same storage: nothing to recycle.
+                (Some(DType::F32), true) => return compact_rows::<f32>(t, &idx, len),
+                (Some(_), true) => return compact_rows::<bf16>(t, &idx, len),
+                (Some(DType::F32), false) => gather_rows::<f32>(t, &idx, len)?,
+                (Some(_), false) => gather_rows::<bf16>(t, &idx, len)?,
+                (None, _) => t.index_select(rows, 0)?,
+            };
+            crate::kvbuf::recycle(&std::mem::replace(t, new));
+            Ok(())
+        };
+        self.layers
+            .par_iter_mut()
+            .flatten()
+            .try_for_each(|l| -> Result<()> {
+                pick(&mut l.k, l.len)?;
+                pick(&mut l.v, l.len)
+            })
     }
 
     /// A cache of `rows.len()` rows whose row `r` holds `rows[r]`'s first `len` positions
     /// (`None`: nothing), at positions `0..len`; buffers have room for `width + reserve`
     /// positions and the cache counts `width` (rows shorter than `width` are masked there
-    /// by the caller). The buffers take the type a model computing in `model_dtype`
-    /// stores (bf16 with `kv_bf16`), converting rows kept in another.
+    /// by the caller, and hold zeros). The buffers take the type a model computing in
+    /// `model_dtype` stores (bf16 with `kv_bf16`), converting rows kept in another.
     pub(crate) fn from_rows(
         rows: &[Option<(&[(Tensor, Tensor)], usize)>],
         width: usize,
@@ -248,24 +267,43 @@ impl KvCache {
             .flatten()
             .next()
             .ok_or_else(|| crate::Error::Invalid("no cached row".into()))?;
-        let mut layers = Vec::with_capacity(template.len());
-        for (li, (tk, tv)) in template.iter().enumerate() {
-            let (_, h, _, d) = tk.dims4()?;
-            let k = Tensor::zeros((rows.len(), h, width + reserve, d), dt, tk.device())?;
-            let v = Tensor::zeros((rows.len(), h, width + reserve, d), dt, tv.device())?;
+        let layer = |li: usize, pick: fn(&(Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
+            let t = pick(&template[li]);
+            let (_, h, _, d) = t.dims4()?;
+            let shape = (rows.len(), h, width + reserve, d);
+            let src = |kv: &[(Tensor, Tensor)], len: usize| -> Result<Tensor> {
+                Ok(pick(&kv[li]).narrow(2, 0, len)?.to_dtype(dt)?)
+            };
+            if t.device().is_cpu() && matches!(dt, DType::F32 | DType::BF16) {
+                let srcs: Vec<Option<Tensor>> = rows
+                    .iter()
+                    .map(|row| row.map(|(kv, len)| src(kv, len)).transpose())
+                    .collect::<Result<_>>()?;
+                return match dt {
+                    DType::F32 => rows_into::<f32>(&srcs, shape, width),
+                    _ => rows_into::<bf16>(&srcs, shape, width),
+                };
+            }
+            let buf = Tensor::zeros(shape, dt, t.device())?;
             for (r, row) in rows.iter().enumerate() {
                 if let Some((kv, len)) = row {
-                    let (rk, rv) = &kv[li];
-                    // Row r of the buffers is a contiguous view sharing their storage.
-                    let (src_k, src_v) = (rk.narrow(2, 0, *len)?, rv.narrow(2, 0, *len)?);
-                    k.narrow(0, r, 1)?
-                        .slice_set(&src_k.to_dtype(dt)?.contiguous()?, 2, 0)?;
-                    v.narrow(0, r, 1)?
-                        .slice_set(&src_v.to_dtype(dt)?.contiguous()?, 2, 0)?;
+                    // Row r of the buffer is a contiguous view sharing its storage.
+                    buf.narrow(0, r, 1)?
+                        .slice_set(&src(kv, *len)?.contiguous()?, 2, 0)?;
                 }
             }
-            layers.push(Some(LayerKv { k, v, len: width }));
-        }
+            Ok(buf)
+        };
+        let layers = (0..template.len())
+            .into_par_iter()
+            .map(|li| {
+                Ok(Some(LayerKv {
+                    k: layer(li, |kv| &kv.0)?,
+                    v: layer(li, |kv| &kv.1)?,
+                    len: width,
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
         out.layers = layers;
         Ok(out)
     }
@@ -277,21 +315,185 @@ impl KvCache {
         r: usize,
         ranges: &[(usize, usize)],
     ) -> Result<Vec<(Tensor, Tensor)>> {
-        let mut out = Vec::with_capacity(self.layers.len());
-        for l in self.layers.iter().flatten() {
-            let (k, v) = (l.k.narrow(0, r, 1)?, l.v.narrow(0, r, 1)?);
-            let parts = |t: &Tensor| -> Result<Tensor> {
-                let ps: Vec<Tensor> = ranges
-                    .iter()
-                    .filter(|(a, b)| b > a)
-                    .map(|&(a, b)| t.narrow(2, a, b - a))
-                    .collect::<candle_core::Result<_>>()?;
-                Ok(Tensor::cat(&ps, 2)?.contiguous()?)
-            };
-            out.push((parts(&k)?, parts(&v)?));
-        }
-        Ok(out)
+        let ranges: Vec<(usize, usize)> = ranges.iter().copied().filter(|(a, b)| b > a).collect();
+        let part = |t: &Tensor| -> Result<Tensor> {
+            match pooled(t) {
+                Some(DType::F32) => row_ranges::<f32>(t, r, &ranges),
+                Some(_) => row_ranges::<bf16>(t, r, &ranges),
+                None => {
+                    let t = t.narrow(0, r, 1)?;
+                    let ps: Vec<Tensor> = ranges
+                        .iter()
+                        .map(|&(a, b)| t.narrow(2, a, b - a))
+                        .collect::<candle_core::Result<_>>()?;
+                    Ok(Tensor::cat(&ps, 2)?.contiguous()?)
+                }
+            }
+        };
+        self.layers
+            .par_iter()
+            .flatten()
+            .map(|l| Ok((part(&l.k)?, part(&l.v)?)))
+            .collect()
     }
+}
+
+/// A deep copy: the copy's buffers are its own (decoding appends to them in place).
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|l| LayerKv {
+                    k: l.k.copy().expect("copying a KV buffer"),
+                    v: l.v.copy().expect("copying a KV buffer"),
+                    len: l.len,
+                })
+            })
+            .collect();
+        KvCache {
+            layers,
+            reserve: self.reserve,
+            bf16: self.bf16,
+            kv_bf16: self.kv_bf16,
+        }
+    }
+}
+
+/// The buffers go back to the pool of [`crate::kvbuf`] for the next cache.
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        for l in self.layers.iter().flatten() {
+            crate::kvbuf::recycle(&l.k);
+            crate::kvbuf::recycle(&l.v);
+        }
+    }
+}
+
+/// The type of a whole cache buffer the CPU copies handle (f32 or bf16 on the CPU).
+fn pooled(t: &Tensor) -> Option<DType> {
+    let whole = t.layout().start_offset() == 0 && t.is_contiguous() && t.rank() == 4;
+    (whole && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16))
+        .then(|| t.dtype())
+}
+
+/// Copies positions `from..from + n` of each of `heads` heads of `src` (`[heads, src_cap,
+/// d]`) to positions `to..` of `dst` (`[heads, dst_cap, d]`).
+#[allow(clippy::too_many_arguments)]
+fn copy_positions<T: Copy>(
+    dst: &mut [T],
+    dst_cap: usize,
+    src: &[T],
+    src_cap: usize,
+    (heads, d): (usize, usize),
+    (from, n, to): (usize, usize, usize),
+) {
+    for hh in 0..heads {
+        let s = (hh * src_cap + from) * d;
+        let t = (hh * dst_cap + to) * d;
+        dst[t..t + n * d].copy_from_slice(&src[s..s + n * d]);
+    }
+}
+
+/// A pooled buffer `[b, heads, cap, d]` whose row `r` holds `srcs[r]` (`[1, heads, len,
+/// d]`) at positions `0..len` and zeros up to `width` (all zeros for `None`); positions
+/// from `width` on are left as they are (written before they are read).
+fn rows_into<T: crate::kvbuf::Pooled>(
+    srcs: &[Option<Tensor>],
+    (b, heads, cap, d): (usize, usize, usize, usize),
+    width: usize,
+) -> Result<Tensor> {
+    let mut buf = crate::kvbuf::take::<T>(b * heads * cap * d);
+    for (r, (row, src)) in buf.chunks_mut(heads * cap * d).zip(srcs).enumerate() {
+        let len = match src {
+            Some(t) => {
+                let len = t.dim(2)?;
+                let t = t.contiguous()?;
+                crate::kvbuf::with_slice::<T, _>(&t, |s| {
+                    copy_positions(row, cap, s, len, (heads, d), (0, len, 0))
+                })?;
+                len
+            }
+            None => 0,
+        };
+        debug_assert!(len <= width, "row {r}");
+        for hh in 0..heads {
+            row[(hh * cap + len) * d..(hh * cap + width) * d].fill(T::zero());
+        }
+    }
+    Ok(Tensor::from_vec(buf, (b, heads, cap, d), &Device::Cpu)?)
+}
+
+/// Rows `idx` (increasing) of the buffer `t` (`[b, heads, cap, d]`), positions `0..len`,
+/// moved down to rows `0..idx.len()` of the same storage; `t` becomes a view of those
+/// rows.
+fn compact_rows<T: crate::kvbuf::Pooled>(t: &mut Tensor, idx: &[u32], len: usize) -> Result<()> {
+    let (b, heads, cap, d) = t.dims4()?;
+    if let Some(&i) = idx.iter().find(|&&i| i as usize >= b) {
+        invalid!("row {i} of a {b}-row KV cache");
+    }
+    if idx.iter().enumerate().all(|(r, &i)| r == i as usize) && idx.len() == b {
+        return Ok(());
+    }
+    let stride = heads * cap * d;
+    crate::kvbuf::with_storage_mut::<T>(t, |s| {
+        for (r, &i) in idx.iter().enumerate() {
+            let i = i as usize;
+            if i != r {
+                for hh in 0..heads {
+                    let from = i * stride + hh * cap * d;
+                    s.copy_within(from..from + len * d, r * stride + hh * cap * d);
+                }
+            }
+        }
+    })?;
+    *t = t.narrow(0, 0, idx.len())?;
+    Ok(())
+}
+
+/// Rows `idx` of the buffer `t` (`[b, heads, cap, d]`), positions `0..len`, in a pooled
+/// buffer of the same capacity.
+fn gather_rows<T: crate::kvbuf::Pooled>(t: &Tensor, idx: &[u32], len: usize) -> Result<Tensor> {
+    let (b, heads, cap, d) = t.dims4()?;
+    let stride = heads * cap * d;
+    let mut buf = crate::kvbuf::take::<T>(idx.len() * stride);
+    crate::kvbuf::with_slice::<T, _>(t, |s| -> Result<()> {
+        for (row, &i) in buf.chunks_mut(stride).zip(idx) {
+            let i = i as usize;
+            if i >= b {
+                invalid!("row {i} of a {b}-row KV cache");
+            }
+            copy_positions(row, cap, &s[i * stride..], cap, (heads, d), (0, len, 0));
+        }
+        Ok(())
+    })??;
+    Ok(Tensor::from_vec(
+        buf,
+        (idx.len(), heads, cap, d),
+        &Device::Cpu,
+    )?)
+}
+
+/// Row `r` of the buffer `t` (`[b, heads, cap, d]`) at the position ranges, concatenated:
+/// `[1, heads, total, d]` in a pooled buffer.
+fn row_ranges<T: crate::kvbuf::Pooled>(
+    t: &Tensor,
+    r: usize,
+    ranges: &[(usize, usize)],
+) -> Result<Tensor> {
+    let (_, heads, cap, d) = t.dims4()?;
+    let total: usize = ranges.iter().map(|(a, b)| b - a).sum();
+    let mut buf = crate::kvbuf::take::<T>(heads * total * d);
+    crate::kvbuf::with_slice::<T, _>(t, |s| {
+        let row = &s[r * heads * cap * d..(r + 1) * heads * cap * d];
+        let mut to = 0;
+        for &(a, b) in ranges {
+            copy_positions(&mut buf, total, row, cap, (heads, d), (a, b - a, to));
+            to += b - a;
+        }
+    })?;
+    Ok(Tensor::from_vec(buf, (1, heads, total, d), &Device::Cpu)?)
 }
 
 /// Appends this step's keys and values `[b, kv_heads, s, head_dim]` to a layer's cache
@@ -322,13 +524,23 @@ fn append_kv(
         } else {
             need + need / 2
         };
-        let nk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
-        let nv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
+        // Positions from `len` on are written before they are read.
+        let alloc = |like: &Tensor| -> Result<Tensor> {
+            Ok(match (like.device().is_cpu(), like.dtype()) {
+                (true, DType::F32) => crate::kvbuf::tensor::<f32>((b, h, cap, d))?,
+                (true, DType::BF16) => crate::kvbuf::tensor::<bf16>((b, h, cap, d))?,
+                _ => Tensor::zeros((b, h, cap, d), like.dtype(), like.device())?,
+            })
+        };
+        let (nk, nv) = (alloc(k)?, alloc(v)?);
         if let Some(c) = slot.as_ref().filter(|c| c.len > 0) {
             nk.slice_set(&c.k.narrow(2, 0, c.len)?.contiguous()?, 2, 0)?;
             nv.slice_set(&c.v.narrow(2, 0, c.len)?.contiguous()?, 2, 0)?;
         }
-        *slot = Some(LayerKv { k: nk, v: nv, len });
+        if let Some(old) = slot.replace(LayerKv { k: nk, v: nv, len }) {
+            crate::kvbuf::recycle(&old.k);
+            crate::kvbuf::recycle(&old.v);
+        }
     }
     let c = slot.as_mut().expect("allocated above");
     c.k.slice_set(&k.contiguous()?, 2, len)?;
@@ -1195,7 +1407,7 @@ impl CausalLM {
             x = x.index_select(keep, 0)?;
         }
         if let Some(c) = cache.as_mut() {
-            c.layers.resize(self.layers.len(), None);
+            c.layers.resize_with(self.layers.len(), || None);
         }
         for li in 0..self.layers.len() {
             let slot = cache.as_mut().map(|c| {
@@ -1385,5 +1597,106 @@ pub(crate) fn check_dtype(dtype: DType) -> Result<()> {
     match dtype {
         DType::F32 | DType::F64 | DType::BF16 | DType::F16 => Ok(()),
         other => Err(Error::Unsupported(format!("weight dtype {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[1, heads, len, d]` whose element `(h, p, j)` is `base + 100 h + p + j / 100`.
+    fn row(base: f32, (heads, len, d): (usize, usize, usize), dt: DType) -> Tensor {
+        let v: Vec<f32> = (0..heads * len * d)
+            .map(|i| {
+                base + 100.0 * (i / (len * d)) as f32
+                    + ((i / d) % len) as f32
+                    + (i % d) as f32 / 100.0
+            })
+            .collect();
+        Tensor::from_vec(v, (1, heads, len, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+    }
+
+    /// Positions `0..n` of row `r` of a cache layer, as f32 `[heads, n, d]`.
+    fn filled(t: &Tensor, r: usize, n: usize) -> Vec<Vec<Vec<f32>>> {
+        t.narrow(0, r, 1)
+            .unwrap()
+            .narrow(2, 0, n)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec3()
+            .unwrap()
+    }
+
+    /// The CPU copies of the cache (rows in, rows compacted or repeated, a row's ranges
+    /// out) against the values written in, for both stored types and a row kept in the
+    /// other type; rows shorter than the width hold zeros up to it.
+    #[test]
+    fn cache_rows_copy_in_compact_repeat_and_copy_out() {
+        let (heads, d, width, reserve) = (3, 4, 6, 5);
+        for (dt, kv_bf16) in [(DType::F32, false), (DType::BF16, true)] {
+            let a = vec![(row(1.0, (heads, 6, d), dt), row(2.0, (heads, 6, d), dt))];
+            let b = vec![(
+                row(3.0, (heads, 4, d), DType::F32),
+                row(4.0, (heads, 4, d), DType::F32),
+            )];
+            let c = vec![(row(5.0, (heads, 9, d), dt), row(6.0, (heads, 9, d), dt))];
+            let rows = [
+                Some((&a[..], 6)),
+                None,
+                Some((&b[..], 4)),
+                Some((&c[..], 5)),
+            ];
+            let mut cache =
+                KvCache::from_rows(&rows, width, reserve, (DType::F32, kv_bf16)).unwrap();
+            assert_eq!(cache.len(), width);
+            // In the cache's type (row b is kept in f32).
+            let want = |src: &Tensor, n: usize| {
+                let mut v = filled(&src.to_dtype(dt).unwrap(), 0, n);
+                for h in &mut v {
+                    h.resize(width, vec![0.0; d]);
+                }
+                v
+            };
+            let k = |c: &KvCache| c.layers[0].as_ref().unwrap().k.clone();
+            let v = |c: &KvCache| c.layers[0].as_ref().unwrap().v.clone();
+            assert_eq!(k(&cache).dtype(), dt);
+            assert_eq!(k(&cache).dims(), [4, heads, width + reserve, d]);
+            assert_eq!(filled(&k(&cache), 0, width), want(&a[0].0, 6));
+            assert_eq!(
+                filled(&k(&cache), 1, width),
+                vec![vec![vec![0.0; d]; width]; heads]
+            );
+            assert_eq!(filled(&v(&cache), 2, width), want(&b[0].1, 4));
+            assert_eq!(filled(&k(&cache), 3, width), want(&c[0].0, 5));
+            // A row's two ranges, concatenated.
+            let out = cache.extract_row(3, &[(0, 2), (3, 3), (4, 6)]).unwrap();
+            let got = filled(&out[0].1, 0, 4);
+            let all = want(&c[0].1, 5);
+            let expect: Vec<Vec<Vec<f32>>> =
+                all.iter().map(|h| [&h[0..2], &h[4..6]].concat()).collect();
+            assert_eq!(got, expect);
+            // Finished rows dropped (in place), then rows repeated (a new buffer).
+            cache
+                .select_rows(&Tensor::new(&[2u32, 3], &Device::Cpu).unwrap())
+                .unwrap();
+            assert_eq!(k(&cache).dim(0).unwrap(), 2);
+            assert_eq!(filled(&v(&cache), 0, width), want(&b[0].1, 4));
+            assert_eq!(filled(&k(&cache), 1, width), want(&c[0].0, 5));
+            cache
+                .select_rows(&Tensor::new(&[1u32, 1, 0], &Device::Cpu).unwrap())
+                .unwrap();
+            assert_eq!(filled(&k(&cache), 0, width), want(&c[0].0, 5));
+            assert_eq!(filled(&k(&cache), 1, width), want(&c[0].0, 5));
+            assert_eq!(filled(&v(&cache), 2, width), want(&b[0].1, 4));
+            assert!(cache
+                .select_rows(&Tensor::new(&[0u32, 7], &Device::Cpu).unwrap())
+                .is_err());
+        }
     }
 }

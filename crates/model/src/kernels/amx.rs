@@ -800,3 +800,54 @@ mod tests {
         assert!(p.matmul(&[0.0; 3], 1).is_err());
     }
 }
+
+#[cfg(test)]
+mod speed_probe {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe_bf16_speed() {
+        let Some(kernel) = bf16_kernel() else { return };
+        for &(m, k, n) in &[
+            (256usize, 576usize, 1536usize),
+            (256, 1536, 576),
+            (256, 576, 960),
+            (2048, 576, 1536),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+                .collect();
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104729) % 1000) as f32 / 1000.0)
+                .collect();
+            let p = AmxMatrix::pack(&w, k, n).unwrap();
+            let _ = p.matmul_on(&x, m, kernel).unwrap();
+            let t = std::time::Instant::now();
+            let reps = 20;
+            for _ in 0..reps {
+                std::hint::black_box(p.matmul_on(&x, m, kernel).unwrap());
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            eprintln!(
+                "[{m},{k},{n}] {:.1} GFLOP/s",
+                2.0 * (m * k * n) as f64 / s / 1e9
+            );
+            // single-thread kernel only
+            let a = rows_bf16(&x, m, k, (k, 1), p.kp, kernel);
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(product_here(
+                    kernel,
+                    &a,
+                    (a.len() / p.kp, p.kp, p.np),
+                    &p.data,
+                ));
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            eprintln!(
+                "   one thread kernel: {:.1} GFLOP/s",
+                2.0 * (m * k * n) as f64 / s / 1e9
+            );
+        }
+    }
+}

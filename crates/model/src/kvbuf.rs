@@ -1,0 +1,337 @@
+//! Recycled CPU buffers for the keys and values of [`crate::KvCache`] and of
+//! [`crate::PrefixCache`] entries.
+//!
+//! A multi-turn rollout rebuilds its batch cache every turn: the rows kept from the last
+//! turn are copied into new buffers, a finished row is copied out, and the batch is
+//! compacted when half its rows have finished. With fresh allocations, every one of those
+//! gigabytes lands on pages the kernel must fault in and zero (and on a VM that hands
+//! freed pages back to the host, fault in there too). Here a buffer the caches drop goes
+//! to a process-wide pool, and the next one of about its size is taken from there, so the
+//! copies write to memory the process already has.
+//!
+//! A taken buffer holds stale values: callers write every element they later read. Test
+//! builds (debug assertions) fill every taken buffer with NaN, so that a position a cache
+//! reads before writing it shows in the generation tests' outputs. A buffer is only reused for a request of at least half its capacity, and the pool keeps
+//! at most a quarter of the machine's memory.
+
+use candle_core::{
+    CpuStorage, DType, Device, InplaceOp1, Layout, Result, Shape, Tensor, WithDType,
+};
+use half::bf16;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// Buffers of one element type, by capacity, each with the time it came in.
+type Shelf<T> = BTreeMap<usize, Vec<(u64, Vec<T>)>>;
+
+#[derive(Default)]
+pub(crate) struct Pool {
+    f32: Shelf<f32>,
+    bf16: Shelf<bf16>,
+    bytes: usize,
+    clock: u64,
+}
+
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+/// Element types the pool keeps (those of KV caches on the CPU).
+pub(crate) trait Pooled: WithDType + Copy + Send + Sync {
+    fn shelf(p: &mut Pool) -> &mut Shelf<Self>;
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+impl Pooled for f32 {
+    fn shelf(p: &mut Pool) -> &mut Shelf<f32> {
+        &mut p.f32
+    }
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [f32]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+impl Pooled for bf16 {
+    fn shelf(p: &mut Pool) -> &mut Shelf<bf16> {
+        &mut p.bf16
+    }
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [bf16]> {
+        match s {
+            CpuStorage::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl Pool {
+    /// The buffer of the smallest capacity in `n..=2n`.
+    fn take<T: Pooled>(&mut self, n: usize) -> Option<Vec<T>> {
+        let shelf = T::shelf(self);
+        let cap = *shelf.range(n..=n.saturating_mul(2)).next()?.0;
+        let list = shelf.get_mut(&cap).expect("found above");
+        let (_, v) = list.pop().expect("lists are never left empty");
+        if list.is_empty() {
+            shelf.remove(&cap);
+        }
+        self.bytes -= cap * std::mem::size_of::<T>();
+        Some(v)
+    }
+
+    /// Adds `v`, then drops the buffers that came in first until at most `max` bytes
+    /// are kept (the caches grow turn by turn: the latest buffers fit the next
+    /// requests best).
+    fn give<T: Pooled>(&mut self, v: Vec<T>, max: usize) {
+        self.clock += 1;
+        let (cap, now) = (v.capacity(), self.clock);
+        self.bytes += cap * std::mem::size_of::<T>();
+        T::shelf(self).entry(cap).or_default().push((now, v));
+        while self.bytes > max {
+            let f = Self::oldest_in(&self.f32);
+            let b = Self::oldest_in(&self.bf16);
+            let evicted = match (f, b) {
+                (Some(f), Some(b)) if f.1 <= b.1 => Self::evict(&mut self.f32, f),
+                (Some(f), None) => Self::evict(&mut self.f32, f),
+                (_, Some(b)) => Self::evict(&mut self.bf16, b),
+                (None, None) => 0,
+            };
+            if evicted == 0 {
+                break;
+            }
+            self.bytes -= evicted;
+        }
+    }
+
+    /// The capacity and time of the buffer that came in first.
+    fn oldest_in<T>(shelf: &Shelf<T>) -> Option<(usize, u64)> {
+        shelf
+            .iter()
+            .flat_map(|(&cap, list)| list.iter().map(move |(t, _)| (cap, *t)))
+            .min_by_key(|&(_, t)| t)
+    }
+
+    /// Drops that buffer; returns its bytes.
+    fn evict<T>(shelf: &mut Shelf<T>, (cap, time): (usize, u64)) -> usize {
+        let list = shelf.get_mut(&cap).expect("listed");
+        list.retain(|(t, _)| *t != time);
+        if list.is_empty() {
+            shelf.remove(&cap);
+        }
+        cap * std::mem::size_of::<T>()
+    }
+}
+
+/// The most bytes the pool holds: a quarter of the machine's memory (4 GiB where that is
+/// unknown).
+fn max_pooled_bytes() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<usize>().ok())
+            })
+            .map_or(4 << 30, |kb| kb * 1024 / 4)
+    })
+}
+
+/// A buffer of `n` elements: a recycled one (stale values), else a new one with half
+/// again the capacity (so that the next, somewhat larger request of a growing cache can
+/// reuse it) on zeroed pages, which the kernel maps as they are first written. NaN in
+/// test builds.
+pub(crate) fn take<T: Pooled>(n: usize) -> Vec<T> {
+    let mut v = take_any::<T>(n);
+    if cfg!(debug_assertions) {
+        v.fill(T::from_f64(f64::NAN));
+    }
+    v
+}
+
+#[allow(clippy::uninit_vec)] // Deliberate: the callers write every element they read.
+fn take_any<T: Pooled>(n: usize) -> Vec<T> {
+    let hit = POOL
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(Pool::default)
+        .take::<T>(n);
+    let mut v = hit.unwrap_or_else(|| zeroed::<T>(n + n / 2));
+    // SAFETY: n <= capacity (the pool's range, or the new capacity); the elements are
+    // plain numbers, and every caller writes each element before reading it (the same
+    // contract as `kernels::written_in_full`).
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// An empty vector with room for `cap` elements, on zeroed memory (calloc: fresh pages
+/// are not written here).
+fn zeroed<T: Pooled>(cap: usize) -> Vec<T> {
+    if cap == 0 || std::mem::size_of::<T>() == 0 {
+        return Vec::new();
+    }
+    let layout = std::alloc::Layout::array::<T>(cap).expect("KV buffer size");
+    // SAFETY: the layout has a non-zero size; f32 and bf16 are valid as all-zero bytes;
+    // the vector takes ownership of the allocation with the same layout.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr, 0, cap)
+    }
+}
+
+/// Puts `v` in the pool for a later [`take`].
+pub(crate) fn give<T: Pooled>(v: Vec<T>) {
+    if v.capacity() == 0 {
+        return;
+    }
+    POOL.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(Pool::default)
+        .give(v, max_pooled_bytes());
+}
+
+/// A CPU tensor of `shape` on a buffer from [`take`] (stale contents).
+pub(crate) fn tensor<T: Pooled>(shape: impl Into<Shape>) -> Result<Tensor> {
+    let shape: Shape = shape.into();
+    Tensor::from_vec(take::<T>(shape.elem_count()), shape, &Device::Cpu)
+}
+
+/// Takes the storage out of a tensor for the pool.
+struct TakeStorage;
+
+impl InplaceOp1 for TakeStorage {
+    fn name(&self) -> &'static str {
+        "kv-buffer-recycle"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, _: &Layout) -> Result<()> {
+        match s {
+            CpuStorage::F32(v) => give(std::mem::take(v)),
+            CpuStorage::BF16(v) => give(std::mem::take(v)),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Gives the buffer under `t` to the pool when `t` is a whole f32 or bf16 CPU tensor
+/// (anything else is left to be dropped).
+///
+/// The caller owns the storage alone: no other tensor (a view or a clone) reads it
+/// afterwards, since it is left empty.
+pub(crate) fn recycle(t: &Tensor) {
+    let whole = t.layout().start_offset() == 0 && t.is_contiguous();
+    if whole && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16) {
+        // Cannot fail on the CPU.
+        let _ = t.inplace_op1(&TakeStorage);
+    }
+}
+
+/// Runs `f` on the whole storage under a tensor, in place.
+struct InPlace<F>(F);
+
+impl<T: Pooled, F: Fn(&mut [T])> InplaceOp1 for InPlace<(F, std::marker::PhantomData<T>)> {
+    fn name(&self) -> &'static str {
+        "kv-buffer-in-place"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, _: &Layout) -> Result<()> {
+        match T::slice_mut(s) {
+            Some(v) => {
+                (self.0 .0)(v);
+                Ok(())
+            }
+            None => candle_core::bail!("KV buffer: not of type {:?}", T::DTYPE),
+        }
+    }
+}
+
+/// Runs `f` on every element of the storage under the CPU tensor `t` (of type `T`), in
+/// place. The caller owns the storage alone.
+pub(crate) fn with_storage_mut<T: Pooled>(t: &Tensor, f: impl Fn(&mut [T])) -> Result<()> {
+    t.inplace_op1(&InPlace((f, std::marker::PhantomData::<T>)))
+}
+
+/// Runs `f` on the elements of a contiguous CPU tensor of type `T`.
+pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(c) = &*st else {
+        candle_core::bail!("KV copy: the tensor is not on the CPU")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("KV copy: the tensor is not contiguous")
+    };
+    Ok(f(&T::cpu_storage_as_slice(c)?[a..b]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_for_requests_of_about_their_size_latest_kept() {
+        let mut p = Pool::default();
+        let buf = |cap: usize| {
+            let mut v = zeroed::<f32>(cap);
+            v.push(cap as f32);
+            v
+        };
+        let ptr = |v: &Vec<f32>| v.as_ptr() as usize;
+        let (a, b) = (buf(1000), buf(1000));
+        let (pa, pb) = (ptr(&a), ptr(&b));
+        p.give(a, 8000);
+        p.give(b, 8000);
+        assert_eq!(p.bytes, 8000);
+        // Less than half the capacity: not from these (most of it would go unused).
+        assert!(p.take::<f32>(499).is_none());
+        assert!(p.take::<f32>(1001).is_none());
+        assert!(
+            p.take::<bf16>(800).is_none(),
+            "each type has its own buffers"
+        );
+        // Over the limit, the buffer that came in first goes.
+        let c = buf(1000);
+        let pc = ptr(&c);
+        p.give(c, 8000);
+        assert_eq!(p.bytes, 8000);
+        let got: Vec<usize> = (0..3)
+            .filter_map(|_| p.take::<f32>(600))
+            .map(|v| ptr(&v))
+            .collect();
+        assert_eq!(got, vec![pc, pb], "a ({pa:#x}) was dropped");
+        assert_eq!(p.bytes, 0);
+        // The smallest that fits is taken.
+        p.give(buf(3000), 1 << 20);
+        p.give(buf(2000), 1 << 20);
+        assert_eq!(p.take::<f32>(1500).map(|v| v.capacity()), Some(2000));
+    }
+
+    #[test]
+    fn taken_buffers_are_stale_or_zero_and_tensors_come_back() {
+        // A size no other test uses, so the shared pool holds none of it.
+        let n = 1_234_567;
+        let mut v = take::<f32>(n);
+        assert_eq!(v.len(), n);
+        if cfg!(debug_assertions) {
+            assert!(v.iter().all(|x| x.is_nan()), "test builds hand out NaN");
+        } else {
+            assert!(v.iter().all(|&x| x == 0.0), "a new buffer is zeroed");
+        }
+        v[7] = 3.0;
+        let ptr = v.as_ptr();
+        give(v);
+        let again = take_any::<f32>(n - 10);
+        assert_eq!(again.as_ptr(), ptr, "reused");
+        assert_eq!(again.len(), n - 10);
+        assert_eq!(again[7], 3.0, "stale contents, not cleared");
+        // A tensor's storage comes back through `recycle`.
+        let t = Tensor::from_vec(again, n - 10, &Device::Cpu).unwrap();
+        recycle(&t);
+        assert_eq!(take::<f32>(n).as_ptr(), ptr);
+        // Views are left alone.
+        let t = tensor::<bf16>((4, 8)).unwrap();
+        let view = t.narrow(0, 1, 2).unwrap();
+        recycle(&view);
+        assert_eq!(t.to_vec2::<bf16>().unwrap().len(), 4);
+    }
+}
