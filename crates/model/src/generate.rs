@@ -5,6 +5,7 @@ use crate::model::{CausalLM, KvCache, SeqLayout};
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Tensor};
 use rand::{RngExt, SeedableRng};
+use rayon::prelude::*;
 
 /// Sampling options.
 #[derive(Debug, Clone)]
@@ -526,9 +527,24 @@ impl CausalLM {
             let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
             let mut next = vec![0u32; slots.len()];
             let mut ended = Vec::new();
+            // Each row draws from its own generator, so the rows can sample in parallel.
+            let mut rng_of: Vec<Option<&mut rand::rngs::StdRng>> =
+                rngs.iter_mut().map(Some).collect();
+            let draws: Vec<(u32, f32)> = live
+                .iter()
+                .map(|&r| {
+                    rng_of[slots[r].expect("live row").0]
+                        .take()
+                        .expect("one row each")
+                })
+                .zip(&logits)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|(rng, row)| sample_token(row, params, rng))
+                .collect();
             for (k, &r) in live.iter().enumerate() {
                 let (i, pad, pos) = slots[r].expect("live row");
-                let (tok, lp) = sample_token(&logits[k], params, &mut rngs[i]);
+                let (tok, lp) = draws[k];
                 let done = record_token(&mut out[i], tok, lp, params, tokenizer)?;
                 if done || step + 1 == params.max_new_tokens {
                     ended.push(r);
