@@ -11,8 +11,9 @@
 //!
 //! A taken buffer holds stale values: callers write every element they later read. Test
 //! builds (debug assertions) fill every taken buffer with NaN, so that a position a cache
-//! reads before writing it shows in the generation tests' outputs. A buffer is only reused for a request of at least half its capacity, and the pool keeps
-//! at most a quarter of the machine's memory.
+//! reads before writing it shows in the generation tests' outputs. A buffer is only
+//! reused for a request of at least half its capacity, and the pool keeps at most a
+//! quarter of the machine's memory.
 
 use candle_core::{
     CpuStorage, DType, Device, InplaceOp1, Layout, Result, Shape, Tensor, WithDType,
@@ -37,13 +38,14 @@ static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 /// Element types the pool keeps (those of KV caches on the CPU).
 pub(crate) trait Pooled: WithDType + Copy + Send + Sync {
     fn shelf(p: &mut Pool) -> &mut Shelf<Self>;
-    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
+    /// The vector of a CPU storage of this type.
+    fn vec_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>>;
 }
 impl Pooled for f32 {
     fn shelf(p: &mut Pool) -> &mut Shelf<f32> {
         &mut p.f32
     }
-    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [f32]> {
+    fn vec_mut(s: &mut CpuStorage) -> Option<&mut Vec<f32>> {
         match s {
             CpuStorage::F32(v) => Some(v),
             _ => None,
@@ -54,7 +56,7 @@ impl Pooled for bf16 {
     fn shelf(p: &mut Pool) -> &mut Shelf<bf16> {
         &mut p.bf16
     }
-    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [bf16]> {
+    fn vec_mut(s: &mut CpuStorage) -> Option<&mut Vec<bf16>> {
         match s {
             CpuStorage::BF16(v) => Some(v),
             _ => None,
@@ -166,7 +168,7 @@ fn take_any<T: Pooled>(n: usize) -> Vec<T> {
 /// An empty vector with room for `cap` elements, on zeroed memory (calloc: fresh pages
 /// are not written here).
 fn zeroed<T: Pooled>(cap: usize) -> Vec<T> {
-    if cap == 0 || std::mem::size_of::<T>() == 0 {
+    if cap == 0 {
         return Vec::new();
     }
     let layout = std::alloc::Layout::array::<T>(cap).expect("KV buffer size");
@@ -206,23 +208,30 @@ impl InplaceOp1 for TakeStorage {
         "kv-buffer-recycle"
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, _: &Layout) -> Result<()> {
-        match s {
-            CpuStorage::F32(v) => give(std::mem::take(v)),
-            CpuStorage::BF16(v) => give(std::mem::take(v)),
-            _ => {}
+        if let Some(v) = f32::vec_mut(s) {
+            give(std::mem::take(v));
+        } else if let Some(v) = bf16::vec_mut(s) {
+            give(std::mem::take(v));
         }
         Ok(())
     }
 }
 
-/// Gives the buffer under `t` to the pool when `t` is a whole f32 or bf16 CPU tensor
-/// (anything else is left to be dropped).
+/// The type of `t` when it is a whole buffer the pool keeps: an f32 or bf16 CPU tensor
+/// starting at its storage's first element, contiguous.
+pub(crate) fn pooled_dtype(t: &Tensor) -> Option<DType> {
+    let whole = t.layout().start_offset() == 0 && t.is_contiguous();
+    (whole && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16))
+        .then(|| t.dtype())
+}
+
+/// Gives the buffer under `t` to the pool when [`pooled_dtype`] has it (anything else is
+/// left to be dropped).
 ///
 /// The caller owns the storage alone: no other tensor (a view or a clone) reads it
 /// afterwards, since it is left empty.
 pub(crate) fn recycle(t: &Tensor) {
-    let whole = t.layout().start_offset() == 0 && t.is_contiguous();
-    if whole && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16) {
+    if pooled_dtype(t).is_some() {
         // Cannot fail on the CPU.
         let _ = t.inplace_op1(&TakeStorage);
     }
@@ -236,9 +245,9 @@ impl<T: Pooled, F: Fn(&mut [T])> InplaceOp1 for InPlace<(F, std::marker::Phantom
         "kv-buffer-in-place"
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, _: &Layout) -> Result<()> {
-        match T::slice_mut(s) {
+        match T::vec_mut(s) {
             Some(v) => {
-                (self.0 .0)(v);
+                (self.0 .0)(v.as_mut_slice());
                 Ok(())
             }
             None => candle_core::bail!("KV buffer: not of type {:?}", T::DTYPE),

@@ -373,14 +373,11 @@ impl Drop for KvCache {
 
 /// The type of a whole cache buffer the CPU copies handle (f32 or bf16 on the CPU).
 fn pooled(t: &Tensor) -> Option<DType> {
-    let whole = t.layout().start_offset() == 0 && t.is_contiguous() && t.rank() == 4;
-    (whole && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16))
-        .then(|| t.dtype())
+    crate::kvbuf::pooled_dtype(t).filter(|_| t.rank() == 4)
 }
 
 /// Copies positions `from..from + n` of each of `heads` heads of `src` (`[heads, src_cap,
 /// d]`) to positions `to..` of `dst` (`[heads, dst_cap, d]`).
-#[allow(clippy::too_many_arguments)]
 fn copy_positions<T: Copy>(
     dst: &mut [T],
     dst_cap: usize,
