@@ -152,8 +152,10 @@ fn main() -> tooltrain_model::Result<()> {
     };
     let (mut gen_s, mut gen_tokens) = (0.0, 0);
     if new > 0 {
+        // Warm-up as scripts/bench_torch.py does: the whole batch, 4 new tokens (a
+        // rollout's later turns find the pages and KV buffers its first turn used).
         model.generate(
-            &prompts[..1],
+            &prompts,
             &SamplingParams {
                 max_new_tokens: 4,
                 ..params.clone()

@@ -149,7 +149,7 @@ def main():
                 "transformers": transformers.__version__,
                 "device": str(dev),
                 "params": n_params,
-                "train_step_s": round(train_s / args.steps, 4),
+                "train_step_s": round(train_s / args.steps, 4) if args.steps else 0.0,
                 "gen_s": round(gen_s, 4),
                 "final_loss": round(loss_val, 4),
                 "batch": args.batch,

@@ -140,8 +140,8 @@ fn max_pooled_bytes() -> usize {
 
 /// A buffer of `n` elements: a recycled one (stale values), else a new one with half
 /// again the capacity (so that the next, somewhat larger request of a growing cache can
-/// reuse it) on zeroed pages, which the kernel maps as they are first written. NaN in
-/// test builds.
+/// reuse it), not cleared either (zeroing a reused heap block is a pass over it; the
+/// callers write what they read). NaN in test builds.
 pub(crate) fn take<T: Pooled>(n: usize) -> Vec<T> {
     let mut v = take_any::<T>(n);
     if cfg!(debug_assertions) {
@@ -157,30 +157,12 @@ fn take_any<T: Pooled>(n: usize) -> Vec<T> {
         .unwrap_or_else(|e| e.into_inner())
         .get_or_insert_with(Pool::default)
         .take::<T>(n);
-    let mut v = hit.unwrap_or_else(|| zeroed::<T>(n + n / 2));
+    let mut v = hit.unwrap_or_else(|| Vec::with_capacity(n + n / 2));
     // SAFETY: n <= capacity (the pool's range, or the new capacity); the elements are
     // plain numbers, and every caller writes each element before reading it (the same
     // contract as `kernels::written_in_full`).
     unsafe { v.set_len(n) };
     v
-}
-
-/// An empty vector with room for `cap` elements, on zeroed memory (calloc: fresh pages
-/// are not written here).
-fn zeroed<T: Pooled>(cap: usize) -> Vec<T> {
-    if cap == 0 {
-        return Vec::new();
-    }
-    let layout = std::alloc::Layout::array::<T>(cap).expect("KV buffer size");
-    // SAFETY: the layout has a non-zero size; f32 and bf16 are valid as all-zero bytes;
-    // the vector takes ownership of the allocation with the same layout.
-    unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Vec::from_raw_parts(ptr, 0, cap)
-    }
 }
 
 /// Puts `v` in the pool for a later [`take`].
@@ -281,7 +263,7 @@ mod tests {
     fn buffers_are_reused_for_requests_of_about_their_size_latest_kept() {
         let mut p = Pool::default();
         let buf = |cap: usize| {
-            let mut v = zeroed::<f32>(cap);
+            let mut v = Vec::<f32>::with_capacity(cap);
             v.push(cap as f32);
             v
         };
@@ -316,15 +298,13 @@ mod tests {
     }
 
     #[test]
-    fn taken_buffers_are_stale_or_zero_and_tensors_come_back() {
+    fn taken_buffers_are_stale_and_tensors_come_back() {
         // A size no other test uses, so the shared pool holds none of it.
         let n = 1_234_567;
         let mut v = take::<f32>(n);
         assert_eq!(v.len(), n);
         if cfg!(debug_assertions) {
             assert!(v.iter().all(|x| x.is_nan()), "test builds hand out NaN");
-        } else {
-            assert!(v.iter().all(|&x| x == 0.0), "a new buffer is zeroed");
         }
         v[7] = 3.0;
         let ptr = v.as_ptr();

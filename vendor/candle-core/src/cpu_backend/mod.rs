@@ -1478,7 +1478,22 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // tooltrain: gemm writes every element of dst (`read_dst: false`, zeros when
+        // k == 0), so dst is not zero-filled first: that was a whole extra pass over
+        // every product's output (150 MB for one MLP product of a SmolLM2 prefill).
+        // Builds with debug assertions fill it with NaN instead, so that an element gemm
+        // missed would fail the tests.
+        let mut dst = if cfg!(debug_assertions) {
+            vec![T::from_f64(f64::NAN); b * m * n]
+        } else {
+            let mut v = Vec::with_capacity(b * m * n);
+            // SAFETY: plain numeric elements, all written by gemm before anything reads.
+            #[allow(clippy::uninit_vec)]
+            unsafe {
+                v.set_len(b * m * n)
+            };
+            v
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
