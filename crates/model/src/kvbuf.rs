@@ -102,6 +102,13 @@ impl Pool {
         }
     }
 
+    /// Drops every buffer; returns their bytes.
+    fn clear(&mut self) -> usize {
+        self.f32.clear();
+        self.bf16.clear();
+        std::mem::take(&mut self.bytes)
+    }
+
     /// The capacity and time of the buffer that came in first.
     fn oldest_in<T>(shelf: &Shelf<T>) -> Option<(usize, u64)> {
         shelf
@@ -163,6 +170,16 @@ fn take_any<T: Pooled>(n: usize) -> Vec<T> {
     // contract as `kernels::written_in_full`).
     unsafe { v.set_len(n) };
     v
+}
+
+/// Frees every buffer the pool keeps and returns their bytes. For a phase that needs
+/// the memory and no KV caches, such as an RL trainer's optimizer step after its
+/// rollouts; the next caches allocate anew.
+pub fn release_kv_buffers() -> usize {
+    POOL.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+        .map_or(0, Pool::clear)
 }
 
 /// Puts `v` in the pool for a later [`take`].
@@ -295,6 +312,11 @@ mod tests {
         p.give(buf(3000), 1 << 20);
         p.give(buf(2000), 1 << 20);
         assert_eq!(p.take::<f32>(1500).map(|v| v.capacity()), Some(2000));
+        // Releasing drops everything of every type.
+        p.give(Vec::<bf16>::with_capacity(100), 1 << 20);
+        assert_eq!(p.clear(), 3000 * 4 + 100 * 2);
+        assert_eq!(p.bytes, 0);
+        assert!(p.take::<f32>(3000).is_none() && p.take::<bf16>(100).is_none());
     }
 
     #[test]
@@ -316,7 +338,8 @@ mod tests {
         // A tensor's storage comes back through `recycle`.
         let t = Tensor::from_vec(again, n - 10, &Device::Cpu).unwrap();
         recycle(&t);
-        assert_eq!(take::<f32>(n).as_ptr(), ptr);
+        let back = take::<f32>(n);
+        assert_eq!(back.as_ptr(), ptr);
         // Views are left alone.
         let t = tensor::<bf16>((4, 8)).unwrap();
         let view = t.narrow(0, 1, 2).unwrap();

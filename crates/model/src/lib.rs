@@ -39,6 +39,7 @@ pub use kernels::{
     bf16_available, bf16_kernel, detected_simd_level, set_simd_level, simd_level, simd_summary,
     Bf16Kernel, SimdLevel,
 };
+pub use kvbuf::release_kv_buffers;
 pub use load::{load, save, Checkpoint};
 pub use logprobs::{
     chunked_logprobs, chunked_logprobs_with, pack_rows, SequenceScores, DEFAULT_VOCAB_CHUNK,
