@@ -745,10 +745,12 @@ fn rl_step(
     }
     let rollout_s = t_roll.elapsed().as_secs_f64();
     let prefix1 = s.policy.prefix_stats();
-    // The update needs the memory the rollouts' caches held: the kept prefixes are stale
-    // once the weights change (the next rollout starts without them anyway), and the KV
-    // buffers they and the finished caches gave back to the pool are freed.
+    // The update needs the memory the rollouts' caches held: the kept prefixes (the
+    // rollouts', and the last validation's) are stale once the weights change (both
+    // start without them anyway), and the KV buffers they and the finished caches gave
+    // back to the pool are freed.
     s.policy.clear_prefixes();
+    s.greedy.clear_prefixes();
     let released_kv = tooltrain_model::release_kv_buffers();
     tracing::debug!(
         "freed {:.0} MiB of KV buffers before the update",
