@@ -1257,8 +1257,10 @@ impl CausalLM {
         let l = &self.layers[li];
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
-        // Inference passes with bf16 linear layers take bf16 attention products too.
+        // Passes with bf16 linear layers take bf16 attention products too (inference and
+        // mixed-precision training).
         let packed = matches!(prec, Prec::Packed(_));
+        let bf16 = !matches!(prec, Prec::F32);
         let how = |i: usize| match prec {
             Prec::Packed(m) => Product::Packed(&m[i]),
             Prec::Bf16 => Product::Bf16 {
@@ -1306,7 +1308,7 @@ impl CausalLM {
                     let k = ops::rope_bthd(&k, cos, sin)?;
                     append_kv(slot, reserve, &k, &v.transpose(1, 2)?)?;
                 }
-                ops::attention(&qkv, cos, sin, &mask3, nh, nkv, hd)?
+                ops::attention(&qkv, cos, sin, &mask3, nh, nkv, hd, bf16)?
             } else {
                 let q = qkv.narrow(1, 0, nh * hd)?.reshape((b, s, nh, hd))?;
                 let (q, k) = match (&a.q_norm, &a.k_norm) {

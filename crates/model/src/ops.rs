@@ -379,7 +379,10 @@ pub fn has_fused_attention(qkv: &Tensor) -> bool {
 /// kv_heads) * head_dim]` (the stacked q/k/v projections of every token), `cos`/`sin:
 /// [b, s, head_dim/2]`, `mask: [b, s, s]` additive and causal. Returns `[b * s, heads *
 /// head_dim]`. Only where [`has_fused_attention`] holds; the model composes the same
-/// computation from the other ops elsewhere.
+/// computation from the other ops elsewhere. With `bf16` (f32 tensors, a CPU with a
+/// [`crate::bf16_kernel`]), the products of both passes take bf16-rounded operands with
+/// f32 sums, the softmax stays in f32; otherwise it is ignored.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     qkv: &Tensor,
     cos: &Tensor,
@@ -388,6 +391,7 @@ pub fn attention(
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    bf16: bool,
 ) -> Result<Tensor> {
     if !has_fused_attention(qkv) {
         candle_core::bail!("fused attention runs on the CPU in f32/f64 only")
@@ -401,6 +405,11 @@ pub fn attention(
         cos: cos.to_dtype(dt)?.contiguous()?,
         sin: sin.to_dtype(dt)?.contiguous()?,
         mask: mask.to_dtype(dt)?.contiguous()?,
+        bf16: if bf16 && dt == DType::F32 {
+            kernels::bf16_kernel()
+        } else {
+            None
+        },
     };
     qkv.contiguous()?.apply_op1(op)
 }
@@ -720,10 +729,10 @@ pub(crate) mod tests {
         let qkv = rand64(&[b, s, (nh + 2 * nkv) * hd], 21);
         let flat = |t: &Tensor| t.reshape((b * s, ())).unwrap();
         check_grads(&[flat(&qkv)], &|t| {
-            attention(&t[0], &cos, &sin, &mask, nh, nkv, hd)
+            attention(&t[0], &cos, &sin, &mask, nh, nkv, hd, false)
         });
         // Against the composed computation (rope, grouped scores, masked softmax).
-        let got = attention(&flat(&qkv), &cos, &sin, &mask, nh, nkv, hd)
+        let got = attention(&flat(&qkv), &cos, &sin, &mask, nh, nkv, hd, false)
             .unwrap()
             .reshape((b, s, ()))
             .unwrap();
@@ -1238,7 +1247,7 @@ pub(crate) mod tests {
             let (acos, asin) = (f32t(freqs.cos().unwrap()), f32t(freqs.sin().unwrap()));
             let qkv = f32t(rand64(&[b * sq, (nh + 2 * nkv) * hd], 15));
             out.extend(fwd_bwd(vec![qkv], &|t| {
-                attention(&t[0], &acos, &asin, &amask, nh, nkv, hd)
+                attention(&t[0], &acos, &asin, &amask, nh, nkv, hd, false)
             }));
             let q = f32t(rand64(&[2, 6, 3, 8], 16));
             let (k, v) = (

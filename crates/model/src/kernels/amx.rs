@@ -71,7 +71,7 @@ pub fn bf16_kernel() -> Option<Bf16Kernel> {
 
 /// The bf16 kernels this CPU and process can run, preferred first (none when
 /// `TOOLTRAIN_SIMD` caps the kernels below AVX-512).
-fn kernels_on_this_cpu() -> Vec<Bf16Kernel> {
+pub(crate) fn kernels_on_this_cpu() -> Vec<Bf16Kernel> {
     let mut here = Vec::new();
     if super::simd_level() == super::SimdLevel::Avx512 {
         if imp::request_tiles() {
@@ -201,9 +201,11 @@ impl AmxMatrix {
             // weight within their padded sizes (`rows` x kp, np x kp).
             unsafe {
                 match kernel {
-                    Bf16Kernel::Amx => imp::block(a, kp, m0, m1, &self.data, p0, p1, cp.get(), np),
+                    Bf16Kernel::Amx => {
+                        imp::block(a, kp, m0, m1, &self.data, kp, p0, p1, cp.get(), np)
+                    }
                     Bf16Kernel::Avx512Bf16 => {
-                        avx512bf16::block(a, kp, m0, m1, &self.data, p0, p1, cp.get(), np)
+                        avx512bf16::block(a, kp, m0, m1, &self.data, kp, p0, p1, cp.get(), np)
                     }
                 }
             }
@@ -252,24 +254,40 @@ pub(crate) fn product_here(
     (mp, kp, np): (usize, usize, usize),
     w: &[u16],
 ) -> Vec<f32> {
+    product_prefix(kernel, a, (mp, kp, np), w, kp)
+}
+
+/// [`product_here`] with the first `kp` rows of tiles `w` made from `wkp >= kp` rows
+/// (a multiple of 32): `a @ w[..kp]`, for products over a prefix of the inner
+/// dimension (causal attention's weighted values and query gradients over the keys a
+/// block of queries sees).
+pub(crate) fn product_prefix(
+    kernel: Bf16Kernel,
+    a: &[u16],
+    (mp, kp, np): (usize, usize, usize),
+    w: &[u16],
+    wkp: usize,
+) -> Vec<f32> {
     assert!(
         mp.is_multiple_of(kernel.row_block())
             && kp.is_multiple_of(32)
+            && wkp.is_multiple_of(32)
+            && kp <= wkp
             && np.is_multiple_of(32)
             && a.len() >= mp * kp
-            && w.len() >= kp * np
+            && w.len() >= wkp * np
     );
     let mut c = super::written_in_full::<f32>(mp * np);
     if mp == 0 || np == 0 {
         return c;
     }
     // SAFETY: the kernel came from `bf16_kernel` (the CPU has it, tiles are granted); the
-    // asserts keep rows 0..mp of `a`, the `kp x np` tiles and `mp x np` outputs in bounds.
+    // asserts keep rows 0..mp of `a`, the `wkp x np` tiles and `mp x np` outputs in bounds.
     unsafe {
         match kernel {
-            Bf16Kernel::Amx => imp::block(a, kp, 0, mp, w, 0, np / 32, c.as_mut_ptr(), np),
+            Bf16Kernel::Amx => imp::block(a, kp, 0, mp, w, wkp, 0, np / 32, c.as_mut_ptr(), np),
             Bf16Kernel::Avx512Bf16 => {
-                avx512bf16::block(a, kp, 0, mp, w, 0, np / 32, c.as_mut_ptr(), np)
+                avx512bf16::block(a, kp, 0, mp, w, wkp, 0, np / 32, c.as_mut_ptr(), np)
             }
         }
     }
@@ -462,7 +480,8 @@ mod imp {
     struct TileConfig([u8; 64]);
 
     /// Rows `m0..m1` (multiples of 32) of `c` (row stride `ldc` floats) for the column
-    /// pairs `p0..p1` (32 columns each): `a` is bf16 `[*, kp]`, `w` the packed weight.
+    /// pairs `p0..p1` (32 columns each): `a` is bf16 `[*, kp]`, `w` the packed weight of
+    /// `wkp >= kp` rows, of which the first `kp` are read.
     ///
     /// # Safety
     /// AMX must be available to the process, and the rows and columns must lie within
@@ -474,6 +493,7 @@ mod imp {
         m0: usize,
         m1: usize,
         w: &[u16],
+        wkp: usize,
         p0: usize,
         p1: usize,
         c: *mut f32,
@@ -487,11 +507,11 @@ mod imp {
             cfg.0[48 + t] = 16;
         }
         asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-        let kbs = kp / 32;
+        let (kbs, wkbs) = (kp / 32, wkp / 32);
         let (lda, ldc_b) = (kp * 2, ldc * 4);
         for p in p0..p1 {
-            let b0 = w.as_ptr().add(2 * p * kbs * 512);
-            let b1 = b0.add(kbs * 512);
+            let b0 = w.as_ptr().add(2 * p * wkbs * 512);
+            let b1 = b0.add(wkbs * 512);
             for mr in (m0..m1).step_by(32) {
                 asm!(
                     "tilezero tmm0",
@@ -567,9 +587,10 @@ mod avx512bf16 {
     }
 
     /// Rows `m0..m1` (multiples of 8) of `c` (row stride `ldc` floats) for the column
-    /// pairs `p0..p1` (32 columns each): `a` is bf16 `[*, kp]`, `w` the packed weight,
-    /// whose column block's tiles are contiguous, so that its pair of rows `(2r, 2r + 1)`
-    /// (16 columns) is the 32 values at `32 r` from the block's start.
+    /// pairs `p0..p1` (32 columns each): `a` is bf16 `[*, kp]`, `w` the packed weight of
+    /// `wkp >= kp` rows (the first `kp` are read), whose column block's tiles are
+    /// contiguous, so that its pair of rows `(2r, 2r + 1)` (16 columns) is the 32 values
+    /// at `32 r` from the block's start.
     ///
     /// # Safety
     /// The CPU must have AVX-512F and AVX512-BF16, and the rows and columns must lie
@@ -582,17 +603,18 @@ mod avx512bf16 {
         m0: usize,
         m1: usize,
         w: &[u16],
+        wkp: usize,
         p0: usize,
         p1: usize,
         c: *mut f32,
         ldc: usize,
     ) {
         const R: usize = 8;
-        let kbs = kp / 32;
+        let wkbs = wkp / 32;
         let pairs = kp / 2;
         for p in p0..p1 {
-            let b0 = w.as_ptr().add(2 * p * kbs * 512);
-            let b1 = b0.add(kbs * 512);
+            let b0 = w.as_ptr().add(2 * p * wkbs * 512);
+            let b1 = b0.add(wkbs * 512);
             for r0 in (m0..m1).step_by(R) {
                 let a0 = a.as_ptr().add(r0 * kp);
                 let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -636,6 +658,7 @@ mod imp {
         _: usize,
         _: usize,
         _: &[u16],
+        _: usize,
         _: usize,
         _: usize,
         _: *mut f32,
@@ -779,6 +802,40 @@ mod tests {
             (0..m).map(|t| r(x[t * k + i]) * r(g[t * n + j])).sum()
         });
         assert!(gemm((m, k, n), &x[1..], (k, 1), &w, (n, 1)).is_err());
+    }
+
+    /// A product over the first rows of taller tiles (`product_prefix`) equals the
+    /// product with tiles of only those rows, on every kernel here.
+    #[test]
+    fn prefix_products_read_the_first_rows_of_the_tiles() {
+        for kernel in kernels_here() {
+            let (m, k, n, tall_k) = (13, 70, 40, 150);
+            let x = values(m * k, 5);
+            let w = values(tall_k * n, 6);
+            let src = |rows| Strided {
+                data: &w,
+                rows,
+                cols: n,
+                rs: n,
+                cs: 1,
+            };
+            let (tall, tall_kp, np) = tiles(src(tall_k));
+            let (short, kp, short_np) = tiles(src(k));
+            assert_eq!((np, kp, tall_kp), (short_np, 96, 160));
+            let mp = m.div_ceil(kernel.row_block()) * kernel.row_block();
+            let a = rows_bf16(&x, m, k, (k, 1), kp, kernel);
+            let want = product_here(kernel, &a, (mp, kp, np), &short);
+            let got = product_prefix(kernel, &a, (mp, kp, np), &tall, tall_kp);
+            assert_eq!(got, want, "{kernel:?}");
+            // And it is the product, not a copy of something else.
+            let r = |v: f32| bf16_value(bf16_bits(v)) as f64;
+            let want00: f64 = (0..k).map(|t| r(x[t]) * r(w[t * n])).sum();
+            assert!(
+                (got[0] as f64 - want00).abs() < 1e-4,
+                "{} vs {want00}",
+                got[0]
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::amx::{product_here, product_prefix, Bf16Kernel};
+use super::bf16_layout::{rows_on, tiles_on, Strided};
 use super::{cast, dot, max_of, mm, slice, softmax_in_place, written_in_full, Elem};
 
 /// Causal multi-head attention with RoPE and grouped key/value heads, fused into one
@@ -16,6 +18,10 @@ use super::{cast, dot, max_of, mm, slice, softmax_in_place, written_in_full, Ele
 /// its query is always masked). Output `[b * s, heads * head_dim]`. The backward pass
 /// recomputes the attention probabilities block by block, so no `[s x s]` tensor per
 /// head is kept between the passes.
+///
+/// With `bf16` (f32 tensors only), every product of both passes (scores, weighted values,
+/// and the four of the backward) takes bf16-rounded operands with f32 sums on that kernel,
+/// as mixed-precision training does; the softmax and its gradient stay in f32.
 pub(crate) struct Attention {
     pub heads: usize,
     pub kv_heads: usize,
@@ -24,6 +30,7 @@ pub(crate) struct Attention {
     pub cos: Tensor,
     pub sin: Tensor,
     pub mask: Tensor,
+    pub bf16: Option<Bf16Kernel>,
 }
 
 const QBLOCK: usize = 64;
@@ -215,6 +222,14 @@ impl<'a, T: Elem> Masking<'a, T> {
             None => Masking::Dense(mask),
         }
     }
+
+    /// The same masking of f32 scores, if `T` is f32.
+    fn as_f32(self) -> Option<Masking<'a, f32>> {
+        Some(match self {
+            Masking::Ranges(r) => Masking::Ranges(r),
+            Masking::Dense(m) => Masking::Dense(T::as_f32(m)?),
+        })
+    }
 }
 
 /// `row[j] *= k` on a slice, returning the largest result (`-inf` when empty).
@@ -268,7 +283,7 @@ fn probs_block<T: Elem>(
     (r0, r1): (usize, usize),
     scale: T,
 ) {
-    let (hd, s, l) = (g.hd, g.s, r1);
+    let (hd, l) = (g.hd, r1);
     let rows = r1 - r0;
     mm(
         (rows, l, hd),
@@ -280,7 +295,25 @@ fn probs_block<T: Elem>(
         (1, hd),
         false,
     );
-    for (i, prow) in p.chunks_mut(l).take(rows).enumerate() {
+    softmax_rows(p, l, mask, g, bi, (r0, r1), scale);
+}
+
+/// The scores of query rows `r0..r1` against keys `0..r1` (row `i` the first `r1` values
+/// at `p[i * stride..]`) scaled, masked and turned into probabilities, in place.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn softmax_rows<T: Elem>(
+    p: &mut [T],
+    stride: usize,
+    mask: Masking<'_, T>,
+    g: &Geometry,
+    bi: usize,
+    (r0, r1): (usize, usize),
+    scale: T,
+) {
+    let (s, l) = (g.s, r1);
+    for (i, row) in p.chunks_mut(stride).take(r1 - r0).enumerate() {
+        let prow = &mut row[..l];
         match mask {
             Masking::Ranges(seen) => seen_softmax(prow, seen[bi * s + r0 + i], scale),
             Masking::Dense(mask) => {
@@ -292,6 +325,177 @@ fn probs_block<T: Elem>(
             }
         }
     }
+}
+
+/// `[rows, cols]` at row stride `rs` (contiguous rows) as a bf16 layout source.
+fn mat(data: &[f32], rows: usize, cols: usize, rs: usize) -> Strided<'_> {
+    Strided {
+        data,
+        rows,
+        cols,
+        rs,
+        cs: 1,
+    }
+}
+
+/// The transpose of `[cols, rows]` at row stride `stride`: element `(r, c)` is
+/// `data[c * stride + r]`.
+fn mat_t(data: &[f32], rows: usize, cols: usize, stride: usize) -> Strided<'_> {
+    Strided {
+        data,
+        rows,
+        cols,
+        rs: 1,
+        cs: stride,
+    }
+}
+
+const F32_ONLY: &str = "the bf16 attention runs on f32";
+
+/// One (batch, head) task of the forward pass with bf16 products ([`Attention::bf16`]):
+/// `q`, `k` the head's roped rows `[s, hd]`, `v` its value rows at row stride `g.d`.
+/// The scores of a block of queries against the keys it can see are one product from
+/// the rounded queries and the keys' tiles (laid out once); their softmax is rounded
+/// and multiplied by the first keys' rows of the values' tiles. Returns `[s, hd]`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fwd_bf16<T: Elem>(
+    kernel: Bf16Kernel,
+    (q, k, v): (&[T], &[T], &[T]),
+    mask: Masking<'_, T>,
+    g: &Geometry,
+    bi: usize,
+    scale: f64,
+) -> Vec<T> {
+    let (q, k, v) = (
+        T::as_f32(q).expect(F32_ONLY),
+        T::as_f32(k).expect(F32_ONLY),
+        T::as_f32(v).expect(F32_ONLY),
+    );
+    let mask = mask.as_f32().expect(F32_ONLY);
+    let (s, hd, rb) = (g.s, g.hd, kernel.row_block());
+    let kq = hd.div_ceil(32) * 32;
+    let qb = rows_on(mat(q, s, hd, hd), s.div_ceil(rb) * rb, kq, false);
+    let (kt, _, sp) = tiles_on(mat_t(k, hd, s, hd), false);
+    let (vt, _, _) = tiles_on(mat(v, s, hd, g.d), false);
+    let mut out = written_in_full::<T>(s * hd);
+    let o = T::as_f32_mut(&mut out).expect(F32_ONLY);
+    for r0 in (0..s).step_by(QBLOCK) {
+        let r1 = (r0 + QBLOCK).min(s);
+        let (nr, lp) = (r1 - r0, r1.div_ceil(32) * 32);
+        let mpb = nr.div_ceil(rb) * rb;
+        let mut p = product_here(kernel, &qb[r0 * kq..], (mpb, kq, lp), &kt);
+        softmax_rows(&mut p, lp, mask, g, bi, (r0, r1), scale as f32);
+        let pb = rows_on(mat(&p, nr, r1, lp), mpb, lp, false);
+        let y = product_prefix(kernel, &pb, (mpb, lp, kq), &vt, sp);
+        for (orow, yrow) in o[r0 * hd..r1 * hd].chunks_mut(hd).zip(y.chunks(kq)) {
+            orow.copy_from_slice(&yrow[..hd]);
+        }
+    }
+    out
+}
+
+/// `acc[i][..hd] += y[i][..hd]` for the first `rows` rows of `y` (row stride `ys`).
+#[inline(always)]
+fn add_rows(acc: &mut [f32], y: &[f32], rows: usize, hd: usize, ys: usize) {
+    for (a, yrow) in acc.chunks_mut(hd).zip(y.chunks(ys)).take(rows) {
+        for (x, &v) in a.iter_mut().zip(&yrow[..hd]) {
+            *x += v;
+        }
+    }
+}
+
+/// One (batch, kv head `j`) task of the backward pass with bf16 products: the same
+/// gradients as the f32 task ((dQ of each group member, dK, dV), unroped), every product
+/// from bf16-rounded operands with f32 sums.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn bwd_bf16<T: Elem>(
+    kernel: Bf16Kernel,
+    (x, dout): (&[T], &[T]),
+    (cos, sin): (&[T], &[T]),
+    mask: Masking<'_, T>,
+    g: &Geometry,
+    (bi, j): (usize, usize),
+    scale: f64,
+) -> (Vec<Vec<T>>, Vec<T>, Vec<T>) {
+    let (s, hd, nh, nkv) = (g.s, g.hd, g.nh, g.nkv);
+    let (grp, od, rb) = (nh / nkv, nh * hd, kernel.row_block());
+    let kq = hd.div_ceil(32) * 32;
+    let kr = head_rows(x, g, bi, (nh + j) * hd, Some((cos, sin)));
+    let k = T::as_f32(&kr).expect(F32_ONLY);
+    let v = T::as_f32(&x[(bi * s) * g.d + (nh + nkv + j) * hd..]).expect(F32_ONLY);
+    let dout = T::as_f32(dout).expect(F32_ONLY);
+    let fmask = mask.as_f32().expect(F32_ONLY);
+    let scale = scale as f32;
+    // K^T for the scores, K for dQ = dS K, V^T for dP = dO V^T.
+    let (kt, _, sp) = tiles_on(mat_t(k, hd, s, hd), false);
+    let (kn, _, _) = tiles_on(mat(k, s, hd, hd), false);
+    let (vt, _, _) = tiles_on(mat_t(v, hd, s, g.d), false);
+    let mut dk_t = vec![T::zero(); s * hd];
+    let mut dv_t = vec![T::zero(); s * hd];
+    let (dk, dv) = (
+        T::as_f32_mut(&mut dk_t).expect(F32_ONLY),
+        T::as_f32_mut(&mut dv_t).expect(F32_ONLY),
+    );
+    let mut dqs = Vec::with_capacity(grp);
+    for h in j * grp..(j + 1) * grp {
+        let qr = head_rows(x, g, bi, h * hd, Some((cos, sin)));
+        let q = T::as_f32(&qr).expect(F32_ONLY);
+        let qb = rows_on(mat(q, s, hd, hd), s.div_ceil(rb) * rb, kq, false);
+        let dob = &dout[(bi * s) * od + h * hd..];
+        let mut dq_t = written_in_full::<T>(s * hd);
+        let dq = T::as_f32_mut(&mut dq_t).expect(F32_ONLY);
+        for r0 in (0..s).step_by(QBLOCK) {
+            let r1 = (r0 + QBLOCK).min(s);
+            let (nr, lp) = (r1 - r0, r1.div_ceil(32) * 32);
+            let (mpb, nrp) = (nr.div_ceil(rb) * rb, nr.div_ceil(32) * 32);
+            let mut p = product_here(kernel, &qb[r0 * kq..], (mpb, kq, lp), &kt);
+            softmax_rows(&mut p, lp, fmask, g, bi, (r0, r1), scale);
+            let dob_blk = mat(&dob[r0 * od..], nr, hd, od);
+            // dV[0..r1] += P^T dO
+            let (do_tiles, _, _) = tiles_on(dob_blk, false);
+            let pt = rows_on(mat_t(&p, r1, nr, lp), lp, nrp, false);
+            add_rows(
+                dv,
+                &product_here(kernel, &pt, (lp, nrp, kq), &do_tiles),
+                r1,
+                hd,
+                kq,
+            );
+            // dP = dO V^T
+            let do_rows = rows_on(dob_blk, mpb, kq, false);
+            let dp = product_here(kernel, &do_rows, (mpb, kq, lp), &vt);
+            // dS = P (dP - rowdot(dP, P)) * scale, in place of P
+            for (prow, dprow) in p.chunks_mut(lp).zip(dp.chunks(lp)).take(nr) {
+                let (prow, dprow) = (&mut prow[..r1], &dprow[..r1]);
+                let d = dot(prow, Some(dprow));
+                for c in 0..r1 {
+                    prow[c] = prow[c] * (dprow[c] - d) * scale;
+                }
+            }
+            // dQ[r0..r1] = dS K[0..r1]
+            let ds = rows_on(mat(&p, nr, r1, lp), mpb, lp, false);
+            let y = product_prefix(kernel, &ds, (mpb, lp, kq), &kn, sp);
+            for (dqrow, yrow) in dq[r0 * hd..r1 * hd].chunks_mut(hd).zip(y.chunks(kq)) {
+                dqrow.copy_from_slice(&yrow[..hd]);
+            }
+            // dK[0..r1] += dS^T Q[r0..r1]
+            let dst = rows_on(mat_t(&p, r1, nr, lp), lp, nrp, false);
+            let (q_tiles, _, _) = tiles_on(mat(&q[r0 * hd..], nr, hd, hd), false);
+            add_rows(
+                dk,
+                &product_here(kernel, &dst, (lp, nrp, kq), &q_tiles),
+                r1,
+                hd,
+                kq,
+            );
+        }
+        unrope(&mut dq_t, g, bi, cos, sin);
+        dqs.push(dq_t);
+    }
+    unrope(&mut dk_t, g, bi, cos, sin);
+    (dqs, dk_t, dv_t)
 }
 
 fn attn_fwd<T: Elem>(op: &Attention, qkv: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -314,6 +518,7 @@ fn attn_fwd_with<T: Elem>(
     let scale: T = cast(op.scale);
     let ranges = seen_ranges(mask, s);
     let mask = Masking::new(mask, s, &ranges);
+    let bf16 = op.bf16.filter(|_| T::as_f32(x).is_some());
     let heads: Vec<Vec<T>> = (0..g.b * nh)
         .into_par_iter()
         .map(|task| {
@@ -323,6 +528,9 @@ fn attn_fwd_with<T: Elem>(
                 let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
                 let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
                 let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
+                if let Some(kernel) = bf16 {
+                    return fwd_bf16(kernel, (&q, &k, v), mask, &g, bi, op.scale);
+                }
                 let mut o = written_in_full(s * hd);
                 let mut p = written_in_full(QBLOCK * s);
                 for r0 in (0..s).step_by(QBLOCK) {
@@ -404,12 +612,17 @@ fn attn_bwd_with<T: Elem>(
     let scale: T = cast(op.scale);
     let ranges = seen_ranges(mask, s);
     let mask = Masking::new(mask, s, &ranges);
+    let bf16 = op.bf16.filter(|_| T::as_f32(x).is_some());
     // One task per (batch, kv head): it owns dK and dV of that head and dQ of its group.
     let parts: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..g.b * nkv)
         .into_par_iter()
         .map(|task| {
             fast!({
                 let (bi, j) = (task / nkv, task % nkv);
+                if let Some(kernel) = bf16 {
+                    let ops = (x, dout);
+                    return bwd_bf16(kernel, ops, (cos, sin), mask, &g, (bi, j), op.scale);
+                }
                 let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
                 let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
                 let mut dk = vec![T::zero(); s * hd];
@@ -521,6 +734,130 @@ impl CustomOp2 for AttentionBwd<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+
+    /// Values uniform in `[-a, a)`.
+    fn values(n: usize, a: f64, seed: u64) -> Vec<f64> {
+        let mut r = tooltrain_util::Rng::new(seed);
+        (0..n)
+            .map(|_| ((r.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * a)
+            .collect()
+    }
+
+    /// `rms(got - want) / rms(want)` and `max |got - want| / max |want|`.
+    fn rel_errors(got: &Tensor, want: &Tensor) -> (f64, f64) {
+        let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = want.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(g.len(), w.len());
+        let (mut e2, mut w2, mut emax, mut wmax) = (0.0, 0.0, 0.0f64, 0.0f64);
+        for (&a, &b) in g.iter().zip(&w) {
+            let e = a as f64 - b;
+            assert!(e.is_finite(), "{a} against {b}");
+            e2 += e * e;
+            w2 += b * b;
+            emax = emax.max(e.abs());
+            wmax = wmax.max(b.abs());
+        }
+        ((e2 / w2).sqrt(), emax / wmax)
+    }
+
+    /// With bf16 products, both passes of the fused attention stay within bf16 rounding
+    /// of the f64 kernel (itself checked against finite differences and the composed ops
+    /// in `ops`), on every bf16 kernel this machine has: causal rows, a left-padded row,
+    /// and a mask that is not of the ranges form (the dense path); 150 positions, so that
+    /// the last query block and the padded key tiles are partial.
+    #[test]
+    fn bf16_products_stay_within_rounding_of_the_f64_kernel() {
+        let kernels = super::super::amx::kernels_on_this_cpu();
+        if kernels.is_empty() {
+            eprintln!("skipped: neither AMX tiles nor AVX512-BF16 on this machine");
+            return;
+        }
+        let (b, s, nh, nkv, hd) = (2, 150, 4, 2, 64);
+        let d = (nh + 2 * nkv) * hd;
+        let dev = &Device::Cpu;
+        let qkv = Tensor::from_vec(values(b * s * d, 1.7, 1), (b * s, d), dev).unwrap();
+        let dout =
+            Tensor::from_vec(values(b * s * nh * hd, 1.0, 2), (b * s, nh * hd), dev).unwrap();
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(b * s * half);
+        let mut sin = Vec::with_capacity(b * s * half);
+        for _ in 0..b {
+            for p in 0..s {
+                for i in 0..half {
+                    let th = p as f64 * 10000f64.powf(-2.0 * i as f64 / hd as f64);
+                    cos.push(th.cos());
+                    sin.push(th.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, s, half), dev).unwrap();
+        let sin = Tensor::from_vec(sin, (b, s, half), dev).unwrap();
+        let inf = f64::NEG_INFINITY;
+        let causal = |_: usize, i: usize, j: usize| if j <= i { 0.0 } else { inf };
+        // Row 1 left-padded by 20: padding sees itself, the rest sees 20..=i.
+        let padded = |bi: usize, i: usize, j: usize| match (bi, i < 20) {
+            (1, true) if i == j => 0.0,
+            (1, true) => inf,
+            (1, false) if (20..=i).contains(&j) => 0.0,
+            (1, false) => inf,
+            _ => causal(bi, i, j),
+        };
+        let biased =
+            |bi: usize, i: usize, j: usize| causal(bi, i, j) - 0.01 * (i - j.min(i)) as f64;
+        let masks: [(&str, &dyn Fn(usize, usize, usize) -> f64); 3] = [
+            ("causal", &causal),
+            ("left-padded", &padded),
+            ("dense", &biased),
+        ];
+        for (what, f) in masks {
+            let m: Vec<f64> = (0..b * s * s)
+                .map(|x| f(x / (s * s), (x / s) % s, x % s))
+                .collect();
+            let mask = Tensor::from_vec(m, (b, s, s), dev).unwrap();
+            let op = |dt: DType, bf16| Attention {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f64).sqrt(),
+                cos: cos.to_dtype(dt).unwrap(),
+                sin: sin.to_dtype(dt).unwrap(),
+                mask: mask.to_dtype(dt).unwrap(),
+                bf16,
+            };
+            let run = |op: &Attention, dt: DType| {
+                let x = qkv.to_dtype(dt).unwrap();
+                let y = x.apply_op1_no_bwd(op).unwrap();
+                let dx = x
+                    .apply_op2_no_bwd(&dout.to_dtype(dt).unwrap(), &AttentionBwd(op))
+                    .unwrap();
+                (y, dx)
+            };
+            let (y64, dx64) = run(&op(DType::F64, None), DType::F64);
+            for &kernel in &kernels {
+                let (y, dx) = run(&op(DType::F32, Some(kernel)), DType::F32);
+                // Each gradient part on its own: dQ, dK and dV differ in scale.
+                let parts = [
+                    ("out", 0, nh * hd),
+                    ("dq", 0, nh * hd),
+                    ("dk", nh * hd, nkv * hd),
+                ];
+                let parts = parts.into_iter().chain([("dv", (nh + nkv) * hd, nkv * hd)]);
+                for (name, c0, w) in parts {
+                    let (got, want) = if name == "out" {
+                        (y.clone(), y64.clone())
+                    } else {
+                        (dx.narrow(1, c0, w).unwrap(), dx64.narrow(1, c0, w).unwrap())
+                    };
+                    let (rms, max) = rel_errors(&got, &want);
+                    assert!(
+                        rms < 1e-2 && max < 2e-2,
+                        "{kernel:?} {what} {name}: relative error rms {rms:.2e}, max {max:.2e}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn mask_rows_read_as_ranges_of_seen_keys() {
