@@ -421,19 +421,39 @@ fn bf16_matmuls_train_close_to_transformers() {
                 "{name}: the AMX path gave f32's loss bit for bit"
             );
             let hf = ck.model.hf_grads(&grads).unwrap();
-            let mut worst = 0f64;
+            let (mut worst, mut diff2, mut ref2) = (0f64, 0f64, 0f64);
             for (pname, g) in &hf {
-                let e = rel_err(g, &r[&format!("grad.{pname}")]);
+                let want = &r[&format!("grad.{pname}")];
+                let e = rel_err(g, want);
                 worst = worst.max(e);
-                // Up to ~5% on the fixtures (bias and norm gradients, sums with
-                // cancellation); a wrong operand would be off by ~100%.
-                assert!(e < 6e-2, "{name}: `{pname}` gradient relative error {e}");
+                // Up to ~6% on the fixtures' widths of 32-64 (norm and bias gradients
+                // are sums with cancellation); a wrong operand is off by ~100%.
+                assert!(e < 1e-1, "{name}: `{pname}` gradient relative error {e}");
+                let (d, w) = sq_norms(g, want);
+                diff2 += d;
+                ref2 += w;
             }
-            eprintln!("{name} (checkpoint {checkpoint}): loss {loss} vs {want}, worst gradient error {worst:.2e}");
+            // Over the whole gradient vector, bf16 operands in every product (linear
+            // layers and attention) keep the error at 1-3% on the fixtures.
+            let whole = (diff2 / ref2).sqrt();
+            eprintln!("{name} (checkpoint {checkpoint}): loss {loss} vs {want}, worst gradient error {worst:.2e}, whole gradient {whole:.2e}");
+            assert!(
+                whole < 4e-2,
+                "{name}: whole-gradient relative error {whole}"
+            );
         }
         ck.model.set_bf16_matmuls(false);
         let (loss, _) = next_token_loss(&ck.model, &ids, false);
         assert_eq!(loss, loss32, "{name}: switching back gives f32 again");
         drop(grads32);
     }
+}
+
+/// (||a - b||^2, ||b||^2) in f64.
+fn sq_norms(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let d = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let w = b.sqr().unwrap().sum_all().unwrap();
+    (d.to_scalar().unwrap(), w.to_scalar().unwrap())
 }
