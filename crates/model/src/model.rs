@@ -1027,12 +1027,11 @@ impl CausalLM {
     }
 
     /// With `on`, the training passes (`forward_hidden`, `forward_backward`) compute the
-    /// linear layers' products and those of the fused attention (scores, weighted values
-    /// and their backward), forward and backward, from bf16-rounded operands with f32
-    /// sums (mixed precision; the weights, their gradients, softmax and the optimizer
-    /// stay f32),
-    /// when the model is f32 on a CPU with AMX or AVX512-BF16; otherwise it changes
-    /// nothing. Returns whether the products now run in bf16.
+    /// products of the linear layers and of the fused attention (scores, weighted values
+    /// and their backward) from bf16-rounded operands with f32 sums (mixed precision; the
+    /// weights, their gradients, softmax and the optimizer stay f32), when the model is
+    /// f32 on a CPU with AMX or AVX512-BF16; otherwise it changes nothing. Returns
+    /// whether the products now run in bf16.
     pub fn set_bf16_matmuls(&self, on: bool) -> bool {
         self.bf16_matmuls
             .store(on, std::sync::atomic::Ordering::SeqCst);

@@ -434,7 +434,8 @@ fn bf16_matmuls_train_close_to_transformers() {
                 ref2 += w;
             }
             // Over the whole gradient vector, bf16 operands in every product (linear
-            // layers and attention) keep the error at 1-3% on the fixtures.
+            // layers and attention) keep the error at 1-3% on the fixtures; scaling the
+            // row term of the attention's softmax gradient by 0.98 gives 4.5%.
             let whole = (diff2 / ref2).sqrt();
             eprintln!("{name} (checkpoint {checkpoint}): loss {loss} vs {want}, worst gradient error {worst:.2e}, whole gradient {whole:.2e}");
             assert!(
