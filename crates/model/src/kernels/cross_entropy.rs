@@ -193,27 +193,6 @@ fn amx_product<T: Elem>(
     Ok(unsafe { Vec::from_raw_parts(c.as_ptr() as *mut T, c.len(), c.capacity()) })
 }
 
-/// `dst[m x n] = a[m x k] @ b[k x n]`, operands by (row, column) strides: gemm in `T`,
-/// or with `bf16` (f32 only) in bf16 ([`amx_product`]).
-#[allow(clippy::too_many_arguments)]
-fn head_product<T: Elem>(
-    bf16: bool,
-    dims: (usize, usize, usize),
-    dst: &mut [T],
-    a: &[T],
-    astr: (usize, usize),
-    b: &[T],
-    bstr: (usize, usize),
-) -> Result<()> {
-    if bf16 {
-        let c = amx_product(dims, a, astr, b, bstr)?;
-        dst[..c.len()].copy_from_slice(&c);
-    } else {
-        mm_par(dims, dst, a, astr, b, bstr);
-    }
-    Ok(())
-}
-
 /// The logits `h @ w^T` (`[n, v]`) of `hs: [n, hd]` and `ws: [v, hd]`; on AMX with `bf16`
 /// (no copy: the tiles' result is the buffer).
 fn head_logits<T: Elem>(
@@ -355,6 +334,20 @@ fn linear_nll_bwd<T: Elem>(
             (z, lse)
         }
     };
+    if op.bf16 && n > 0 {
+        let mut out = written_in_full(n * hd + v * hd);
+        let (dh, dw) = out.split_at_mut(n * hd);
+        let head = BwdHead {
+            z: &z,
+            lse: &lse,
+            tg,
+            gs,
+            ignore: op.ignore,
+        };
+        bf16_head_bwd(&head, (n, v, hd), hs, ws, dh, dw, HEAD_CHUNK)?;
+        let len = out.len();
+        return Ok((T::to_cpu_storage_owned(out), Shape::from(len)));
+    }
     // dZ = g * (exp(z - lse) - onehot(t)), in place: one pass over the logits.
     z.par_chunks_mut(v)
         .zip(tg.par_iter().zip(gs.par_iter().zip(lse.par_iter())))
@@ -374,11 +367,77 @@ fn linear_nll_bwd<T: Elem>(
     };
     if n > 0 {
         let (dh, dw) = out.split_at_mut(n * hd);
-        head_product(op.bf16, (n, hd, v), dh, &z, (v, 1), ws, (hd, 1))?;
-        head_product(op.bf16, (v, hd, n), dw, &z, (1, v), hs, (hd, 1))?;
+        mm_par((n, hd, v), dh, &z, (v, 1), ws, (hd, 1));
+        mm_par((v, hd, n), dw, &z, (1, v), hs, (hd, 1));
     }
     let len = out.len();
     Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+}
+
+/// Logit-gradient elements per vocabulary chunk of the bf16 head backward: 4 Mi, 16 MiB
+/// of f32 (below glibc's mmap threshold, so the chunk buffers are heap memory, reused).
+const HEAD_CHUNK: usize = 1 << 22;
+
+/// What the head's backward reads per row: the forward's logits `[n, v]` and their
+/// log-sum-exp, the targets, and the loss gradient of each row.
+struct BwdHead<'a, T> {
+    z: &'a [T],
+    lse: &'a [T],
+    tg: &'a [u32],
+    gs: &'a [T],
+    ignore: Option<u32>,
+}
+
+/// The head's two gradients in bf16 products, a vocabulary chunk at a time: each chunk's
+/// logit gradients `dZ[:, v0..v1]` are computed into one reused f32 buffer of about
+/// `chunk` elements, then `dh += dZc @ w[v0..v1]` and `dw[v0..v1] = dZc^T @ h`. The whole
+/// `dZ` (as large as the logits) is never written, nor its two bf16 layouts: at SmolLM2's
+/// vocabulary and 2,048 tokens those were 400 MB and 2 x 201 MB of fresh pages a step,
+/// and the transposed one read rows 196 KB apart. Every product takes the same
+/// bf16-rounded operands as over the whole vocabulary at once; `dh` sums the chunks'
+/// partial products.
+#[allow(clippy::too_many_arguments)]
+fn bf16_head_bwd<T: Elem>(
+    head: &BwdHead<'_, T>,
+    (n, v, hd): (usize, usize, usize),
+    hs: &[T],
+    ws: &[T],
+    dh: &mut [T],
+    dw: &mut [T],
+    chunk: usize,
+) -> Result<()> {
+    let vc = (chunk / n.max(1) / 32 * 32).max(32).min(v);
+    let mut dz = written_in_full(n * vc);
+    for v0 in (0..v).step_by(vc) {
+        let c = vc.min(v - v0);
+        let dz = &mut dz[..n * c];
+        dz.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
+            let (t, g) = (head.tg[i], head.gs[i]);
+            if Some(t) == head.ignore {
+                row.fill(T::zero());
+                return;
+            }
+            let (z, lse) = (&head.z[i * v + v0..i * v + v0 + c], head.lse[i]);
+            fast!(row
+                .iter_mut()
+                .zip(z)
+                .for_each(|(d, &x)| *d = (x - lse).fexp() * g));
+            if let Some(j) = (t as usize).checked_sub(v0).filter(|&j| j < c) {
+                row[j] = row[j] - g;
+            }
+        });
+        let dh_c = amx_product((n, hd, c), dz, (c, 1), &ws[v0 * hd..(v0 + c) * hd], (hd, 1))?;
+        if v0 == 0 {
+            dh.copy_from_slice(&dh_c);
+        } else {
+            dh.par_chunks_mut(1 << 14)
+                .zip(dh_c.par_chunks(1 << 14))
+                .for_each(|(a, b)| fast!(a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b)));
+        }
+        let dw_c = amx_product((c, hd, n), dz, (1, c), hs, (hd, 1))?;
+        dw[v0 * hd..(v0 + c) * hd].copy_from_slice(&dw_c);
+    }
+    Ok(())
 }
 
 impl CustomOp3 for LinearNllBwd {
@@ -395,5 +454,86 @@ impl CustomOp3 for LinearNllBwd {
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         dispatch!(h.dtype(), linear_nll_bwd(self, h, lh, w, lw, g, lg))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::amx::{bf16_available, bf16_bits, bf16_value};
+
+    /// The chunked bf16 backward of the fused head against a reference in f64 from the
+    /// same bf16-rounded operands over the whole vocabulary: chunks of 32 columns (the
+    /// last one short), a target in each chunk, one on a chunk's first and one on its
+    /// last column, and an ignored row (zero gradients).
+    #[test]
+    fn bf16_head_backward_in_vocabulary_chunks_is_the_product_of_rounded_gradients() {
+        if !bf16_available() {
+            return;
+        }
+        let (n, v, hd, ignore) = (37usize, 100usize, 40usize, 7u32);
+        let mut rng = tooltrain_util::Rng::new(5);
+        let mut rand = |k: usize, s: f32| -> Vec<f32> {
+            (0..k)
+                .map(|_| (rng.next_u64() % 20001) as f32 / 10000.0 * s - s)
+                .collect()
+        };
+        let (z, hs, ws, gs) = (
+            rand(n * v, 4.0),
+            rand(n * hd, 1.0),
+            rand(v * hd, 1.0),
+            rand(n, 1.0),
+        );
+        let lse: Vec<f32> = z.chunks(v).map(row_lse).collect();
+        let mut tg: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 5) % v as u32).collect();
+        (tg[0], tg[1], tg[2]) = (32, 63, ignore);
+        let head = BwdHead {
+            z: &z,
+            lse: &lse,
+            tg: &tg,
+            gs: &gs,
+            ignore: Some(ignore),
+        };
+        let (mut dh, mut dw) = (vec![f32::NAN; n * hd], vec![f32::NAN; v * hd]);
+        bf16_head_bwd(&head, (n, v, hd), &hs, &ws, &mut dh, &mut dw, n * 32).unwrap();
+        // The reference: dZ in f32 as the forward defines it, rounded, products in f64.
+        let r = |x: f32| bf16_value(bf16_bits(x)) as f64;
+        let dz: Vec<f64> = (0..n * v)
+            .map(|e| {
+                let (i, j) = (e / v, e % v);
+                if tg[i] == ignore {
+                    return 0.0;
+                }
+                let mut d = (z[e] - lse[i]).fexp() * gs[i];
+                if j == tg[i] as usize {
+                    d -= gs[i];
+                }
+                r(d)
+            })
+            .collect();
+        for i in 0..n {
+            for k in 0..hd {
+                let want: f64 = (0..v).map(|j| dz[i * v + j] * r(ws[j * hd + k])).sum();
+                let got = dh[i * hd + k] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "dh[{i},{k}]: {got} vs {want}"
+                );
+            }
+        }
+        for j in 0..v {
+            for k in 0..hd {
+                let want: f64 = (0..n).map(|i| dz[i * v + j] * r(hs[i * hd + k])).sum();
+                let got = dw[j * hd + k] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "dw[{j},{k}]: {got} vs {want}"
+                );
+            }
+        }
+        assert!(
+            dh[2 * hd..3 * hd].iter().all(|&x| x == 0.0),
+            "the ignored row"
+        );
     }
 }
