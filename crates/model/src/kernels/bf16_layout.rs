@@ -178,6 +178,42 @@ mod x86 {
         }
     }
 
+    /// The transpose of a 16 x 16 matrix of u32 (`m[q]` lane `l` is element `(q, l)`):
+    /// lane `q` of row `l` of the result is `m[q]` lane `l`. Pairs of 32-bit lanes, then
+    /// 64-bit lanes, are interleaved within each 128-bit block, then the 128-bit blocks
+    /// are gathered across vectors.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(m: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for k in 0..8 {
+            t[2 * k] = _mm512_unpacklo_epi32(m[2 * k], m[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_epi32(m[2 * k], m[2 * k + 1]);
+        }
+        // u[4k + j], 128-bit block b: elements (4k..4k + 4, 4b + j).
+        let mut u = [_mm512_setzero_si512(); 16];
+        for k in 0..4 {
+            let (a, b, c, d) = (t[4 * k], t[4 * k + 1], t[4 * k + 2], t[4 * k + 3]);
+            u[4 * k] = _mm512_unpacklo_epi64(a, c);
+            u[4 * k + 1] = _mm512_unpackhi_epi64(a, c);
+            u[4 * k + 2] = _mm512_unpacklo_epi64(b, d);
+            u[4 * k + 3] = _mm512_unpackhi_epi64(b, d);
+        }
+        // Row 4b + j is block b of u[j], u[4 + j], u[8 + j], u[12 + j], in that order.
+        let mut out = [_mm512_setzero_si512(); 16];
+        for j in 0..4 {
+            let w0 = _mm512_shuffle_i32x4::<0x44>(u[j], u[4 + j]);
+            let w1 = _mm512_shuffle_i32x4::<0xee>(u[j], u[4 + j]);
+            let w2 = _mm512_shuffle_i32x4::<0x44>(u[8 + j], u[12 + j]);
+            let w3 = _mm512_shuffle_i32x4::<0xee>(u[8 + j], u[12 + j]);
+            out[j] = _mm512_shuffle_i32x4::<0x88>(w0, w2);
+            out[4 + j] = _mm512_shuffle_i32x4::<0xdd>(w0, w2);
+            out[8 + j] = _mm512_shuffle_i32x4::<0x88>(w1, w3);
+            out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(w1, w3);
+        }
+        out
+    }
+
     /// Rounded lanes of the `n` (<= 16) contiguous values at `data[at..]`, zeros after.
     ///
     /// # Safety
@@ -270,32 +306,29 @@ mod x86 {
             }
             true
         } else if a.rs == 1 {
-            // Columns contiguous: 16 rows at a time, a pair of columns (c, c + 1) per
-            // step, scattered as one u32 into each row. The columns are the inner loop,
-            // so that each load walks the source at one stride (the prefetcher follows
-            // it) while 16 output rows fill left to right.
-            let step = _mm512_mullo_epi32(
-                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                _mm512_set1_epi32((kp / 2) as i32),
-            );
+            // Columns contiguous: 16 rows x 32 columns at a time. A column's 16 values
+            // are one load, each pair of columns makes a vector of 16 u32 (lane l: row
+            // l), and a 16 x 16 transpose in registers turns the 16 pairs into each row's
+            // 64-byte run, stored whole.
             for i0 in (0..nrows).step_by(16) {
                 let (r, live) = (r0 + i0, (nrows - i0).min(16));
                 let n = a.rows.saturating_sub(r).min(live);
-                for c in (0..kp).step_by(2) {
-                    let lo = load16(a.data, c * a.cs + r, if c < a.cols { n } else { 0 });
-                    let hi = load16(
-                        a.data,
-                        (c + 1) * a.cs + r,
-                        if c + 1 < a.cols { n } else { 0 },
-                    );
-                    let pair = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
-                    // Row i0 + l, column c: u32 offset (i0 + l) kp / 2 + c / 2.
-                    _mm512_mask_i32scatter_epi32::<4>(
-                        out.add(i0 * kp + c) as *mut i32,
-                        first(live),
-                        step,
-                        pair,
-                    );
+                for c0 in (0..kp).step_by(32) {
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    for (q, v) in v.iter_mut().enumerate() {
+                        let c = c0 + 2 * q;
+                        let lo = load16(a.data, c * a.cs + r, if c < a.cols { n } else { 0 });
+                        let hi = load16(
+                            a.data,
+                            (c + 1) * a.cs + r,
+                            if c + 1 < a.cols { n } else { 0 },
+                        );
+                        *v = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+                    }
+                    let v = transpose16(v);
+                    for (l, v) in v.iter().enumerate().take(live) {
+                        _mm512_storeu_si512(out.add((i0 + l) * kp + c0) as *mut __m512i, *v);
+                    }
                 }
             }
             true
