@@ -310,10 +310,13 @@ mod x86 {
             // are one load, each pair of columns makes a vector of 16 u32 (lane l: row
             // l), and a 16 x 16 transpose in registers turns the 16 pairs into each row's
             // 64-byte run, stored whole.
-            for i0 in (0..nrows).step_by(16) {
-                let (r, live) = (r0 + i0, (nrows - i0).min(16));
-                let n = a.rows.saturating_sub(r).min(live);
-                for c0 in (0..kp).step_by(32) {
+            // The row blocks are the inner loop: a column's run over all of `dst`'s rows
+            // (up to 256 bytes) is read at once, so a pass over the columns (far apart in
+            // a large source) is made once per call, not once per 16 rows.
+            for c0 in (0..kp).step_by(32) {
+                for i0 in (0..nrows).step_by(16) {
+                    let (r, live) = (r0 + i0, (nrows - i0).min(16));
+                    let n = a.rows.saturating_sub(r).min(live);
                     let mut v = [_mm512_setzero_si512(); 16];
                     for (q, v) in v.iter_mut().enumerate() {
                         let c = c0 + 2 * q;
