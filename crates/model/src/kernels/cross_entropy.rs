@@ -511,26 +511,27 @@ mod tests {
                 r(d)
             })
             .collect();
-        for i in 0..n {
-            for k in 0..hd {
-                let want: f64 = (0..v).map(|j| dz[i * v + j] * r(ws[j * hd + k])).sum();
-                let got = dh[i * hd + k] as f64;
-                assert!(
-                    (got - want).abs() < 1e-5 * (1.0 + want.abs()),
-                    "dh[{i},{k}]: {got} vs {want}"
-                );
+        // dh = dZ @ w over the vocabulary, dw = dZ^T @ h over the tokens: `got[a, k]`
+        // against the f64 sum over `inner` of dZ(a, b) * other[b, k].
+        let check = |name: &str,
+                     got: &[f32],
+                     rows: usize,
+                     inner: usize,
+                     other: &[f32],
+                     dz_at: &dyn Fn(usize, usize) -> f64| {
+            for a in 0..rows {
+                for k in 0..hd {
+                    let want: f64 = (0..inner).map(|b| dz_at(a, b) * r(other[b * hd + k])).sum();
+                    let got = got[a * hd + k] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "{name}[{a},{k}]: {got} vs {want}"
+                    );
+                }
             }
-        }
-        for j in 0..v {
-            for k in 0..hd {
-                let want: f64 = (0..n).map(|i| dz[i * v + j] * r(hs[i * hd + k])).sum();
-                let got = dw[j * hd + k] as f64;
-                assert!(
-                    (got - want).abs() < 1e-5 * (1.0 + want.abs()),
-                    "dw[{j},{k}]: {got} vs {want}"
-                );
-            }
-        }
+        };
+        check("dh", &dh, n, v, &ws, &|i, j| dz[i * v + j]);
+        check("dw", &dw, v, n, &hs, &|j, i| dz[i * v + j]);
         assert!(
             dh[2 * hd..3 * hd].iter().all(|&x| x == 0.0),
             "the ignored row"
