@@ -166,11 +166,44 @@ impl AmxMatrix {
         if x.len() != m * self.k {
             bail!("bf16 matmul: {} values for [{m}, {}]", x.len(), self.k)
         }
-        if m == 0 {
-            return Ok(Vec::new());
+        Ok(self.matmul_strided_on(x, m, (self.k, 1), kernel))
+    }
+
+    /// `x @ w` for the `[m, k]` matrix whose element `(i, j)` is `x[i * rs + j * cs]`
+    /// (row-major or transposed storage): `[m, n]`, row-major. The packed matrix can
+    /// serve many left-hand operands (a loss head's vocabulary chunks).
+    pub(crate) fn matmul_strided(
+        &self,
+        x: &[f32],
+        m: usize,
+        (rs, cs): (usize, usize),
+    ) -> Result<Vec<f32>> {
+        let Some(kernel) = bf16_kernel() else {
+            bail!("bf16 matmul: this CPU or process has neither AMX tiles nor AVX512-BF16")
+        };
+        if m > 0 && x.len() <= (m - 1) * rs + (self.k - 1) * cs {
+            bail!(
+                "bf16 matmul: {} values are too few for [{m}, {}]",
+                x.len(),
+                self.k
+            )
         }
-        let a = rows_bf16(x, m, self.k, (self.k, 1), self.kp, kernel);
-        Ok(self.product(&a, m, kernel))
+        Ok(self.matmul_strided_on(x, m, (rs, cs), kernel))
+    }
+
+    /// [`Self::matmul_strided`] on `kernel`; the caller checked the bounds.
+    fn matmul_strided_on(
+        &self,
+        x: &[f32],
+        m: usize,
+        xstr: (usize, usize),
+        kernel: Bf16Kernel,
+    ) -> Vec<f32> {
+        if m == 0 {
+            return Vec::new();
+        }
+        let a = rows_bf16(x, m, self.k, xstr, self.kp, kernel);
+        self.product(&a, m, kernel)
     }
 
     /// `a @ w` for `a` from [`rows_bf16`] for the same kernel (`m` rows of this matrix's
@@ -337,8 +370,7 @@ fn gemm_on(
         rs: bstr.0,
         cs: bstr.1,
     });
-    let x = rows_bf16(a, m, k, astr, w.kp, kernel);
-    Ok(w.product(&x, m, kernel))
+    Ok(w.matmul_strided_on(a, m, astr, kernel))
 }
 
 /// Which operands of [`AmxGemm`] are transposed.

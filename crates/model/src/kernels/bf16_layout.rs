@@ -309,10 +309,9 @@ mod x86 {
             // Columns contiguous: 16 rows x 32 columns at a time. A column's 16 values
             // are one load, each pair of columns makes a vector of 16 u32 (lane l: row
             // l), and a 16 x 16 transpose in registers turns the 16 pairs into each row's
-            // 64-byte run, stored whole.
-            // The row blocks are the inner loop: a column's run over all of `dst`'s rows
-            // (up to 256 bytes) is read at once, so a pass over the columns (far apart in
-            // a large source) is made once per call, not once per 16 rows.
+            // 64-byte run, stored whole. The row blocks are the inner loop, so a column's
+            // run over all of `dst`'s rows (up to 256 bytes) is read at once and the
+            // columns (far apart in a large source) are walked once per call.
             for c0 in (0..kp).step_by(32) {
                 for i0 in (0..nrows).step_by(16) {
                     let (r, live) = (r0 + i0, (nrows - i0).min(16));

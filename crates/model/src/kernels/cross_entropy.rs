@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{dot, max_of, mm_par, slice, softmax_in_place, written_in_full, Elem};
+use super::{amx, dot, max_of, mm_par, slice, softmax_in_place, written_in_full, AmxMatrix, Elem};
 
 /// Per-row negative log-likelihood `lse(z) - z[target]` of `logits: [n, v]` against
 /// `targets: [n]` (u32); rows whose target is `ignore` give 0.
@@ -334,31 +334,6 @@ fn linear_nll_bwd<T: Elem>(
             (z, lse)
         }
     };
-    if op.bf16 && n > 0 {
-        let mut out = written_in_full(n * hd + v * hd);
-        let (dh, dw) = out.split_at_mut(n * hd);
-        let head = BwdHead {
-            z: &z,
-            lse: &lse,
-            tg,
-            gs,
-            ignore: op.ignore,
-        };
-        bf16_head_bwd(&head, (n, v, hd), hs, ws, dh, dw, HEAD_CHUNK)?;
-        let len = out.len();
-        return Ok((T::to_cpu_storage_owned(out), Shape::from(len)));
-    }
-    // dZ = g * (exp(z - lse) - onehot(t)), in place: one pass over the logits.
-    z.par_chunks_mut(v)
-        .zip(tg.par_iter().zip(gs.par_iter().zip(lse.par_iter())))
-        .for_each(|(z, (&t, (&g, &lse)))| {
-            if Some(t) == op.ignore {
-                z.iter_mut().for_each(|x| *x = T::zero());
-            } else {
-                fast!(z.iter_mut().for_each(|x| *x = (*x - lse).fexp() * g));
-                z[t as usize] = z[t as usize] - g;
-            }
-        });
     // With no rows, the weight's gradient is zero; otherwise both products write all of it.
     let mut out = if n > 0 {
         written_in_full(n * hd + v * hd)
@@ -367,8 +342,38 @@ fn linear_nll_bwd<T: Elem>(
     };
     if n > 0 {
         let (dh, dw) = out.split_at_mut(n * hd);
-        mm_par((n, hd, v), dh, &z, (v, 1), ws, (hd, 1));
-        mm_par((v, hd, n), dw, &z, (1, v), hs, (hd, 1));
+        if op.bf16 {
+            if T::DTYPE != DType::F32 {
+                bail!("linear-nll: bf16 products take f32, not {:?}", T::DTYPE)
+            }
+            fn f<T: Elem>(x: &[T]) -> &[f32] {
+                T::as_f32(x).expect("T is f32")
+            }
+            let head = BwdHead {
+                z: f(&z),
+                lse: f(&lse),
+                tg,
+                gs: f(gs),
+                ignore: op.ignore,
+            };
+            let dh = T::as_f32_mut(dh).expect("T is f32");
+            let dw = T::as_f32_mut(dw).expect("T is f32");
+            bf16_head_bwd(&head, (n, v, hd), f(hs), f(ws), dh, dw, HEAD_CHUNK)?;
+        } else {
+            // dZ = g * (exp(z - lse) - onehot(t)), in place: one pass over the logits.
+            z.par_chunks_mut(v)
+                .zip(tg.par_iter().zip(gs.par_iter().zip(lse.par_iter())))
+                .for_each(|(z, (&t, (&g, &lse)))| {
+                    if Some(t) == op.ignore {
+                        z.iter_mut().for_each(|x| *x = T::zero());
+                    } else {
+                        fast!(z.iter_mut().for_each(|x| *x = (*x - lse).fexp() * g));
+                        z[t as usize] = z[t as usize] - g;
+                    }
+                });
+            mm_par((n, hd, v), dh, &z, (v, 1), ws, (hd, 1));
+            mm_par((v, hd, n), dw, &z, (1, v), hs, (hd, 1));
+        }
     }
     let len = out.len();
     Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
@@ -380,41 +385,42 @@ const HEAD_CHUNK: usize = 1 << 22;
 
 /// What the head's backward reads per row: the forward's logits `[n, v]` and their
 /// log-sum-exp, the targets, and the loss gradient of each row.
-struct BwdHead<'a, T> {
-    z: &'a [T],
-    lse: &'a [T],
+struct BwdHead<'a> {
+    z: &'a [f32],
+    lse: &'a [f32],
     tg: &'a [u32],
-    gs: &'a [T],
+    gs: &'a [f32],
     ignore: Option<u32>,
 }
 
 /// The head's two gradients in bf16 products, a vocabulary chunk at a time: each chunk's
 /// logit gradients `dZ[:, v0..v1]` are computed into one reused f32 buffer of about
-/// `chunk` elements, then `dh += dZc @ w[v0..v1]` and `dw[v0..v1] = dZc^T @ h`. The whole
-/// `dZ` (as large as the logits) is never written, nor its two bf16 layouts: at SmolLM2's
-/// vocabulary and 2,048 tokens those were 400 MB and 2 x 201 MB of fresh pages a step,
-/// and the transposed one read rows 196 KB apart. Every product takes the same
-/// bf16-rounded operands as over the whole vocabulary at once; `dh` sums the chunks'
-/// partial products.
+/// `chunk` elements, then `dh += dZc @ w[v0..v1]` and `dw[v0..v1] = dZc^T @ h` (`h`
+/// packed once for all chunks). The whole `dZ` (as large as the logits) is never
+/// written, nor its two bf16 layouts: at SmolLM2's vocabulary and 2,048 tokens those
+/// were 400 MB and 2 x 201 MB of fresh pages a step, and the transposed one read rows
+/// 196 KB apart. Every product takes the same bf16-rounded operands as over the whole
+/// vocabulary at once; `dh` sums the chunks' partial products.
 #[allow(clippy::too_many_arguments)]
-fn bf16_head_bwd<T: Elem>(
-    head: &BwdHead<'_, T>,
+fn bf16_head_bwd(
+    head: &BwdHead<'_>,
     (n, v, hd): (usize, usize, usize),
-    hs: &[T],
-    ws: &[T],
-    dh: &mut [T],
-    dw: &mut [T],
+    hs: &[f32],
+    ws: &[f32],
+    dh: &mut [f32],
+    dw: &mut [f32],
     chunk: usize,
 ) -> Result<()> {
     let vc = (chunk / n.max(1) / 32 * 32).max(32).min(v);
-    let mut dz = written_in_full(n * vc);
+    let h_tiles = AmxMatrix::pack(hs, n, hd)?;
+    let mut dz = written_in_full::<f32>(n * vc);
     for v0 in (0..v).step_by(vc) {
         let c = vc.min(v - v0);
         let dz = &mut dz[..n * c];
         dz.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
             let (t, g) = (head.tg[i], head.gs[i]);
             if Some(t) == head.ignore {
-                row.fill(T::zero());
+                row.fill(0.0);
                 return;
             }
             let (z, lse) = (&head.z[i * v + v0..i * v + v0 + c], head.lse[i]);
@@ -423,18 +429,18 @@ fn bf16_head_bwd<T: Elem>(
                 .zip(z)
                 .for_each(|(d, &x)| *d = (x - lse).fexp() * g));
             if let Some(j) = (t as usize).checked_sub(v0).filter(|&j| j < c) {
-                row[j] = row[j] - g;
+                row[j] -= g;
             }
         });
-        let dh_c = amx_product((n, hd, c), dz, (c, 1), &ws[v0 * hd..(v0 + c) * hd], (hd, 1))?;
+        let dh_c = amx::gemm((n, c, hd), dz, (c, 1), &ws[v0 * hd..(v0 + c) * hd], (hd, 1))?;
         if v0 == 0 {
             dh.copy_from_slice(&dh_c);
         } else {
             dh.par_chunks_mut(1 << 14)
                 .zip(dh_c.par_chunks(1 << 14))
-                .for_each(|(a, b)| fast!(a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b)));
+                .for_each(|(a, b)| fast!(a.iter_mut().zip(b).for_each(|(a, &b)| *a += b)));
         }
-        let dw_c = amx_product((c, hd, n), dz, (1, c), hs, (hd, 1))?;
+        let dw_c = h_tiles.matmul_strided(dz, c, (1, c))?;
         dw[v0 * hd..(v0 + c) * hd].copy_from_slice(&dw_c);
     }
     Ok(())
