@@ -410,6 +410,7 @@ pub fn attention(
         } else {
             None
         },
+        lse: Default::default(),
     };
     qkv.contiguous()?.apply_op1(op)
 }

@@ -3,13 +3,13 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
 use super::amx::{product_here, product_prefix, Bf16Kernel};
 use super::bf16_layout::{rows_on, tiles_on, Strided};
-use super::{cast, dot, max_of, mm, slice, softmax_in_place, written_in_full, Elem};
+use super::{cast, dot, max_of, mm, slice, written_in_full, Elem};
 
 /// Causal multi-head attention with RoPE and grouped key/value heads, fused into one
 /// op over the packed projection `qkv: [b * s, (heads + 2 kv_heads) * head_dim]`
@@ -18,6 +18,11 @@ use super::{cast, dot, max_of, mm, slice, softmax_in_place, written_in_full, Ele
 /// its query is always masked). Output `[b * s, heads * head_dim]`. The backward pass
 /// recomputes the attention probabilities block by block, so no `[s x s]` tensor per
 /// head is kept between the passes.
+///
+/// The forward pass keeps each query row's log-sum-exp of its scaled, masked scores
+/// ([`Attention::lse`]), so the backward pass turns recomputed scores into probabilities in
+/// one pass, `exp(score - lse)`, and takes the softmax gradient's row sums from the output,
+/// `rowdot(dP, P) = rowdot(dO, O)` (`hd` values per row instead of one per seen key).
 ///
 /// With `bf16` (f32 tensors only), every product of both passes (scores, weighted values,
 /// and the four of the backward) takes bf16-rounded operands with f32 sums on that kernel,
@@ -31,6 +36,9 @@ pub(crate) struct Attention {
     pub sin: Tensor,
     pub mask: Tensor,
     pub bf16: Option<Bf16Kernel>,
+    /// Set by the forward pass: the log-sum-exp of each query row's scaled, masked scores,
+    /// `[b, heads, s]` (an op is applied once, so its backward reads its own forward's).
+    pub lse: std::sync::Mutex<Option<Vec<f64>>>,
 }
 
 const QBLOCK: usize = 64;
@@ -122,14 +130,30 @@ fn head_rows<T: Elem>(
                     &cos[(bi * s + t) * half..(bi * s + t + 1) * half],
                     &sin[(bi * s + t) * half..(bi * s + t + 1) * half],
                 );
-                for k in 0..half {
-                    dst[k] = src[k] * c[k] - src[k + half] * sn[k];
-                    dst[k + half] = src[k] * sn[k] + src[k + half] * c[k];
-                }
+                let (a, b) = src.split_at(half);
+                let (da, db) = dst.split_at_mut(half);
+                rope_halves((da, db), (a, b), (c, sn));
             }
         }
     }
     out
+}
+
+/// RoPE of one row's halves `(a, b)` into `(da, db)`. Separate slices as arguments: the
+/// compiler then knows that the output does not overlap the input, and vectorises the
+/// loop without a run-time overlap check (which kept it scalar inline).
+#[inline(always)]
+fn rope_halves<T: Elem>(
+    (da, db): (&mut [T], &mut [T]),
+    (a, b): (&[T], &[T]),
+    (c, sn): (&[T], &[T]),
+) {
+    let n = da.len();
+    let (db, a, b, c, sn) = (&mut db[..n], &a[..n], &b[..n], &c[..n], &sn[..n]);
+    for k in 0..n {
+        da[k] = a[k] * c[k] - b[k] * sn[k];
+        db[k] = a[k] * sn[k] + b[k] * c[k];
+    }
 }
 
 /// Inverse RoPE of a head's gradient rows, in place.
@@ -142,10 +166,11 @@ fn unrope<T: Elem>(x: &mut [T], g: &Geometry, bi: usize, cos: &[T], sin: &[T]) {
             &cos[(bi * s + t) * half..(bi * s + t + 1) * half],
             &sin[(bi * s + t) * half..(bi * s + t + 1) * half],
         );
-        for k in 0..half {
-            let (a, b) = (row[k], row[k + half]);
-            row[k] = a * c[k] + b * sn[k];
-            row[k + half] = -a * sn[k] + b * c[k];
+        let (ra, rb) = row.split_at_mut(half);
+        for (((a, b), &c), &sn) in ra.iter_mut().zip(rb).zip(c).zip(sn) {
+            let (x, y) = (*a, *b);
+            *a = x * c + y * sn;
+            *b = -x * sn + y * c;
         }
     }
 }
@@ -247,9 +272,10 @@ fn exp_sum<T: Elem>(row: &mut [T], mx: T) -> T {
     dot(row, None)
 }
 
-/// `softmax(scale * row)` over the keys `seen` sees (0 on the others), in three passes.
+/// `softmax(scale * row)` over the keys `seen` sees (0 on the others), in three passes;
+/// returns the log-sum-exp of the scaled scores it saw.
 #[inline(always)]
-fn seen_softmax<T: Elem>(row: &mut [T], seen: Seen, scale: T) {
+fn seen_softmax<T: Elem>(row: &mut [T], seen: Seen, scale: T) -> T {
     let l = row.len();
     let (pre, lo, hi) = (seen.pre.min(l), seen.lo.min(l), seen.hi.min(l));
     let (head, rest) = row.split_at_mut(lo);
@@ -268,6 +294,33 @@ fn seen_softmax<T: Elem>(row: &mut [T], seen: Seen, scale: T) {
     own.iter_mut().for_each(|v| *v = *v * f);
     head[pre..].fill(T::zero());
     rest[hi - lo..].fill(T::zero());
+    mx + sum.ln()
+}
+
+/// `softmax(row)` in place (a row that sees some key); returns the row's log-sum-exp.
+#[inline(always)]
+fn dense_softmax<T: Elem>(row: &mut [T]) -> T {
+    let mx = max_of(row);
+    let sum = exp_sum(row, mx);
+    let f = T::one() / sum;
+    row.iter_mut().for_each(|v| *v = *v * f);
+    mx + sum.ln()
+}
+
+/// `row[j] = exp(row[j] * scale - lse)` on the keys `seen` sees, 0 on the others: the
+/// probabilities of scores whose log-sum-exp is known, in one pass.
+#[inline(always)]
+fn seen_probs<T: Elem>(row: &mut [T], seen: Seen, scale: T, lse: T) {
+    let l = row.len();
+    let (pre, lo, hi) = (seen.pre.min(l), seen.lo.min(l), seen.hi.min(l));
+    let (head, rest) = row.split_at_mut(lo);
+    let (own, tail) = rest.split_at_mut(hi - lo);
+    let (seen_pre, gap) = head.split_at_mut(pre);
+    for part in [seen_pre, own] {
+        part.iter_mut().for_each(|v| *v = (*v * scale - lse).fexp());
+    }
+    gap.fill(T::zero());
+    tail.fill(T::zero());
 }
 
 /// Probabilities of query rows `r0..r1` against keys `0..r1` (causal), in `p: [rows, r1]`.
@@ -282,6 +335,7 @@ fn probs_block<T: Elem>(
     bi: usize,
     (r0, r1): (usize, usize),
     scale: T,
+    lse: &mut [f64],
 ) {
     let (hd, l) = (g.hd, r1);
     let rows = r1 - r0;
@@ -295,11 +349,12 @@ fn probs_block<T: Elem>(
         (1, hd),
         false,
     );
-    softmax_rows(p, l, mask, g, bi, (r0, r1), scale);
+    softmax_rows(p, l, mask, g, bi, (r0, r1), scale, lse);
 }
 
 /// The scores of query rows `r0..r1` against keys `0..r1` (row `i` the first `r1` values
-/// at `p[i * stride..]`) scaled, masked and turned into probabilities, in place.
+/// at `p[i * stride..]`) scaled, masked and turned into probabilities, in place; each
+/// row's log-sum-exp goes to `lse[r0 + i]` (`lse` the head's `[s]`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn softmax_rows<T: Elem>(
@@ -310,21 +365,62 @@ fn softmax_rows<T: Elem>(
     bi: usize,
     (r0, r1): (usize, usize),
     scale: T,
+    lse: &mut [f64],
 ) {
     let (s, l) = (g.s, r1);
     for (i, row) in p.chunks_mut(stride).take(r1 - r0).enumerate() {
         let prow = &mut row[..l];
-        match mask {
+        let z = match mask {
             Masking::Ranges(seen) => seen_softmax(prow, seen[bi * s + r0 + i], scale),
             Masking::Dense(mask) => {
                 let mrow = &mask[(bi * s + r0 + i) * s..(bi * s + r0 + i) * s + l];
                 for j in 0..l {
                     prow[j] = prow[j] * scale + mrow[j];
                 }
-                softmax_in_place(prow, T::one());
+                dense_softmax(prow)
+            }
+        };
+        lse[r0 + i] = z.to_f64();
+    }
+}
+
+/// [`softmax_rows`] for scores whose rows' log-sum-exp `lse` the forward pass kept:
+/// one exponential per seen key, no maximum or sum.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn probs_rows<T: Elem>(
+    p: &mut [T],
+    stride: usize,
+    mask: Masking<'_, T>,
+    g: &Geometry,
+    bi: usize,
+    (r0, r1): (usize, usize),
+    scale: T,
+    lse: &[f64],
+) {
+    let (s, l) = (g.s, r1);
+    for (i, row) in p.chunks_mut(stride).take(r1 - r0).enumerate() {
+        let prow = &mut row[..l];
+        let z: T = cast(lse[r0 + i]);
+        match mask {
+            Masking::Ranges(seen) => seen_probs(prow, seen[bi * s + r0 + i], scale, z),
+            Masking::Dense(mask) => {
+                let mrow = &mask[(bi * s + r0 + i) * s..(bi * s + r0 + i) * s + l];
+                for j in 0..l {
+                    prow[j] = (prow[j] * scale + mrow[j] - z).fexp();
+                }
             }
         }
     }
+}
+
+/// `rowdot(dO, O)` of one head: `[s]`, from the output gradient and the output (row
+/// stride `od`, the head's columns first): the softmax gradient's row sums.
+#[inline(always)]
+fn out_dots<T: Elem>(dout: &[T], out: &[T], s: usize, hd: usize, od: usize) -> Vec<T> {
+    (0..s)
+        .map(|t| dot(&dout[t * od..t * od + hd], Some(&out[t * od..t * od + hd])))
+        .collect()
 }
 
 /// `[rows, cols]` at row stride `rs` (contiguous rows) as a bf16 layout source.
@@ -356,7 +452,8 @@ const F32_ONLY: &str = "the bf16 attention runs on f32";
 /// `q`, `k` the head's roped rows `[s, hd]`, `v` its value rows at row stride `g.d`.
 /// The scores of a block of queries against the keys it can see are one product from
 /// the rounded queries and the keys' tiles (laid out once); their softmax is rounded
-/// and multiplied by the first keys' rows of the values' tiles. Returns `[s, hd]`.
+/// and multiplied by the first keys' rows of the values' tiles. Returns `[s, hd]`, and
+/// the rows' log-sum-exp in `lse: [s]`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fwd_bf16<T: Elem>(
@@ -366,6 +463,7 @@ fn fwd_bf16<T: Elem>(
     g: &Geometry,
     bi: usize,
     scale: f64,
+    lse: &mut [f64],
 ) -> Vec<T> {
     let (q, k, v) = (
         T::as_f32(q).expect(F32_ONLY),
@@ -385,7 +483,7 @@ fn fwd_bf16<T: Elem>(
         let (nr, lp) = (r1 - r0, r1.div_ceil(32) * 32);
         let mpb = nr.div_ceil(rb) * rb;
         let mut p = product_here(kernel, &qb[r0 * kq..], (mpb, kq, lp), &kt);
-        softmax_rows(&mut p, lp, mask, g, bi, (r0, r1), scale as f32);
+        softmax_rows(&mut p, lp, mask, g, bi, (r0, r1), scale as f32, lse);
         let pb = rows_on(mat(&p, nr, r1, lp), mpb, lp, false);
         let y = product_prefix(kernel, &pb, (mpb, lp, kq), &vt, sp);
         for (orow, yrow) in o[r0 * hd..r1 * hd].chunks_mut(hd).zip(y.chunks(kq)) {
@@ -407,17 +505,19 @@ fn add_rows(acc: &mut [f32], y: &[f32], rows: usize, hd: usize, ys: usize) {
 
 /// One (batch, kv head `j`) task of the backward pass with bf16 products: the same
 /// gradients as the f32 task ((dQ of each group member, dK, dV), unroped), every product
-/// from bf16-rounded operands with f32 sums.
+/// from bf16-rounded operands with f32 sums. `out` is the forward's output and `lse` its
+/// rows' log-sum-exp (`[b, heads, s]`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn bwd_bf16<T: Elem>(
     kernel: Bf16Kernel,
-    (x, dout): (&[T], &[T]),
+    (x, dout, out): (&[T], &[T], &[T]),
     (cos, sin): (&[T], &[T]),
     mask: Masking<'_, T>,
     g: &Geometry,
     (bi, j): (usize, usize),
     scale: f64,
+    lse: &[f64],
 ) -> (Vec<Vec<T>>, Vec<T>, Vec<T>) {
     let (s, hd, nh, nkv) = (g.s, g.hd, g.nh, g.nkv);
     let (grp, od, rb) = (nh / nkv, nh * hd, kernel.row_block());
@@ -444,6 +544,14 @@ fn bwd_bf16<T: Elem>(
         let q = T::as_f32(&qr).expect(F32_ONLY);
         let qb = rows_on(mat(q, s, hd, hd), s.div_ceil(rb) * rb, kq, false);
         let dob = &dout[(bi * s) * od + h * hd..];
+        let dd = out_dots(
+            dob,
+            T::as_f32(&out[(bi * s) * od + h * hd..]).expect(F32_ONLY),
+            s,
+            hd,
+            od,
+        );
+        let lse_h = &lse[(bi * nh + h) * s..(bi * nh + h + 1) * s];
         let mut dq_t = written_in_full::<T>(s * hd);
         let dq = T::as_f32_mut(&mut dq_t).expect(F32_ONLY);
         for r0 in (0..s).step_by(QBLOCK) {
@@ -451,7 +559,7 @@ fn bwd_bf16<T: Elem>(
             let (nr, lp) = (r1 - r0, r1.div_ceil(32) * 32);
             let (mpb, nrp) = (nr.div_ceil(rb) * rb, nr.div_ceil(32) * 32);
             let mut p = product_here(kernel, &qb[r0 * kq..], (mpb, kq, lp), &kt);
-            softmax_rows(&mut p, lp, fmask, g, bi, (r0, r1), scale);
+            probs_rows(&mut p, lp, fmask, g, bi, (r0, r1), scale, lse_h);
             let dob_blk = mat(&dob[r0 * od..], nr, hd, od);
             // dV[0..r1] += P^T dO
             let (do_tiles, _, _) = tiles_on(dob_blk, false);
@@ -466,10 +574,9 @@ fn bwd_bf16<T: Elem>(
             // dP = dO V^T
             let do_rows = rows_on(dob_blk, mpb, kq, false);
             let dp = product_here(kernel, &do_rows, (mpb, kq, lp), &vt);
-            // dS = P (dP - rowdot(dP, P)) * scale, in place of P
-            for (prow, dprow) in p.chunks_mut(lp).zip(dp.chunks(lp)).take(nr) {
+            // dS = P (dP - rowdot(dO, O)) * scale, in place of P
+            for ((prow, dprow), &d) in p.chunks_mut(lp).zip(dp.chunks(lp)).zip(&dd[r0..r1]) {
                 let (prow, dprow) = (&mut prow[..r1], &dprow[..r1]);
-                let d = dot(prow, Some(dprow));
                 for c in 0..r1 {
                     prow[c] = prow[c] * (dprow[c] - d) * scale;
                 }
@@ -519,9 +626,11 @@ fn attn_fwd_with<T: Elem>(
     let ranges = seen_ranges(mask, s);
     let mask = Masking::new(mask, s, &ranges);
     let bf16 = op.bf16.filter(|_| T::as_f32(x).is_some());
-    let heads: Vec<Vec<T>> = (0..g.b * nh)
-        .into_par_iter()
-        .map(|task| {
+    let mut lse = written_in_full::<f64>(g.b * nh * s);
+    let heads: Vec<Vec<T>> = lse
+        .par_chunks_mut(s.max(1))
+        .enumerate()
+        .map(|(task, lse)| {
             fast!({
                 let (bi, h) = (task / nh, task % nh);
                 let j = h / grp;
@@ -529,13 +638,13 @@ fn attn_fwd_with<T: Elem>(
                 let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
                 let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
                 if let Some(kernel) = bf16 {
-                    return fwd_bf16(kernel, (&q, &k, v), mask, &g, bi, op.scale);
+                    return fwd_bf16(kernel, (&q, &k, v), mask, &g, bi, op.scale, lse);
                 }
                 let mut o = written_in_full(s * hd);
                 let mut p = written_in_full(QBLOCK * s);
                 for r0 in (0..s).step_by(QBLOCK) {
                     let r1 = (r0 + QBLOCK).min(s);
-                    probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                    probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale, lse);
                     mm(
                         (r1 - r0, hd, r1),
                         &mut o[r0 * hd..],
@@ -559,6 +668,7 @@ fn attn_fwd_with<T: Elem>(
             out[row..row + hd].copy_from_slice(&o[t * hd..(t + 1) * hd]);
         }
     }
+    *op.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
     Ok((
         T::to_cpu_storage_owned(out),
         Shape::from((g.b * s, nh * hd)),
@@ -572,34 +682,35 @@ impl CustomOp1 for Attention {
     fn cpu_fwd(&self, qkv: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         dispatch!(qkv.dtype(), attn_fwd(self, qkv, l))
     }
-    fn bwd(&self, qkv: &Tensor, _out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let bwd = AttentionBwd(self);
-        Ok(Some(qkv.detach().apply_op2_no_bwd(&g.contiguous()?, &bwd)?))
+        let dx =
+            qkv.detach()
+                .apply_op3_no_bwd(&g.contiguous()?, &out.detach().contiguous()?, &bwd)?;
+        Ok(Some(dx))
     }
 }
 
-/// Gradient of [`Attention`] with respect to `qkv`, given the output gradient.
+/// Gradient of [`Attention`] with respect to `qkv`, given the output gradient and the
+/// output.
 struct AttentionBwd<'a>(&'a Attention);
 
 fn attn_bwd<T: Elem>(
     op: &Attention,
-    qkv: &CpuStorage,
-    l: &Layout,
-    go: &CpuStorage,
-    lg: &Layout,
+    (qkv, l): (&CpuStorage, &Layout),
+    (go, lg): (&CpuStorage, &Layout),
+    (out, lo): (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
     with_consts([&op.cos, &op.sin, &op.mask], |[cos, sin, mask]| {
-        attn_bwd_with::<T>(op, qkv, l, go, lg, cos, sin, mask)
+        attn_bwd_with::<T>(op, (qkv, l), (go, lg), (out, lo), cos, sin, mask)
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn attn_bwd_with<T: Elem>(
     op: &Attention,
-    qkv: &CpuStorage,
-    l: &Layout,
-    go: &CpuStorage,
-    lg: &Layout,
+    (qkv, l): (&CpuStorage, &Layout),
+    (go, lg): (&CpuStorage, &Layout),
+    (out, lo): (&CpuStorage, &Layout),
     cos: &[T],
     sin: &[T],
     mask: &[T],
@@ -607,8 +718,21 @@ fn attn_bwd_with<T: Elem>(
     let g = op.geometry(l)?;
     let x = slice::<T>(qkv, l, "attention bwd")?;
     let dout = slice::<T>(go, lg, "attention bwd")?;
+    let out = slice::<T>(out, lo, "attention bwd")?;
     let (s, hd, nh, nkv, grp) = (g.s, g.hd, g.nh, g.nkv, g.nh / g.nkv);
     let od = nh * hd;
+    if dout.len() != g.b * s * od || out.len() != dout.len() {
+        bail!(
+            "attention bwd: output gradient {:?} / output {:?} do not match {} x {s} tokens of {nh} heads x {hd}",
+            lg.dims(),
+            lo.dims(),
+            g.b
+        )
+    }
+    let lse_guard = op.lse.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lse) = lse_guard.as_deref().filter(|v| v.len() == g.b * nh * s) else {
+        bail!("attention bwd: no log-sum-exp from this op's forward pass (apply it once, forward first)")
+    };
     let scale: T = cast(op.scale);
     let ranges = seen_ranges(mask, s);
     let mask = Masking::new(mask, s, &ranges);
@@ -620,8 +744,9 @@ fn attn_bwd_with<T: Elem>(
             fast!({
                 let (bi, j) = (task / nkv, task % nkv);
                 if let Some(kernel) = bf16 {
-                    let ops = (x, dout);
-                    return bwd_bf16(kernel, ops, (cos, sin), mask, &g, (bi, j), op.scale);
+                    let ops = (x, dout, out);
+                    let ij = (bi, j);
+                    return bwd_bf16(kernel, ops, (cos, sin), mask, &g, ij, op.scale, lse);
                 }
                 let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
                 let v = &x[(bi * s) * g.d + (nh + nkv + j) * hd..];
@@ -634,10 +759,22 @@ fn attn_bwd_with<T: Elem>(
                     let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
                     let mut dq = written_in_full(s * hd);
                     let dob = &dout[(bi * s) * od + h * hd..];
+                    let dd = out_dots(dob, &out[(bi * s) * od + h * hd..], s, hd, od);
+                    let lse_h = &lse[(bi * nh + h) * s..(bi * nh + h + 1) * s];
                     for r0 in (0..s).step_by(QBLOCK) {
                         let r1 = (r0 + QBLOCK).min(s);
                         let (rows, lk) = (r1 - r0, r1);
-                        probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale);
+                        mm(
+                            (rows, lk, hd),
+                            &mut p,
+                            lk,
+                            &q[r0 * hd..],
+                            (hd, 1),
+                            &k,
+                            (1, hd),
+                            false,
+                        );
+                        probs_rows(&mut p, lk, mask, &g, bi, (r0, r1), scale, lse_h);
                         let dob_blk = &dob[r0 * od..];
                         // dV[0..lk] += P^T dO
                         mm(
@@ -661,9 +798,9 @@ fn attn_bwd_with<T: Elem>(
                             (1, g.d),
                             false,
                         );
-                        // dS = P (dP - rowdot(dP, P)) * scale
-                        for (prow, dprow) in p.chunks_mut(lk).zip(dp.chunks(lk)).take(rows) {
-                            let d = dot(prow, Some(dprow));
+                        // dS = P (dP - rowdot(dO, O)) * scale
+                        let dd = &dd[r0..r1];
+                        for ((prow, dprow), &d) in p.chunks_mut(lk).zip(dp.chunks(lk)).zip(dd) {
                             for c in 0..lk {
                                 prow[c] = prow[c] * (dprow[c] - d) * scale;
                             }
@@ -716,7 +853,7 @@ fn attn_bwd_with<T: Elem>(
     Ok((T::to_cpu_storage_owned(dx), l.shape().clone()))
 }
 
-impl CustomOp2 for AttentionBwd<'_> {
+impl CustomOp3 for AttentionBwd<'_> {
     fn name(&self) -> &'static str {
         "attention-bwd-cpu"
     }
@@ -726,8 +863,10 @@ impl CustomOp2 for AttentionBwd<'_> {
         l: &Layout,
         g: &CpuStorage,
         lg: &Layout,
+        out: &CpuStorage,
+        lo: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(qkv.dtype(), attn_bwd(self.0, qkv, l, g, lg))
+        dispatch!(qkv.dtype(), attn_bwd(self.0, (qkv, l), (g, lg), (out, lo)))
     }
 }
 
@@ -824,12 +963,13 @@ mod tests {
                 sin: sin.to_dtype(dt).unwrap(),
                 mask: mask.to_dtype(dt).unwrap(),
                 bf16,
+                lse: Default::default(),
             };
             let run = |op: &Attention, dt: DType| {
                 let x = qkv.to_dtype(dt).unwrap();
                 let y = x.apply_op1_no_bwd(op).unwrap();
                 let dx = x
-                    .apply_op2_no_bwd(&dout.to_dtype(dt).unwrap(), &AttentionBwd(op))
+                    .apply_op3_no_bwd(&dout.to_dtype(dt).unwrap(), &y, &AttentionBwd(op))
                     .unwrap();
                 (y, dx)
             };
