@@ -472,44 +472,47 @@ fn mat_t(data: &[f32], rows: usize, cols: usize, stride: usize) -> Strided<'_> {
 
 const F32_ONLY: &str = "the bf16 attention runs on f32";
 
+/// What the query heads of one (batch, kv head) group share in the forward pass: the
+/// roped keys `[s, hd]`, or with bf16 products the tiles of the keys' transpose and of
+/// the values (and the tiles' padded key count), laid out once for the group.
+enum KvShared<T> {
+    Keys(Vec<T>),
+    Tiles(Vec<u16>, Vec<u16>, usize),
+}
+
 /// One (batch, head) task of the forward pass with bf16 products ([`Attention::bf16`]):
-/// `q`, `k` the head's roped rows `[s, hd]`, `v` its value rows at row stride `g.d`.
+/// `q` the head's roped rows `[s, hd]`, `kt` and `vt` its group's tiles ([`KvShared`]).
 /// The scores of a block of queries against the keys it can see are one product from
-/// the rounded queries and the keys' tiles (laid out once); their softmax is rounded
-/// and multiplied by the first keys' rows of the values' tiles. Returns `[s, hd]`, and
-/// the rows' log-sum-exp in `lse: [s]`.
+/// the rounded queries and the keys' tiles; their softmax is rounded and multiplied by
+/// the first keys' rows of the values' tiles. Returns `[s, hd]`, and the rows'
+/// log-sum-exp in `lse: [s]`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fwd_bf16<T: Elem>(
     kernel: Bf16Kernel,
-    (q, k, v): (&[T], &[T], &[T]),
+    q: &[T],
+    (kt, vt, sp): (&[u16], &[u16], usize),
     mask: Masking<'_, T>,
     g: &Geometry,
     bi: usize,
     scale: f64,
     lse: &mut [f64],
 ) -> Vec<T> {
-    let (q, k, v) = (
-        T::as_f32(q).expect(F32_ONLY),
-        T::as_f32(k).expect(F32_ONLY),
-        T::as_f32(v).expect(F32_ONLY),
-    );
+    let q = T::as_f32(q).expect(F32_ONLY);
     let mask = mask.as_f32().expect(F32_ONLY);
     let (s, hd, rb) = (g.s, g.hd, kernel.row_block());
     let kq = hd.div_ceil(32) * 32;
     let qb = rows_on(mat(q, s, hd, hd), s.div_ceil(rb) * rb, kq, false);
-    let (kt, _, sp) = tiles_on(mat_t(k, hd, s, hd), false);
-    let (vt, _, _) = tiles_on(mat(v, s, hd, g.d), false);
     let mut out = written_in_full::<T>(s * hd);
     let o = T::as_f32_mut(&mut out).expect(F32_ONLY);
     for r0 in (0..s).step_by(QBLOCK) {
         let r1 = (r0 + QBLOCK).min(s);
         let (nr, lp) = (r1 - r0, r1.div_ceil(32) * 32);
         let mpb = nr.div_ceil(rb) * rb;
-        let mut p = product_here(kernel, &qb[r0 * kq..], (mpb, kq, lp), &kt);
+        let mut p = product_here(kernel, &qb[r0 * kq..], (mpb, kq, lp), kt);
         softmax_rows(&mut p, lp, mask, g, bi, (r0, r1), scale as f32, lse);
         let pb = rows_on(mat(&p, nr, r1, lp), mpb, lp, false);
-        let y = product_prefix(kernel, &pb, (mpb, lp, kq), &vt, sp);
+        let y = product_prefix(kernel, &pb, (mpb, lp, kq), vt, sp);
         for (orow, yrow) in o[r0 * hd..r1 * hd].chunks_mut(hd).zip(y.chunks(kq)) {
             orow.copy_from_slice(&yrow[..hd]);
         }
@@ -650,6 +653,23 @@ fn attn_fwd_with<T: Elem>(
     let ranges = ranges_of(&op.mask, mask, s);
     let mask = Masking::new(mask, s, &ranges);
     let bf16 = op.bf16.filter(|_| T::as_f32(x).is_some());
+    let shared: Vec<KvShared<T>> = (0..g.b * g.nkv)
+        .into_par_iter()
+        .map(|task| {
+            fast!({
+                let (bi, j) = (task / g.nkv, task % g.nkv);
+                let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
+                if bf16.is_none() {
+                    return KvShared::Keys(k);
+                }
+                let k = T::as_f32(&k).expect(F32_ONLY);
+                let v = T::as_f32(&x[(bi * s) * g.d + (nh + g.nkv + j) * hd..]).expect(F32_ONLY);
+                let (kt, _, sp) = tiles_on(mat_t(k, hd, s, hd), false);
+                let (vt, _, _) = tiles_on(mat(v, s, hd, g.d), false);
+                KvShared::Tiles(kt, vt, sp)
+            })
+        })
+        .collect();
     let mut lse = written_in_full::<f64>(g.b * nh * s);
     let heads: Vec<Vec<T>> = lse
         .par_chunks_mut(s.max(1))
@@ -659,16 +679,20 @@ fn attn_fwd_with<T: Elem>(
                 let (bi, h) = (task / nh, task % nh);
                 let j = h / grp;
                 let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
-                let k = head_rows(x, &g, bi, (nh + j) * hd, Some((cos, sin)));
                 let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
-                if let Some(kernel) = bf16 {
-                    return fwd_bf16(kernel, (&q, &k, v), mask, &g, bi, op.scale, lse);
-                }
+                let k = match (&shared[bi * g.nkv + j], bf16) {
+                    (KvShared::Tiles(kt, vt, sp), Some(kernel)) => {
+                        let tiles = (&kt[..], &vt[..], *sp);
+                        return fwd_bf16(kernel, &q, tiles, mask, &g, bi, op.scale, lse);
+                    }
+                    (KvShared::Keys(k), None) => k,
+                    _ => unreachable!("the shared keys follow `bf16`"),
+                };
                 let mut o = written_in_full(s * hd);
                 let mut p = written_in_full(QBLOCK * s);
                 for r0 in (0..s).step_by(QBLOCK) {
                     let r1 = (r0 + QBLOCK).min(s);
-                    probs_block(&mut p, &q, &k, mask, &g, bi, (r0, r1), scale, lse);
+                    probs_block(&mut p, &q, k, mask, &g, bi, (r0, r1), scale, lse);
                     mm(
                         (r1 - r0, hd, r1),
                         &mut o[r0 * hd..],
