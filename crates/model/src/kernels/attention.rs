@@ -8,8 +8,8 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::amx::{product_here, product_prefix, Bf16Kernel};
-use super::bf16_layout::{rows_on, tiles_on, Strided};
-use super::{cast, dot, max_of, mm, slice, written_in_full, Elem};
+use super::bf16_layout::{bf16_bits, rows_on, tiles_on, Strided};
+use super::{cast, dot, max_of, mm, slice, written_in_full, written_in_full_or, Elem};
 
 /// Causal multi-head attention with RoPE and grouped key/value heads, fused into one
 /// op over the packed projection `qkv: [b * s, (heads + 2 kv_heads) * head_dim]`
@@ -281,41 +281,45 @@ impl<'a, T: Elem> Masking<'a, T> {
     }
 }
 
-/// `row[j] *= k` on a slice, returning the largest result (`-inf` when empty).
+/// `row[j] = exp(row[j] * k - mx)` on a slice, returning the sum of the results. Two
+/// plain loops: the exponential vectorises on its own, not unrolled by hand with the sum.
 #[inline(always)]
-fn scale_max<T: Elem>(row: &mut [T], k: T) -> T {
-    row.iter_mut().for_each(|v| *v = *v * k);
-    max_of(row)
-}
-
-/// `row[j] = exp(row[j] - mx)` on a slice, returning the sum of the results. Two plain
-/// loops: the exponential vectorises on its own, not unrolled by hand with the sum.
-#[inline(always)]
-fn exp_sum<T: Elem>(row: &mut [T], mx: T) -> T {
-    row.iter_mut().for_each(|v| *v = (*v - mx).fexp());
+fn exp_sum<T: Elem>(row: &mut [T], k: T, mx: T) -> T {
+    row.iter_mut().for_each(|v| *v = (*v * k - mx).fexp());
     dot(row, None)
 }
 
-/// `softmax(scale * row)` over the keys `seen` sees (0 on the others), in three passes;
+/// The keys `seen` sees in a row of `l` scores: `[0, pre) ∪ [lo, hi)`, clipped to `l`.
+#[inline(always)]
+fn clipped(seen: Seen, l: usize) -> (usize, usize, usize) {
+    (seen.pre.min(l), seen.lo.min(l), seen.hi.min(l))
+}
+
+/// The exponentials `exp(scale * row[j] - m)` in place on the keys `seen` sees (the
+/// others are left as they are), `m` the largest scaled score: with `scale > 0` that is
+/// `scale` times the largest score, the same bits as the largest of the scaled scores, so
+/// the scores are not scaled in a pass of their own. Returns the sum and `m`.
+#[inline(always)]
+fn seen_exp<T: Elem>(row: &mut [T], seen: Seen, scale: T) -> (T, T) {
+    let (pre, lo, hi) = clipped(seen, row.len());
+    let (head, rest) = row.split_at_mut(lo);
+    let (a, b) = (&mut head[..pre], &mut rest[..hi - lo]);
+    let (ma, mb) = (max_of(a), max_of(b));
+    let mx = if ma > mb { ma } else { mb } * scale;
+    let sum = exp_sum(a, scale, mx) + exp_sum(b, scale, mx);
+    (sum, mx)
+}
+
+/// `softmax(scale * row)` over the keys `seen` sees (0 on the others; `scale > 0`);
 /// returns the log-sum-exp of the scaled scores it saw.
 #[inline(always)]
 fn seen_softmax<T: Elem>(row: &mut [T], seen: Seen, scale: T) -> T {
-    let l = row.len();
-    let (pre, lo, hi) = (seen.pre.min(l), seen.lo.min(l), seen.hi.min(l));
-    let (head, rest) = row.split_at_mut(lo);
-    let own = &mut rest[..hi - lo];
-    let mx = {
-        let (a, b) = (scale_max(&mut head[..pre], scale), scale_max(own, scale));
-        if a > b {
-            a
-        } else {
-            b
-        }
-    };
-    let sum = exp_sum(&mut head[..pre], mx) + exp_sum(own, mx);
+    let (sum, mx) = seen_exp(row, seen, scale);
     let f = T::one() / sum;
+    let (pre, lo, hi) = clipped(seen, row.len());
+    let (head, rest) = row.split_at_mut(lo);
     head[..pre].iter_mut().for_each(|v| *v = *v * f);
-    own.iter_mut().for_each(|v| *v = *v * f);
+    rest[..hi - lo].iter_mut().for_each(|v| *v = *v * f);
     head[pre..].fill(T::zero());
     rest[hi - lo..].fill(T::zero());
     mx + sum.ln()
@@ -325,10 +329,70 @@ fn seen_softmax<T: Elem>(row: &mut [T], seen: Seen, scale: T) -> T {
 #[inline(always)]
 fn dense_softmax<T: Elem>(row: &mut [T]) -> T {
     let mx = max_of(row);
-    let sum = exp_sum(row, mx);
+    let sum = exp_sum(row, T::one(), mx);
     let f = T::one() / sum;
     row.iter_mut().for_each(|v| *v = *v * f);
     mx + sum.ln()
+}
+
+/// `out[j] = bf16(src[j] * f)`.
+#[inline(always)]
+fn round_scaled(out: &mut [u16], src: &[f32], f: f32) {
+    for (o, &v) in out.iter_mut().zip(src) {
+        *o = bf16_bits(v * f);
+    }
+}
+
+/// [`softmax_rows`] of f32 scores whose probabilities are only read rounded to bf16 (the
+/// forward's weighted values): the normalising pass writes them straight into `pb`, the
+/// `mpb` bf16 rows of `stride` values the kernel reads (zeros where a key is unseen and
+/// in the padding), instead of into `p` for a separate layout pass. The same bits as
+/// rounding [`softmax_rows`]'s output.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn softmax_rows_bf16(
+    p: &mut [f32],
+    pb: &mut [u16],
+    stride: usize,
+    mask: Masking<'_, f32>,
+    g: &Geometry,
+    bi: usize,
+    (r0, r1): (usize, usize),
+    scale: f32,
+    lse: &mut [f64],
+) {
+    let (s, l, nr) = (g.s, r1, r1 - r0);
+    for (i, (row, out)) in p.chunks_mut(stride).zip(pb.chunks_mut(stride)).enumerate() {
+        if i >= nr {
+            out.fill(0);
+            continue;
+        }
+        let prow = &mut row[..l];
+        let z = match mask {
+            Masking::Ranges(seen) => {
+                let seen = seen[bi * s + r0 + i];
+                let (sum, mx) = seen_exp(prow, seen, scale);
+                let (pre, lo, hi) = clipped(seen, l);
+                round_scaled(&mut out[..pre], &prow[..pre], 1.0 / sum);
+                out[pre..lo].fill(0);
+                round_scaled(&mut out[lo..hi], &prow[lo..hi], 1.0 / sum);
+                out[hi..].fill(0);
+                mx + sum.ln()
+            }
+            Masking::Dense(mask) => {
+                let mrow = &mask[(bi * s + r0 + i) * s..(bi * s + r0 + i) * s + l];
+                for j in 0..l {
+                    prow[j] = prow[j] * scale + mrow[j];
+                }
+                let mx = max_of(prow);
+                let sum = exp_sum(prow, 1.0, mx);
+                round_scaled(&mut out[..l], prow, 1.0 / sum);
+                out[l..].fill(0);
+                mx + sum.ln()
+            }
+        };
+        lse[r0 + i] = z as f64;
+    }
 }
 
 /// `row[j] = exp(row[j] * scale - lse)` on the keys `seen` sees, 0 on the others: the
@@ -472,6 +536,10 @@ fn mat_t(data: &[f32], rows: usize, cols: usize, stride: usize) -> Strided<'_> {
 
 const F32_ONLY: &str = "the bf16 attention runs on f32";
 
+/// What a bf16 buffer that the kernels write in full holds before, in builds with debug
+/// assertions (a NaN, so that a missed element shows in the tests).
+const BF16_UNSET: u16 = 0x7fc1;
+
 /// What the query heads of one (batch, kv head) group share in the forward pass: the
 /// roped keys `[s, hd]`, or with bf16 products the tiles of the keys' transpose and of
 /// the values (and the tiles' padded key count), laid out once for the group.
@@ -510,8 +578,9 @@ fn fwd_bf16<T: Elem>(
         let (nr, lp) = (r1 - r0, r1.div_ceil(32) * 32);
         let mpb = nr.div_ceil(rb) * rb;
         let mut p = product_here(kernel, &qb[r0 * kq..], (mpb, kq, lp), kt);
-        softmax_rows(&mut p, lp, mask, g, bi, (r0, r1), scale as f32, lse);
-        let pb = rows_on(mat(&p, nr, r1, lp), mpb, lp, false);
+        let mut pb = written_in_full_or(mpb * lp, BF16_UNSET);
+        let range = (r0, r1);
+        softmax_rows_bf16(&mut p, &mut pb, lp, mask, g, bi, range, scale as f32, lse);
         let y = product_prefix(kernel, &pb, (mpb, lp, kq), vt, sp);
         for (orow, yrow) in o[r0 * hd..r1 * hd].chunks_mut(hd).zip(y.chunks(kq)) {
             orow.copy_from_slice(&yrow[..hd]);
@@ -601,15 +670,25 @@ fn bwd_bf16<T: Elem>(
             // dP = dO V^T
             let do_rows = rows_on(dob_blk, mpb, kq, false);
             let dp = product_here(kernel, &do_rows, (mpb, kq, lp), &vt);
-            // dS = P (dP - rowdot(dO, O)) * scale, in place of P
-            for ((prow, dprow), &d) in p.chunks_mut(lp).zip(dp.chunks(lp)).zip(&dd[r0..r1]) {
-                let (prow, dprow) = (&mut prow[..r1], &dprow[..r1]);
-                for c in 0..r1 {
-                    prow[c] = prow[c] * (dprow[c] - d) * scale;
+            // dS = P (dP - rowdot(dO, O)) * scale, in place of P (for its transpose) and
+            // rounded into the rows `ds` of dQ's product in the same pass.
+            let mut ds = written_in_full_or(mpb * lp, BF16_UNSET);
+            let rows = p.chunks_mut(lp).zip(dp.chunks(lp)).zip(ds.chunks_mut(lp));
+            for (i, ((prow, dprow), dsrow)) in rows.enumerate() {
+                if i >= nr {
+                    dsrow.fill(0);
+                    continue;
                 }
+                let d = dd[r0 + i];
+                let (prow, dprow) = (&mut prow[..r1], &dprow[..r1]);
+                let (dsrow, pad) = dsrow.split_at_mut(r1);
+                for ((v, &dpv), o) in prow.iter_mut().zip(dprow).zip(dsrow) {
+                    *v = *v * (dpv - d) * scale;
+                    *o = bf16_bits(*v);
+                }
+                pad.fill(0);
             }
             // dQ[r0..r1] = dS K[0..r1]
-            let ds = rows_on(mat(&p, nr, r1, lp), mpb, lp, false);
             let y = product_prefix(kernel, &ds, (mpb, lp, kq), &kn, sp);
             for (dqrow, yrow) in dq[r0 * hd..r1 * hd].chunks_mut(hd).zip(y.chunks(kq)) {
                 dqrow.copy_from_slice(&yrow[..hd]);
@@ -1081,6 +1160,90 @@ mod tests {
             let mut m = flat.clone();
             m[10..15].copy_from_slice(&row);
             assert_eq!(seen_ranges(&m, 5), None, "row {row:?}");
+        }
+    }
+
+    /// The forward's normalise-and-round pass (`softmax_rows_bf16`) writes the bits of
+    /// rounding `softmax_rows`'s probabilities into the kernel's rows, zeros at unseen
+    /// keys, in the padded columns and in the padding rows, and the same log-sum-exp: on
+    /// key ranges (causal, a prefix plus the own sequence) and on a dense biased mask, for
+    /// a full and a partial block of queries.
+    #[test]
+    fn probabilities_rounded_in_the_softmax_are_the_rounded_softmax() {
+        let s = 70;
+        let g = Geometry {
+            b: 1,
+            s,
+            nh: 1,
+            nkv: 1,
+            hd: 2,
+            d: 6,
+        };
+        let causal: Vec<Seen> = (0..s)
+            .map(|t| Seen {
+                pre: 0,
+                lo: 0,
+                hi: t + 1,
+            })
+            .collect();
+        let prefixed: Vec<Seen> = (0..s)
+            .map(|t| match t {
+                0..30 => Seen {
+                    pre: 0,
+                    lo: 0,
+                    hi: t + 1,
+                },
+                _ => Seen {
+                    pre: 12,
+                    lo: 30,
+                    hi: t + 1,
+                },
+            })
+            .collect();
+        let dense: Vec<f32> = (0..s * s)
+            .map(|x| {
+                let (i, j) = (x / s, x % s);
+                if j > i || (j + 5..j + 9).contains(&i) {
+                    f32::NEG_INFINITY
+                } else {
+                    -0.03 * (i - j) as f32
+                }
+            })
+            .collect();
+        let masks = [
+            ("causal", Masking::Ranges(&causal[..])),
+            ("prefixed", Masking::Ranges(&prefixed[..])),
+            ("dense", Masking::Dense(&dense[..])),
+        ];
+        let scores: Vec<f32> = values(64 * 96, 9.0, 7).iter().map(|&v| v as f32).collect();
+        for (what, mask) in masks {
+            for (r0, r1) in [(0usize, 64usize), (64, 70)] {
+                let (nr, lp) = (r1 - r0, r1.div_ceil(32) * 32);
+                let mpb = nr.div_ceil(32) * 32;
+                let p = &scores[..mpb * lp];
+                let (mut want_p, mut want_lse) = (p.to_vec(), vec![0.0; s]);
+                softmax_rows(&mut want_p, lp, mask, &g, 0, (r0, r1), 0.125, &mut want_lse);
+                let want = rows_on(mat(&want_p, nr, r1, lp), mpb, lp, false);
+                let (mut got_p, mut got_lse) = (p.to_vec(), vec![0.0; s]);
+                let mut got = vec![BF16_UNSET; mpb * lp];
+                let range = (r0, r1);
+                softmax_rows_bf16(
+                    &mut got_p,
+                    &mut got,
+                    lp,
+                    mask,
+                    &g,
+                    0,
+                    range,
+                    0.125,
+                    &mut got_lse,
+                );
+                assert_eq!(
+                    got, want,
+                    "{what}, queries {r0}..{r1}: rounded probabilities"
+                );
+                assert_eq!(got_lse, want_lse, "{what}, queries {r0}..{r1}: log-sum-exp");
+            }
         }
     }
 
