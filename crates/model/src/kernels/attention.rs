@@ -272,6 +272,16 @@ impl<'a, T: Elem> Masking<'a, T> {
         }
     }
 
+    /// How query row `t` of batch row `bi` (sequence length `s`) is masked, over its first
+    /// `l` keys.
+    #[inline(always)]
+    fn row(self, s: usize, bi: usize, t: usize, l: usize) -> RowMask<'a, T> {
+        match self {
+            Masking::Ranges(seen) => RowMask::Seen(seen[bi * s + t]),
+            Masking::Dense(mask) => RowMask::Dense(&mask[(bi * s + t) * s..(bi * s + t) * s + l]),
+        }
+    }
+
     /// The same masking of f32 scores, if `T` is f32.
     fn as_f32(self) -> Option<Masking<'a, f32>> {
         Some(match self {
@@ -279,6 +289,38 @@ impl<'a, T: Elem> Masking<'a, T> {
             Masking::Dense(m) => Masking::Dense(T::as_f32(m)?),
         })
     }
+}
+
+/// A block of query rows `r0..r1` of batch row `bi` (sequences of `s`), whose scores
+/// against keys `0..r1` are multiplied by `scale` and masked by `mask`.
+#[derive(Clone, Copy)]
+struct Block<'a, T> {
+    mask: Masking<'a, T>,
+    s: usize,
+    bi: usize,
+    r0: usize,
+    r1: usize,
+    scale: T,
+}
+
+impl<'a, T: Elem> Block<'a, T> {
+    #[rustfmt::skip]
+    #[inline(always)]
+    fn new(mask: Masking<'a, T>, s: usize, bi: usize, (r0, r1): (usize, usize), scale: T) -> Self {
+        Block { mask, s, bi, r0, r1, scale }
+    }
+
+    /// How the block's `i`-th query row is masked over its `r1` keys.
+    #[inline(always)]
+    fn row_mask(&self, i: usize) -> RowMask<'_, T> {
+        self.mask.row(self.s, self.bi, self.r0 + i, self.r1)
+    }
+}
+
+/// The masking of one query row ([`Masking::row`]).
+enum RowMask<'a, T> {
+    Seen(Seen),
+    Dense(&'a [T]),
 }
 
 /// `row[j] = exp(row[j] * k - mx)` on a slice, returning the sum of the results. Two
@@ -348,29 +390,23 @@ fn round_scaled(out: &mut [u16], src: &[f32], f: f32) {
 /// `mpb` bf16 rows of `stride` values the kernel reads (zeros where a key is unseen and
 /// in the padding), instead of into `p` for a separate layout pass. The same bits as
 /// rounding [`softmax_rows`]'s output.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn softmax_rows_bf16(
     p: &mut [f32],
     pb: &mut [u16],
     stride: usize,
-    mask: Masking<'_, f32>,
-    g: &Geometry,
-    bi: usize,
-    (r0, r1): (usize, usize),
-    scale: f32,
+    blk: Block<'_, f32>,
     lse: &mut [f64],
 ) {
-    let (s, l, nr) = (g.s, r1, r1 - r0);
+    let (l, nr, scale) = (blk.r1, blk.r1 - blk.r0, blk.scale);
     for (i, (row, out)) in p.chunks_mut(stride).zip(pb.chunks_mut(stride)).enumerate() {
         if i >= nr {
             out.fill(0);
             continue;
         }
         let prow = &mut row[..l];
-        let z = match mask {
-            Masking::Ranges(seen) => {
-                let seen = seen[bi * s + r0 + i];
+        let z = match blk.row_mask(i) {
+            RowMask::Seen(seen) => {
                 let (sum, mx) = seen_exp(prow, seen, scale);
                 let (pre, lo, hi) = clipped(seen, l);
                 round_scaled(&mut out[..pre], &prow[..pre], 1.0 / sum);
@@ -379,8 +415,7 @@ fn softmax_rows_bf16(
                 out[hi..].fill(0);
                 mx + sum.ln()
             }
-            Masking::Dense(mask) => {
-                let mrow = &mask[(bi * s + r0 + i) * s..(bi * s + r0 + i) * s + l];
+            RowMask::Dense(mrow) => {
                 for j in 0..l {
                     prow[j] = prow[j] * scale + mrow[j];
                 }
@@ -391,7 +426,7 @@ fn softmax_rows_bf16(
                 mx + sum.ln()
             }
         };
-        lse[r0 + i] = z as f64;
+        lse[blk.r0 + i] = z as f64;
     }
 }
 
@@ -411,89 +446,63 @@ fn seen_probs<T: Elem>(row: &mut [T], seen: Seen, scale: T, lse: T) {
     tail.fill(T::zero());
 }
 
-/// Probabilities of query rows `r0..r1` against keys `0..r1` (causal), in `p: [rows, r1]`.
-#[allow(clippy::too_many_arguments)]
+/// The probabilities of the block's queries (`q: [s, hd]`) against keys `0..r1` (`k: [s,
+/// hd]`), in `p: [r1 - r0, r1]`.
 #[inline(always)]
 fn probs_block<T: Elem>(
     p: &mut [T],
     q: &[T],
     k: &[T],
-    mask: Masking<'_, T>,
-    g: &Geometry,
-    bi: usize,
-    (r0, r1): (usize, usize),
-    scale: T,
+    hd: usize,
+    blk: Block<'_, T>,
     lse: &mut [f64],
 ) {
-    let (hd, l) = (g.hd, r1);
-    let rows = r1 - r0;
+    let (r0, r1) = (blk.r0, blk.r1);
     mm(
-        (rows, l, hd),
+        (r1 - r0, r1, hd),
         p,
-        l,
+        r1,
         &q[r0 * hd..],
         (hd, 1),
         k,
         (1, hd),
         false,
     );
-    softmax_rows(p, l, mask, g, bi, (r0, r1), scale, lse);
+    softmax_rows(p, r1, blk, lse);
 }
 
 /// The scores of query rows `r0..r1` against keys `0..r1` (row `i` the first `r1` values
 /// at `p[i * stride..]`) scaled, masked and turned into probabilities, in place; each
 /// row's log-sum-exp goes to `lse[r0 + i]` (`lse` the head's `[s]`).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn softmax_rows<T: Elem>(
-    p: &mut [T],
-    stride: usize,
-    mask: Masking<'_, T>,
-    g: &Geometry,
-    bi: usize,
-    (r0, r1): (usize, usize),
-    scale: T,
-    lse: &mut [f64],
-) {
-    let (s, l) = (g.s, r1);
-    for (i, row) in p.chunks_mut(stride).take(r1 - r0).enumerate() {
+fn softmax_rows<T: Elem>(p: &mut [T], stride: usize, blk: Block<'_, T>, lse: &mut [f64]) {
+    let (l, scale) = (blk.r1, blk.scale);
+    for (i, row) in p.chunks_mut(stride).take(blk.r1 - blk.r0).enumerate() {
         let prow = &mut row[..l];
-        let z = match mask {
-            Masking::Ranges(seen) => seen_softmax(prow, seen[bi * s + r0 + i], scale),
-            Masking::Dense(mask) => {
-                let mrow = &mask[(bi * s + r0 + i) * s..(bi * s + r0 + i) * s + l];
+        let z = match blk.row_mask(i) {
+            RowMask::Seen(seen) => seen_softmax(prow, seen, scale),
+            RowMask::Dense(mrow) => {
                 for j in 0..l {
                     prow[j] = prow[j] * scale + mrow[j];
                 }
                 dense_softmax(prow)
             }
         };
-        lse[r0 + i] = z.to_f64();
+        lse[blk.r0 + i] = z.to_f64();
     }
 }
 
 /// [`softmax_rows`] for scores whose rows' log-sum-exp `lse` the forward pass kept:
 /// one exponential per seen key, no maximum or sum.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn probs_rows<T: Elem>(
-    p: &mut [T],
-    stride: usize,
-    mask: Masking<'_, T>,
-    g: &Geometry,
-    bi: usize,
-    (r0, r1): (usize, usize),
-    scale: T,
-    lse: &[f64],
-) {
-    let (s, l) = (g.s, r1);
-    for (i, row) in p.chunks_mut(stride).take(r1 - r0).enumerate() {
+fn probs_rows<T: Elem>(p: &mut [T], stride: usize, blk: Block<'_, T>, lse: &[f64]) {
+    let (l, scale) = (blk.r1, blk.scale);
+    for (i, row) in p.chunks_mut(stride).take(blk.r1 - blk.r0).enumerate() {
         let prow = &mut row[..l];
-        let z: T = cast(lse[r0 + i]);
-        match mask {
-            Masking::Ranges(seen) => seen_probs(prow, seen[bi * s + r0 + i], scale, z),
-            Masking::Dense(mask) => {
-                let mrow = &mask[(bi * s + r0 + i) * s..(bi * s + r0 + i) * s + l];
+        let z: T = cast(lse[blk.r0 + i]);
+        match blk.row_mask(i) {
+            RowMask::Seen(seen) => seen_probs(prow, seen, scale, z),
+            RowMask::Dense(mrow) => {
                 for j in 0..l {
                     prow[j] = (prow[j] * scale + mrow[j] - z).fexp();
                 }
@@ -579,8 +588,8 @@ fn fwd_bf16<T: Elem>(
         let mpb = nr.div_ceil(rb) * rb;
         let mut p = product_here(kernel, &qb[r0 * kq..], (mpb, kq, lp), kt);
         let mut pb = written_in_full_or(mpb * lp, BF16_UNSET);
-        let range = (r0, r1);
-        softmax_rows_bf16(&mut p, &mut pb, lp, mask, g, bi, range, scale as f32, lse);
+        let blk = Block::new(mask, s, bi, (r0, r1), scale as f32);
+        softmax_rows_bf16(&mut p, &mut pb, lp, blk, lse);
         let y = product_prefix(kernel, &pb, (mpb, lp, kq), vt, sp);
         for (orow, yrow) in o[r0 * hd..r1 * hd].chunks_mut(hd).zip(y.chunks(kq)) {
             orow.copy_from_slice(&yrow[..hd]);
@@ -655,7 +664,8 @@ fn bwd_bf16<T: Elem>(
             let (nr, lp) = (r1 - r0, r1.div_ceil(32) * 32);
             let (mpb, nrp) = (nr.div_ceil(rb) * rb, nr.div_ceil(32) * 32);
             let mut p = product_here(kernel, &qb[r0 * kq..], (mpb, kq, lp), &kt);
-            probs_rows(&mut p, lp, fmask, g, bi, (r0, r1), scale, lse_h);
+            let blk = Block::new(fmask, s, bi, (r0, r1), scale);
+            probs_rows(&mut p, lp, blk, lse_h);
             let dob_blk = mat(&dob[r0 * od..], nr, hd, od);
             // dV[0..r1] += P^T dO
             let (do_tiles, _, _) = tiles_on(dob_blk, false);
@@ -771,7 +781,8 @@ fn attn_fwd_with<T: Elem>(
                 let mut p = written_in_full(QBLOCK * s);
                 for r0 in (0..s).step_by(QBLOCK) {
                     let r1 = (r0 + QBLOCK).min(s);
-                    probs_block(&mut p, &q, k, mask, &g, bi, (r0, r1), scale, lse);
+                    let blk = Block::new(mask, s, bi, (r0, r1), scale);
+                    probs_block(&mut p, &q, k, hd, blk, lse);
                     mm(
                         (r1 - r0, hd, r1),
                         &mut o[r0 * hd..],
@@ -901,7 +912,8 @@ fn attn_bwd_with<T: Elem>(
                             (1, hd),
                             false,
                         );
-                        probs_rows(&mut p, lk, mask, &g, bi, (r0, r1), scale, lse_h);
+                        let blk = Block::new(mask, s, bi, (r0, r1), scale);
+                        probs_rows(&mut p, lk, blk, lse_h);
                         let dob_blk = &dob[r0 * od..];
                         // dV[0..lk] += P^T dO
                         mm(
@@ -1171,14 +1183,6 @@ mod tests {
     #[test]
     fn probabilities_rounded_in_the_softmax_are_the_rounded_softmax() {
         let s = 70;
-        let g = Geometry {
-            b: 1,
-            s,
-            nh: 1,
-            nkv: 1,
-            hd: 2,
-            d: 6,
-        };
         let causal: Vec<Seen> = (0..s)
             .map(|t| Seen {
                 pre: 0,
@@ -1222,22 +1226,12 @@ mod tests {
                 let mpb = nr.div_ceil(32) * 32;
                 let p = &scores[..mpb * lp];
                 let (mut want_p, mut want_lse) = (p.to_vec(), vec![0.0; s]);
-                softmax_rows(&mut want_p, lp, mask, &g, 0, (r0, r1), 0.125, &mut want_lse);
+                let blk = Block::new(mask, s, 0, (r0, r1), 0.125);
+                softmax_rows(&mut want_p, lp, blk, &mut want_lse);
                 let want = rows_on(mat(&want_p, nr, r1, lp), mpb, lp, false);
                 let (mut got_p, mut got_lse) = (p.to_vec(), vec![0.0; s]);
                 let mut got = vec![BF16_UNSET; mpb * lp];
-                let range = (r0, r1);
-                softmax_rows_bf16(
-                    &mut got_p,
-                    &mut got,
-                    lp,
-                    mask,
-                    &g,
-                    0,
-                    range,
-                    0.125,
-                    &mut got_lse,
-                );
+                softmax_rows_bf16(&mut got_p, &mut got, lp, blk, &mut got_lse);
                 assert_eq!(
                     got, want,
                     "{what}, queries {r0}..{r1}: rounded probabilities"
