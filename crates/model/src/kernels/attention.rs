@@ -9,7 +9,9 @@ use rayon::prelude::*;
 
 use super::amx::{product_here, product_prefix, Bf16Kernel};
 use super::bf16_layout::{bf16_bits, rows_on, tiles_on, Strided};
-use super::{cast, dot, max_of, mm, slice, written_in_full, written_in_full_or, Elem};
+use super::{
+    cast, dot, max_of, mm, slice, softmax_in_place, written_in_full, written_in_full_or, Elem,
+};
 
 /// Causal multi-head attention with RoPE and grouped key/value heads, fused into one
 /// op over the packed projection `qkv: [b * s, (heads + 2 kv_heads) * head_dim]`
@@ -85,6 +87,13 @@ impl Attention {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         if d != (nh + 2 * nkv) * hd || nh % nkv != 0 || hd % 2 != 0 {
             bail!("attention: qkv width {d} does not match {nh} heads + 2 x {nkv} kv heads of {hd}")
+        }
+        // The softmax takes the largest scaled score as `scale` times the largest score.
+        if self.scale.is_nan() || self.scale <= 0.0 {
+            bail!(
+                "attention: the score scale must be positive, not {}",
+                self.scale
+            )
         }
         if self.cos.dims() != [b, s, hd / 2]
             || self.sin.dims() != [b, s, hd / 2]
@@ -367,16 +376,6 @@ fn seen_softmax<T: Elem>(row: &mut [T], seen: Seen, scale: T) -> T {
     mx + sum.ln()
 }
 
-/// `softmax(row)` in place (a row that sees some key); returns the row's log-sum-exp.
-#[inline(always)]
-fn dense_softmax<T: Elem>(row: &mut [T]) -> T {
-    let mx = max_of(row);
-    let sum = exp_sum(row, T::one(), mx);
-    let f = T::one() / sum;
-    row.iter_mut().for_each(|v| *v = *v * f);
-    mx + sum.ln()
-}
-
 /// `out[j] = bf16(src[j] * f)`.
 #[inline(always)]
 fn round_scaled(out: &mut [u16], src: &[f32], f: f32) {
@@ -434,8 +433,7 @@ fn softmax_rows_bf16(
 /// probabilities of scores whose log-sum-exp is known, in one pass.
 #[inline(always)]
 fn seen_probs<T: Elem>(row: &mut [T], seen: Seen, scale: T, lse: T) {
-    let l = row.len();
-    let (pre, lo, hi) = (seen.pre.min(l), seen.lo.min(l), seen.hi.min(l));
+    let (pre, lo, hi) = clipped(seen, row.len());
     let (head, rest) = row.split_at_mut(lo);
     let (own, tail) = rest.split_at_mut(hi - lo);
     let (seen_pre, gap) = head.split_at_mut(pre);
@@ -485,7 +483,7 @@ fn softmax_rows<T: Elem>(p: &mut [T], stride: usize, blk: Block<'_, T>, lse: &mu
                 for j in 0..l {
                     prow[j] = prow[j] * scale + mrow[j];
                 }
-                dense_softmax(prow)
+                softmax_in_place(prow, T::one())
             }
         };
         lse[blk.r0 + i] = z.to_f64();
@@ -769,13 +767,13 @@ fn attn_fwd_with<T: Elem>(
                 let j = h / grp;
                 let q = head_rows(x, &g, bi, h * hd, Some((cos, sin)));
                 let v = &x[(bi * s) * g.d + (nh + g.nkv + j) * hd..];
-                let k = match (&shared[bi * g.nkv + j], bf16) {
-                    (KvShared::Tiles(kt, vt, sp), Some(kernel)) => {
+                let k = match &shared[bi * g.nkv + j] {
+                    KvShared::Tiles(kt, vt, sp) => {
+                        let kernel = bf16.expect("tiles are laid out for bf16 products only");
                         let tiles = (&kt[..], &vt[..], *sp);
                         return fwd_bf16(kernel, &q, tiles, mask, &g, bi, op.scale, lse);
                     }
-                    (KvShared::Keys(k), None) => k,
-                    _ => unreachable!("the shared keys follow `bf16`"),
+                    KvShared::Keys(k) => k,
                 };
                 let mut o = written_in_full(s * hd);
                 let mut p = written_in_full(QBLOCK * s);

@@ -37,7 +37,9 @@ fn row_lse<T: Elem>(z: &[T]) -> T {
 
 /// Turns one row of logits into the gradient `g * (softmax(z) - onehot(t))`, in place.
 fn row_nll_grad<T: Elem>(z: &mut [T], t: usize, g: T) {
-    fast!(softmax_in_place(z, g));
+    fast!({
+        softmax_in_place(z, g);
+    });
     z[t] = z[t] - g;
 }
 

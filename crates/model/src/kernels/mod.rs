@@ -307,13 +307,15 @@ fn max_of<T: Elem>(a: &[T]) -> T {
     fold_lanes(acc, tail, pick)
 }
 
-/// `row <- k * softmax(row)` in place.
+/// `row <- k * softmax(row)` in place; returns the row's log-sum-exp.
 #[inline(always)]
-fn softmax_in_place<T: Elem>(row: &mut [T], k: T) {
+fn softmax_in_place<T: Elem>(row: &mut [T], k: T) -> T {
     let mx = max_of(row);
     row.iter_mut().for_each(|v| *v = (*v - mx).fexp());
-    let f = k / dot(row, None);
+    let sum = dot(row, None);
+    let f = k / sum;
     row.iter_mut().for_each(|v| *v = *v * f);
+    mx + sum.ln()
 }
 
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {

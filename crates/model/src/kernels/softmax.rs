@@ -26,7 +26,7 @@ fn softmax_rows<T: Elem>(y: &mut [T], x: &[T], m: Option<&[T]>, scale: T) {
                 }
             }
         }
-        softmax_in_place(y, T::one())
+        softmax_in_place(y, T::one());
     })
 }
 
