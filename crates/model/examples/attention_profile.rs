@@ -27,7 +27,7 @@ fn main() -> tooltrain_model::Result<()> {
         .unsqueeze(2)?
         .broadcast_mul(&inv)?;
     let (cos, sin) = (freqs.cos()?, freqs.sin()?);
-    let mask = layout.mask.squeeze(1)?;
+    let mask = ops::AttentionMask::new(&layout.mask.squeeze(1)?)?;
     let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (s, (nh + 2 * nkv) * hd), &dev)?)?;
     let r = Tensor::randn(0f32, 1.0, (s, nh * hd), &dev)?;
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());

@@ -146,6 +146,31 @@ impl SeqLayout {
     }
 }
 
+/// A pass's attention mask `[b, 1, s, keys]`, with the fused attention's reading of it
+/// ([`ops::AttentionMask`]) made at the first layer that takes that kernel and shared by
+/// the other layers, their backward and a checkpointed pass's recomputation.
+struct PassMask<'a> {
+    mask: &'a Tensor,
+    fused: std::sync::OnceLock<ops::AttentionMask>,
+}
+
+impl<'a> PassMask<'a> {
+    fn new(mask: &'a Tensor) -> Self {
+        PassMask {
+            mask,
+            fused: Default::default(),
+        }
+    }
+
+    fn fused(&self) -> Result<&ops::AttentionMask> {
+        if let Some(m) = self.fused.get() {
+            return Ok(m);
+        }
+        let m = ops::AttentionMask::new(&self.mask.squeeze(1)?)?;
+        Ok(self.fused.get_or_init(|| m))
+    }
+}
+
 /// Keys and values of past tokens, per layer. Each layer's are preallocated buffers
 /// `[b, kv_heads, capacity, head_dim]` that a decoding step appends to in place (no copy of
 /// the past per step); attention reads views of their filled part.
@@ -1247,7 +1272,7 @@ impl CausalLM {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: &PassMask,
         kv_share: &[(usize, usize)],
         cache: Option<(&mut Option<LayerKv>, (usize, bool))>,
         t: Track,
@@ -1270,7 +1295,7 @@ impl CausalLM {
             Prec::F32 => Product::F32,
         };
         // Activations are 2-D `[b * s, hidden]` inside the layers.
-        let (b, _, s, _) = mask.dims4()?;
+        let (b, _, s, _) = mask.mask.dims4()?;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -1293,7 +1318,7 @@ impl CausalLM {
             // Attention works on the padded `[b, s]` grid: padding gets zero q, k and v.
             qkv = spread(&qkv, keep, b * s)?;
         }
-        let mask3 = mask.squeeze(1)?;
+        let mask3 = mask.mask.squeeze(1)?;
         // The fused kernel serves training and a cache's first (prefill) pass, which then
         // stores the roped keys and values; later cached steps attend to past keys.
         let prefill = matches!(&cache, Some((slot, _)) if slot.is_none());
@@ -1309,7 +1334,7 @@ impl CausalLM {
                     let k = ops::rope_bthd(&k, cos, sin)?;
                     append_kv(slot, reserve, &k, &v.transpose(1, 2)?)?;
                 }
-                ops::attention(&qkv, cos, sin, &mask3, nh, nkv, hd, bf16)?
+                ops::attention(&qkv, cos, sin, mask.fused()?, nh, nkv, hd, bf16)?
             } else {
                 let q = qkv.narrow(1, 0, nh * hd)?.reshape((b, s, nh, hd))?;
                 let (q, k) = match (&a.q_norm, &a.k_norm) {
@@ -1396,6 +1421,7 @@ impl CausalLM {
         };
         let bf16 = cache.is_none() && self.bf16_matmuls_active();
         let (cos, sin) = self.rope_tables(&layout.positions)?;
+        let mask = PassMask::new(&layout.mask);
         let mut x = self.embed_ids(ids, t)?;
         // Passes through a cache (inference) skip padding tokens everywhere but in the
         // attention: norms, linear layers and the MLP run on the real tokens only.
@@ -1419,7 +1445,7 @@ impl CausalLM {
                 &x,
                 &cos,
                 &sin,
-                &layout.mask,
+                &mask,
                 &layout.kv_share,
                 slot,
                 t,
@@ -1485,6 +1511,7 @@ impl CausalLM {
         }
         self.check_layout(ids, layout, 0)?;
         let (cos, sin) = self.rope_tables(&layout.positions)?;
+        let mask = PassMask::new(&layout.mask);
         // The recomputed layers must compute what the forward pass did.
         let prec = if self.bf16_matmuls_active() {
             Prec::Bf16
@@ -1500,7 +1527,7 @@ impl CausalLM {
                 &x,
                 &cos,
                 &sin,
-                &layout.mask,
+                &mask,
                 &[],
                 None,
                 Track::No,
@@ -1529,7 +1556,7 @@ impl CausalLM {
                 xin.as_tensor(),
                 &cos,
                 &sin,
-                &layout.mask,
+                &mask,
                 &[],
                 None,
                 Track::Yes,

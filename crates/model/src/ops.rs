@@ -9,6 +9,7 @@
 //! finite-difference tests in this module check the backward passes to ~1e-7.
 
 use crate::kernels;
+pub use crate::kernels::AttentionMask;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
@@ -377,7 +378,8 @@ pub fn has_fused_attention(qkv: &Tensor) -> bool {
 
 /// Causal attention with RoPE and grouped kv heads, fused: `qkv: [b * s, (heads + 2
 /// kv_heads) * head_dim]` (the stacked q/k/v projections of every token), `cos`/`sin:
-/// [b, s, head_dim/2]`, `mask: [b, s, s]` additive and causal. Returns `[b * s, heads *
+/// [b, s, head_dim/2]`, `mask: [b, s, s]` additive and causal, read once into an
+/// [`AttentionMask`] that every layer of a pass shares. Returns `[b * s, heads *
 /// head_dim]`. Only where [`has_fused_attention`] holds; the model composes the same
 /// computation from the other ops elsewhere. With `bf16` (f32 tensors, a CPU with a
 /// [`crate::bf16_kernel`]), the products of both passes take bf16-rounded operands with
@@ -387,7 +389,7 @@ pub fn attention(
     qkv: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    mask: &Tensor,
+    mask: &AttentionMask,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -404,7 +406,7 @@ pub fn attention(
         scale: 1.0 / (head_dim as f64).sqrt(),
         cos: cos.to_dtype(dt)?.contiguous()?,
         sin: sin.to_dtype(dt)?.contiguous()?,
-        mask: mask.to_dtype(dt)?.contiguous()?,
+        mask: mask.to_dtype(dt)?,
         bf16: if bf16 && dt == DType::F32 {
             kernels::bf16_kernel()
         } else {
@@ -714,7 +716,10 @@ pub(crate) mod tests {
     fn fused_attention_case(what: &str, mask: &Tensor, layout: &crate::SeqLayout) {
         let (nh, nkv, hd) = (4, 2, 4);
         let (b, _, s, _) = mask.dims4().unwrap();
-        let mask = mask.squeeze(1).unwrap().to_dtype(DType::F64).unwrap();
+        let mask =
+            AttentionMask::new(&mask.squeeze(1).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
+        // Packed and shared-prefix rows read as ranges of keys, the irregular mask densely.
+        assert_eq!(mask.reads_ranges(), what != "irregular", "{what}");
         let pos = layout
             .positions
             .to_dtype(DType::F64)
@@ -771,7 +776,7 @@ pub(crate) mod tests {
             let kh = k.narrow(1, h / (nh / nkv), 1).unwrap().squeeze(1).unwrap();
             let vh = v.narrow(1, h / (nh / nkv), 1).unwrap().squeeze(1).unwrap();
             let sc = (qh.matmul(&kh.t().unwrap()).unwrap() * (1.0 / (hd as f64).sqrt())).unwrap();
-            let p = softmax_generic(&(sc + &mask).unwrap()).unwrap();
+            let p = softmax_generic(&(sc + mask.tensor()).unwrap()).unwrap();
             outs.push(p.matmul(&vh).unwrap());
         }
         let want = Tensor::cat(&outs, 2).unwrap();
@@ -1233,7 +1238,7 @@ pub(crate) mod tests {
             let (b, sq, nh, nkv, hd) = (2, 37, 4, 2, 8);
             let layout =
                 crate::SeqLayout::packed(&[vec![20, 17], vec![30]], sq, &Device::Cpu).unwrap();
-            let amask = f32t(layout.mask.squeeze(1).unwrap());
+            let amask = AttentionMask::new(&f32t(layout.mask.squeeze(1).unwrap())).unwrap();
             let pos = layout
                 .positions
                 .to_dtype(DType::F64)

@@ -3,9 +3,11 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
 };
 use rayon::prelude::*;
+use std::sync::Arc;
 
 use super::amx::{product_here, product_prefix, Bf16Kernel};
 use super::bf16_layout::{bf16_bits, rows_on, tiles_on, Strided};
@@ -36,7 +38,8 @@ pub(crate) struct Attention {
     pub scale: f64,
     pub cos: Tensor,
     pub sin: Tensor,
-    pub mask: Tensor,
+    /// In the dtype of `qkv`.
+    pub mask: AttentionMask,
     pub bf16: Option<Bf16Kernel>,
     /// Set by the forward pass: the log-sum-exp of each query row's scaled, masked scores,
     /// `[b, heads, s]` (an op is applied once, so its backward reads its own forward's).
@@ -80,7 +83,7 @@ struct Geometry {
 impl Attention {
     fn geometry(&self, l: &Layout) -> Result<Geometry> {
         let (n, d) = l.shape().dims2()?;
-        let (b, s, _) = self.mask.dims3()?;
+        let (b, s, _) = self.mask.mask.dims3()?;
         if n != b * s {
             bail!("attention: {n} qkv rows do not match the mask's {b} x {s} tokens")
         }
@@ -97,12 +100,12 @@ impl Attention {
         }
         if self.cos.dims() != [b, s, hd / 2]
             || self.sin.dims() != [b, s, hd / 2]
-            || self.mask.dims() != [b, s, s]
+            || self.mask.mask.dims() != [b, s, s]
         {
             bail!(
                 "attention: cos {:?} / sin / mask {:?} do not match qkv {:?}",
                 self.cos.dims(),
-                self.mask.dims(),
+                self.mask.mask.dims(),
                 l.dims()
             )
         }
@@ -240,28 +243,62 @@ fn seen_ranges<T: Elem>(mask: &[T], len: usize) -> Option<Vec<Seen>> {
         .collect()
 }
 
-/// [`seen_ranges`] of the mask tensor `mask: [b, s, s]` (its CPU slice `data`), computed
-/// once per mask: every layer of a forward pass, and of its backward, reads the same mask
-/// storage, and scanning it (`b s^2` values) took about 5% of the attention's time. The
-/// last mask is kept with its ranges; holding the tensor keeps its storage from being
-/// freed and its address reused while it is the key.
-fn ranges_of<T: Elem>(mask: &Tensor, data: &[T], s: usize) -> std::sync::Arc<Option<Vec<Seen>>> {
-    type Last = Option<(Tensor, std::sync::Arc<Option<Vec<Seen>>>)>;
-    static LAST: std::sync::Mutex<Last> = std::sync::Mutex::new(None);
-    let same = |a: &Tensor, b: &Tensor| {
-        let (sa, la) = a.storage_and_layout();
-        let (sb, lb) = b.storage_and_layout();
-        std::ptr::eq(&*sa, &*sb) && la == lb
-    };
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((t, r)) = &*last {
-        if same(t, mask) {
-            return r.clone();
+/// An additive attention mask `[b, s, s]` for [`Attention`] (0 where a query sees a key,
+/// `-inf` or other values elsewhere), read once into the form the kernels take: each
+/// row's [`Seen`] ranges when every row has that form, else the dense mask. A pass builds
+/// it once and every layer's forward and backward reads it: scanning the mask (`b s^2`
+/// values) in each of them took about 5% of the attention's time.
+#[derive(Clone, Debug)]
+pub struct AttentionMask {
+    mask: Tensor,
+    ranges: Arc<Option<Vec<Seen>>>,
+}
+
+impl AttentionMask {
+    /// Reads `mask: [b, s, s]`; the ranges are read from a CPU mask in f32 or f64 (any
+    /// other mask keeps the dense form).
+    pub fn new(mask: &Tensor) -> Result<Self> {
+        let (_, s, keys) = mask.dims3()?;
+        if s != keys {
+            bail!(
+                "attention mask {:?}: queries and keys must be the same tokens, [b, s, s]",
+                mask.dims()
+            )
         }
+        let mask = mask.contiguous()?;
+        let ranges = {
+            let (st, l) = mask.storage_and_layout();
+            let span = l.start_offset()..l.start_offset() + mask.elem_count();
+            match &*st {
+                Storage::Cpu(CpuStorage::F32(v)) => seen_ranges(&v[span], s),
+                Storage::Cpu(CpuStorage::F64(v)) => seen_ranges(&v[span], s),
+                _ => None,
+            }
+        };
+        Ok(AttentionMask {
+            mask,
+            ranges: Arc::new(ranges),
+        })
     }
-    let r = std::sync::Arc::new(seen_ranges(data, s));
-    *last = Some((mask.clone(), r.clone()));
-    r
+
+    /// The mask tensor, `[b, s, s]`.
+    pub fn tensor(&self) -> &Tensor {
+        &self.mask
+    }
+
+    /// Whether the kernels read the mask as ranges of seen keys.
+    #[cfg(test)]
+    pub(crate) fn reads_ranges(&self) -> bool {
+        self.ranges.is_some()
+    }
+
+    /// The same mask in `dtype`, with the ranges already read.
+    pub(crate) fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(AttentionMask {
+            mask: self.mask.to_dtype(dtype)?.contiguous()?,
+            ranges: self.ranges.clone(),
+        })
+    }
 }
 
 /// How the kernels mask scores: the dense additive mask `[b, s, s]`, or its rows as
@@ -720,7 +757,7 @@ fn bwd_bf16<T: Elem>(
 }
 
 fn attn_fwd<T: Elem>(op: &Attention, qkv: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-    with_consts([&op.cos, &op.sin, &op.mask], |[cos, sin, mask]| {
+    with_consts([&op.cos, &op.sin, &op.mask.mask], |[cos, sin, mask]| {
         attn_fwd_with::<T>(op, qkv, l, cos, sin, mask)
     })
 }
@@ -737,8 +774,7 @@ fn attn_fwd_with<T: Elem>(
     let x = slice::<T>(qkv, l, "attention")?;
     let (s, hd, nh, grp) = (g.s, g.hd, g.nh, g.nh / g.nkv);
     let scale: T = cast(op.scale);
-    let ranges = ranges_of(&op.mask, mask, s);
-    let mask = Masking::new(mask, s, &ranges);
+    let mask = Masking::new(mask, s, &op.mask.ranges);
     let bf16 = op.bf16.filter(|_| T::as_f32(x).is_some());
     let shared: Vec<KvShared<T>> = (0..g.b * g.nkv)
         .into_par_iter()
@@ -837,7 +873,7 @@ fn attn_bwd<T: Elem>(
     (go, lg): (&CpuStorage, &Layout),
     (out, lo): (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
-    with_consts([&op.cos, &op.sin, &op.mask], |[cos, sin, mask]| {
+    with_consts([&op.cos, &op.sin, &op.mask.mask], |[cos, sin, mask]| {
         attn_bwd_with::<T>(op, (qkv, l), (go, lg), (out, lo), cos, sin, mask)
     })
 }
@@ -870,8 +906,7 @@ fn attn_bwd_with<T: Elem>(
         bail!("attention bwd: no log-sum-exp from this op's forward pass (apply it once, forward first)")
     };
     let scale: T = cast(op.scale);
-    let ranges = ranges_of(&op.mask, mask, s);
-    let mask = Masking::new(mask, s, &ranges);
+    let mask = Masking::new(mask, s, &op.mask.ranges);
     let bf16 = op.bf16.filter(|_| T::as_f32(x).is_some());
     // One task per (batch, kv head): it owns dK and dV of that head and dQ of its group.
     let parts: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..g.b * nkv)
@@ -1090,7 +1125,9 @@ mod tests {
             let m: Vec<f64> = (0..b * s * s)
                 .map(|x| f(x / (s * s), (x / s) % s, x % s))
                 .collect();
-            let mask = Tensor::from_vec(m, (b, s, s), dev).unwrap();
+            let mask = AttentionMask::new(&Tensor::from_vec(m, (b, s, s), dev).unwrap()).unwrap();
+            // The causal and padded masks take the ranges path, the biased one the dense.
+            assert_eq!(mask.ranges.is_some(), what != "dense", "{what}");
             let op = |dt: DType, bf16| Attention {
                 heads: nh,
                 kv_heads: nkv,

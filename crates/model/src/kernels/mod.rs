@@ -490,6 +490,7 @@ mod swiglu;
 pub use amx::{bf16_available, bf16_kernel, Bf16Kernel};
 pub(crate) use amx::{AmxGemm, AmxLinear, AmxMatmul, AmxMatrix, Trans};
 pub(crate) use attention::Attention;
+pub use attention::AttentionMask;
 pub(crate) use bias::BiasAdd;
 pub(crate) use cross_entropy::{LinearNll, Nll};
 pub(crate) use decode_attention::DecodeAttention;
