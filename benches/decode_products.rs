@@ -2,11 +2,16 @@
 //! (`ops::linear_product`) against gemm (`Tensor::matmul`), alternating, in the same run.
 //! Prints per shape the median time of each, the weight bytes read per second by the
 //! kernels, and the ratio gemm / kernels, then the ratio over a whole step's products.
+//! With `--bf16` (a CPU with AMX or AVX512-BF16) the same products also run on the bf16
+//! kernel with weights packed once ([`AmxMatrix`], as generation packs them), timed in
+//! the same rounds: its time, bf16 weight bytes per second and the ratio gemm / bf16.
 //!
-//! `cargo bench -p tooltrain-model --bench decode_products -- [--rows 8] [--rounds 15]`
+//! `cargo bench -p tooltrain-model --bench decode_products -- [--rows 8] [--rounds 15]
+//! [--bf16]`
 
 use candle_core::{Device, Tensor};
 use tooltrain_model::ops::linear_product;
+use tooltrain_model::AmxMatrix;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -25,6 +30,10 @@ fn main() -> candle_core::Result<()> {
         }
     };
     let (rows, rounds) = (arg("--rows", 8), arg("--rounds", 15));
+    let bf16 = args.iter().any(|a| a == "--bf16");
+    if bf16 && !tooltrain_model::bf16_available() {
+        panic!("--bf16: this CPU has neither AMX nor AVX512-BF16");
+    }
     println!(
         "cpu: {}; {}; threads {}",
         cpu_model(),
@@ -41,7 +50,7 @@ fn main() -> candle_core::Result<()> {
         ("lm_head", 576, 49152, true, 1),
     ];
     let dev = Device::Cpu;
-    let (mut step_kernel, mut step_gemm) = (0f64, 0f64);
+    let (mut step_kernel, mut step_gemm, mut step_bf16) = (0f64, 0f64, 0f64);
     for (name, k, n, transposed, times) in shapes {
         let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
         // One weight per layer, as in a step: they do not fit in any cache together.
@@ -54,6 +63,21 @@ fn main() -> candle_core::Result<()> {
                 }
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let packed = if bf16 {
+            ws.iter()
+                .map(|w| {
+                    let v = w.flatten_all()?.to_vec1::<f32>()?;
+                    Ok(if transposed {
+                        AmxMatrix::pack_transposed(&v, n, k)?
+                    } else {
+                        AmxMatrix::pack(&v, k, n)?
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let gemm = |x: &Tensor, w: &Tensor| {
             if transposed {
                 x.matmul(&w.t()?)
@@ -69,7 +93,16 @@ fn main() -> candle_core::Result<()> {
             diff <= 1e-4 * scale.max(1.0),
             "{name}: kernels and gemm differ by {diff}"
         );
-        let (mut tk, mut tg) = (Vec::new(), Vec::new());
+        if let Some(p) = packed.first() {
+            // The products of rounded operands: within bf16 rounding of the f32 ones.
+            let got = Tensor::from_vec(p.matmul(&xv, rows)?, (rows, n), &dev)?;
+            let diff = (got - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 2e-2 * scale.max(1.0),
+                "{name}: bf16 and f32 products differ by {diff}"
+            );
+        }
+        let (mut tk, mut tg, mut tb) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let t = std::time::Instant::now();
             for w in &ws {
@@ -81,10 +114,27 @@ fn main() -> candle_core::Result<()> {
                 std::hint::black_box(gemm(&x, w)?);
             }
             tg.push(t.elapsed().as_secs_f64() / times as f64);
+            if bf16 {
+                let t = std::time::Instant::now();
+                for p in &packed {
+                    std::hint::black_box(p.matmul(&xv, rows)?);
+                }
+                tb.push(t.elapsed().as_secs_f64() / times as f64);
+            }
         }
         let (mk, mg) = (median(tk), median(tg));
         step_kernel += mk * times as f64;
         step_gemm += mg * times as f64;
+        if bf16 {
+            let mb = median(tb);
+            step_bf16 += mb * times as f64;
+            println!(
+                "{name:8} bf16 {:7.3} ms ({:5.1} GB/s of bf16 weight), gemm/bf16 {:.2}x",
+                mb * 1e3,
+                (k * n * 2) as f64 / mb / 1e9,
+                mg / mb
+            );
+        }
         println!(
             "{name:8} [{rows}, {k}] x {}: kernels {:7.3} ms ({:5.1} GB/s of weight), gemm {:7.3} ms, gemm/kernels {:.2}x",
             if transposed { format!("[{n}, {k}]^T") } else { format!("[{k}, {n}]") },
@@ -100,6 +150,13 @@ fn main() -> candle_core::Result<()> {
         step_gemm * 1e3,
         step_gemm / step_kernel
     );
+    if bf16 {
+        println!(
+            "one step's products on the bf16 kernel: {:.1} ms, gemm/bf16 {:.2}x",
+            step_bf16 * 1e3,
+            step_gemm / step_bf16
+        );
+    }
     Ok(())
 }
 

@@ -35,6 +35,7 @@ pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
 pub use generate::{FinishReason, GenStats, Generation, PrefixCache, SamplingParams};
+pub use kernels::AmxMatrix;
 pub use kernels::{
     bf16_available, bf16_kernel, detected_simd_level, set_simd_level, simd_level, simd_summary,
     Bf16Kernel, SimdLevel,

@@ -107,7 +107,7 @@ pub fn bf16_available() -> bool {
 /// tile `(nb, kb)` (columns `16 nb..`, rows `32 kb..`) is 512 values at
 /// `(nb * kbs + kb) * 512`, so a column block's tiles are contiguous. `k` and `n` are
 /// padded with zeros to multiples of 32.
-pub(crate) struct AmxMatrix {
+pub struct AmxMatrix {
     k: usize,
     n: usize,
     kp: usize,
@@ -597,6 +597,12 @@ mod avx512bf16 {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
+    /// How far ahead (bf16 values, 6 KB) the kernel's first row block prefetches each of
+    /// its two weight streams. With few rows (decoding: 8) the products are bound by
+    /// streaming the weight, which the hardware prefetcher alone left at about 25 GB/s
+    /// on two Zen 5 cores, against about 35 GB/s with this (`decode_products --bf16`).
+    const PREFETCH: usize = 3072;
+
     /// Whether the CPU has the instructions (`vdpbf16ps` on 512-bit vectors).
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -650,7 +656,15 @@ mod avx512bf16 {
             for r0 in (m0..m1).step_by(R) {
                 let a0 = a.as_ptr().add(r0 * kp);
                 let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                // The later row blocks find the weight's columns in cache.
+                let first = r0 == m0;
                 for i in 0..pairs {
+                    if first {
+                        // A hint only: an address past the weight is not dereferenced.
+                        let ahead = 32 * i + PREFETCH;
+                        _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(ahead) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(b1.wrapping_add(ahead) as *const i8);
+                    }
                     let v0 = _mm512_loadu_ps(b0.add(32 * i) as *const f32);
                     let v1 = _mm512_loadu_ps(b1.add(32 * i) as *const f32);
                     // Each row's pair is broadcast once into a register for both

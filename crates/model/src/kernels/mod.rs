@@ -487,8 +487,9 @@ mod skinny;
 mod softmax;
 mod swiglu;
 
+pub use amx::AmxMatrix;
 pub use amx::{bf16_available, bf16_kernel, Bf16Kernel};
-pub(crate) use amx::{AmxGemm, AmxLinear, AmxMatmul, AmxMatrix, Trans};
+pub(crate) use amx::{AmxGemm, AmxLinear, AmxMatmul, Trans};
 pub(crate) use attention::Attention;
 pub use attention::AttentionMask;
 pub(crate) use bias::BiasAdd;
