@@ -15,6 +15,8 @@
 # BF16=1: the build under test runs its linear layers in bf16 on AMX tiles or
 # AVX512-BF16 (policy.model.bf16; f32 on a CPU with neither); the baseline stays as it is.
 # KV_BF16=1: the build under test keeps its KV caches in bf16 (policy.model.kv_bf16).
+# BASELINE_SAME=1: the baseline takes the same BF16/KV_BF16 settings (an A/B of two
+# builds of the same configuration).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib-binaries.sh
@@ -79,7 +81,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
   echo "round $r tooltrain: $line"
   ours+=("$line")
   if [[ -n "${BASELINE_BIN:-}" ]]; then
-    line=$(run "$BASELINE_BIN" "$OUT/round-$r-baseline")
+    base_args=()
+    if [[ "${BASELINE_SAME:-0}" == "1" ]]; then base_args=("${ours_args[@]}"); fi
+    line=$(run "$BASELINE_BIN" "$OUT/round-$r-baseline" "${base_args[@]}")
     echo "round $r baseline:  $line"
     theirs+=("$line")
   fi
