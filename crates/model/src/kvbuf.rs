@@ -194,12 +194,7 @@ pub fn release_kv_buffers() -> usize {
         .map_or(0, Pool::clear)
 }
 
-/// Puts `v` in the pool for a later [`take`].
-pub(crate) fn give<T: Pooled>(v: Vec<T>) {
-    give_to(&POOL, v)
-}
-
-/// [`give`] to `pool`.
+/// Puts `v` in `pool` for a later [`take`].
 fn give_to<T: Pooled>(pool: &Shared, v: Vec<T>) {
     if v.capacity() == 0 {
         return;
