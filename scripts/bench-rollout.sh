@@ -13,7 +13,8 @@
 # TASKS_DIR holds `tooltrain synth` output (dataset.jsonl, gt.json, repos/); made with
 # configs/synth-medium.json and seed 2 when missing. TOOLTRAIN_BIN_DIR: prebuilt binaries.
 # BF16=1: the build under test runs its linear layers in bf16 on AMX tiles or
-# AVX512-BF16 (policy.model.bf16; f32 on a CPU with neither); the baseline stays as it is.
+# AVX512-BF16 (policy.model.bf16; f32 on a CPU with neither); the baseline stays as it is
+# unless BASELINE_SAME=1.
 # KV_BF16=1: the build under test keeps its KV caches in bf16 (policy.model.kv_bf16).
 # BASELINE_SAME=1: the baseline takes the same BF16/KV_BF16 settings (an A/B of two
 # builds of the same configuration).
