@@ -16,6 +16,7 @@
 //! | CPU kernels (baseline, AVX2 or AVX-512, chosen at run time: [`simd_level`], capped by `TOOLTRAIN_SIMD`) | `kernels/` (private): `mod.rs` (dispatch, shared helpers), `norm.rs`, `bias.rs`, `softmax.rs`, `swiglu.rs`, `rope.rs`, `cross_entropy.rs`, `attention.rs`, `decode_attention.rs`, `reduce.rs` |
 //! | bf16 products (AMX tiles or AVX512-BF16, [`bf16_kernel`]); a weight packed once for them | `kernels/amx.rs`, `kernels/bf16_layout.rs`: [`AmxMatrix`] |
 //! | recycled CPU buffers of KV caches and cached prefixes; freeing them | `kvbuf.rs`: [`release_kv_buffers`] |
+//! | allocator and thread-pool tuning; decoding loops on a pool worker | `runtime.rs`: [`tune_runtime`] |
 //! | AdamW, clipping, LR schedules | [`AdamW`], [`clip_grad_norm`], [`LrSchedule`] |
 
 pub mod config;
