@@ -1,11 +1,12 @@
 //! Batched sampling with a KV cache over prompts of different lengths.
 
 use crate::error::{invalid, Result};
-use crate::model::{CausalLM, KvCache, SeqLayout};
+use crate::model::{CausalLM, KvCache, RowKv, SeqLayout};
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Tensor};
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Sampling options.
 #[derive(Debug, Clone)]
@@ -334,11 +335,42 @@ pub struct GenStats {
 
 struct CachedSeq {
     tokens: Vec<u32>,
+    /// The first positions' keys and values, when they are those of a group of samples
+    /// (one copy for the group), and `kv` the rest; else `kv` holds them all. Per layer
+    /// `(k, v)`, `[1, kv_heads, n, head_dim]`.
+    prefix: Option<Arc<KvSegment>>,
     kv: Vec<(Tensor, Tensor)>,
     round: u64,
     /// `kv` is this entry's own (not a view of another entry's): its buffers go back to
     /// the pool of [`crate::kvbuf`] when it is dropped.
     owned: bool,
+}
+
+impl CachedSeq {
+    /// The keys and values in position order: the prefix's, then the entry's own.
+    fn parts(&self) -> Vec<&[(Tensor, Tensor)]> {
+        let own = std::iter::once(self.kv.as_slice());
+        self.prefix
+            .iter()
+            .map(|p| p.kv.as_slice())
+            .chain(own)
+            .collect()
+    }
+}
+
+/// Keys and values that the sequences of a group share (a prompt sampled several times),
+/// kept once for all of their [`CachedSeq`]s.
+struct KvSegment {
+    kv: Vec<(Tensor, Tensor)>,
+}
+
+impl Drop for KvSegment {
+    fn drop(&mut self) {
+        for (k, v) in &self.kv {
+            crate::kvbuf::recycle(k);
+            crate::kvbuf::recycle(v);
+        }
+    }
 }
 
 impl Drop for CachedSeq {
@@ -463,19 +495,34 @@ impl CausalLM {
         let (uniq, map) = distinct_prompts(prompts);
         let distinct: Vec<Vec<u32>> = uniq.iter().map(|&i| prompts[i].clone()).collect();
         let mut plan = PrefixPlan::new(&distinct, reuse.as_deref_mut());
+        let repeated = distinct.len() < b;
         let Prefill {
             mut cache,
             mut last,
-        } = self.prefill(&distinct, &mut plan, params, reuse.as_deref_mut())?;
+        } = self.prefill(&distinct, &mut plan, params, reuse.as_deref_mut(), repeated)?;
         st.prefill_tokens = (plan.shared
             + (0..distinct.len())
                 .map(|u| plan_len(&distinct[u], &plan, u))
                 .sum::<usize>()) as u64;
-        if distinct.len() < b {
-            let rows = Tensor::new(map.iter().map(|&u| u as u32).collect::<Vec<_>>(), dev)?;
-            cache.select_rows(&rows)?;
-            last = last.contiguous()?.index_select(&rows, 0)?;
+        if repeated {
             plan.expand(&map);
+        }
+        // Rows whose first cached columns hold the same tokens (the samples of a prompt):
+        // the attention reads those from the group's first row (its holder) alone.
+        let groups = kv_groups(prompts, &plan);
+        if repeated {
+            // Only a group's holder stores what the group shares.
+            let idx: Vec<u32> = map.iter().map(|&u| u as u32).collect();
+            let n = cache.len();
+            let skip: Vec<usize> = (0..b)
+                .map(|r| match groups[r] {
+                    (lead, cols) if lead != r => cols.min(n),
+                    _ => 0,
+                })
+                .collect();
+            cache.select_rows_storing(&idx, &skip)?;
+            let rows = Tensor::new(idx.as_slice(), dev)?;
+            last = last.contiguous()?.index_select(&rows, 0)?;
             if let Some(pc) = reuse.as_deref_mut() {
                 pc.duplicate_rows += (b - distinct.len()) as u64;
                 let dup: usize = (0..b)
@@ -504,11 +551,17 @@ impl CausalLM {
         // Rows of the cache: (sequence index, its padding `pad`, next position) while the
         // sequence is generating, `None` once it has finished. A finished row stays in
         // place (a hole the attention skips) until half the rows are holes: dropping a
-        // row copies every other row's keys and values.
+        // row copies every other row's keys and values. `row_seq`: each row's sequence.
+        // `holder[g]`: the sequence whose row stores what group `g` shares (at first its
+        // first sequence, `g`); when the batch is compacted, a group whose holder has
+        // finished hands that to its first live row.
         let mut slots: Vec<Option<(usize, usize, usize)>> = (0..b)
             .map(|i| Some((i, plan.pads[i], plan.lens[i])))
             .collect();
-        let groups = kv_groups(prompts, &plan);
+        let mut row_seq: Vec<usize> = (0..b).collect();
+        let mut holder: Vec<usize> = (0..b).collect();
+        // Per group, what its members share, kept once for their cached sequences.
+        let mut segments: std::collections::HashMap<usize, Arc<KvSegment>> = Default::default();
         // The decoding steps, many short parallel kernels each, run on a worker of the
         // thread pool (`runtime::on_pool`).
         crate::runtime::on_pool(dev, || -> Result<()> {
@@ -565,12 +618,31 @@ impl CausalLM {
                 for &r in &ended {
                     let (i, pad, _) = slots[r].take().expect("live row");
                     if let Some(pc) = reuse.as_deref_mut() {
-                        // The prompt and the sampled tokens fed so far (all but the last).
-                        let kv = cache
-                            .extract_row(r, &[(0, plan.pre[i]), (plan.width + pad, cached)])?;
+                        // The prompt and the sampled tokens fed so far (all but the last):
+                        // what the row's group shares (copied once, from its holder), and
+                        // the row's own.
+                        let real =
+                            |i: usize, pad: usize| [(0, plan.pre[i]), (plan.width + pad, cached)];
+                        let (g, cols) = groups[i];
+                        let prefix = match (cols, segments.get(&g)) {
+                            (0, _) => None,
+                            (_, Some(seg)) => Some(seg.clone()),
+                            (_, None) => {
+                                let h = holder[g];
+                                let hr = row_seq.iter().position(|&s| s == h);
+                                let hr = hr.expect("a group's holder stays in the batch");
+                                let ranges = clip(&real(h, plan.pads[h]), 0, cols);
+                                let kv = cache.extract_row(hr, &ranges)?;
+                                let seg = Arc::new(KvSegment { kv });
+                                segments.insert(g, seg.clone());
+                                Some(seg)
+                            }
+                        };
+                        let kv = cache.extract_row(r, &clip(&real(i, pad), cols, cached))?;
                         let fed = out[i].tokens.len() - 1;
                         pc.entries.push(CachedSeq {
                             tokens: [&prompts[i][..], &out[i].tokens[..fed]].concat(),
+                            prefix,
                             kv,
                             round: pc.round,
                             owned: true,
@@ -583,15 +655,28 @@ impl CausalLM {
                     break;
                 }
                 if alive.len() * 2 <= slots.len() {
+                    // A group whose holder has finished: its first live row takes over.
+                    let row_of: std::collections::HashMap<usize, usize> =
+                        row_seq.iter().enumerate().map(|(r, &i)| (i, r)).collect();
+                    for &r in &alive {
+                        let (g, cols) = groups[row_seq[r]];
+                        let hr = row_of[&holder[g]];
+                        if cols > 0 && slots[hr].is_none() {
+                            cache.copy_first_positions(hr, r, cols)?;
+                            holder[g] = row_seq[r];
+                        }
+                    }
                     let rows =
                         Tensor::new(alive.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
                     cache.select_rows(&rows)?;
                     slots = alive.iter().map(|&r| slots[r]).collect();
                     next = alive.iter().map(|&r| next[r]).collect();
+                    row_seq = alive.iter().map(|&r| row_seq[r]).collect();
                 }
                 st.bookkeeping_s += tb.elapsed().as_secs_f64();
                 let td = std::time::Instant::now();
-                let layout = decode_layout(&slots, &plan, &groups, cache.len() + 1, dev)?;
+                let s = cache.len() + 1;
+                let layout = decode_layout(&slots, &row_seq, &holder, &plan, &groups, s, dev)?;
                 let x = Tensor::from_vec(next, (slots.len(), 1), dev)?;
                 last = self.forward_cached(&x, &layout, &mut cache)?.squeeze(1)?;
                 st.decode_steps += 1;
@@ -607,13 +692,17 @@ impl CausalLM {
 
     /// Computes every prompt's suffix after its cached prefix (taken from the cache, or
     /// the batch's shared prefix computed once) and returns the cache with the last
-    /// position's hidden state of each row.
+    /// position's hidden state of each row. The rows of a [`kv_groups`] group but its
+    /// leader leave out of the cache what they share with it (the attention reads that
+    /// from the leader), unless `store_all` (rows of this batch are repeated afterwards,
+    /// which needs every position of the repeated rows).
     fn prefill(
         &self,
         prompts: &[Vec<u32>],
         plan: &mut PrefixPlan,
         params: &SamplingParams,
         reuse: Option<&mut PrefixCache>,
+        store_all: bool,
     ) -> Result<Prefill> {
         // The taken entries are copied into the batch's cache and freed here.
         let taken = std::mem::take(&mut plan.taken);
@@ -641,23 +730,34 @@ impl CausalLM {
             let last = hid.narrow(1, p - 1, 1)?.squeeze(1)?;
             return Ok(Prefill { cache, last });
         }
+        // Rows whose cached prefixes hold the same tokens read them once, from the leader.
+        let share = kv_groups(prompts, plan);
+        let skip = |i: usize| match share[i] {
+            (lead, cols) if lead != i && !store_all => cols.min(pre[i]),
+            _ => 0,
+        };
         if plan.shared > 0 {
             let prefix = Tensor::new(&prompts[0][..plan.shared], dev)?.unsqueeze(0)?;
             let layout = SeqLayout::left_padded(&[plan.shared], plan.shared, dev)?;
             self.forward_cached(&prefix, &layout, &mut cache)?;
-            cache.select_rows(&Tensor::zeros(b, DType::U32, dev)?)?;
+            let skips: Vec<usize> = (0..b).map(skip).collect();
+            cache.select_rows_storing(&vec![0; b], &skips)?;
         } else {
             let rows: Vec<_> = taken
                 .iter()
-                .zip(pre)
-                .map(|(t, &n)| t.as_ref().map(|e| (e.kv.as_slice(), n)))
+                .enumerate()
+                .map(|(i, t)| {
+                    t.as_ref().map(|e| RowKv {
+                        parts: e.parts(),
+                        len: pre[i],
+                        skip: skip(i),
+                    })
+                })
                 .collect();
             cache = KvCache::from_rows(&rows, width, reserve, (self.dtype(), params.kv_bf16))?
                 .with_bf16(params.bf16);
         }
         drop(taken);
-        // Rows whose cached prefixes hold the same tokens read them once.
-        let share = kv_groups(prompts, plan);
         // The suffixes attend to the cached prefixes and to themselves, in chunks of
         // query rows: as many as the attention takes in blocks (each chunk lays out the
         // cache's keys and values once), else chunks that bound the `[b, heads, rows,
@@ -716,6 +816,7 @@ impl PrefixPlan {
                         } else {
                             CachedSeq {
                                 tokens: Vec::new(),
+                                prefix: pc.entries[e].prefix.clone(),
                                 kv: pc.entries[e].kv.clone(),
                                 round: pc.round,
                                 owned: false,
@@ -870,9 +971,13 @@ fn kv_groups(prompts: &[Vec<u32>], plan: &PrefixPlan) -> Vec<(usize, usize)> {
 /// Layout of one decoding step: one new token per row of the cache, attending to all of
 /// the `s` keys but the ones of other rows' prefixes and its own padding. A finished row
 /// (`None`) sees only its own new key, so the attention skips its cache. Rows of one
-/// [`kv_groups`] group share their first columns.
+/// [`kv_groups`] group `g` read their first columns from its holder, the row of sequence
+/// `holder[g]` (`row_seq`: each row's sequence), finished or not (then it takes no part in
+/// the group's products).
 fn decode_layout(
     slots: &[Option<(usize, usize, usize)>],
+    row_seq: &[usize],
+    holder: &[usize],
     plan: &PrefixPlan,
     groups: &[(usize, usize)],
     s: usize,
@@ -882,18 +987,24 @@ fn decode_layout(
     let mut mask = vec![0f32; nb * s];
     let mut pos = Vec::with_capacity(nb);
     let mut share = Vec::with_capacity(nb);
-    let mut lead_row: std::collections::HashMap<usize, usize> = Default::default();
+    let row_of: std::collections::HashMap<usize, usize> =
+        row_seq.iter().enumerate().map(|(r, &i)| (i, r)).collect();
     for (r, slot) in slots.iter().enumerate() {
         match *slot {
             Some((i, pad, ps)) => {
+                let (g, cols) = groups[i];
                 mask[r * s + plan.pre[i]..r * s + plan.width + pad].fill(f32::NEG_INFINITY);
                 pos.push((ps - 1) as f32);
-                let (g, cols) = groups[i];
-                share.push((*lead_row.entry(g).or_insert(r), cols));
+                let Some(&lead) = row_of.get(&holder[g]).filter(|_| cols > 0) else {
+                    share.push((r, 0));
+                    continue;
+                };
+                share.push((lead, cols));
             }
             None => {
                 mask[r * s..(r + 1) * s - 1].fill(f32::NEG_INFINITY);
                 pos.push(0.0);
+                // A finished holder still leads its group, which it takes no part in.
                 share.push((r, 0));
             }
         }
@@ -904,6 +1015,15 @@ fn decode_layout(
         segments: vec![vec![Some(0)]; nb],
         kv_share: share,
     })
+}
+
+/// The parts of the position ranges `ranges` within `lo..hi`.
+fn clip(ranges: &[(usize, usize)], lo: usize, hi: usize) -> Vec<(usize, usize)> {
+    ranges
+        .iter()
+        .map(|&(a, b)| (a.max(lo), b.min(hi)))
+        .filter(|(a, b)| b > a)
+        .collect()
 }
 
 #[cfg(test)]

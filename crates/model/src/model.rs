@@ -26,8 +26,10 @@ pub struct SeqLayout {
     /// Per row, for each token, `Some(sequence index)` or `None` for padding.
     pub segments: Vec<Vec<Option<usize>>>,
     /// With a KV cache, per row `(leader, columns)`: the row's first `columns` cached keys
-    /// and values are copies of row `leader`'s (a leader names itself), so attention may
-    /// read them once for the group. Empty: no such sharing.
+    /// and values are row `leader`'s, which attention reads once for the group (so the
+    /// row need not store them, [`KvCache`]). A leader names itself; with 0 columns it
+    /// takes no part in its group (a finished row that still holds what the others
+    /// read). Empty: no such sharing.
     pub kv_share: Vec<(usize, usize)>,
 }
 
@@ -184,6 +186,19 @@ pub struct KvCache {
     bf16: bool,
     /// The keys and values are stored in bf16 ([`KvCache::with_kv_bf16`]).
     kv_bf16: bool,
+    /// Per row, the leading positions that are not stored (empty: none): the row reads
+    /// them from the row its passes' [`SeqLayout::kv_share`] names, which holds them.
+    /// A group of samples of one prompt stores that prompt once.
+    skip: Vec<usize>,
+}
+
+/// One row of [`KvCache::from_rows`]: positions `0..len` of its `parts` laid end to end
+/// (each per layer `(k, v)`, `[1, kv_heads, n, head_dim]`), of which the first `skip` are
+/// not stored (read from another row, [`SeqLayout::kv_share`]).
+pub(crate) struct RowKv<'a> {
+    pub parts: Vec<&'a [(Tensor, Tensor)]>,
+    pub len: usize,
+    pub skip: usize,
 }
 
 #[derive(Debug)]
@@ -202,6 +217,7 @@ impl KvCache {
             reserve: extra,
             bf16: false,
             kv_bf16: false,
+            skip: vec![],
         }
     }
 
@@ -245,16 +261,62 @@ impl KvCache {
     /// Keeps only the given batch rows (drops finished sequences).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         let idx: Vec<u32> = rows.to_vec1()?;
+        let skip = match self.skip.is_empty() {
+            true => vec![],
+            false => idx
+                .iter()
+                .map(|&i| self.skip.get(i as usize).copied().unwrap_or(0))
+                .collect(),
+        };
+        self.pick_rows(rows, &idx, skip)
+    }
+
+    /// [`KvCache::select_rows`] from rows that store every position, where new row `r`
+    /// need not store its first `skip[r]` (it reads them from another row,
+    /// [`SeqLayout::kv_share`]): rows repeated from one (the samples of a prompt) store it
+    /// once. Caches other than f32 or bf16 ones on the CPU store every position.
+    pub(crate) fn select_rows_storing(&mut self, idx: &[u32], skip: &[usize]) -> Result<()> {
+        if skip.len() != idx.len() {
+            invalid!("{} skips for {} rows", skip.len(), idx.len());
+        }
+        if idx
+            .iter()
+            .any(|&i| self.skip.get(i as usize).is_some_and(|&s| s > 0))
+        {
+            invalid!("repeated rows must store every position");
+        }
+        let pooled_cache = self
+            .layers
+            .iter()
+            .flatten()
+            .all(|l| pooled(&l.k).is_some() && pooled(&l.v).is_some());
+        let skip = if pooled_cache { skip.to_vec() } else { vec![] };
+        let dev = match self.layers.iter().flatten().next() {
+            Some(l) => l.k.device().clone(),
+            None => Device::Cpu,
+        };
+        let rows = Tensor::new(idx, &dev)?;
+        self.pick_rows(&rows, idx, skip)
+    }
+
+    /// Rows `idx` (also as the tensor `rows`), the new rows' `skip`.
+    fn pick_rows(&mut self, rows: &Tensor, idx: &[u32], skip: Vec<usize>) -> Result<()> {
         // Kept rows in increasing order (finished rows dropped) move down in place.
         let in_place = idx.windows(2).all(|w| w[0] < w[1]);
+        let from = |r: usize| skip.get(r).copied().unwrap_or(0);
         let pick = |t: &mut Tensor, len: usize| -> Result<()> {
             let new = match (pooled(t), in_place) {
                 // A view of the same storage: nothing to recycle.
-                (Some(DType::F32), true) => return compact_rows::<f32>(t, &idx, len),
-                (Some(_), true) => return compact_rows::<bf16>(t, &idx, len),
-                (Some(DType::F32), false) => gather_rows::<f32>(t, &idx, len)?,
-                (Some(_), false) => gather_rows::<bf16>(t, &idx, len)?,
-                (None, _) => t.index_select(rows, 0)?,
+                (Some(DType::F32), true) => return compact_rows::<f32>(t, idx, len, from),
+                (Some(_), true) => return compact_rows::<bf16>(t, idx, len, from),
+                (Some(DType::F32), false) => gather_rows::<f32>(t, idx, len, from)?,
+                (Some(_), false) => gather_rows::<bf16>(t, idx, len, from)?,
+                (None, _) => {
+                    if skip.iter().any(|&s| s > 0) {
+                        invalid!("rows that skip positions need a CPU cache");
+                    }
+                    t.index_select(rows, 0)?
+                }
             };
             crate::kvbuf::recycle(&std::mem::replace(t, new));
             Ok(())
@@ -265,56 +327,124 @@ impl KvCache {
             .try_for_each(|l| -> Result<()> {
                 pick(&mut l.k, l.len)?;
                 pick(&mut l.v, l.len)
-            })
+            })?;
+        self.skip = skip;
+        Ok(())
+    }
+
+    /// Copies row `from`'s first `n` positions to row `to`, which then stores them: a
+    /// row that read them from `from` ([`SeqLayout::kv_share`]) takes its place. Caches
+    /// that store every row's own (off the CPU) are left as they are.
+    pub(crate) fn copy_first_positions(&mut self, from: usize, to: usize, n: usize) -> Result<()> {
+        if self.skip.get(from).is_some_and(|&s| s > 0) {
+            invalid!("row {from} does not store its first positions");
+        }
+        if self.skip.get(to).is_none_or(|&s| s == 0) {
+            return Ok(());
+        }
+        let n = n.min(self.len());
+        let copy = |t: &Tensor| -> Result<()> {
+            match pooled(t) {
+                Some(DType::F32) => first_positions::<f32>(t, from, to, n),
+                Some(_) => first_positions::<bf16>(t, from, to, n),
+                None => invalid!("rows that skip positions need a CPU cache"),
+            }
+        };
+        self.layers
+            .par_iter()
+            .flatten()
+            .try_for_each(|l| -> Result<()> {
+                copy(&l.k)?;
+                copy(&l.v)
+            })?;
+        self.skip[to] = 0;
+        Ok(())
     }
 
     /// A cache of `rows.len()` rows whose row `r` holds `rows[r]`'s first `len` positions
-    /// (`None`: nothing), at positions `0..len`; buffers have room for `width + reserve`
+    /// (`None`: nothing), at positions `0..len`, but for its first `skip` ones (not stored,
+    /// on the CPU; elsewhere every position is); buffers have room for `width + reserve`
     /// positions and the cache counts `width` (rows shorter than `width` are masked there
     /// by the caller, and hold zeros). The buffers take the type a model computing in
     /// `model_dtype` stores (bf16 with `kv_bf16`), converting rows kept in another.
     pub(crate) fn from_rows(
-        rows: &[Option<(&[(Tensor, Tensor)], usize)>],
+        rows: &[Option<RowKv<'_>>],
         width: usize,
         reserve: usize,
         (model_dtype, kv_bf16): (DType, bool),
     ) -> Result<Self> {
-        let mut out = KvCache {
-            layers: vec![],
-            reserve,
-            bf16: false,
-            kv_bf16,
-        };
+        let mut out = KvCache::reserving(reserve).with_kv_bf16(kv_bf16);
         // The type the model's passes store, whatever type the given rows are in.
         let dt = out.kv_dtype(model_dtype);
-        let (template, _) = rows
+        let template = rows
             .iter()
             .flatten()
+            .flat_map(|r| r.parts.first())
             .next()
             .ok_or_else(|| crate::Error::Invalid("no cached row".into()))?;
+        for row in rows.iter().flatten() {
+            let have: usize = row
+                .parts
+                .iter()
+                .map(|p| p[0].0.dim(2))
+                .sum::<candle_core::Result<usize>>()?;
+            if row.len > have
+                || row.len > width
+                || row.parts.iter().any(|p| p.len() != template.len())
+            {
+                invalid!(
+                    "a cached row of {have} positions cannot fill {} of {width}",
+                    row.len
+                );
+            }
+        }
+        let cpu = template[0].0.device().is_cpu() && matches!(dt, DType::F32 | DType::BF16);
         let layer = |li: usize, pick: fn(&(Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
             let t = pick(&template[li]);
             let (_, h, _, d) = t.dims4()?;
             let shape = (rows.len(), h, width + reserve, d);
-            let src = |kv: &[(Tensor, Tensor)], len: usize| -> Result<Tensor> {
-                Ok(pick(&kv[li]).narrow(2, 0, len)?.to_dtype(dt)?)
+            // Each row's parts with their first positions, in the stored type.
+            let parts = |row: &RowKv<'_>| -> Result<Vec<(Tensor, usize)>> {
+                let mut at = 0;
+                let mut out = vec![];
+                for p in &row.parts {
+                    let t = pick(&p[li]);
+                    let n = t.dim(2)?;
+                    if at + n > row.skip && at < row.len {
+                        out.push((t.to_dtype(dt)?.contiguous()?, at));
+                    }
+                    at += n;
+                }
+                Ok(out)
             };
-            if t.device().is_cpu() && matches!(dt, DType::F32 | DType::BF16) {
-                let srcs: Vec<Option<Tensor>> = rows
+            if cpu {
+                let srcs: Vec<Option<(Vec<(Tensor, usize)>, usize, usize)>> = rows
                     .iter()
-                    .map(|row| row.map(|(kv, len)| src(kv, len)).transpose())
+                    .map(|row| {
+                        row.as_ref()
+                            .map(|r| Ok((parts(r)?, r.skip, r.len)))
+                            .transpose()
+                    })
                     .collect::<Result<_>>()?;
                 return match dt {
                     DType::F32 => rows_into::<f32>(&srcs, shape, width),
                     _ => rows_into::<bf16>(&srcs, shape, width),
                 };
             }
+            // Elsewhere every position is stored.
             let buf = Tensor::zeros(shape, dt, t.device())?;
             for (r, row) in rows.iter().enumerate() {
-                if let Some((kv, len)) = row {
-                    // Row r of the buffer is a contiguous view sharing its storage.
-                    buf.narrow(0, r, 1)?
-                        .slice_set(&src(kv, *len)?.contiguous()?, 2, 0)?;
+                let Some(row) = row else { continue };
+                let mut at = 0;
+                for p in &row.parts {
+                    let p = pick(&p[li]);
+                    let n = p.dim(2)?.min(row.len.saturating_sub(at));
+                    if n > 0 {
+                        let p = p.narrow(2, 0, n)?.to_dtype(dt)?.contiguous()?;
+                        // Row r of the buffer is a contiguous view sharing its storage.
+                        buf.narrow(0, r, 1)?.slice_set(&p, 2, at)?;
+                    }
+                    at += n;
                 }
             }
             Ok(buf)
@@ -330,6 +460,12 @@ impl KvCache {
             })
             .collect::<Result<Vec<_>>>()?;
         out.layers = layers;
+        if cpu {
+            out.skip = rows
+                .iter()
+                .map(|r| r.as_ref().map_or(0, |r| r.skip))
+                .collect();
+        }
         Ok(out)
     }
 
@@ -382,6 +518,7 @@ impl Clone for KvCache {
             reserve: self.reserve,
             bf16: self.bf16,
             kv_bf16: self.kv_bf16,
+            skip: self.skip.clone(),
         }
     }
 }
@@ -418,28 +555,33 @@ fn copy_positions<T: Copy>(
     }
 }
 
-/// A pooled buffer `[b, heads, cap, d]` whose row `r` holds `srcs[r]` (`[1, heads, len,
-/// d]`) at positions `0..len` and zeros up to `width` (all zeros for `None`); positions
-/// from `width` on are left as they are (written before they are read).
+/// A pooled buffer `[b, heads, cap, d]` whose row `r` holds, for `srcs[r] = (parts, skip,
+/// len)`, positions `skip..len` of its parts (`[1, heads, n, d]` each, contiguous, with
+/// their first positions) and zeros from `len` up to `width` (all zeros for `None`);
+/// positions `0..skip`, and from `width` on, are left as they are (not read, or written
+/// before they are read).
 fn rows_into<T: crate::kvbuf::Pooled>(
-    srcs: &[Option<Tensor>],
+    srcs: &[Option<(Vec<(Tensor, usize)>, usize, usize)>],
     (b, heads, cap, d): (usize, usize, usize, usize),
     width: usize,
 ) -> Result<Tensor> {
     let mut buf = crate::kvbuf::take::<T>(b * heads * cap * d);
-    for (r, (row, src)) in buf.chunks_mut(heads * cap * d).zip(srcs).enumerate() {
+    for (row, src) in buf.chunks_mut(heads * cap * d).zip(srcs) {
         let len = match src {
-            Some(t) => {
-                let len = t.dim(2)?;
-                let t = t.contiguous()?;
-                crate::kvbuf::with_slice::<T, _>(&t, |s| {
-                    copy_positions(row, cap, s, len, (heads, d), (0, len, 0))
-                })?;
-                len
+            Some((parts, skip, len)) => {
+                for (t, at) in parts {
+                    let n = t.dim(2)?;
+                    let (from, to) = ((*skip).max(*at), (*len).min(at + n));
+                    if to > from {
+                        crate::kvbuf::with_slice::<T, _>(t, |s| {
+                            copy_positions(row, cap, s, n, (heads, d), (from - at, to - from, from))
+                        })?;
+                    }
+                }
+                *len
             }
             None => 0,
         };
-        debug_assert!(len <= width, "row {r}");
         for hh in 0..heads {
             row[(hh * cap + len) * d..(hh * cap + width) * d].fill(T::zero());
         }
@@ -447,10 +589,15 @@ fn rows_into<T: crate::kvbuf::Pooled>(
     Ok(Tensor::from_vec(buf, (b, heads, cap, d), &Device::Cpu)?)
 }
 
-/// Rows `idx` (increasing) of the buffer `t` (`[b, heads, cap, d]`), positions `0..len`,
-/// moved down to rows `0..idx.len()` of the same storage; `t` becomes a view of those
-/// rows.
-fn compact_rows<T: crate::kvbuf::Pooled>(t: &mut Tensor, idx: &[u32], len: usize) -> Result<()> {
+/// Rows `idx` (increasing) of the buffer `t` (`[b, heads, cap, d]`), positions
+/// `skip(r)..len` of new row `r`, moved down to rows `0..idx.len()` of the same storage;
+/// `t` becomes a view of those rows.
+fn compact_rows<T: crate::kvbuf::Pooled>(
+    t: &mut Tensor,
+    idx: &[u32],
+    len: usize,
+    skip: impl Fn(usize) -> usize,
+) -> Result<()> {
     let (b, heads, cap, d) = t.dims4()?;
     if let Some(&i) = idx.iter().find(|&&i| i as usize >= b) {
         invalid!("row {i} of a {b}-row KV cache");
@@ -461,11 +608,14 @@ fn compact_rows<T: crate::kvbuf::Pooled>(t: &mut Tensor, idx: &[u32], len: usize
     let stride = heads * cap * d;
     crate::kvbuf::with_storage_mut::<T>(t, |s| {
         for (r, &i) in idx.iter().enumerate() {
-            let i = i as usize;
+            let (i, from) = (i as usize, skip(r).min(len));
             if i != r {
                 for hh in 0..heads {
-                    let from = i * stride + hh * cap * d;
-                    s.copy_within(from..from + len * d, r * stride + hh * cap * d);
+                    let at = hh * cap * d + from * d;
+                    s.copy_within(
+                        i * stride + at..i * stride + len * d + hh * cap * d,
+                        r * stride + at,
+                    );
                 }
             }
         }
@@ -474,19 +624,49 @@ fn compact_rows<T: crate::kvbuf::Pooled>(t: &mut Tensor, idx: &[u32], len: usize
     Ok(())
 }
 
-/// Rows `idx` of the buffer `t` (`[b, heads, cap, d]`), positions `0..len`, in a pooled
-/// buffer of the same capacity.
-fn gather_rows<T: crate::kvbuf::Pooled>(t: &Tensor, idx: &[u32], len: usize) -> Result<Tensor> {
+/// Row `from`'s positions `0..n` copied to row `to` of the buffer `t` (`[b, heads, cap,
+/// d]`), in place.
+fn first_positions<T: crate::kvbuf::Pooled>(
+    t: &Tensor,
+    from: usize,
+    to: usize,
+    n: usize,
+) -> Result<()> {
+    let (b, heads, cap, d) = t.dims4()?;
+    if from >= b || to >= b {
+        invalid!("rows {from} and {to} of a {b}-row KV cache");
+    }
+    let stride = heads * cap * d;
+    crate::kvbuf::with_storage_mut::<T>(t, |s| {
+        for hh in 0..heads {
+            let at = hh * cap * d;
+            let src = from * stride + at;
+            s.copy_within(src..src + n * d, to * stride + at);
+        }
+    })?;
+    Ok(())
+}
+
+/// Rows `idx` of the buffer `t` (`[b, heads, cap, d]`), positions `skip(r)..len` of new
+/// row `r`, in a pooled buffer of the same capacity.
+fn gather_rows<T: crate::kvbuf::Pooled>(
+    t: &Tensor,
+    idx: &[u32],
+    len: usize,
+    skip: impl Fn(usize) -> usize,
+) -> Result<Tensor> {
     let (b, heads, cap, d) = t.dims4()?;
     let stride = heads * cap * d;
     let mut buf = crate::kvbuf::take::<T>(idx.len() * stride);
     crate::kvbuf::with_slice::<T, _>(t, |s| -> Result<()> {
-        for (row, &i) in buf.chunks_mut(stride).zip(idx) {
+        for (r, (row, &i)) in buf.chunks_mut(stride).zip(idx).enumerate() {
             let i = i as usize;
             if i >= b {
                 invalid!("row {i} of a {b}-row KV cache");
             }
-            copy_positions(row, cap, &s[i * stride..], cap, (heads, d), (0, len, 0));
+            let from = skip(r).min(len);
+            let src = &s[i * stride..];
+            copy_positions(row, cap, src, cap, (heads, d), (from, len - from, from));
         }
         Ok(())
     })??;
@@ -1673,12 +1853,19 @@ mod tests {
                 row(4.0, (heads, 4, d), DType::F32),
             )];
             let c = vec![(row(5.0, (heads, 9, d), dt), row(6.0, (heads, 9, d), dt))];
-            let rows = [
-                Some((&a[..], 6)),
-                None,
-                Some((&b[..], 4)),
-                Some((&c[..], 5)),
-            ];
+            let whole = |kv: &'static str, len| {
+                let parts = match kv {
+                    "a" => vec![&a[..]],
+                    "b" => vec![&b[..]],
+                    _ => vec![&c[..]],
+                };
+                Some(RowKv {
+                    parts,
+                    len,
+                    skip: 0,
+                })
+            };
+            let rows = [whole("a", 6), None, whole("b", 4), whole("c", 5)];
             let mut cache =
                 KvCache::from_rows(&rows, width, reserve, (DType::F32, kv_bf16)).unwrap();
             assert_eq!(cache.len(), width);
@@ -1724,6 +1911,82 @@ mod tests {
             assert!(cache
                 .select_rows(&Tensor::new(&[0u32, 7], &Device::Cpu).unwrap())
                 .is_err());
+        }
+    }
+
+    /// Rows that leave out their first positions (read from another row): a row made of
+    /// two parts stores only the positions from its skip on, a repeated row only what its
+    /// skip leaves, and compacting keeps the skips. What is left out is never written (NaN
+    /// in test builds, where taken buffers are filled with NaN).
+    #[test]
+    fn cache_rows_leave_out_what_they_share() {
+        assert!(
+            cfg!(debug_assertions),
+            "the NaN fill of taken buffers shows skipped positions"
+        );
+        let (heads, d, width, reserve) = (2, 4, 8, 3);
+        for (dt, kv_bf16) in [(DType::F32, false), (DType::BF16, true)] {
+            let a = vec![(row(1.0, (heads, 6, d), dt), row(2.0, (heads, 6, d), dt))];
+            let b = vec![(row(3.0, (heads, 4, d), dt), row(4.0, (heads, 4, d), dt))];
+            let rows = [
+                Some(RowKv {
+                    parts: vec![&a[..], &b[..]],
+                    len: 8,
+                    skip: 0,
+                }),
+                Some(RowKv {
+                    parts: vec![&a[..], &b[..]],
+                    len: 7,
+                    skip: 3,
+                }),
+            ];
+            let mut cache =
+                KvCache::from_rows(&rows, width, reserve, (DType::F32, kv_bf16)).unwrap();
+            let k = |c: &KvCache| c.layers[0].as_ref().unwrap().k.clone();
+            // a's 6 positions, then b's first ones.
+            let joined = |n: usize| -> Vec<Vec<Vec<f32>>> {
+                let (x, y) = (filled(&a[0].0, 0, 6), filled(&b[0].0, 0, 4));
+                (0..heads)
+                    .map(|h| [&x[h][..], &y[h][..n - 6]].concat())
+                    .collect()
+            };
+            assert_eq!(filled(&k(&cache), 0, width), joined(8));
+            let got = filled(&k(&cache), 1, width);
+            for (h, want) in joined(7).iter().enumerate() {
+                assert!(got[h][..3].iter().flatten().all(|x| x.is_nan()), "head {h}");
+                assert_eq!(&got[h][3..7], &want[3..7]);
+                assert_eq!(got[h][7], vec![0.0; d], "padding up to the width");
+            }
+            // Row 0 twice, the copy storing positions from 5 on; row 1 kept (skip 3).
+            let err = cache.select_rows_storing(&[1, 0], &[0, 0]);
+            assert!(err.is_err(), "a row that skips cannot be repeated");
+            cache.select_rows_storing(&[0, 0], &[0, 5]).unwrap();
+            let rep = filled(&k(&cache), 1, width);
+            assert_eq!(filled(&k(&cache), 0, width), joined(8));
+            for (h, want) in joined(8).iter().enumerate() {
+                assert!(rep[h][..5].iter().flatten().all(|x| x.is_nan()), "head {h}");
+                assert_eq!(&rep[h][5..], &want[5..]);
+            }
+            assert_eq!(cache.skip, vec![0, 5]);
+            // Row 1 takes over row 0's first positions (and stores them from then on); a
+            // row that leaves its out cannot hand them on.
+            let mut copy = cache.clone();
+            copy.copy_first_positions(0, 1, 5).unwrap();
+            assert_eq!(copy.skip, vec![0, 0]);
+            assert_eq!(filled(&k(&copy), 1, width), joined(8));
+            let mut other = cache.clone();
+            assert!(other.copy_first_positions(1, 0, 5).is_err());
+            // Row 1 moved down in place keeps its skip; its positions from 5 on move.
+            cache
+                .select_rows(&Tensor::new(&[1u32], &Device::Cpu).unwrap())
+                .unwrap();
+            assert_eq!(cache.skip, vec![5]);
+            let moved = filled(&k(&cache), 0, width);
+            for (h, want) in joined(8).iter().enumerate() {
+                assert_eq!(&moved[h][5..], &want[5..]);
+                // Row 0's own first positions, not written over.
+                assert_eq!(&moved[h][..5], &want[..5]);
+            }
         }
     }
 }

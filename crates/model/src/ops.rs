@@ -301,9 +301,9 @@ pub(crate) fn cached_attention_blocked(
 /// skipping masked keys, with small matrix products per kv head; otherwise
 /// [`grouped_attention`].
 ///
-/// `share` (per row `(leader, columns)`, or empty) says which rows hold copies of another
-/// row's first keys and values (the samples of one prompt): the kernel reads those once
-/// per group. The other paths read every row's own, which are equal.
+/// `share` (per row `(leader, columns)`, or empty) says which rows' first keys and values
+/// are another row's (the samples of one prompt): every path reads them from the leader,
+/// the kernel once per group, so a row need not store them ([`crate::KvCache`]).
 ///
 /// `bf16`: the kernel's products of more than a few query rows per kv head (prefill
 /// chunks, not decoding steps) take bf16-rounded operands with f32 sums, on AMX or
@@ -326,6 +326,11 @@ pub fn cached_attention(
     let untracked = !(tracked(q) || tracked(k) || tracked(v));
     if !(cpu_kernel(q) && readable && untracked && s <= KERNEL_MAX_QUERIES) {
         let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
+        // Caches off the CPU store every row's own (`KvCache`): read them in place there.
+        let (k, v) = match q.device().is_cpu() {
+            true => (leaders_columns(&k, share)?, leaders_columns(&v, share)?),
+            false => (k, v),
+        };
         return grouped_attention(q, &k, &v, mask, scale);
     }
     // The kernel reads any view whose head_dim is contiguous (a cache's filled part).
@@ -345,6 +350,38 @@ pub fn cached_attention(
     q.contiguous()?
         .apply_op3_no_bwd(&rows(k)?, &rows(v)?, &op)?
         .reshape((b * s, nh * hd))
+}
+
+/// `t` (`[b, kv_heads, len, head_dim]`) with each row's first columns taken from its
+/// leader's (`share`, as [`cached_attention`]'s), where a row need not store them.
+fn leaders_columns(t: &Tensor, share: &[(usize, usize)]) -> Result<Tensor> {
+    let (b, _, len, _) = t.dims4()?;
+    if share
+        .iter()
+        .enumerate()
+        .all(|(r, &(l, c))| l == r || c == 0)
+    {
+        return Ok(t.clone());
+    }
+    if share.len() != b {
+        candle_core::bail!("{} share entries for {b} rows", share.len());
+    }
+    let rows = share
+        .iter()
+        .enumerate()
+        .map(|(r, &(l, c))| {
+            let (own, c) = (t.narrow(0, r, 1)?, c.min(len));
+            if l == r || c == 0 {
+                return Ok(own);
+            }
+            if l >= b {
+                candle_core::bail!("row {r} shares with row {l} of {b}");
+            }
+            let lead = t.narrow(0, l, 1)?.narrow(2, 0, c)?;
+            Ok(Tensor::cat(&[lead, own.narrow(2, c, len - c)?], 2)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
 }
 
 /// Attention from batched matrix products (differentiable), same arguments and result as
@@ -875,7 +912,8 @@ pub(crate) mod tests {
 
     /// Rows that share their first columns with a leader row (copies of one prompt's keys
     /// and values) give the same attention when the kernel reads those columns once for
-    /// the group, with masked keys and a finished row (a hole) among them.
+    /// the group, with masked keys and a finished row (a hole) among them, and when the
+    /// rows but the leader do not store them.
     #[test]
     fn grouped_rows_read_shared_columns_once_with_the_same_result() {
         let (b, nh, nkv, hd, len, cols) = (4, 6, 2, 8, 30, 20);
@@ -900,6 +938,36 @@ pub(crate) mod tests {
             let got = cached_attention(&q, &k, &v, &mask, 0.3, &share, false).unwrap();
             let e = max_abs_diff(&got, &want);
             assert!(e < 1e-12, "s={s}: difference {e}");
+            // Rows 2 and 3 need not store the shared columns: NaN there changes nothing,
+            // on the kernel or on the other path (which tracked operands take).
+            let hide = |t: &Tensor| {
+                let t = t.copy().unwrap();
+                let nan = Tensor::full(f64::NAN, (1, nkv, cols, hd), &Device::Cpu).unwrap();
+                for r in [2, 3] {
+                    t.narrow(0, r, 1).unwrap().slice_set(&nan, 2, 0).unwrap();
+                }
+                t
+            };
+            let (kh, vh) = (hide(&k), hide(&v));
+            let got = cached_attention(&q, &kh, &vh, &mask, 0.3, &share, false).unwrap();
+            let e = max_abs_diff(&got, &want);
+            assert!(e < 1e-12, "s={s}: kernel, columns left out: {e}");
+            let qt = candle_core::Var::from_tensor(&q).unwrap();
+            let got = cached_attention(qt.as_tensor(), &kh, &vh, &mask, 0.3, &share, false);
+            let e = max_abs_diff(&got.unwrap().detach(), &want);
+            assert!(e < 1e-12, "s={s}: other path, columns left out: {e}");
+            // Row 0 (all of whose keys row 0 still sees here) as a leader that is not one
+            // of its group's rows: the same result.
+            let apart = [(0, 0), (1, 0), (0, cols), (0, cols)];
+            let got = cached_attention(&q, &kh, &vh, &mask, 0.3, &apart, false).unwrap();
+            let e = max_abs_diff(&got, &want);
+            assert!(e < 1e-12, "s={s}: a leader apart from its group: {e}");
+            let unshared = cached_attention(&q, &kh, &vh, &mask, 0.3, &[], false).unwrap();
+            let vals = unshared.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert!(
+                vals.iter().any(|x| x.is_nan()),
+                "s={s}: rows read their own columns"
+            );
             // A row naming a leader after it is refused.
             let bad = [(0, cols), (2, 5), (2, 5), (3, 0)];
             assert!(cached_attention(&q, &k, &v, &mask, 0.3, &bad, false).is_err());

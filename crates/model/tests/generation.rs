@@ -632,6 +632,87 @@ fn samples_of_one_prompt_decoded_as_a_group_equal_each_alone() {
     assert_two_turns_through_a_cache(&m, &prompts, &first, &p, &q, |i| ids(3 + i % 4, 50));
 }
 
+/// Groups of samples whose first rows (the holders of what each group shares, which the
+/// other rows do not store) finish first, while the batch is compacted around them, over
+/// three turns through a prefix cache (later turns take each group's shared part from one
+/// copy): every row equals a fresh computation, with the KV cache in f32 and in bf16 (whose
+/// reused keys and values are rounded, where a fresh computation's prompt attends to its
+/// f32 ones).
+#[test]
+fn group_holders_that_finish_first_still_serve_their_members() {
+    let m = model(&Device::Cpu);
+    for kv_bf16 in [false, true] {
+        let mut prompts: Vec<Vec<u32>> = (0..8)
+            .map(|r| ids(80 + 7 * (r / 4), 60 + (r / 4) as u32))
+            .collect();
+        let mut pc = PrefixCache::default();
+        let mut holders_first = 0;
+        for turn in 0..3u64 {
+            let mut p = SamplingParams {
+                temperature: 1.0,
+                max_new_tokens: 9,
+                seed: 31 + turn,
+                kv_bf16,
+                ..Default::default()
+            };
+            // Stop tokens that the free-running rows but the last of each group draw
+            // early, so that the holders end first and the batch is compacted.
+            let free = m.generate(&prompts, &p, None).unwrap();
+            p.stop_token_ids = [0, 1, 2, 4, 5, 6]
+                .iter()
+                .map(|&r| free[r].tokens[1])
+                .collect();
+            let want = if turn == 0 {
+                assert_matches_each_alone(&m, &prompts, &p)
+            } else {
+                m.generate(&prompts, &p, None).unwrap()
+            };
+            pc.begin_round();
+            let got = m
+                .generate_reusing(&prompts, &p, None, Some(&mut pc))
+                .unwrap();
+            // A fresh computation attends to its prompt's f32 keys and values, the cached
+            // rows to their bf16 copies: close log-probs while the samples agree (they may
+            // part at a near tie).
+            let rounded = kv_bf16 && turn > 0;
+            let tol = if rounded { 0.1 } else { 1e-4 };
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let same = g
+                    .tokens
+                    .iter()
+                    .zip(&w.tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                if !rounded {
+                    assert_eq!(g.tokens, w.tokens, "turn {turn}, row {i}");
+                }
+                assert!(
+                    g.logprobs.iter().all(|x| x.is_finite()),
+                    "turn {turn}, row {i}"
+                );
+                for (a, b) in g.logprobs.iter().zip(&w.logprobs).take(same) {
+                    assert!(
+                        (a - b).abs() < tol,
+                        "kv_bf16 {kv_bf16}, turn {turn}, row {i}: {a} vs {b}"
+                    );
+                }
+            }
+            holders_first += [(0, 3), (4, 7)]
+                .iter()
+                .filter(|&&(h, last)| got[h].tokens.len() + 2 < got[last].tokens.len())
+                .count();
+            for (i, (pr, g)) in prompts.iter_mut().zip(&got).enumerate() {
+                pr.extend(&g.tokens);
+                pr.extend(ids(2 + i % 3, 70 + turn as u32));
+            }
+        }
+        assert!(
+            holders_first >= 2,
+            "holders should end before their groups' last rows"
+        );
+    }
+}
+
 /// `prompts` through a prefix cache under `p` give `first`; then each row continued by its
 /// reply and `tool(i)` gives, under `q`, what a fresh computation gives.
 fn assert_two_turns_through_a_cache(

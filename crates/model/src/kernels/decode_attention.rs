@@ -17,9 +17,11 @@ use super::{cast, mm, skinny, slice, softmax_in_place, Elem};
 pub(crate) struct DecodeAttention {
     pub mask: Tensor,
     pub scale: f64,
-    /// Per row `(leader, columns)`: the row's first `columns` keys and values equal row
-    /// `leader`'s (copies of one shared prefix), so they are read once for the group.
-    /// Empty: every row reads its own.
+    /// Per row `(leader, columns)`: the row's first `columns` keys and values are row
+    /// `leader`'s (copies of one shared prefix, or not stored in the row at all), so they
+    /// are read once for the group, from the leader. A leader names itself; with 0
+    /// columns it is not one of its group's rows (a finished row that still holds what
+    /// the others read). Empty: every row reads its own.
     pub share: Vec<(usize, usize)>,
     /// Tasks with more than [`FEW_ROWS`] query rows per row of the batch (prefill chunks,
     /// not decoding steps) compute their products from bf16-rounded operands with f32
@@ -183,7 +185,7 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
     // whole cache) would get weight exactly 0.
     let groups: Vec<GroupKeys> = share_groups(&op.share, b, len)?
         .into_par_iter()
-        .map(|(members, cols)| {
+        .map(|(source, members, cols)| {
             let seen = |bi: usize, j: usize| (0..s).any(|i| masks(bi)[i * len + j] != neg);
             let shared: Vec<usize> = (0..cols)
                 .filter(|&j| members.iter().any(|&bi| seen(bi, j)))
@@ -195,6 +197,7 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
             GroupKeys {
                 shared_runs: runs(&shared),
                 own_runs: own.iter().map(|o| runs(o)).collect(),
+                source,
                 members,
                 shared,
                 own,
@@ -208,13 +211,14 @@ fn decode_attn_fwd<T: Elem, K: KvOf<T>>(
         .map(|task| {
             let (gi, h) = (task / nkv, task % nkv);
             let GroupKeys {
+                source: lead,
                 members,
                 shared,
                 own,
                 shared_runs,
                 own_runs,
             } = &groups[gi];
-            let lead = members[0];
+            let lead = *lead;
             let qv = |bi: usize, qi: usize| {
                 let (i, gq) = (qi / g, qi % g);
                 let o = ((bi * nh + h * g + gq) * s + i) * hd;
@@ -457,7 +461,7 @@ fn bf16_task<T: Elem, K: KvOf<T>>(
     } = keys;
     let (nq, rb) = (s * g, kernel.row_block());
     let rows = members.len() * nq;
-    let shared = PackedKv::new::<T, K>(kv, (members[0], h, hd), shared_runs);
+    let shared = PackedKv::new::<T, K>(kv, (keys.source, h, hd), shared_runs);
     let kq = hd.div_ceil(32) * 32;
     // Room for a block's padded rows past the last member's.
     let mp = rows.div_ceil(rb) * rb + rb;
@@ -530,9 +534,10 @@ fn bf16_task<T: Elem, K: KvOf<T>>(
     outs
 }
 
-/// The rows of one group and the keys they read: `shared` (from the first member) and each
+/// The rows of one group and the keys they read: `shared` (from row `source`) and each
 /// member's `own`, ascending, with their runs of consecutive keys ([`runs`]).
 struct GroupKeys {
+    source: usize,
     members: Vec<usize>,
     shared: Vec<usize>,
     own: Vec<Vec<usize>>,
@@ -552,16 +557,18 @@ fn runs(keys: &[usize]) -> Vec<(usize, usize, usize)> {
     out
 }
 
-/// The rows of a batch in groups that read their first columns from one row (the first
-/// member): `share[r] = (leader, columns)` (empty: every row alone). A group reads
-/// `min(columns of its members, len)` columns from its leader.
+/// The rows of a batch in groups that read their first columns from one row:
+/// `share[r] = (leader, columns)` (empty: every row alone), as `(source, members,
+/// columns)`. A group reads `min(columns of its members, len)` columns from its leader,
+/// which is one of its members unless it names itself with 0 columns (then it is also a
+/// group of its own).
 fn share_groups(
     share: &[(usize, usize)],
     b: usize,
     len: usize,
-) -> Result<Vec<(Vec<usize>, usize)>> {
+) -> Result<Vec<(usize, Vec<usize>, usize)>> {
     if share.is_empty() {
-        return Ok((0..b).map(|r| (vec![r], 0)).collect());
+        return Ok((0..b).map(|r| (r, vec![r], 0)).collect());
     }
     if share.len() != b {
         bail!(
@@ -569,22 +576,26 @@ fn share_groups(
             share.len()
         )
     }
+    // Each leader's group (other than its own group when it takes no part).
     let mut slot = vec![usize::MAX; b];
-    let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
+    let mut groups: Vec<(usize, Vec<usize>, usize)> = Vec::new();
     for (r, &(lead, cols)) in share.iter().enumerate() {
         if lead > r || share[lead].0 != lead {
             bail!(
                 "decode attention: row {r} shares with row {lead}, which is not a leader before it"
             )
         }
-        if lead == r {
-            slot[r] = groups.len();
-            groups.push((vec![r], cols.min(len)));
-        } else {
-            let gr = &mut groups[slot[lead]];
-            gr.0.push(r);
-            gr.1 = gr.1.min(cols);
+        if lead == r && cols == 0 {
+            groups.push((r, vec![r], 0));
+            continue;
         }
+        if slot[lead] == usize::MAX {
+            slot[lead] = groups.len();
+            groups.push((lead, vec![], len));
+        }
+        let gr = &mut groups[slot[lead]];
+        gr.1.push(r);
+        gr.2 = gr.2.min(cols);
     }
     Ok(groups)
 }
