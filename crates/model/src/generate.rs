@@ -208,7 +208,7 @@ fn log_softmax_at(row: &[f32], tok: u32, temperature: f64) -> f32 {
 
 /// For each prompt, the index of the first prompt equal to it, and the distinct
 /// prompts' indices in order: identical prompts (the samples of one task) are computed
-/// once and their keys and values copied.
+/// once, and their rows repeated.
 fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<usize>, Vec<usize>) {
     let mut first: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
     let mut uniq = Vec::new();
@@ -491,7 +491,8 @@ impl CausalLM {
         if let Some(pc) = reuse.as_deref_mut() {
             pc.sync_weights(self.weights_version());
         }
-        // Identical prompts are computed once, then their rows copied.
+        // Identical prompts are computed once, then their rows repeated (storing what a
+        // group shares once, below).
         let (uniq, map) = distinct_prompts(prompts);
         let distinct: Vec<Vec<u32>> = uniq.iter().map(|&i| prompts[i].clone()).collect();
         let mut plan = PrefixPlan::new(&distinct, reuse.as_deref_mut());
@@ -514,9 +515,10 @@ impl CausalLM {
             // Only a group's holder stores what the group shares.
             let idx: Vec<u32> = map.iter().map(|&u| u as u32).collect();
             let n = cache.len();
+            let skipping = self.skips_shared_columns();
             let skip: Vec<usize> = (0..b)
                 .map(|r| match groups[r] {
-                    (lead, cols) if lead != r => cols.min(n),
+                    (lead, cols) if lead != r && skipping => cols.min(n),
                     _ => 0,
                 })
                 .collect();
@@ -690,12 +692,19 @@ impl CausalLM {
         Ok(out)
     }
 
+    /// Whether the rows of a group leave what they share out of the cache: f32 models on
+    /// the CPU, whose attention always reads it from the group's leader (the decode
+    /// kernel, or copies into the other path's operands); elsewhere every row stores it.
+    fn skips_shared_columns(&self) -> bool {
+        self.device().is_cpu() && self.dtype() == DType::F32
+    }
+
     /// Computes every prompt's suffix after its cached prefix (taken from the cache, or
     /// the batch's shared prefix computed once) and returns the cache with the last
-    /// position's hidden state of each row. The rows of a [`kv_groups`] group but its
-    /// leader leave out of the cache what they share with it (the attention reads that
-    /// from the leader), unless `store_all` (rows of this batch are repeated afterwards,
-    /// which needs every position of the repeated rows).
+    /// position's hidden state of each row. In an f32 model's cache on the CPU, the rows
+    /// of a [`kv_groups`] group but its leader leave out what they share with it (the
+    /// attention reads that from the leader), unless `store_all` (rows of this batch are
+    /// repeated afterwards, which needs every position of the repeated rows).
     fn prefill(
         &self,
         prompts: &[Vec<u32>],
@@ -732,8 +741,9 @@ impl CausalLM {
         }
         // Rows whose cached prefixes hold the same tokens read them once, from the leader.
         let share = kv_groups(prompts, plan);
+        let skipping = !store_all && self.skips_shared_columns();
         let skip = |i: usize| match share[i] {
-            (lead, cols) if lead != i && !store_all => cols.min(pre[i]),
+            (lead, cols) if lead != i && skipping => cols.min(pre[i]),
             _ => 0,
         };
         if plan.shared > 0 {
@@ -995,9 +1005,12 @@ fn decode_layout(
                 let (g, cols) = groups[i];
                 mask[r * s + plan.pre[i]..r * s + plan.width + pad].fill(f32::NEG_INFINITY);
                 pos.push((ps - 1) as f32);
-                let Some(&lead) = row_of.get(&holder[g]).filter(|_| cols > 0) else {
+                if cols == 0 {
                     share.push((r, 0));
                     continue;
+                }
+                let Some(&lead) = row_of.get(&holder[g]) else {
+                    invalid!("the holder of row {r}'s group has left the batch");
                 };
                 share.push((lead, cols));
             }

@@ -302,8 +302,10 @@ pub(crate) fn cached_attention_blocked(
 /// [`grouped_attention`].
 ///
 /// `share` (per row `(leader, columns)`, or empty) says which rows' first keys and values
-/// are another row's (the samples of one prompt): every path reads them from the leader,
-/// the kernel once per group, so a row need not store them ([`crate::KvCache`]).
+/// are another row's (the samples of one prompt): on the CPU every path reads them from
+/// the leader (the kernel once per group, the others by copying them into each row's
+/// keys and values), so a row need not store them ([`crate::KvCache`]); elsewhere,
+/// where every row stores its own, each row reads its own.
 ///
 /// `bf16`: the kernel's products of more than a few query rows per kv head (prefill
 /// chunks, not decoding steps) take bf16-rounded operands with f32 sums, on AMX or

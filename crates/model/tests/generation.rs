@@ -632,6 +632,25 @@ fn samples_of_one_prompt_decoded_as_a_group_equal_each_alone() {
     assert_two_turns_through_a_cache(&m, &prompts, &first, &p, &q, |i| ids(3 + i % 4, 50));
 }
 
+/// Distinct prompts that share a long prefix (a system prompt): the prefix is computed
+/// once and stored only by the first row of each group that reads it; every row equals
+/// its prompt run alone.
+#[test]
+fn distinct_prompts_sharing_a_long_prefix_equal_each_alone() {
+    let m = model(&Device::Cpu);
+    let system = ids(72, 80);
+    let prompts: Vec<Vec<u32>> = (0..5)
+        .map(|i| [&system[..], &ids(3 + 2 * i, 81 + i as u32)[..]].concat())
+        .collect();
+    let p = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 6,
+        seed: 8,
+        ..Default::default()
+    };
+    assert_matches_each_alone(&m, &prompts, &p);
+}
+
 /// Groups of samples whose first rows (the holders of what each group shares, which the
 /// other rows do not store) finish first, while the batch is compacted around them, over
 /// three turns through a prefix cache (later turns take each group's shared part from one
