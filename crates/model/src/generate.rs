@@ -516,12 +516,7 @@ impl CausalLM {
             let idx: Vec<u32> = map.iter().map(|&u| u as u32).collect();
             let n = cache.len();
             let skipping = self.skips_shared_columns();
-            let skip: Vec<usize> = (0..b)
-                .map(|r| match groups[r] {
-                    (lead, cols) if lead != r && skipping => cols.min(n),
-                    _ => 0,
-                })
-                .collect();
+            let skip: Vec<usize> = (0..b).map(|r| left_out(&groups, r, n, skipping)).collect();
             cache.select_rows_storing(&idx, &skip)?;
             let rows = Tensor::new(idx.as_slice(), dev)?;
             last = last.contiguous()?.index_select(&rows, 0)?;
@@ -742,10 +737,7 @@ impl CausalLM {
         // Rows whose cached prefixes hold the same tokens read them once, from the leader.
         let share = kv_groups(prompts, plan);
         let skipping = !store_all && self.skips_shared_columns();
-        let skip = |i: usize| match share[i] {
-            (lead, cols) if lead != i && skipping => cols.min(pre[i]),
-            _ => 0,
-        };
+        let skip = |i: usize| left_out(&share, i, pre[i], skipping);
         if plan.shared > 0 {
             let prefix = Tensor::new(&prompts[0][..plan.shared], dev)?.unsqueeze(0)?;
             let layout = SeqLayout::left_padded(&[plan.shared], plan.shared, dev)?;
@@ -1017,7 +1009,7 @@ fn decode_layout(
             None => {
                 mask[r * s..(r + 1) * s - 1].fill(f32::NEG_INFINITY);
                 pos.push(0.0);
-                // A finished holder still leads its group, which it takes no part in.
+                // Alone; a finished holder still sources its group (its members name it).
                 share.push((r, 0));
             }
         }
@@ -1028,6 +1020,16 @@ fn decode_layout(
         segments: vec![vec![Some(0)]; nb],
         kv_share: share,
     })
+}
+
+/// The cached positions, of at most `len`, that row `r` leaves out of the cache when
+/// `skipping`: what it shares with the leader of its [`kv_groups`] group (none for a
+/// leader).
+fn left_out(groups: &[(usize, usize)], r: usize, len: usize, skipping: bool) -> usize {
+    match groups[r] {
+        (lead, cols) if lead != r && skipping => cols.min(len),
+        _ => 0,
+    }
 }
 
 /// The parts of the position ranges `ranges` within `lo..hi`.

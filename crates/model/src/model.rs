@@ -275,7 +275,7 @@ impl KvCache {
     /// [`KvCache::select_rows`] from rows that store every position, where new row `r`
     /// need not store its first `skip[r]` (it reads them from another row,
     /// [`SeqLayout::kv_share`]): rows repeated from one (the samples of a prompt) store it
-    /// once. Caches other than f32 or bf16 ones on the CPU store every position.
+    /// once. Only f32 or bf16 caches on the CPU take skips.
     pub(crate) fn select_rows_storing(&mut self, idx: &[u32], skip: &[usize]) -> Result<()> {
         if skip.len() != idx.len() {
             invalid!("{} skips for {} rows", skip.len(), idx.len());
@@ -286,18 +286,12 @@ impl KvCache {
         {
             invalid!("repeated rows must store every position");
         }
-        let pooled_cache = self
-            .layers
-            .iter()
-            .flatten()
-            .all(|l| pooled(&l.k).is_some() && pooled(&l.v).is_some());
-        let skip = if pooled_cache { skip.to_vec() } else { vec![] };
         let dev = match self.layers.iter().flatten().next() {
             Some(l) => l.k.device().clone(),
             None => Device::Cpu,
         };
         let rows = Tensor::new(idx, &dev)?;
-        self.pick_rows(&rows, idx, skip)
+        self.pick_rows(&rows, idx, skip.to_vec())
     }
 
     /// Rows `idx` (also as the tensor `rows`), the new rows' `skip`.
@@ -367,8 +361,8 @@ impl KvCache {
     }
 
     /// A cache of `rows.len()` rows whose row `r` holds `rows[r]`'s first `len` positions
-    /// (`None`: nothing), at positions `0..len`, but for its first `skip` ones (not stored,
-    /// on the CPU; elsewhere every position is); buffers have room for `width + reserve`
+    /// (`None`: nothing), at positions `0..len`, but for its first `skip` ones (not stored;
+    /// only f32 or bf16 caches on the CPU take skips); buffers have room for `width + reserve`
     /// positions and the cache counts `width` (rows shorter than `width` are masked there
     /// by the caller, and hold zeros). The buffers take the type a model computing in
     /// `model_dtype` stores (bf16 with `kv_bf16`), converting rows kept in another.
@@ -404,6 +398,9 @@ impl KvCache {
             }
         }
         let cpu = template[0].0.device().is_cpu() && matches!(dt, DType::F32 | DType::BF16);
+        if !cpu && rows.iter().flatten().any(|r| r.skip > 0) {
+            invalid!("rows that skip positions need an f32 or bf16 cache on the CPU");
+        }
         let layer = |li: usize, pick: fn(&(Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
             let t = pick(&template[li]);
             let (_, h, _, d) = t.dims4()?;
@@ -436,7 +433,6 @@ impl KvCache {
                     _ => rows_into::<bf16>(&srcs, shape, width),
                 };
             }
-            // Elsewhere every position is stored.
             let buf = Tensor::zeros(shape, dt, t.device())?;
             for (r, row) in rows.iter().enumerate() {
                 let Some(row) = row else { continue };
@@ -610,18 +606,10 @@ fn compact_rows<T: crate::kvbuf::Pooled>(
     if idx.iter().enumerate().all(|(r, &i)| r == i as usize) && idx.len() == b {
         return Ok(());
     }
-    let stride = heads * cap * d;
     crate::kvbuf::with_storage_mut::<T>(t, |s| {
         for (r, &i) in idx.iter().enumerate() {
-            let (i, from) = (i as usize, skip(r).min(len));
-            if i != r {
-                for hh in 0..heads {
-                    let at = hh * cap * d + from * d;
-                    s.copy_within(
-                        i * stride + at..i * stride + len * d + hh * cap * d,
-                        r * stride + at,
-                    );
-                }
+            if i as usize != r {
+                move_positions(s, (heads, cap, d), (i as usize, r), (skip(r).min(len), len));
             }
         }
     })?;
@@ -641,15 +629,28 @@ fn first_positions<T: crate::kvbuf::Pooled>(
     if from >= b || to >= b {
         invalid!("rows {from} and {to} of a {b}-row KV cache");
     }
-    let stride = heads * cap * d;
     crate::kvbuf::with_storage_mut::<T>(t, |s| {
-        for hh in 0..heads {
-            let at = hh * cap * d;
-            let src = from * stride + at;
-            s.copy_within(src..src + n * d, to * stride + at);
-        }
+        move_positions(s, (heads, cap, d), (from, to), (0, n))
     })?;
     Ok(())
+}
+
+/// Positions `a..b` of row `from` copied to the same positions of row `to`, within one
+/// buffer `[rows, heads, cap, d]`.
+fn move_positions<T: Copy>(
+    s: &mut [T],
+    (heads, cap, d): (usize, usize, usize),
+    (from, to): (usize, usize),
+    (a, b): (usize, usize),
+) {
+    let stride = heads * cap * d;
+    for hh in 0..heads {
+        let at = hh * cap * d + a * d;
+        s.copy_within(
+            from * stride + at..from * stride + at + (b - a) * d,
+            to * stride + at,
+        );
+    }
 }
 
 /// Rows `idx` of the buffer `t` (`[b, heads, cap, d]`), positions `skip(r)..len` of new
