@@ -976,6 +976,54 @@ pub(crate) mod tests {
         }
     }
 
+    /// In f32, with a bf16 cache or an f32 one, a group's shared columns give the f64
+    /// attention whether its products run on the few-row kernels (9 and 72 query rows per
+    /// kv head) or on gemm (108): each member's columns there are NaN, so a row that read
+    /// its own would show.
+    #[test]
+    fn grouped_rows_in_f32_read_shared_columns_on_either_kernel() {
+        let (b, nh, nkv, hd, len, cols) = (4, 6, 2, 64, 40, 24);
+        for s in [1, 8, 12] {
+            let q = rand64(&[b, nh, s, hd], 31);
+            // Rows 1, 2 and 3 share row 0's first 24 positions.
+            let k = copy_prefix(rand64(&[b, nkv, len, hd], 32), cols, &[1, 2, 3]);
+            let v = copy_prefix(rand64(&[b, nkv, len, hd], 33), cols, &[1, 2, 3]);
+            let mut m = vec![0f64; b * s * len];
+            for i in 0..s {
+                // Row 1 has positions 3..6 masked, row 2 its positions 30..33.
+                for j in 3..6 {
+                    m[(s + i) * len + j] = f64::NEG_INFINITY;
+                }
+                for j in 30..33 {
+                    m[(2 * s + i) * len + j] = f64::NEG_INFINITY;
+                }
+            }
+            let mask = Tensor::from_vec(m, (b, s, len), &Device::Cpu).unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let nan = Tensor::full(f32::NAN, (1, nkv, cols, hd), &Device::Cpu).unwrap();
+            let hide = |t: Tensor| {
+                for r in 1..b {
+                    let nan = nan.to_dtype(t.dtype()).unwrap();
+                    t.narrow(0, r, 1).unwrap().slice_set(&nan, 2, 0).unwrap();
+                }
+                t
+            };
+            let share = [(0, cols), (0, cols), (0, cols), (0, cols)];
+            for cache in [f, bf] {
+                let (kc, vc) = (cache(&k), cache(&v));
+                // The reference: the f64 attention of the cache's values.
+                let d = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let want = grouped_attention(&q, &d(&kc), &d(&vc), &mask, 0.125).unwrap();
+                let (kh, vh) = (hide(kc.copy().unwrap()), hide(vc.copy().unwrap()));
+                let got =
+                    cached_attention(&f(&q), &kh, &vh, &f(&mask), 0.125, &share, false).unwrap();
+                let e = max_abs_diff(&d(&got), &want);
+                assert!(e < 1e-5, "s={s}, {:?} cache: difference {e}", kc.dtype());
+            }
+        }
+    }
+
     /// With `bf16`, prefill chunks (more than 16 query rows per kv head) take the products
     /// of bf16-rounded queries, keys, probabilities and values with f32 sums: the result
     /// is the f64 attention of those rounded operands (probabilities rounded after the
