@@ -9,32 +9,19 @@
 //! `cargo bench -p tooltrain-model --bench decode_attention -- [--rows 64] [--group 8]
 //! [--shared 1500] [--own 200] [--rounds 9]`
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::{cpu_model, median, number_arg};
 use tooltrain_model::ops::cached_attention;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() -> candle_core::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: usize| -> usize {
-        match args.iter().position(|a| a == name) {
-            Some(i) => args
-                .get(i + 1)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{name} takes a number")),
-            None => default,
-        }
-    };
     let (rows, group, shared, own) = (
-        arg("--rows", 64),
-        arg("--group", 8),
-        arg("--shared", 1500),
-        arg("--own", 200),
+        number_arg("--rows", 64),
+        number_arg("--group", 8),
+        number_arg("--shared", 1500),
+        number_arg("--own", 200),
     );
-    let rounds = arg("--rounds", 9);
+    let rounds = number_arg("--rounds", 9);
     assert!(
         group > 0 && rows % group == 0,
         "--rows must be a multiple of --group"
@@ -107,16 +94,4 @@ fn main() -> candle_core::Result<()> {
         mo / ms
     );
     Ok(())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }

@@ -9,28 +9,15 @@
 //! `cargo bench -p tooltrain-model --bench decode_products -- [--rows 8] [--rounds 15]
 //! [--bf16]`
 
+mod common;
 use candle_core::{Device, Tensor};
+use common::{cpu_model, median, number_arg};
 use tooltrain_model::ops::linear_product;
 use tooltrain_model::AmxMatrix;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() -> candle_core::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: usize| -> usize {
-        match args.iter().position(|a| a == name) {
-            Some(i) => args
-                .get(i + 1)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{name} takes a number")),
-            None => default,
-        }
-    };
-    let (rows, rounds) = (arg("--rows", 8), arg("--rounds", 15));
-    let bf16 = args.iter().any(|a| a == "--bf16");
+    let (rows, rounds) = (number_arg("--rows", 8), number_arg("--rounds", 15));
+    let bf16 = common::flag("--bf16");
     if bf16 && !tooltrain_model::bf16_available() {
         panic!("--bf16: this CPU has neither AMX nor AVX512-BF16");
     }
@@ -158,16 +145,4 @@ fn main() -> candle_core::Result<()> {
         );
     }
     Ok(())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }

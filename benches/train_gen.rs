@@ -17,14 +17,8 @@ use tooltrain_model::{
     ops, AdamW, AdamWConfig, CausalLM, Device, ModelConfig, SamplingParams, SeqLayout, Tensor,
 };
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::number_arg as arg;
 
 fn str_arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -52,10 +46,10 @@ fn main() -> tooltrain_model::Result<()> {
         arg("--batch", 4),
         arg("--seq", 256),
     );
-    let checkpoint = std::env::args().any(|a| a == "--checkpoint");
+    let checkpoint = common::flag("--checkpoint");
     // bf16 products on AMX tiles: mixed-precision training and bf16 decoding.
-    let bf16 = std::env::args().any(|a| a == "--bf16");
-    let kv_bf16 = std::env::args().any(|a| a == "--kv-bf16");
+    let bf16 = common::flag("--bf16");
+    let kv_bf16 = common::flag("--kv-bf16");
     // TOOLTRAIN_REPO_ROOT: a bench binary run from another checkout (scripts/gpu-check.sh).
     let root = std::env::var_os("TOOLTRAIN_REPO_ROOT")
         .map(std::path::PathBuf::from)

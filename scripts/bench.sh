@@ -11,6 +11,11 @@
 #   BF16=1 scripts/bench.sh ...  # both sides in mixed precision: ours `--bf16` (bf16
 #                                # products on AMX or AVX512-BF16), PyTorch
 #                                # `--dtype bf16` (bf16 autocast training, bf16 generate)
+#   AVX2=1 scripts/bench.sh ...  # both sides capped at AVX2 + FMA, the code paths of an
+#                                # AVX2-only machine on this one: ours TOOLTRAIN_SIMD=avx2
+#                                # and gemm built without its AVX-512 kernels (in
+#                                # target/avx2), PyTorch ATEN_CPU_CAPABILITY=avx2 with
+#                                # MKL and oneDNN capped likewise
 #
 # Needs a Python with torch+transformers: $PYTHON, else .venv/bin/python
 # (scripts/setup-python.sh makes it).
@@ -21,7 +26,15 @@ if ! "$PY" -c "import torch, transformers" 2>/dev/null; then
   echo "no torch/transformers in $PY: run scripts/setup-python.sh or set PYTHON" >&2
   exit 1
 fi
-cargo build --release -p tooltrain-model --bench train_gen >&2
+cargo_args=()
+if [[ "${AVX2:-0}" == "1" ]]; then
+  cargo_args=(--no-default-features)
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/avx2}"
+  export TOOLTRAIN_SIMD=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+    ONEDNN_MAX_CPU_ISA=AVX2
+  echo "capped at AVX2: TOOLTRAIN_SIMD=avx2, gemm without x86-v4; ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2"
+fi
+cargo build --release -p tooltrain-model "${cargo_args[@]}" --bench train_gen >&2
 # The machine: every figure is only comparable on the same one.
 cpu="$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)"
 simd="$(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')"
@@ -38,7 +51,7 @@ if [[ "${BF16:-0}" == "1" ]]; then
 fi
 results=()
 for ((r = 1; r <= ROUNDS; r++)); do
-  ours=$(cargo bench -q -p tooltrain-model --bench train_gen -- --config "$CONFIG" "$@" \
+  ours=$(cargo bench -q -p tooltrain-model "${cargo_args[@]}" --bench train_gen -- --config "$CONFIG" "$@" \
     "${ours_args[@]}" | tail -n 1)
   theirs=$("$PY" scripts/bench_torch.py --config "$CONFIG" "$@" "${theirs_args[@]}" | tail -n 1)
   echo "round $r tooltrain: $ours"

@@ -232,7 +232,7 @@ pub(crate) fn run_wide<R>(f: impl FnOnce() -> R) -> R {
 /// time; `TOOLTRAIN_SIMD` does not change gemm's choice).
 pub fn simd_summary() -> String {
     #[cfg(target_arch = "x86_64")]
-    let gemm = if std::arch::is_x86_feature_detected!("avx512f") {
+    let gemm = if cfg!(feature = "gemm-avx512") && std::arch::is_x86_feature_detected!("avx512f") {
         "avx512f"
     } else if std::arch::is_x86_feature_detected!("fma") {
         "fma"
