@@ -9,8 +9,11 @@
 //! generation. bf16 trains bf16 weights with f32 AdamW moments (the trainers add f32
 //! master weights). `--bf16`: f32 weights whose linear layers take bf16-rounded operands
 //! on AMX tiles (mixed-precision training, bf16 decoding; f32 without AMX). `--kv-bf16`:
-//! generation keeps its KV cache in bf16 (f32 models on the CPU). Peak
-//! memory: the process's peak RSS (`VmHWM`) after each phase.
+//! generation keeps its KV cache in bf16 (f32 models on the CPU). `--phases`: the timed
+//! generation also reports where its time went (prefill, decoding steps, output
+//! projection + sampling; it then keeps the finished rows' keys and values in a prefix
+//! cache, which adds their copy as bookkeeping). Peak memory: the process's peak RSS
+//! (`VmHWM`) after each phase.
 
 use std::time::Instant;
 use tooltrain_model::{
@@ -50,6 +53,7 @@ fn main() -> tooltrain_model::Result<()> {
     // bf16 products on AMX tiles: mixed-precision training and bf16 decoding.
     let bf16 = common::flag("--bf16");
     let kv_bf16 = common::flag("--kv-bf16");
+    let phases = common::flag("--phases");
     // TOOLTRAIN_REPO_ROOT: a bench binary run from another checkout (scripts/gpu-check.sh).
     let root = std::env::var_os("TOOLTRAIN_REPO_ROOT")
         .map(std::path::PathBuf::from)
@@ -145,6 +149,7 @@ fn main() -> tooltrain_model::Result<()> {
         ..Default::default()
     };
     let (mut gen_s, mut gen_tokens) = (0.0, 0);
+    let mut cache = tooltrain_model::PrefixCache::default();
     if new > 0 {
         // Warm-up as scripts/bench_torch.py does: the whole batch, 4 new tokens (a
         // rollout's later turns find the pages and KV buffers its first turn used).
@@ -158,7 +163,7 @@ fn main() -> tooltrain_model::Result<()> {
         )?;
         dev.synchronize()?;
         let t0 = Instant::now();
-        let out = model.generate(&prompts, &params, None)?;
+        let out = model.generate_reusing(&prompts, &params, None, phases.then_some(&mut cache))?;
         dev.synchronize()?;
         gen_s = t0.elapsed().as_secs_f64();
         gen_tokens = out.iter().map(|g| g.tokens.len()).sum();
@@ -186,6 +191,7 @@ fn main() -> tooltrain_model::Result<()> {
             "gen_batch": gb,
             "prompt_len": plen,
             "new_tokens": new,
+            "gen_phases": phases.then_some(cache.stats),
         })
     );
     Ok(())
