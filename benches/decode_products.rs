@@ -2,6 +2,8 @@
 //! (`ops::linear_product`) against gemm (`Tensor::matmul`), alternating, in the same run.
 //! Prints per shape the median time of each, the weight bytes read per second by the
 //! kernels, and the ratio gemm / kernels, then the ratio over a whole step's products.
+//! The layers' products also run on their weights repacked in column panels
+//! ([`PanelMatrix`], as f32 decoding packs them), timed in the same rounds.
 //! With `--bf16` (a CPU with AMX or AVX512-BF16) the same products also run on the bf16
 //! kernel with weights packed once ([`AmxMatrix`], as generation packs them), timed in
 //! the same rounds: its time, bf16 weight bytes per second and the ratio gemm / bf16.
@@ -13,7 +15,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{cpu_model, median, number_arg};
 use tooltrain_model::ops::linear_product;
-use tooltrain_model::AmxMatrix;
+use tooltrain_model::{AmxMatrix, PanelMatrix};
 
 fn main() -> candle_core::Result<()> {
     let (rows, rounds) = (number_arg("--rows", 8), number_arg("--rounds", 15));
@@ -37,7 +39,7 @@ fn main() -> candle_core::Result<()> {
         ("lm_head", 576, 49152, true, 1),
     ];
     let dev = Device::Cpu;
-    let (mut step_kernel, mut step_gemm, mut step_bf16) = (0f64, 0f64, 0f64);
+    let (mut step_kernel, mut step_gemm, mut step_bf16, mut step_panels) = (0f64, 0f64, 0f64, 0f64);
     for (name, k, n, transposed, times) in shapes {
         let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
         // One weight per layer, as in a step: they do not fit in any cache together.
@@ -64,6 +66,13 @@ fn main() -> candle_core::Result<()> {
         } else {
             Vec::new()
         };
+        let panels = if transposed {
+            Vec::new()
+        } else {
+            ws.iter()
+                .map(|w| Ok(PanelMatrix::pack(&w.flatten_all()?.to_vec1::<f32>()?, k, n)))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let gemm = |x: &Tensor, w: &Tensor| {
             if transposed {
@@ -74,12 +83,20 @@ fn main() -> candle_core::Result<()> {
         };
         // Same values up to summation order.
         let (a, b) = (linear_product(&x, &ws[0], transposed)?, gemm(&x, &ws[0])?);
-        let diff = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(
             diff <= 1e-4 * scale.max(1.0),
             "{name}: kernels and gemm differ by {diff}"
         );
+        if let Some(p) = panels.first() {
+            // The same sums in the same order as the in-place kernels.
+            let got = p.matmul(&xv, rows)?;
+            assert!(
+                got == a.flatten_all()?.to_vec1::<f32>()?,
+                "{name}: panels and in-place kernels differ"
+            );
+        }
         if let Some(p) = packed.first() {
             // The products of rounded operands: within bf16 rounding of the f32 ones.
             let got = Tensor::from_vec(p.matmul(&xv, rows)?, (rows, n), &dev)?;
@@ -89,7 +106,7 @@ fn main() -> candle_core::Result<()> {
                 "{name}: bf16 and f32 products differ by {diff}"
             );
         }
-        let (mut tk, mut tg, mut tb) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut tk, mut tg, mut tb, mut tp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let t = std::time::Instant::now();
             for w in &ws {
@@ -101,6 +118,13 @@ fn main() -> candle_core::Result<()> {
                 std::hint::black_box(gemm(&x, w)?);
             }
             tg.push(t.elapsed().as_secs_f64() / times as f64);
+            if !transposed {
+                let t = std::time::Instant::now();
+                for p in &panels {
+                    std::hint::black_box(p.matmul(&xv, rows)?);
+                }
+                tp.push(t.elapsed().as_secs_f64() / times as f64);
+            }
             if bf16 {
                 let t = std::time::Instant::now();
                 for p in &packed {
@@ -112,6 +136,18 @@ fn main() -> candle_core::Result<()> {
         let (mk, mg) = (median(tk), median(tg));
         step_kernel += mk * times as f64;
         step_gemm += mg * times as f64;
+        if transposed {
+            step_panels += mk * times as f64;
+        } else {
+            let mp = median(tp);
+            step_panels += mp * times as f64;
+            println!(
+                "{name:8} panels {:7.3} ms ({:5.1} GB/s of weight), in place/panels {:.2}x",
+                mp * 1e3,
+                (k * n * 4) as f64 / mp / 1e9,
+                mk / mp
+            );
+        }
         if bf16 {
             let mb = median(tb);
             step_bf16 += mb * times as f64;
@@ -136,6 +172,11 @@ fn main() -> candle_core::Result<()> {
         step_kernel * 1e3,
         step_gemm * 1e3,
         step_gemm / step_kernel
+    );
+    println!(
+        "with the layers in panels: {:.1} ms, in place/panels {:.2}x",
+        step_panels * 1e3,
+        step_kernel / step_panels
     );
     if bf16 {
         println!(

@@ -15,6 +15,7 @@
 //! | reusing earlier turns' keys and values (multi-turn episodes) | [`CausalLM::generate_reusing`], [`PrefixCache`] |
 //! | CPU kernels (baseline, AVX2 or AVX-512, chosen at run time: [`simd_level`], capped by `TOOLTRAIN_SIMD`) | `kernels/` (private): `mod.rs` (dispatch, shared helpers), `norm.rs`, `bias.rs`, `softmax.rs`, `swiglu.rs`, `rope.rs`, `cross_entropy.rs`, `attention.rs`, `decode_attention.rs`, `reduce.rs` |
 //! | bf16 products (AMX tiles or AVX512-BF16, [`bf16_kernel`]); a weight packed once for them | `kernels/amx.rs`, `kernels/bf16_layout.rs`: [`AmxMatrix`] |
+//! | products of few rows (decoding); f32 layer weights repacked in column panels for them | `kernels/skinny.rs`: [`PanelMatrix`] |
 //! | recycled CPU buffers of KV caches and cached prefixes; freeing them | `kvbuf.rs`: [`release_kv_buffers`] |
 //! | allocator and thread-pool tuning; decoding loops on a pool worker | `runtime.rs`: [`tune_runtime`] |
 //! | AdamW, clipping, LR schedules | [`AdamW`], [`clip_grad_norm`], [`LrSchedule`] |
@@ -37,11 +38,11 @@ pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
 pub use generate::{FinishReason, GenStats, Generation, PrefixCache, SamplingParams};
-pub use kernels::AmxMatrix;
 pub use kernels::{
     bf16_available, bf16_kernel, detected_simd_level, set_simd_level, simd_level, simd_summary,
     Bf16Kernel, SimdLevel,
 };
+pub use kernels::{AmxMatrix, PanelMatrix};
 pub use kvbuf::release_kv_buffers;
 pub use load::{load, save, Checkpoint};
 pub use logprobs::{

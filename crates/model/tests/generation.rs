@@ -908,3 +908,48 @@ fn bf16_kv_cache_tracks_the_f32_cache() {
         "the bf16 KV cache gave f32's exact log-probs"
     );
 }
+
+/// f32 decoding on the CPU reads the layers' weights repacked in column panels, made once
+/// per weights version: its log-probs are those of a full f32 pass over the same tokens,
+/// before and after the weights change (stale panels would give the old weights' values).
+#[test]
+fn f32_decoding_follows_the_weights_through_their_panels() {
+    let m = model(&Device::Cpu);
+    let prs = prompts();
+    let p = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 10,
+        row_seeds: vec![7, 8, 9],
+        ..Default::default()
+    };
+    // The largest gap between generations' log-probs and a full pass's for their tokens.
+    let gap = |m: &CausalLM, gens: &[tooltrain_model::Generation]| {
+        let mut worst = 0f32;
+        for (pr, g) in prs.iter().zip(gens) {
+            for (a, b) in g.logprobs.iter().zip(f32_logprobs(m, pr, &g.tokens)) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        worst
+    };
+    let before = m.generate(&prs, &p, None).unwrap();
+    let worst = gap(&m, &before);
+    assert!(
+        worst < 1e-4,
+        "decoding's log-probs {worst} from a full pass"
+    );
+    for (name, v) in m.params() {
+        if name.contains("down_proj") {
+            v.set(&(v.as_tensor() * 3.0).unwrap()).unwrap();
+        }
+    }
+    m.weights_changed();
+    let after = m.generate(&prs, &p, None).unwrap();
+    let worst = gap(&m, &after);
+    assert!(worst < 1e-4, "after the change: {worst} from a full pass");
+    let moved = gap(&m, &before);
+    assert!(
+        moved > 1.0,
+        "the weight change moved log-probs by only {moved}"
+    );
+}

@@ -498,8 +498,9 @@ pub(crate) use decode_attention::DecodeAttention;
 pub(crate) use norm::RmsNorm;
 pub(crate) use reduce::sum_squares_f32;
 pub(crate) use rope::RopeBthd;
+pub use skinny::PanelMatrix;
 pub(crate) use skinny::{
-    SkinnyLinear, MAX_ROWS as SKINNY_MAX_ROWS, MAX_ROWS_T as SKINNY_MAX_ROWS_T,
+    PanelLinear, SkinnyLinear, MAX_ROWS as SKINNY_MAX_ROWS, MAX_ROWS_T as SKINNY_MAX_ROWS_T,
 };
 pub(crate) use softmax::{MaskedSoftmax, Softmax};
 pub(crate) use swiglu::SwiGlu;
