@@ -1374,6 +1374,14 @@ impl CausalLM {
         Ok(Some(w))
     }
 
+    /// Drops the copies of the weights that decoding made (bf16 tiles, f32 panels); the
+    /// next decoding pass makes them again. A trainer calls it before an update, which
+    /// makes them stale anyway, so that they do not take memory the update needs.
+    pub fn release_decoding_weights(&self) {
+        *self.amx.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.panels.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// A number that identifies this model's current weights: unique in the process,
     /// changed by [`CausalLM::weights_changed`]. Caches of values computed with the
     /// weights (a [`crate::PrefixCache`]) compare it to know they are stale.

@@ -751,6 +751,8 @@ fn rl_step(
     // back to the pool are freed.
     s.policy.clear_prefixes();
     s.greedy.clear_prefixes();
+    // So are the weights' copies decoding made (bf16 tiles, f32 panels).
+    s.model.release_decoding_weights();
     let released_kv = tooltrain_model::release_kv_buffers();
     tracing::debug!(
         "freed {:.0} MiB of KV buffers before the update",
