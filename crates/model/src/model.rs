@@ -1288,6 +1288,30 @@ impl CausalLM {
         self.device.is_cpu() && self.dtype == DType::F32 && crate::kernels::bf16_available()
     }
 
+    /// Each layer's linear weights (qkv, o, gate-up, down; `[in, out]`) packed by
+    /// `pack(w, in, out)`.
+    fn pack_layers<T>(
+        &self,
+        pack: impl Fn(&[f32], usize, usize) -> Result<T>,
+    ) -> Result<Vec<[Arc<T>; 4]>> {
+        let one = |v: &Var| -> Result<Arc<T>> {
+            let (k, n) = v.dims2()?;
+            let w = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            Ok(Arc::new(pack(&w, k, n)?))
+        };
+        self.layers
+            .iter()
+            .map(|l| {
+                Ok([
+                    one(&l.attn.qkv)?,
+                    one(&l.attn.o)?,
+                    one(&l.gate_up)?,
+                    one(&l.down)?,
+                ])
+            })
+            .collect()
+    }
+
     /// The linear weights packed as bf16 AMX tiles for the current weights version
     /// (packed now when stale); `None` without a bf16 kernel or the model is not f32 on
     /// a CPU.
@@ -1302,23 +1326,7 @@ impl CausalLM {
         }
         // The old copy goes first: two copies of the weights would be held otherwise.
         *slot = None;
-        let pack = |v: &Var| -> Result<Arc<AmxMatrix>> {
-            let (k, n) = v.dims2()?;
-            let w = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            Ok(Arc::new(AmxMatrix::pack(&w, k, n)?))
-        };
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                Ok([
-                    pack(&l.attn.qkv)?,
-                    pack(&l.attn.o)?,
-                    pack(&l.gate_up)?,
-                    pack(&l.down)?,
-                ])
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = self.pack_layers(|w, k, n| Ok(AmxMatrix::pack(w, k, n)?))?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (n, k) = head.dims2()?;
         let w = head.as_tensor().flatten_all()?.to_vec1::<f32>()?;
@@ -1352,23 +1360,7 @@ impl CausalLM {
         }
         // The old copy goes first: two copies of the weights would be held otherwise.
         *slot = None;
-        let pack = |v: &Var| -> Result<Arc<PanelMatrix>> {
-            let (k, n) = v.dims2()?;
-            let w = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            Ok(Arc::new(PanelMatrix::pack(&w, k, n)))
-        };
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                Ok([
-                    pack(&l.attn.qkv)?,
-                    pack(&l.attn.o)?,
-                    pack(&l.gate_up)?,
-                    pack(&l.down)?,
-                ])
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = self.pack_layers(|w, k, n| Ok(PanelMatrix::pack(w, k, n)))?;
         let w = Arc::new(PanelWeights { version, layers });
         *slot = Some(w.clone());
         Ok(Some(w))

@@ -781,6 +781,17 @@ fn f32_logprobs(m: &CausalLM, prompt: &[u32], tokens: &[u32]) -> Vec<f32> {
         .collect()
 }
 
+/// The largest gap between generations' log-probs and a full f32 pass's for their tokens.
+fn f32_gap(m: &CausalLM, prompts: &[Vec<u32>], gens: &[tooltrain_model::Generation]) -> f32 {
+    let mut worst = 0f32;
+    for (pr, g) in prompts.iter().zip(gens) {
+        for (a, b) in g.logprobs.iter().zip(f32_logprobs(m, pr, &g.tokens)) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    worst
+}
+
 /// bf16 decoding (AMX): each sampled token's log-prob is within a few hundredths of the
 /// f32 model's, also after the weights change (the packed copy follows them). Without
 /// AMX the option changes nothing.
@@ -802,16 +813,7 @@ fn bf16_decoding_tracks_the_f32_logprobs_and_the_weights() {
         };
         m.generate(&prs, &p32, None).unwrap()
     };
-    // The largest gap between generations' log-probs and the f32 model's for their tokens.
-    let gap = |m: &CausalLM, gens: &[tooltrain_model::Generation]| {
-        let mut worst = 0f32;
-        for (pr, g) in prs.iter().zip(gens) {
-            for (a, b) in g.logprobs.iter().zip(f32_logprobs(m, pr, &g.tokens)) {
-                worst = worst.max((a - b).abs());
-            }
-        }
-        worst
-    };
+    let gap = |m: &CausalLM, gens: &[tooltrain_model::Generation]| f32_gap(m, &prs, gens);
     let check = |m: &CausalLM| {
         let out = m.generate(&prs, &p, None).unwrap();
         let worst = gap(m, &out);
@@ -922,16 +924,7 @@ fn f32_decoding_follows_the_weights_through_their_panels() {
         row_seeds: vec![7, 8, 9],
         ..Default::default()
     };
-    // The largest gap between generations' log-probs and a full pass's for their tokens.
-    let gap = |m: &CausalLM, gens: &[tooltrain_model::Generation]| {
-        let mut worst = 0f32;
-        for (pr, g) in prs.iter().zip(gens) {
-            for (a, b) in g.logprobs.iter().zip(f32_logprobs(m, pr, &g.tokens)) {
-                worst = worst.max((a - b).abs());
-            }
-        }
-        worst
-    };
+    let gap = |m: &CausalLM, gens: &[tooltrain_model::Generation]| f32_gap(m, &prs, gens);
     let before = m.generate(&prs, &p, None).unwrap();
     let worst = gap(&m, &before);
     assert!(
