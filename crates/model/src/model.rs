@@ -896,15 +896,8 @@ fn linear(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>, how: Product) ->
             &weight_t.contiguous()?,
             crate::kernels::AmxMatmul { need_dw },
         )?,
-        Product::Panels(p)
-            if x.device().is_cpu()
-                && x.dtype() == DType::F32
-                && x.elem_count() / x.dim(D::Minus1)?.max(1) <= crate::kernels::SKINNY_MAX_ROWS =>
-        {
-            x.contiguous()?
-                .apply_op1_no_bwd(&crate::kernels::PanelLinear(p.clone()))?
-        }
-        Product::F32 | Product::Panels(_) => ops::linear_product(x, weight_t, false)?,
+        Product::Panels(p) => ops::linear_product_on(x, weight_t, false, Some(p))?,
+        Product::F32 => ops::linear_product(x, weight_t, false)?,
     };
     Ok(match bias {
         Some(b) => ops::add_bias(&y, b)?,
@@ -1341,15 +1334,19 @@ impl CausalLM {
 
     /// The layer weights repacked in column panels for the current weights version
     /// (packed now when stale), for f32 decoding on the CPU: `None` unless the model is
-    /// f32 on a CPU whose kernels run at AVX2 or above, or with `TOOLTRAIN_F32_PANELS=0`.
-    /// The products of few rows then read the weights as sequential streams (about 1.7x
-    /// faster than in place, `kernels/skinny.rs`), at the cost of a second copy of the
-    /// layer weights while it is held.
+    /// f32 on a CPU whose kernels run at AVX2 or above, and with `TOOLTRAIN_F32_PANELS=0`
+    /// (read once per process). The products of few rows then read the weights as
+    /// sequential streams (one SmolLM2 step's products 1.22x faster at AVX-512, 1.48x at
+    /// AVX2 in `benches/decode_products.rs`), at the cost of a second copy of the layer
+    /// weights while it is held.
     pub(crate) fn panel_weights(&self) -> Result<Option<Arc<PanelWeights>>> {
-        let usable = self.device.is_cpu()
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off =
+            *OFF.get_or_init(|| std::env::var("TOOLTRAIN_F32_PANELS").is_ok_and(|v| v == "0"));
+        let usable = !off
+            && self.device.is_cpu()
             && self.dtype == DType::F32
-            && crate::kernels::simd_level() != crate::kernels::SimdLevel::Baseline
-            && std::env::var("TOOLTRAIN_F32_PANELS").map_or(true, |v| v != "0");
+            && crate::kernels::simd_level() != crate::kernels::SimdLevel::Baseline;
         if !usable {
             return Ok(None);
         }
@@ -1890,6 +1887,37 @@ pub(crate) fn check_dtype(dtype: DType) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An f32 decoding pass makes the panels of the current weights version; a weight
+    /// change makes the next pass repack (a new version); `release_decoding_weights`
+    /// empties both copies' slots.
+    #[test]
+    fn decoding_copies_follow_the_weights_version_and_are_released() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../data/fixtures/tiny-qwen2/config.json");
+        let cfg = ModelConfig::from_file(&p).unwrap();
+        let m = CausalLM::new_random(&cfg, DType::F32, &Device::Cpu, 5).unwrap();
+        let params = crate::SamplingParams {
+            max_new_tokens: 3,
+            ..Default::default()
+        };
+        let held = |m: &CausalLM| m.panels.lock().unwrap().as_ref().map(|w| w.version);
+        assert_eq!(held(&m), None);
+        m.generate(&[vec![5, 17, 99]], &params, None).unwrap();
+        if crate::kernels::simd_level() == crate::kernels::SimdLevel::Baseline {
+            assert_eq!(held(&m), None, "no panels without vector kernels");
+            return;
+        }
+        let first = m.weights_version();
+        assert_eq!(held(&m), Some(first));
+        m.weights_changed();
+        m.generate(&[vec![5, 17, 99]], &params, None).unwrap();
+        assert_eq!(held(&m), Some(m.weights_version()));
+        assert_ne!(m.weights_version(), first);
+        m.release_decoding_weights();
+        assert_eq!(held(&m), None);
+        assert!(m.amx.lock().unwrap().is_none());
+    }
 
     /// `[1, heads, len, d]` whose element `(h, p, j)` is `base + 100 h + p + j / 100`.
     fn row(base: f32, (heads, len, d): (usize, usize, usize), dt: DType) -> Tensor {

@@ -166,6 +166,17 @@ fn cpu_kernel_for(dev: &candle_core::Device, dtype: DType) -> bool {
 /// decoding step) runs on the few-row kernels, which read the weight once in place instead
 /// of packing it; anything else is a plain matmul.
 pub fn linear_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    linear_product_on(x, w, transposed, None)
+}
+
+/// [`linear_product`] where the few-row kernel reads `panels` (the same `w: [k, n]`
+/// repacked in column panels, not transposed) instead of `w` in place: the same bits.
+pub(crate) fn linear_product_on(
+    x: &Tensor,
+    w: &Tensor,
+    transposed: bool,
+    panels: Option<&std::sync::Arc<kernels::PanelMatrix>>,
+) -> Result<Tensor> {
     let k = x.dim(D::Minus1)?;
     let rows = x.elem_count() / k.max(1);
     let fits = x.device().is_cpu()
@@ -181,9 +192,14 @@ pub fn linear_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor
                 kernels::SKINNY_MAX_ROWS
             };
     if fits {
-        return x
-            .contiguous()?
-            .apply_op2_no_bwd(&w.contiguous()?, &kernels::SkinnyLinear { transposed });
+        return match panels {
+            Some(p) if !transposed => x
+                .contiguous()?
+                .apply_op1_no_bwd(&kernels::PanelLinear(p.clone())),
+            _ => x
+                .contiguous()?
+                .apply_op2_no_bwd(&w.contiguous()?, &kernels::SkinnyLinear { transposed }),
+        };
     }
     if transposed {
         x.matmul(&w.t()?)

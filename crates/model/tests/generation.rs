@@ -945,11 +945,4 @@ fn f32_decoding_follows_the_weights_through_their_panels() {
         moved > 1.0,
         "the weight change moved log-probs by only {moved}"
     );
-    // Dropped (as a trainer does before an update) and made again: the same generations.
-    m.release_decoding_weights();
-    let again = m.generate(&prs, &p, None).unwrap();
-    for (a, b) in again.iter().zip(&after) {
-        assert_eq!(a.tokens, b.tokens);
-        assert_eq!(a.logprobs, b.logprobs);
-    }
 }

@@ -90,10 +90,9 @@ fn transposed_blocks(x: &[f32], m: usize, k: usize, r: usize) -> Vec<f32> {
 /// panels of `width` consecutive columns, each stored as one contiguous `[k, width]` run
 /// (the last panel padded with zeros). A product of a few rows then reads the weight as a
 /// few long sequential streams, where [`rows_times`] reads it in place as runs of 128
-/// bytes a weight row apart: on AMD Zen 5 (2 threads, AVX2) the in-place pattern streamed
-/// about 20 GB/s and this one about 37 GB/s, against 42-44 GB/s for a plain sequential
-/// read. The width is 16 columns (one 512-bit vector) where the kernels run at AVX-512,
-/// else 8.
+/// bytes a weight row apart (on AMD Zen 5, 2 threads, SmolLM2's `gate_up` at 8 rows:
+/// 33 against 22 GB/s at AVX-512, 24 against 13 GB/s at AVX2, `benches/decode_products`).
+/// The width is 16 columns (one 512-bit vector) where the kernels run at AVX-512, else 8.
 pub struct PanelMatrix {
     k: usize,
     n: usize,
